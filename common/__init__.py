@@ -1,0 +1,1 @@
+"""Pieces every stage shares: the user-error type and safe file handling."""

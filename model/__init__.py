@@ -1,0 +1,1 @@
+"""The reference BERT for extractive QA: its config, its readable PyTorch forward, and checkpoint loading."""

@@ -1,0 +1,115 @@
+"""The reference BERT question-answering forward: the oracle every engine is checked against.
+
+Plain PyTorch, one page. Every tensor that an INT8 build may quantize passes through `tap(name, x)`: identity by
+default; calibration installs a tap that records ranges, and the fake-quant reference one that quantizes. The site
+names are the vocabulary of the precision policy (calib/policy.py):
+
+    embeddings.ln_out                    embedding LayerNorm output = layer 0's QKV GEMM input
+    layer{i}.q / .k / .v                 per-head query, key, value (after the QKV GEMM and bias)
+    layer{i}.probs                       attention probabilities
+    layer{i}.context                     attention context = attention-output GEMM input
+    layer{i}.attn_ln_out                 first skip-LayerNorm output = FC1 input
+    layer{i}.fc2_in                      GELU output = FC2 input
+    layer{i}.ffn_ln_out                  second skip-LayerNorm output = next layer's QKV input (and the QA head's)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import BertConfig
+
+Tap = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def no_tap(name: str, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def layer_sites(i: int) -> tuple[str, ...]:
+    """The tap sites of encoder layer i, in the order the forward visits them."""
+    return tuple(f"layer{i}.{s}" for s in ("q", "k", "v", "probs", "context", "attn_ln_out", "fc2_in", "ffn_ln_out"))
+
+
+def all_sites(num_layers: int) -> tuple[str, ...]:
+    return ("embeddings.ln_out",) + tuple(s for i in range(num_layers) for s in layer_sites(i))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word(input_ids) + self.position(positions)[None] + self.token_type(token_type_ids)
+        return self.ln(x)
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN transformer layer: attention, add & norm, GELU FFN, add & norm."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(h, 3 * h)  # rows: [W_q; W_k; W_v], one GEMM as the engines run it
+        self.attn_out = nn.Linear(h, h)
+        self.ln1 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(h, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, h)
+        self.ln2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor, tap: Tap, name: str) -> torch.Tensor:
+        b, s, h = x.shape
+        heads = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3,B,N,S,D
+        q, k, v = (tap(f"{name}.{n}", t) for n, t in zip("qkv", heads))
+        scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(self.head_dim)) + mask_bias
+        probs = tap(f"{name}.probs", scores.softmax(-1).to(v.dtype))  # softmax in FP32 whatever the precision
+        context = tap(f"{name}.context", (probs @ v).transpose(1, 2).reshape(b, s, h))
+        x = tap(f"{name}.attn_ln_out", self.ln1(x + self.attn_out(context)))
+        ffn = tap(f"{name}.fc2_in", F.gelu(self.fc1(x)))
+        return tap(f"{name}.ffn_ln_out", self.ln2(x + self.fc2(ffn)))
+
+
+class BertQA(nn.Module):
+    """BERT encoder plus the SQuAD span head; returns (start_logits, end_logits) in FP32."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.qa = nn.Linear(cfg.hidden_size, 2)
+        self.tap: Tap = no_tap
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.tap("embeddings.ln_out", self.embeddings(input_ids, token_type_ids))
+        # Padding keys get a large negative score; FP32 because the softmax runs in FP32.
+        mask_bias = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask_bias, self.tap, f"layer{i}")
+        logits = self.qa(x).float()
+        return logits[..., 0], logits[..., 1]
+
+    def init_random(self, seed: int = 0) -> "BertQA":
+        """BERT's initialisation (normal, std 0.02) for random-weight timing presets."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            for mod in self.modules():
+                if isinstance(mod, (nn.Linear, nn.Embedding)):
+                    mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * 0.02)
+                    if isinstance(mod, nn.Linear):
+                        mod.bias.zero_()
+                elif isinstance(mod, nn.LayerNorm):
+                    mod.weight.fill_(1.0)
+                    mod.bias.zero_()
+        return self

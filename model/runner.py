@@ -1,0 +1,71 @@
+"""Run a QA forward over featurized data in batches: device and precision choice, padding trimming, progress.
+
+Shared by evaluation, inference and calibration, so every path feeds the model the same way. Features are run
+longest first and each batch is cut to its longest sequence (rounded up to a multiple of 8): padding tokens are
+masked out of attention, so the logits of real tokens do not change, and short SQuAD windows cost less.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.errors import WorkbenchError
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def pick_device(name: str | None) -> torch.device:
+    """`None` means CUDA when present, else the CPU; asking for CUDA without a GPU is a user error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise WorkbenchError(f"--device must be cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise WorkbenchError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
+    return torch.device(name)
+
+
+def pick_precision(name: str | None, device: torch.device) -> torch.dtype:
+    """Default: FP16 on CUDA (what the reference accuracy was measured in), FP32 on the CPU (FP16 is slow there)."""
+    if name is None:
+        name = "fp16" if device.type == "cuda" else "fp32"
+    if name not in PRECISIONS:
+        raise WorkbenchError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    return PRECISIONS[name]
+
+
+def batches_by_length(attention_mask: np.ndarray, batch_size: int, multiple: int = 8) -> list[tuple[np.ndarray, int]]:
+    """Feature indices grouped longest first, each group with the sequence length it needs."""
+    lengths = attention_mask.sum(1)
+    order = np.argsort(-lengths, kind="stable")
+    out = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        seq = int(min(attention_mask.shape[1], -(-int(lengths[idx].max()) // multiple) * multiple))
+        out.append((idx, seq))
+    return out
+
+
+def run_logits(forward: Forward, features, device: torch.device, batch_size: int = 32, progress: bool = True,
+               desc: str = "inference") -> tuple[np.ndarray, np.ndarray]:
+    """Start/end logits, FP32 [N, S]; columns past a batch's trimmed length hold -inf (padding, never an answer)."""
+    if batch_size < 1:
+        raise WorkbenchError(f"--batch-size must be at least 1, got {batch_size}")
+    n, s = features.input_ids.shape
+    start = np.full((n, s), -np.inf, dtype=np.float32)
+    end = np.full((n, s), -np.inf, dtype=np.float32)
+    with torch.inference_mode(), tqdm(total=n, desc=desc, unit="feat", disable=not progress, leave=False) as bar:
+        for idx, seq in batches_by_length(features.attention_mask, batch_size):
+            cols = slice(0, seq)
+            args = [torch.from_numpy(a[idx, cols]).to(device, non_blocking=True).long()
+                    for a in (features.input_ids, features.token_type_ids, features.attention_mask)]
+            s_logits, e_logits = forward(*args)
+            start[idx, :seq] = s_logits.float().cpu().numpy()
+            end[idx, :seq] = e_logits.float().cpu().numpy()
+            bar.update(len(idx))
+    return start, end
