@@ -1,7 +1,8 @@
 """Sliding-window features for extractive QA, with the semantics of Hugging Face run_qa.
 
-The reference accuracy was measured on features built this way (question first, context truncated with
-`only_second`, `doc_stride` overlapping tokens between windows), so any change here changes the scores.
+The reference accuracy was measured on features built this way ([CLS] question [SEP] context window [SEP], the
+question cut to `max_query_length` tokens, `doc_stride` tokens shared by consecutive windows), so any change here
+changes the scores.
 Featurizing the dev set takes seconds to minutes, so the arrays are cached by content.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Sequence
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from common.errors import WorkbenchError
@@ -24,7 +24,7 @@ from common.files import atomic_path, cache_root
 from data.squad import Example
 from data.tokenizer import WordPiece
 
-FEATURIZER_VERSION = 1   # bump whenever the arrays produced for the same inputs change
+FEATURIZER_VERSION = 2   # bump whenever the arrays produced for the same inputs change
 _CHUNK = 512             # examples per encode_batch call: big enough to use all cores, small for the progress bar
 _SPECIALS = 3            # [CLS] question [SEP] context [SEP]
 
@@ -99,35 +99,52 @@ def cache_key(examples: Sequence[Example], wordpiece: WordPiece, settings: Featu
 
 
 def _compute(examples: Sequence[Example], wp: WordPiece, s: FeatureSettings, progress: bool) -> Features:
-    # A private copy carries the window settings, so the shared tokenizer stays unconfigured.
-    pair_tok = Tokenizer.from_str(wp.tokenizer.to_str())
-    pair_tok.no_padding()
-    pair_tok.enable_truncation(s.max_seq_length, stride=s.doc_stride, strategy="only_second")
+    """Tokenize question and context separately, then cut the context into windows ourselves.
+
+    The windows are the ones the fast tokenizer's `only_second` truncation with `stride` is documented to make,
+    but computed here: tokenizers 0.23.2 and 0.23.3 return different overflow windows for the same call (10,753
+    against 10,784 features on the SQuAD dev set), and features must not change with a library's patch release.
+    Contexts are shared by about five questions each in SQuAD, so each distinct context is tokenized once.
+    """
     rows: list[tuple] = []
     with tqdm(total=len(examples), desc="featurize", unit="q", disable=not progress, file=sys.stderr) as bar:
         for lo in range(0, len(examples), _CHUNK):
             chunk = examples[lo:lo + _CHUNK]
-            questions = _truncate_questions(wp.tokenizer, [ex.question for ex in chunk], s.max_query_length)
-            encodings = pair_tok.encode_batch(list(zip(questions, [ex.context for ex in chunk])))
-            for i, (ex, enc) in enumerate(zip(chunk, encodings)):
-                for window in (enc, *enc.overflowing):
-                    rows.append(_window(lo + i, ex, window))
+            questions = wp.tokenizer.encode_batch([ex.question for ex in chunk], add_special_tokens=False)
+            contexts = list(dict.fromkeys(ex.context for ex in chunk))
+            encoded = dict(zip(contexts, wp.tokenizer.encode_batch(contexts, add_special_tokens=False)))
+            for i, (ex, q) in enumerate(zip(chunk, questions)):
+                q_ids = q.ids[:s.max_query_length]
+                ctx = encoded[ex.context]
+                room = s.max_seq_length - len(q_ids) - _SPECIALS
+                for a, b in window_spans(len(ctx.ids), room, s.doc_stride):
+                    rows.append(_window(lo + i, ex, wp, q_ids, ctx.ids[a:b], ctx.offsets[a:b]))
             bar.update(len(chunk))
     return _stack(rows, s.max_seq_length, wp.pad_id)
 
 
-def _truncate_questions(tokenizer: Tokenizer, questions: list[str], max_tokens: int) -> list[str]:
-    """Cut questions longer than `max_tokens` tokens at the end of their last kept token."""
-    encodings = tokenizer.encode_batch(questions, add_special_tokens=False)
-    return [q if len(e.ids) <= max_tokens else q[:e.offsets[max_tokens - 1][1]] for q, e in zip(questions, encodings)]
+def window_spans(n_tokens: int, room: int, stride: int) -> list[tuple[int, int]]:
+    """[start, stop) token ranges of a context: `room` tokens each, consecutive ones sharing `stride` tokens."""
+    spans, start = [], 0
+    while True:
+        stop = min(start + room, n_tokens)
+        spans.append((start, stop))
+        if stop == n_tokens:
+            return spans
+        start += room - stride
 
 
-def _window(example_index: int, ex: Example, enc) -> tuple:
-    ids = np.asarray(enc.ids, dtype=np.int32)
-    types = np.asarray(enc.type_ids, dtype=np.int32)
-    is_context = np.fromiter((sid == 1 for sid in enc.sequence_ids), dtype=bool, count=len(ids))
-    offsets = np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2)
-    offsets[~is_context] = -1
+def _window(example_index: int, ex: Example, wp: WordPiece, q_ids: list[int], c_ids: list[int],
+            c_offsets: list[tuple[int, int]]) -> tuple:
+    """[CLS] question [SEP] context-window [SEP], with context character offsets and the answer's tokens."""
+    head = len(q_ids) + 2
+    ids = np.asarray([wp.cls_id, *q_ids, wp.sep_id, *c_ids, wp.sep_id], dtype=np.int32)
+    types = np.zeros(len(ids), dtype=np.int32)
+    types[head:] = 1
+    is_context = np.zeros(len(ids), dtype=bool)
+    is_context[head:head + len(c_ids)] = True
+    offsets = np.full((len(ids), 2), -1, dtype=np.int32)
+    offsets[is_context] = np.asarray(c_offsets, dtype=np.int32).reshape(-1, 2)
     start, end = _answer_tokens(ex, offsets, is_context)
     return example_index, ids, types, offsets, start, end
 

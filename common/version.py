@@ -1,0 +1,3 @@
+"""The workbench version, recorded in caches and engine files so that a newer tool recomputes what it must."""
+
+__version__ = "0.1.0"
