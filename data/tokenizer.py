@@ -64,6 +64,20 @@ def load_wordpiece(model_dir: str | Path, vocab_size: int | None = None) -> Word
     return WordPiece(tokenizer, digest, size, ids["[CLS]"], ids["[SEP]"], ids["[PAD]"])
 
 
+def wordpiece_from_str(serialized: str, source: str) -> WordPiece:
+    """Rebuild a WordPiece from `wordpiece.tokenizer.to_str()`: engines carry their tokenizer this way, so they
+    answer questions without the model folder. The lower-casing and other settings are already baked in."""
+    try:
+        tokenizer = Tokenizer.from_str(serialized)
+    except Exception as e:  # the Rust side raises plain Exception
+        raise WorkbenchError(f"{source}: cannot load the embedded tokenizer: {str(e).strip()[:200]}") from None
+    ids = {name: tokenizer.token_to_id(name) for name in SPECIALS}
+    if any(i is None for i in ids.values()):
+        raise WorkbenchError(f"{source}: the embedded tokenizer lacks BERT's special tokens")
+    return WordPiece(tokenizer, sha256_bytes(serialized.encode()), tokenizer.get_vocab_size(with_added_tokens=True),
+                     ids["[CLS]"], ids["[SEP]"], ids["[PAD]"])
+
+
 def _bert_settings(path: Path) -> dict:
     """The normalizer flags from tokenizer_config.json, with BertTokenizer's defaults when absent."""
     cfg = read_json(path, "tokenizer config") if path.exists() else {}

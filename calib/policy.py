@@ -1,0 +1,87 @@
+"""The precision policy: which tensors of a BERT encoder an INT8 build quantizes, defined once.
+
+Calibration records every site any option may need (one cache serves all builds); engines and QAT ask the
+policy which sites a given set of build flags quantizes. Site names are the tap names of model/bert.py, and the
+tensor names of our TensorRT calibration-cache export.
+
+    --int8   the inputs of every encoder GEMM (QKV, attention output, FC1, FC2); weights per output channel
+    -imh     INT8 multi-head attention: Q, K, V, the attention probabilities and the context
+    -iln     INT8 skip-LayerNorm: the outputs of the embedding LayerNorm and the two skip-LayerNorms of each layer,
+             so the residual stream itself is INT8
+
+A LayerNorm output is also the next GEMM's input, so under --int8 alone it is quantized where the GEMM reads it
+(the residual stays FP16) and under -iln at the LayerNorm (the residual too); both use the same scale.
+The QA head (a 2-wide GEMM) stays in FP16/FP32: it is negligible work and sits right on the logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.errors import WorkbenchError
+from model.bert import all_sites
+
+GEMMS = ("qkv", "attn_out", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Build flags with the TensorRT BERT demo's meanings."""
+
+    int8: bool = False
+    fp16: bool = False   # non-quantized work in FP16 (else FP32)
+    iln: bool = False    # -iln
+    imh: bool = False    # -imh
+    strict: bool = False  # no fallback to higher precision for a layer the flags quantize
+    fc2_library_gemm: bool = False  # -g: FC2 on the plain library GEMM
+
+    def __post_init__(self) -> None:
+        if (self.iln or self.imh) and not self.int8:
+            raise WorkbenchError("-iln and -imh quantize on top of --int8: add --int8")
+
+    def gemm_input_site(self, layer: int, gemm: str) -> str:
+        """The tap site whose tensor the GEMM reads."""
+        return {
+            "qkv": "embeddings.ln_out" if layer == 0 else f"layer{layer - 1}.ffn_ln_out",
+            "attn_out": f"layer{layer}.context",
+            "fc1": f"layer{layer}.attn_ln_out",
+            "fc2": f"layer{layer}.fc2_in",
+        }[gemm]
+
+    def quantized_sites(self, num_layers: int) -> tuple[str, ...]:
+        """Every site these flags quantize, in forward order."""
+        wanted: set[str] = set()
+        if self.int8:
+            wanted |= {self.gemm_input_site(i, g) for i in range(num_layers) for g in GEMMS}
+        if self.imh:
+            wanted |= {f"layer{i}.{s}" for i in range(num_layers) for s in ("q", "k", "v", "probs", "context")}
+        if self.iln:
+            wanted |= {"embeddings.ln_out"} | {f"layer{i}.{s}" for i in range(num_layers)
+                                               for s in ("attn_ln_out", "ffn_ln_out")}
+        return tuple(s for s in all_sites(num_layers) if s in wanted)
+
+    def rounded_where_produced(self, site: str) -> bool:
+        """-imh and -iln sites are INT8 where they are produced, so every consumer (residual included) sees the
+        rounded tensor; --int8 alone rounds only where a GEMM reads its input."""
+        kind = site.rsplit(".", 1)[1]
+        return (self.imh and kind in ("q", "k", "v", "probs", "context")) or \
+            (self.iln and kind in ("ln_out", "attn_ln_out", "ffn_ln_out"))
+
+    def describe(self) -> str:
+        flags = [f for f, on in (("--int8", self.int8), ("--fp16", self.fp16), ("-iln", self.iln),
+                                 ("-imh", self.imh), ("-g", self.fc2_library_gemm), ("--strict", self.strict)) if on]
+        return " ".join(flags) or "fp32"
+
+
+def calibration_method(site: str, method: str) -> str:
+    """The calibrator a site gets when the user asks for `method`.
+
+    Attention probabilities are softmax outputs, bounded in [0, 1], and their few large values are what attention
+    is: histogram methods see mostly near-zero mass and clip them (entropy picks 1/16 of the range, the smallest
+    threshold it tries, on every probs site of the shared MiniLM), so those sites always use max.
+    """
+    return "max" if site.endswith(".probs") else method
+
+
+def calibration_sites(num_layers: int) -> tuple[str, ...]:
+    """What calibration records: the union over every option, i.e. all tap sites."""
+    return all_sites(num_layers)

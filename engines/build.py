@@ -1,0 +1,103 @@
+"""Build an engine: a model plus (for --int8) a calibration cache, turned into one engine file.
+
+The INT8 weights are rounded per output channel by calib.quantizer, activation scales come from the cache for
+exactly the sites the precision policy quantizes, and the engine carries its tokenizer so that `eval` and `infer`
+need nothing but the engine file.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Sequence
+
+import torch
+
+import common.version
+from calib.cache import CalibrationCache
+from calib.policy import GEMMS, PrecisionPolicy
+from calib.quantizer import scale_from_amax
+from common.errors import WorkbenchError
+from data.tokenizer import WordPiece, wordpiece_from_str
+from engines.engine_file import EngineHeader, Profile, load_engine, this_gpu
+from engines.runtime import Engine, engine_tensors
+from model.checkpoint import LoadedModel
+
+TOKENIZER_TENSOR = "tokenizer.json"  # the serialized tokenizer, as UTF-8 bytes in a uint8 tensor
+
+
+def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequence[Profile],
+                 calib: CalibrationCache | None, device: torch.device,
+                 wordpiece: WordPiece | None) -> tuple[EngineHeader, dict[str, torch.Tensor]]:
+    t0 = time.perf_counter()
+    cfg = loaded.config
+    if not profiles:
+        raise WorkbenchError("give at least one profile (-b BATCH -s SEQ_LEN)")
+    for p in profiles:
+        if p.batch < 1 or p.seq_len < 1:
+            raise WorkbenchError(f"profile {p}: batch and sequence length must be at least 1")
+        if p.seq_len > cfg.max_position_embeddings:
+            raise WorkbenchError(f"profile {p}: sequence length exceeds the model's max_position_embeddings "
+                                 f"{cfg.max_position_embeddings}")
+    act_scales = _activation_scales(loaded, policy, calib)
+    tensors = engine_tensors(loaded.model, policy)
+    if wordpiece is not None:
+        tensors[TOKENIZER_TENSOR] = torch.frombuffer(bytearray(wordpiece.tokenizer.to_str().encode()),
+                                                     dtype=torch.uint8)
+    gpu = this_gpu() if device.type == "cuda" else None
+    header = EngineHeader(
+        model_config=cfg.to_json(), policy=_policy_json(policy), profiles=tuple(profiles), act_scales=act_scales,
+        model_digest=loaded.digest, calib_digest=calib.key() if calib is not None and policy.int8 else None,
+        device=device.type, gpu_name=gpu[0] if gpu else None, compute_capability=gpu[1] if gpu else None,
+        versions=_versions(), kernels=_kernels(cfg.num_layers, policy, device),
+        build_seconds=time.perf_counter() - t0, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        source=loaded.source)
+    return header, tensors
+
+
+def _activation_scales(loaded: LoadedModel, policy: PrecisionPolicy,
+                       calib: CalibrationCache | None) -> dict[str, float]:
+    if not policy.int8:
+        return {}
+    if calib is None:
+        raise WorkbenchError("--int8 needs activation scales: make a calibration cache with "
+                             "`cli.py calibrate --squad train.json --model DIR -o calib.json` and pass "
+                             "--calib-cache calib.json")
+    if calib.model_digest != loaded.digest:
+        raise WorkbenchError(f"the calibration cache was made for another model (weights digest "
+                             f"{calib.model_digest[:12]}, this model {loaded.digest[:12]}): recalibrate")
+    sites = policy.quantized_sites(loaded.config.num_layers)
+    missing = [s for s in sites if s not in calib.ranges]
+    if missing:
+        raise WorkbenchError(f"the calibration cache has no range for {missing[0]} "
+                             f"({len(missing)} sites missing): recalibrate with this workbench")
+    return {s: float(scale_from_amax(calib.ranges[s].amax)) for s in sites}
+
+
+def _policy_json(policy: PrecisionPolicy) -> dict:
+    from dataclasses import asdict
+    return asdict(policy)
+
+
+def _kernels(num_layers: int, policy: PrecisionPolicy, device: torch.device) -> dict[str, str]:
+    """What runs each op. One implementation per op today, so nothing is timed at build time yet."""
+    gemm = ("cublaslt_int8 (torch._int_mm)" if device.type == "cuda" else "cpu_int8 (torch._int_mm)") \
+        if policy.int8 else f"{'fp16' if policy.fp16 else 'fp32'} library gemm (F.linear)"
+    attention = "fp16 matmuls with int8 rounding (-imh numerics)" if policy.imh else "sdpa (F.scaled_dot_product_attention)"
+    kernels = {f"layer{i}.{g}": gemm for i in range(num_layers) for g in GEMMS}
+    kernels.update({f"layer{i}.attention": attention for i in range(num_layers)})
+    return kernels
+
+
+def _versions() -> dict[str, str]:
+    versions = {"workbench": common.version.__version__, "torch": torch.__version__}
+    if torch.version.cuda:
+        versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def load_runnable(path, device: torch.device) -> tuple[Engine, WordPiece | None]:
+    """An engine file, checked (checksum, GPU, format) and ready to run, with its embedded tokenizer."""
+    header, tensors = load_engine(path, device)
+    raw = tensors.pop(TOKENIZER_TENSOR, None)
+    wordpiece = wordpiece_from_str(bytes(raw.cpu().numpy()).decode(), str(path)) if raw is not None else None
+    return Engine(header, tensors, device).eval(), wordpiece

@@ -1,0 +1,135 @@
+"""Engine latency on random-weight BERT-base/large, against HF transformers eager FP16 and torch.compile, one run.
+
+    python -m eval.bench_engines --presets bert-base bert-large --shapes 1x128 128x384 --out engines.md
+
+Random weights are honest for latency (it does not depend on weight values); the INT8 scales come from a max
+calibration of the same random model on random tokens. Each variant is also checked against its reference on
+fresh inputs (relative error of the start logits), so a fast wrong engine shows up in the table. Needs CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from calib.cache import CalibrationCache, TensorRange
+from calib.policy import PrecisionPolicy, calibration_sites
+from engines.build import build_engine
+from engines.engine_file import Profile
+from engines.graphs import GraphRunner
+from engines.runtime import Engine
+from eval.benchmark import Latency, random_inputs, time_compute
+from model.checkpoint import load_model
+
+VARIANTS = {
+    "fp16": PrecisionPolicy(fp16=True),
+    "int8": PrecisionPolicy(int8=True, fp16=True),
+    "int8 -iln": PrecisionPolicy(int8=True, fp16=True, iln=True),
+    "int8 -iln -imh": PrecisionPolicy(int8=True, fp16=True, iln=True, imh=True),
+}
+
+
+def max_ranges(loaded, device) -> CalibrationCache:
+    amax: dict[str, float] = {}
+
+    def tap(name, x):
+        amax[name] = max(amax.get(name, 0.0), float(x.abs().max()))
+        return x
+
+    model = loaded.model.to(device)
+    model.tap = tap
+    with torch.inference_mode():
+        model(*random_inputs(8, 128, loaded.config.vocab_size, device, seed=1))
+    model.tap = lambda name, x: x
+    loaded.model = model.cpu()
+    assert set(amax) == set(calibration_sites(loaded.config.num_layers))
+    return CalibrationCache({k: TensorRange(v) for k, v in amax.items()}, "max", {}, 8, loaded.digest, "random", "-")
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["bert-base", "bert-large"])
+    ap.add_argument("--shapes", nargs="+", default=["1x128", "128x384"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--fuse", choices=("off", "on", "both"), default="both")
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--baselines", nargs="*", default=["hf-eager", "hf-compile"])
+    ap.add_argument("--out", default="bench_engines.md")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    shapes = [Profile(*map(int, s.split("x"))) for s in args.shapes]
+    rows = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; random-weight timings; "
+            f"median of {args.iterations} (CUDA events, compute only, inputs on the device)", "",
+            "| model | variant | shape | median ms | p95 ms | p99 ms | seq/s | vs HF eager | start logits vs FP16 reference (rel.) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def record(preset, name, shape, samples, base, err):
+        lat = Latency.from_samples(shape.batch, shape.seq_len, samples)
+        speedup = f"{base[shape] / lat.median_ms:.2f}x" if shape in base else "-"
+        rows.append(f"| {preset} | {name} | {shape} | {lat.median_ms:.3f} | {lat.p95_ms:.3f} | {lat.p99_ms:.3f} | "
+                    f"{lat.sequences_per_s:,.0f} | {speedup} | {err} |")
+        print(rows[-1], flush=True)
+        return lat
+
+    for preset in args.presets:
+        loaded = load_model(preset)
+        vocab = loaded.config.vocab_size
+        base: dict[Profile, float] = {}
+        if args.baselines:
+            from transformers import BertConfig as HFConfig, BertForQuestionAnswering
+
+            c = loaded.config
+            hf = BertForQuestionAnswering(HFConfig(vocab_size=vocab, hidden_size=c.hidden_size,
+                                                   num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                                                   intermediate_size=c.intermediate_size),
+                                          attn_implementation="sdpa").half().to(device).eval()
+            call = lambda m: (lambda i, t, a: m(input_ids=i, token_type_ids=t, attention_mask=a))  # noqa: E731
+            for shape in shapes:
+                x = random_inputs(shape.batch, shape.seq_len, vocab, device)
+                if "hf-eager" in args.baselines:
+                    base[shape] = record(preset, "HF eager fp16 (sdpa)", shape,
+                                         time_compute(call(hf), x, args.iterations, args.warmup, device), {}, "-").median_ms
+                if "hf-compile" in args.baselines:
+                    t0 = time.perf_counter()
+                    compiled = torch.compile(hf, mode="reduce-overhead", dynamic=False)
+                    time_compute(call(compiled), x, 3, 0, device)
+                    note = f"compile {time.perf_counter() - t0:.0f} s"
+                    record(preset, f"HF torch.compile reduce-overhead ({note})", shape,
+                           time_compute(call(compiled), x, args.iterations, args.warmup, device), base, "-")
+            del hf
+            torch.cuda.empty_cache()
+        calib = max_ranges(loaded, device)
+        reference = loaded.model.half().to(device).eval()
+        for name in args.variants:
+            policy = VARIANTS[name]
+            header, tensors = build_engine(loaded, policy, shapes,
+                                           calib if policy.int8 else None, torch.device("cpu"), None)
+            engine = Engine(header, tensors, device).eval()
+            for fuse in ([False, True] if args.fuse == "both" else [args.fuse == "on"]):
+                runner = GraphRunner(engine, fuse=fuse)
+                for shape in shapes:
+                    x = random_inputs(shape.batch, shape.seq_len, vocab, device, seed=2)
+                    t0 = time.perf_counter()
+                    with torch.inference_mode():
+                        got = runner(*x)[0].clone()
+                        want = reference(*x)[0]
+                    setup = time.perf_counter() - t0
+                    label = f"{name}{' fused' if fuse else ''} (graph; setup {setup:.0f} s)"
+                    record(preset, label, shape, time_compute(runner, x, args.iterations, args.warmup, device), base,
+                           f"{rel_error(got, want):.1e}")
+            del engine, runner
+            torch.cuda.empty_cache()
+        del reference
+        loaded.model = None
+    from common.files import atomic_write_text
+    atomic_write_text(args.out, "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Latency and throughput of an engine at one shape, timed the way the TensorRT BERT demo times it.
+
+`compute`: CUDA events around graph replays only (inputs already on the device). `end_to_end`: host clock around
+copying inputs from pinned host memory, the replay, and copying the logits back. On the CPU both are host-clock
+timings of the engine call. Benchmarks report; they never decide pass/fail.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Latency:
+    batch: int
+    seq_len: int
+    iterations: int
+    median_ms: float
+    p95_ms: float
+    p99_ms: float
+
+    @property
+    def sequences_per_s(self) -> float:
+        return self.batch / (self.median_ms / 1e3)
+
+    @classmethod
+    def from_samples(cls, batch: int, seq_len: int, samples_ms: list[float]) -> "Latency":
+        a = np.asarray(samples_ms)
+        return cls(batch, seq_len, len(a), float(np.median(a)), float(np.percentile(a, 95)),
+                   float(np.percentile(a, 99)))
+
+    def row(self) -> str:
+        return (f"{self.batch:>5} x {self.seq_len:<4}  median {self.median_ms:8.3f} ms  p95 {self.p95_ms:8.3f}  "
+                f"p99 {self.p99_ms:8.3f}  {self.sequences_per_s:10,.0f} seq/s")
+
+
+def random_inputs(batch: int, seq_len: int, vocab_size: int, device, seed: int = 0):
+    """Token ids drawn at random (latency does not depend on their values), two segments, no padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab_size, (batch, seq_len), generator=g)
+    types = torch.zeros_like(ids)
+    types[:, seq_len // 4:] = 1
+    return ids.to(device), types.to(device), torch.ones_like(ids).to(device)
+
+
+def time_compute(fn, inputs, iterations: int, warmup: int, device: torch.device) -> list[float]:
+    """Per-call times in ms of fn(*inputs)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(*inputs)
+        samples = []
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            for _ in range(iterations):
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(*inputs)
+                stop.record()
+                stop.synchronize()
+                samples.append(start.elapsed_time(stop))
+        else:
+            for _ in range(iterations):
+                t0 = time.perf_counter()
+                fn(*inputs)
+                samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def time_end_to_end(fn, inputs, iterations: int, warmup: int, device: torch.device) -> list[float]:
+    """Host inputs (pinned on CUDA) -> device -> fn -> logits back on the host, per call in ms."""
+    pin = device.type == "cuda"
+    host = [t.cpu().pin_memory() if pin else t.cpu() for t in inputs]
+    samples = []
+    with torch.inference_mode():
+        for i in range(warmup + iterations):
+            t0 = time.perf_counter()
+            dev = [t.to(device, non_blocking=True) for t in host]
+            start, end = fn(*dev)
+            start.cpu(), end.cpu()  # synchronizes
+            if i >= warmup:
+                samples.append((time.perf_counter() - t0) * 1e3)
+    return samples

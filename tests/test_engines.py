@@ -1,0 +1,203 @@
+"""Engines against their references: FP engines vs the reference BERT, INT8 engines vs the fake-quant reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calib.cache import CalibrationCache, TensorRange
+from calib.fakequant import fake_quant_model
+from calib.policy import PrecisionPolicy, calibration_sites
+from common.errors import WorkbenchError
+from engines.build import build_engine, load_runnable
+from engines.engine_file import Profile, save_engine
+from engines.runtime import Engine
+from model.bert import BertQA
+from model.checkpoint import LoadedModel
+from model.config import BertConfig
+
+CFG = BertConfig(vocab_size=120, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                 max_position_embeddings=64)
+POLICIES = {
+    "int8": PrecisionPolicy(int8=True),
+    "int8 -iln": PrecisionPolicy(int8=True, iln=True),
+    "int8 -imh": PrecisionPolicy(int8=True, imh=True),
+    "int8 -iln -imh": PrecisionPolicy(int8=True, iln=True, imh=True),
+}
+
+
+def loaded_model(seed: int = 0) -> LoadedModel:
+    """A random model with non-trivial biases and LayerNorms (fresh per test)."""
+    torch.manual_seed(seed)
+    model = BertQA(CFG).init_random(seed).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return LoadedModel(model, CFG, "tiny", f"tiny-{seed}", None)
+
+
+def inputs(batch=3, seq=40, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, CFG.vocab_size, (batch, seq), generator=g)
+    types = torch.zeros_like(ids)
+    types[:, seq // 3:] = 1
+    mask = torch.ones_like(ids)
+    mask[1, seq // 2:] = 0
+    return ids.to(device), types.to(device), mask.to(device)
+
+
+def max_calibration(loaded: LoadedModel) -> CalibrationCache:
+    """Ranges = the max |x| of every site on fresh random inputs (enough for checking the math)."""
+    amax: dict[str, float] = {}
+
+    def tap(name, x):
+        amax[name] = max(amax.get(name, 0.0), float(x.abs().max()))
+        return x
+
+    loaded.model.tap = tap
+    with torch.no_grad():
+        loaded.model(*inputs(batch=4, seq=48, seed=7))
+    loaded.model.tap = lambda name, x: x
+    assert set(amax) == set(calibration_sites(CFG.num_layers))
+    return CalibrationCache({k: TensorRange(v) for k, v in amax.items()}, "max", {}, 4, loaded.digest, "d", "t")
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def valid(t, mask):
+    return t[mask.bool()]
+
+
+def build(loaded, policy, calib=None, device="cpu"):
+    header, tensors = build_engine(loaded, policy, [Profile(4, 64)], calib, torch.device(device), None)
+    return Engine(header, tensors, torch.device(device)).eval()
+
+
+def test_fp32_engine_matches_reference():
+    loaded = loaded_model()
+    x = inputs()
+    with torch.no_grad():
+        ref = loaded.model(*x)
+        out = build(loaded, PrecisionPolicy())(*x)
+    for o, r in zip(out, ref):
+        assert (valid(o, x[2]) - valid(r, x[2])).abs().max() < 1e-4
+
+
+def test_fp16_engine_close_to_reference():
+    loaded = loaded_model()
+    x = inputs()
+    with torch.no_grad():
+        ref = loaded.model(*x)
+        out = build(loaded, PrecisionPolicy(fp16=True))(*x)
+    assert rel(valid(out[0], x[2]), valid(ref[0], x[2])) < 3e-3
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_int8_engine_matches_fake_quant_reference(name):
+    """Same scales, same rounding: the engine's integer GEMMs must give the fake-quant function, and far closer
+    to it than quantization moves the output away from FP32."""
+    policy = POLICIES[name]
+    loaded = loaded_model(seed=3)
+    calib = max_calibration(loaded)
+    engine = build(loaded, policy, calib)
+    fq = fake_quant_model(loaded.model, policy, engine.scale)
+    x = inputs(seed=11)  # fresh inputs, not the calibration ones
+    with torch.no_grad():
+        ref = loaded.model(*x)
+        want = fq(*x)
+        got = engine(*x)
+    for g, w, r in zip(got, want, ref):
+        g, w, r = (valid(t, x[2]) for t in (g, w, r))
+        quant_error = rel(w, r)
+        assert quant_error > 1e-4, "quantization changed nothing: the INT8 path did not run"
+        assert rel(g, w) < max(1e-5, 0.02 * quant_error), (rel(g, w), quant_error)
+
+
+def test_int8_weights_are_int8_with_channel_scales():
+    loaded = loaded_model()
+    _, tensors = build_engine(loaded, PrecisionPolicy(int8=True, fp16=True), [Profile(1, 32)],
+                              max_calibration(loaded), torch.device("cpu"), None)
+    w = tensors["layers.0.fc1.weight"]
+    assert w.dtype == torch.int8 and w.shape == (CFG.intermediate_size, CFG.hidden_size)
+    assert tensors["layers.0.fc1.weight_scale"].shape == (CFG.intermediate_size,)
+    assert int(w.abs().max(dim=1).values.min()) == 127  # every row uses its full range
+    assert tensors["qa.weight"].dtype == torch.float16
+
+
+def test_policy_sites():
+    n = CFG.num_layers
+    assert len(PrecisionPolicy(int8=True).quantized_sites(n)) == 4 * n  # one input per GEMM
+    assert len(PrecisionPolicy(int8=True, imh=True).quantized_sites(n)) == 4 * n + 4 * n  # + q, k, v, probs
+    iln = PrecisionPolicy(int8=True, iln=True).quantized_sites(n)
+    assert f"layer{n - 1}.ffn_ln_out" in iln and "embeddings.ln_out" in iln
+    with pytest.raises(WorkbenchError, match="add --int8"):
+        PrecisionPolicy(iln=True)
+
+
+def test_attention_probabilities_are_max_calibrated():
+    """Entropy would clip softmax outputs at 1/16 of their range; the policy keeps their peaks."""
+    from calib.calibrate import collect_ranges
+    from calib.policy import calibration_method
+    from data.features import Features
+
+    assert calibration_method("layer0.probs", "entropy") == "max"
+    assert calibration_method("layer0.context", "entropy") == "entropy"
+    loaded = loaded_model()
+    ids, types, mask = inputs(batch=4, seq=32, seed=5)
+    n, s = ids.shape
+    feats = Features(ids.int().numpy(), types.int().numpy(), torch.ones(n, s, dtype=torch.int32).numpy(),
+                     torch.arange(n, dtype=torch.int32).numpy(), -torch.ones(n, s, 2, dtype=torch.int32).numpy(),
+                     torch.zeros(n, dtype=torch.int32).numpy(), torch.zeros(n, dtype=torch.int32).numpy())
+    ranges = collect_ranges(loaded.model, feats, ["layer0.probs"], "entropy", device=torch.device("cpu"),
+                            progress=False)
+    peak = []
+    loaded.model.tap = lambda name, x: (peak.append(float(x.max())) if name == "layer0.probs" else None) or x
+    with torch.no_grad():
+        loaded.model(ids, types, torch.ones_like(ids))
+    assert ranges["layer0.probs"] == pytest.approx(max(peak))
+
+
+def test_int8_without_calibration_is_an_error():
+    with pytest.raises(WorkbenchError, match="cli.py calibrate"):
+        build(loaded_model(), PrecisionPolicy(int8=True))
+
+
+def test_calibration_of_another_model_is_an_error():
+    calib = max_calibration(loaded_model(seed=1))
+    with pytest.raises(WorkbenchError, match="another model"):
+        build(loaded_model(seed=2), PrecisionPolicy(int8=True), calib)
+
+
+def test_saved_engine_runs_the_same(tmp_path):
+    loaded = loaded_model()
+    policy = PrecisionPolicy(int8=True, iln=True)
+    calib = max_calibration(loaded)
+    header, tensors = build_engine(loaded, policy, [Profile(4, 64)], calib, torch.device("cpu"), None)
+    save_engine(tmp_path / "x.engine", header, tensors)
+    engine, wordpiece = load_runnable(tmp_path / "x.engine", torch.device("cpu"))
+    assert wordpiece is None
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(engine(*x)[0], Engine(header, tensors, torch.device("cpu"))(*x)[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["fp16", "int8", "int8 -iln -imh"])
+def test_cuda_engine_agrees_with_cpu_engine_and_graphs(name):
+    from engines.graphs import GraphRunner
+
+    policy = PrecisionPolicy(fp16=True) if name == "fp16" else PrecisionPolicy(fp16=True, **{
+        "int8": True, "iln": "-iln" in name, "imh": "-imh" in name})
+    loaded = loaded_model(seed=5)
+    calib = max_calibration(loaded) if policy.int8 else None
+    x = inputs(seed=13)
+    with torch.no_grad():
+        cpu = build(loaded, PrecisionPolicy(**{**policy.__dict__, "fp16": False}), calib)(*x)
+        cuda_engine = build(loaded, policy, calib, device="cuda")
+        eager = cuda_engine(*(t.cuda() for t in x))
+        graphed = GraphRunner(cuda_engine)(*(t.cuda() for t in x))
+    for c, e, g in zip(cpu, eager, graphed):
+        assert rel(valid(e.cpu(), x[2]), valid(c, x[2])) < 2e-2  # FP16 activations vs FP32 on the CPU
+        assert rel(valid(g.cpu(), x[2]), valid(e.cpu(), x[2])) < 2e-3  # padded into the 4x64 profile
