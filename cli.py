@@ -62,6 +62,9 @@ def _add_feature_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--doc-stride", type=int, default=128,
                    help="tokens shared by consecutive windows of a long passage (Hugging Face meaning; default 128)")
     g.add_argument("--max-query-length", type=int, default=64, help="question tokens kept (default 64)")
+    g.add_argument("--legacy-windows", action="store_true",
+                   help="reproduce tokenizers 0.23.2's windows, which drop context tokens past --max-seq-length "
+                        "(the shared MiniLM's reference scores were measured on them)")
     g.add_argument("--n-best-size", type=int, default=20, help="candidate spans kept per question (default 20)")
     g.add_argument("--max-answer-length", type=int, default=30, help="longest answer in tokens (default 30)")
     g.add_argument("--null-score-diff-threshold", type=float, default=0.0,
@@ -74,7 +77,7 @@ def _settings(args, version_2: bool = False):
     from data.answers import AnswerSettings
     from data.features import FeatureSettings
 
-    return (FeatureSettings(args.max_seq_length, args.doc_stride, args.max_query_length),
+    return (FeatureSettings(args.max_seq_length, args.doc_stride, args.max_query_length, args.legacy_windows),
             AnswerSettings(args.n_best_size, args.max_answer_length, version_2, args.null_score_diff_threshold))
 
 

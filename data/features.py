@@ -36,6 +36,10 @@ class FeatureSettings:
     max_seq_length: int = 384
     doc_stride: int = 128        # tokens shared by consecutive windows of one context (Hugging Face meaning)
     max_query_length: int = 64
+    # tokenizers 0.23.2 dropped context tokens past max_seq_length before making overflow windows (at most two
+    # windows, long contexts lose their tail). The shared MiniLM was trained and scored on such windows; this
+    # reproduces them exactly, for comparisons with that reference. Off: the documented stride semantics.
+    legacy_windows: bool = False
 
     def __post_init__(self) -> None:
         """Reject settings that leave no room for context tokens or make windows that never advance."""
@@ -117,7 +121,8 @@ def _compute(examples: Sequence[Example], wp: WordPiece, s: FeatureSettings, pro
                 q_ids = q.ids[:s.max_query_length]
                 ctx = encoded[ex.context]
                 room = s.max_seq_length - len(q_ids) - _SPECIALS
-                for a, b in window_spans(len(ctx.ids), room, s.doc_stride):
+                n_ctx = min(len(ctx.ids), s.max_seq_length) if s.legacy_windows else len(ctx.ids)
+                for a, b in window_spans(n_ctx, room, s.doc_stride):
                     rows.append(_window(lo + i, ex, wp, q_ids, ctx.ids[a:b], ctx.offsets[a:b]))
             bar.update(len(chunk))
     return _stack(rows, s.max_seq_length, wp.pad_id)

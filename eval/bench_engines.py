@@ -85,10 +85,11 @@ def main(argv=None) -> None:
             from transformers import BertConfig as HFConfig, BertForQuestionAnswering
 
             c = loaded.config
-            hf = BertForQuestionAnswering(HFConfig(vocab_size=vocab, hidden_size=c.hidden_size,
-                                                   num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                                                   intermediate_size=c.intermediate_size),
-                                          attn_implementation="sdpa").half().to(device).eval()
+            hf_config = HFConfig(vocab_size=vocab, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+                                 num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
+                                 attn_implementation="sdpa")
+            hf = BertForQuestionAnswering(hf_config).half().to(device).eval()
+            assert hf.config._attn_implementation == "sdpa"
             call = lambda m: (lambda i, t, a: m(input_ids=i, token_type_ids=t, attention_mask=a))  # noqa: E731
             for shape in shapes:
                 x = random_inputs(shape.batch, shape.seq_len, vocab, device)

@@ -51,6 +51,15 @@ def test_windows_overlap_by_doc_stride(wp):
     assert (feats.example_index == 0).all()
 
 
+def test_legacy_windows_drop_context_past_max_seq_length(wp):
+    """tokenizers 0.23.2's overflow: only the first max_seq_length context tokens are windowed."""
+    legacy = FeatureSettings(32, 8, 8, legacy_windows=True)
+    feats = featurize([example()], wp, legacy, cache=False, progress=False)
+    windows = [context_tokens(feats, wp, r) for r in range(len(feats))]
+    assert windows[0] == WORDS[:26] and windows[1] == WORDS[18:32] and len(windows) == 2
+    assert len(featurize([example()], wp, SMALL, cache=False, progress=False)) > 2
+
+
 def test_layout_padding_and_dtypes(wp):
     feats = featurize([example()], wp, SMALL, cache=False, progress=False)
     for name in ("input_ids", "token_type_ids", "attention_mask", "offsets", "example_index",
