@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from calib.cache import CalibrationCache, TensorRange, cache_key, find_reusable, save_cache
-from calib.calibrators import ALGORITHM_VERSION, make_calibrator
+from calib.calibrators import ALGORITHM_VERSION, HistogramCollector, MaxCalibrator, make_calibrator
 from calib.policy import calibration_method, calibration_sites
 from common.errors import WorkbenchError
 from common.version import __version__
@@ -59,15 +59,13 @@ class CalibrationSpec:
             raise WorkbenchError(f"seed must be >= 0, got {self.seed}")
         make_calibrator(self.method, percentile=self.percentile, num_bins=self.num_bins)  # validates the rest
 
-    def settings(self, tokenizer_digest: str, batch_size: int) -> dict:
-        """The cache's settings: what changes the result. Max ignores num_bins and batching; the histograms re-bin
-        whenever a batch raises the running max, so batch composition moves their ranges (entropy's by up to 12%
-        on MiniLM with 16 against 5 features a batch): for them the batch size is keyed too."""
+    def settings(self, tokenizer_digest: str) -> dict:
+        """The cache's settings: what changes the result (not the batch size: see collect_ranges)."""
         out = {"calib_num": self.calib_num, "seed": self.seed, **asdict(self.features),
                "featurizer_version": FEATURIZER_VERSION, "tokenizer_digest": tokenizer_digest,
                "algorithm_version": ALGORITHM_VERSION}
         if self.method != "max":
-            out.update(num_bins=self.num_bins, batch_size=batch_size)
+            out.update(num_bins=self.num_bins)
         if self.method == "percentile":
             out["percentile"] = self.percentile
         return out
@@ -140,7 +138,7 @@ def calibrate(squad: SquadFile, loaded: LoadedModel, wordpiece: WordPiece, spec:
     if eval_squad is not None and (line := overlap_warning(chosen, eval_squad)):
         log.warning("%s", line)
 
-    inputs = dict(method=spec.method, settings=spec.settings(wordpiece.digest, batch_size),
+    inputs = dict(method=spec.method, settings=spec.settings(wordpiece.digest),
                   num_samples=len(chosen), model_digest=loaded.digest, data_digest=squad.digest,
                   tool_version=__version__)
     if output is not None and not force and (cached := find_reusable(output, cache_key(**inputs))) is not None:
@@ -177,38 +175,52 @@ def collect_ranges(model: torch.nn.Module, features: Features, sites: Sequence[s
         raise ValueError("attention masks must be a run of ones followed by padding, as featurize makes them")
     batch: dict = {}
     seen: set[str] = set()
+    windows = np.bincount(features.example_index)
+    num_questions = int((windows > 0).sum())
 
-    def tap(name: str, x: torch.Tensor) -> torch.Tensor:
-        calibrator = calibrators.get(name)
-        if calibrator is not None:
-            real = real_values(x, _LAYOUT.get(kind(name), "tokens"), batch["rows"], batch["lengths"])
-            try:
-                calibrator.collect(real)
-            except WorkbenchError as e:
-                raise WorkbenchError(f"{name}: {e}") from None
-            seen.add(name)
-        return x
+    def run(collectors: dict, desc: str) -> None:
+        """One pass of the model over all features, feeding each site's real values to its collector."""
+        def tap(name: str, x: torch.Tensor) -> torch.Tensor:
+            collector = collectors.get(name)
+            if collector is not None:
+                real = real_values(x, _LAYOUT.get(kind(name), "tokens"), batch["rows"], batch["lengths"])
+                try:
+                    collector.collect(real)
+                except WorkbenchError as e:
+                    raise WorkbenchError(f"{name}: {e}") from None
+                seen.add(name)
+            return x
 
-    # Questions, not features, drive the bar: a question is done when its last window has run.
-    windows_left = np.bincount(features.example_index)
-    num_questions, done = int((windows_left > 0).sum()), 0
-    previous_tap, model.tap = model.tap, tap
-    try:
-        with torch.inference_mode(), tqdm(total=num_questions, desc=f"calibrate ({method})", unit="q",
-                                          disable=not progress, leave=False) as bar:
-            for idx, seq in batches_by_length(mask, batch_size):
-                inputs = [torch.from_numpy(a[idx, :seq]).to(device, non_blocking=True).long()
-                          for a in (features.input_ids, features.token_type_ids, mask)]
-                # Real-token indices come from the host copy of the mask: no device sync to find them.
-                rows = np.flatnonzero(mask[idx, :seq])
-                batch.update(rows=torch.from_numpy(rows).to(device, non_blocking=True), lengths=lengths[idx].tolist())
-                model(*inputs)
-                windows_left -= np.bincount(features.example_index[idx], minlength=len(windows_left))
-                now = num_questions - int((windows_left > 0).sum())
-                bar.update(now - done)
-                done = now
-    finally:
-        model.tap = previous_tap
+        # Questions, not features, drive the bar: a question is done when its last window has run.
+        windows_left, done = windows.copy(), 0
+        previous_tap, model.tap = model.tap, tap
+        try:
+            with torch.inference_mode(), tqdm(total=num_questions, desc=desc, unit="q", disable=not progress,
+                                              leave=False) as bar:
+                for idx, seq in batches_by_length(mask, batch_size):
+                    inputs = [torch.from_numpy(a[idx, :seq]).to(device, non_blocking=True).long()
+                              for a in (features.input_ids, features.token_type_ids, mask)]
+                    # Real-token indices come from the host copy of the mask: no device sync to find them.
+                    rows = np.flatnonzero(mask[idx, :seq])
+                    batch.update(rows=torch.from_numpy(rows).to(device, non_blocking=True),
+                                 lengths=lengths[idx].tolist())
+                    model(*inputs)
+                    windows_left -= np.bincount(features.example_index[idx], minlength=len(windows_left))
+                    now = num_questions - int((windows_left > 0).sum())
+                    bar.update(now - done)
+                    done = now
+        finally:
+            model.tap = previous_tap
+
+    # Histogram methods: a max pass first fixes each histogram's range, so no batch re-bins it and the ranges do
+    # not depend on batch size or order (they moved by up to 12% with batching when histograms grew as they went).
+    histograms = {site: c for site, c in calibrators.items() if isinstance(c, HistogramCollector)}
+    if histograms:
+        maxima = {site: MaxCalibrator() for site in histograms}
+        run(maxima, f"calibrate (max pass for {method})")
+        for site, collector in histograms.items():
+            collector.fix_range(maxima[site].compute_amax(), device)
+    run(calibrators, f"calibrate ({method})")
     missing = [site for site in sites if site not in seen]
     if missing:
         raise WorkbenchError(f"the model never reached calibration site {missing[0]} ({len(missing)} missing)")

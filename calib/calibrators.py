@@ -39,7 +39,7 @@ from common.errors import WorkbenchError
 
 METHODS = ("max", "percentile", "mse", "entropy")
 # Bump when an algorithm changes the amax it picks, so caches keyed on it are recomputed.
-ALGORITHM_VERSION = 2
+ALGORITHM_VERSION = 3
 
 _CHUNK = 1 << 24  # histc counts in float32 per call; at most 2**24 elements keeps every count exact
 
@@ -111,13 +111,25 @@ def _rebin(counts: torch.Tensor, old_upper: float, new_upper: float) -> torch.Te
 
 
 class HistogramCollector:
-    """Histogram of |x| over [0, running max], shared by the percentile, mse and entropy calibrators."""
+    """Histogram of |x| over [0, running max], shared by the percentile, mse and entropy calibrators.
+
+    When the range is known in advance (`fix_range`, from a max pass over the same data), no batch ever raises it,
+    nothing is re-binned, and the histogram is the same however the data was batched.
+    """
 
     def __init__(self, num_bins: int = 2048) -> None:
         self.num_bins = num_bins
         self._counts: torch.Tensor | None = None  # float64, on the first batch's device
         self._upper = 0.0
         self._zeros = 0  # elements seen while every value so far was 0 (no range to bin them in yet)
+
+    def fix_range(self, upper: float, device: torch.device | str = "cpu") -> None:
+        """Bin over [0, upper] from the start; call before `collect`. upper 0 (all-zero data) changes nothing."""
+        if self._counts is not None or self._zeros:
+            raise RuntimeError("fix_range must come before the first collect")
+        if upper > 0:
+            self._counts = torch.zeros(self.num_bins, dtype=torch.float64, device=device)
+            self._upper = float(upper)
 
     def collect(self, x: torch.Tensor) -> None:
         if x.numel() == 0:

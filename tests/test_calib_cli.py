@@ -70,8 +70,8 @@ def test_force_and_changed_inputs_recompute(calib, tmp_path):
     assert calib()[0] == 0
     code, _, stderr, calls = calib("--force")
     assert code == 0 and calls > 0 and "reused" not in stderr and "warning" not in stderr
-    for extra in (["--batch-size", "3"], ["--method", "max"], ["--calib-num", "7"], ["--seed", "1"],
-                  ["--method", "max", "-s", "80"]):
+    assert calib("--batch-size", "3")[3] == 0  # batching does not change the ranges, so the cache stands
+    for extra in (["--method", "max"], ["--calib-num", "7"], ["--seed", "1"], ["--method", "max", "-s", "80"]):
         code, _, stderr, calls = calib(*extra)
         assert code == 0 and calls > 0, extra
         assert len(_lines_with(stderr, "made from different inputs")) == 1, stderr
