@@ -280,8 +280,12 @@ def cmd_bench(args) -> int:
     device = pick_device(args.device)
     engine, _ = load_runnable(args.engine, device)
     runner = GraphRunner(engine, args.engine, fuse=args.fuse)
-    shapes = [Profile(b, s) for b in args.batch_size for s in args.seq_length] if args.batch_size and \
-        args.seq_length else list(engine.header.profiles)
+    profiles = engine.header.profiles
+    if args.batch_size or args.seq_length:  # what is not given comes from the profiles
+        shapes = [Profile(b, s) for b in args.batch_size or sorted({p.batch for p in profiles})
+                  for s in args.seq_length or sorted({p.seq_len for p in profiles})]
+    else:
+        shapes = list(profiles)
     print(f"{args.engine}: {engine.policy.describe()} on {device.type}"
           f"{' (' + engine.header.gpu_name + ')' if engine.header.gpu_name else ''}; "
           f"median of {args.iterations} after {args.warmup} warm-up")

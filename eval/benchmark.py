@@ -40,7 +40,7 @@ class Latency:
 def random_inputs(batch: int, seq_len: int, vocab_size: int, device, seed: int = 0):
     """Token ids drawn at random (latency does not depend on their values), two segments, no padding."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, vocab_size, (batch, seq_len), generator=g)
+    ids = torch.randint(min(1000, vocab_size // 2), vocab_size, (batch, seq_len), generator=g)  # skip specials
     types = torch.zeros_like(ids)
     types[:, seq_len // 4:] = 1
     return ids.to(device), types.to(device), torch.ones_like(ids).to(device)

@@ -2,11 +2,7 @@
 # GPU call behind BENCHMARKS.md's calibration and INT8-accuracy tables: calibration time and amax drift per method
 # and question count, then INT8 engines (one per method, 500 train questions) on the full dev set, FP16 engine beside.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 WORKBENCH_CACHE_DIR=/tmp/wbc
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/sq /tmp/eng
-M=.carry/minilm; DEV=/tmp/sq/dev-v1.1.json; TRAIN=/tmp/sq/train.json
-gunzip -c .carry/squad/dev-v1.1.json.gz > $DEV; gunzip -c .carry/squad/train.json.gz > $TRAIN
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u
+. "$(dirname "$0")/device_env.sh"
 timeout 240 python3 -m eval.bench_calibration --squad $TRAIN --model $M --out $OUT/calibration.md 2>&1 | grep -v "it/s\|q/s"
 ev() { python3 cli.py eval --squad $DEV --no-progress -o /tmp/pred.json --metrics-json $OUT/m_$1.json "${@:2}" 2>&1 | grep -E "^EM"; }
 python3 cli.py build --model $M --fp16 -b 64 -s 384 -o /tmp/eng/fp16.engine >/dev/null

@@ -2,11 +2,7 @@
 # Second GPU call behind BENCHMARKS.md: FP16 model vs FP16/FP32 engines, INT8 accuracy per calibration method,
 # and engine latency (random-weight BERT-base/large) against HF eager and torch.compile in the same run.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 WORKBENCH_CACHE_DIR=/tmp/wbc
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/sq /tmp/eng
-M=.carry/minilm; DEV=/tmp/sq/dev-v1.1.json; TRAIN=/tmp/sq/train.json
-gunzip -c .carry/squad/dev-v1.1.json.gz > $DEV; gunzip -c .carry/squad/train.json.gz > $TRAIN
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u
+. "$(dirname "$0")/device_env.sh"
 ev() { python3 cli.py eval --squad $DEV --no-progress -o /tmp/pred.json --metrics-json $OUT/m_$1.json "${@:2}" 2>&1 | grep -E "^EM|^model:"; }
 
 echo "=== FP16 model, FP16 and FP32 engines (same run)"

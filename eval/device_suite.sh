@@ -3,14 +3,7 @@
 # dev set), calibration timing, and the CUDA tests. Expects the model in .carry/minilm and gzipped SQuAD files in
 # .carry/squad (see BENCHMARKS.md); writes logs and tables under $OUT.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 WORKBENCH_CACHE_DIR=/tmp/wbc
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/sq
-M=.carry/minilm; DEV=/tmp/sq/dev-v1.1.json; TRAIN=/tmp/sq/train.json
-gunzip -c .carry/squad/dev-v1.1.json.gz > $DEV
-[ -f .carry/squad/train.json.gz ] && gunzip -c .carry/squad/train.json.gz > $TRAIN
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-date -u
+. "$(dirname "$0")/device_env.sh"
 
 step() { echo; echo "=== $*"; }
 step "CUDA tests"
