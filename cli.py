@@ -141,8 +141,10 @@ def cmd_infer(args) -> int:
     passage = _passage(args)
     questions = _questions(args)
     feature_settings, answer_settings = _settings(args)
+    if args.engine and args.model:
+        raise WorkbenchError("give --model or -e/--engine, not both")
     model, wordpiece, device, label, batch = _runnables(args, feature_settings,
-                                                        [args.engine] if args.engine else [])[-1]
+                                                        [args.engine] if args.engine else [])[0]
 
     def answer(context: str, qs: list[str]) -> None:
         examples = examples_from_pairs(context, qs)
