@@ -28,6 +28,8 @@ def fake_quant_model(model: BertQA, policy: PrecisionPolicy, act_scales: Mapping
     if policy.int8:
         for i, layer in enumerate(fq.layers):
             for gemm in GEMMS:
+                if not policy.quantizes_gemm(i, gemm):
+                    continue
                 linear = getattr(layer, gemm)
                 with torch.no_grad():
                     linear.weight.copy_(fake_quantize(linear.weight, weight_scales(linear.weight)))

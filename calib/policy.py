@@ -9,18 +9,23 @@ tensor names of our TensorRT calibration-cache export.
     -iln     INT8 skip-LayerNorm: the outputs of the embedding LayerNorm and the two skip-LayerNorms of each layer,
              so the residual stream itself is INT8
 
+Mixed precision (`fp16_gemms`, the build's --keep-fp16): named GEMMs stay in FP16 under --int8, their inputs and
+weights unquantized; what a sensitivity analysis suggests for the few points that cost the most accuracy.
+
 A LayerNorm output is also the next GEMM's input, so under --int8 alone it is quantized where the GEMM reads it
 (the residual stays FP16) and under -iln at the LayerNorm (the residual too); both use the same scale.
 The QA head (a 2-wide GEMM) stays in FP16/FP32: it is negligible work and sits right on the logits.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from common.errors import WorkbenchError
 from model.bert import all_sites
 
 GEMMS = ("qkv", "attn_out", "fc1", "fc2")
+_GEMM_NAME = re.compile(rf"(layer\d+\.)?({'|'.join(GEMMS)})")
 
 
 @dataclass(frozen=True)
@@ -33,10 +38,22 @@ class PrecisionPolicy:
     imh: bool = False    # -imh
     strict: bool = False  # no fallback to higher precision for a layer the flags quantize
     fc2_library_gemm: bool = False  # -g: FC2 on the plain library GEMM
+    fp16_gemms: tuple[str, ...] = ()  # --keep-fp16: "layer3.fc2" (one GEMM) or "fc2" (that GEMM in every layer)
 
     def __post_init__(self) -> None:
         if (self.iln or self.imh) and not self.int8:
             raise WorkbenchError("-iln and -imh quantize on top of --int8: add --int8")
+        object.__setattr__(self, "fp16_gemms", tuple(sorted(set(self.fp16_gemms))))  # JSON gives lists
+        bad = [g for g in self.fp16_gemms if not _GEMM_NAME.fullmatch(g)]
+        if bad:
+            raise WorkbenchError(f"--keep-fp16: {bad[0]!r} is not a GEMM: use layerN.GEMM or GEMM, with GEMM one of "
+                                 f"{', '.join(GEMMS)}")
+        if self.fp16_gemms and not self.int8:
+            raise WorkbenchError("--keep-fp16 keeps GEMMs out of INT8: it needs --int8")
+
+    def quantizes_gemm(self, layer: int, gemm: str) -> bool:
+        """Whether this GEMM runs in INT8 (its input site and its weights quantized)."""
+        return self.int8 and gemm not in self.fp16_gemms and f"layer{layer}.{gemm}" not in self.fp16_gemms
 
     def gemm_input_site(self, layer: int, gemm: str) -> str:
         """The tap site whose tensor the GEMM reads."""
@@ -51,7 +68,8 @@ class PrecisionPolicy:
         """Every site these flags quantize, in forward order."""
         wanted: set[str] = set()
         if self.int8:
-            wanted |= {self.gemm_input_site(i, g) for i in range(num_layers) for g in GEMMS}
+            wanted |= {self.gemm_input_site(i, g) for i in range(num_layers) for g in GEMMS
+                       if self.quantizes_gemm(i, g)}
         if self.imh:
             wanted |= {f"layer{i}.{s}" for i in range(num_layers) for s in ("q", "k", "v", "probs", "context")}
         if self.iln:
@@ -69,7 +87,14 @@ class PrecisionPolicy:
     def describe(self) -> str:
         flags = [f for f, on in (("--int8", self.int8), ("--fp16", self.fp16), ("-iln", self.iln),
                                  ("-imh", self.imh), ("-g", self.fc2_library_gemm), ("--strict", self.strict)) if on]
+        if self.fp16_gemms:
+            flags.append("--keep-fp16 " + ",".join(self.fp16_gemms))
         return " ".join(flags) or "fp32"
+
+
+def parse_gemm_list(text: str) -> tuple[str, ...]:
+    """"layer3.fc2, fc1" -> ("fc1", "layer3.fc2"); names are checked by PrecisionPolicy."""
+    return tuple(sorted({part.strip() for part in text.split(",") if part.strip()}))
 
 
 def calibration_method(site: str, method: str) -> str:

@@ -1,10 +1,14 @@
 """Read SQuAD v1.1 / v2.0 files into frozen examples, validating every field a later stage relies on.
 
 A malformed file fails here, with the file and JSON location in one line, instead of as a KeyError deep in
-featurization or scoring.
+featurization or scoring. A gzip-compressed file (`dev-v1.1.json.gz`, as the repository's assets/ ships them) is
+read the same way; its digest is that of the JSON inside, so the compressed and plain files are the same data to
+every cache key.
 """
 from __future__ import annotations
 
+import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +38,7 @@ class SquadFile:
     path: Path
     version: str            # "1.1" or "2.0"
     examples: list[Example]
-    digest: str             # sha256 of the file bytes
+    digest: str             # sha256 of the JSON bytes (after gunzip for a .gz file)
 
 
 def load_squad(path: str | Path, limit: int | None = None) -> SquadFile:
@@ -45,7 +49,7 @@ def load_squad(path: str | Path, limit: int | None = None) -> SquadFile:
     if limit is not None and limit < 1:
         raise WorkbenchError(f"{path}: limit must be a positive number of questions, got {limit}")
     path = Path(path)
-    raw = read_bytes(path, "SQuAD file")
+    raw = _gunzip(read_bytes(path, "SQuAD file"), path)
     doc = parse_json(raw, path, "SQuAD file")
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise WorkbenchError(f'{path}: top level is not a JSON object with a "data" list (not a SQuAD file?)')
@@ -54,6 +58,16 @@ def load_squad(path: str | Path, limit: int | None = None) -> SquadFile:
     if not examples:
         raise WorkbenchError(f"{path}: the data set contains no questions")
     return SquadFile(path, "2.0" if v2 else "1.1", examples[:limit] if limit else examples, sha256_bytes(raw))
+
+
+def _gunzip(raw: bytes, path: Path) -> bytes:
+    """The JSON inside a gzip file (recognized by its magic bytes, whatever its name); other bytes unchanged."""
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise WorkbenchError(f"{path}: damaged gzip file ({e})") from None
 
 
 def examples_from_pairs(context: str, questions: Sequence[str]) -> list[Example]:

@@ -6,7 +6,9 @@ need nothing but the engine file.
 """
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Sequence
 
@@ -20,14 +22,19 @@ from common.errors import WorkbenchError
 from data.tokenizer import WordPiece, wordpiece_from_str
 from engines.engine_file import EngineHeader, Profile, load_engine, this_gpu
 from engines.runtime import Engine, engine_tensors
+from engines.tuning import LIBRARY, TimingCache, choose, kernel_key, machine_key
 from model.checkpoint import LoadedModel
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_TENSOR = "tokenizer.json"  # the serialized tokenizer, as UTF-8 bytes in a uint8 tensor
 
 
 def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequence[Profile],
-                 calib: CalibrationCache | None, device: torch.device,
-                 wordpiece: WordPiece | None) -> tuple[EngineHeader, dict[str, torch.Tensor]]:
+                 calib: CalibrationCache | None, device: torch.device, wordpiece: WordPiece | None,
+                 timing_cache: TimingCache | None = None) -> tuple[EngineHeader, dict[str, torch.Tensor]]:
+    """The engine's header and tensors; on CUDA, GEMM implementations are timed per profile (`timing_cache`
+    keeps those timings for later builds; None times without keeping them)."""
     t0 = time.perf_counter()
     cfg = loaded.config
     if not profiles:
@@ -49,9 +56,38 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
         model_digest=loaded.digest, calib_digest=calib.key() if calib is not None and policy.int8 else None,
         device=device.type, gpu_name=gpu[0] if gpu else None, compute_capability=gpu[1] if gpu else None,
         versions=_versions(), kernels=_kernels(cfg.num_layers, policy, device),
-        build_seconds=time.perf_counter() - t0, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        source=loaded.source)
-    return header, tensors
+        build_seconds=0.0, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=loaded.source)
+    if device.type == "cuda":
+        header = replace(header, kernels={**header.kernels, **_tune(header, tensors, device, timing_cache)})
+    return replace(header, build_seconds=time.perf_counter() - t0), tensors
+
+
+def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.device,
+          timing_cache: TimingCache | None) -> dict[str, str]:
+    """Time every implementation of each INT8 GEMM kind at each profile's row count; keep the fastest."""
+    engine = Engine(header, {k: v for k, v in tensors.items() if k != TOKENIZER_TENSOR}, device)
+    if not engine.use_triton or not engine.policy.int8:
+        return {}
+    cache = timing_cache if timing_cache is not None else TimingCache(None)
+    machine = machine_key()
+    chosen: dict[str, str] = {}
+    rows = sorted({p.batch * p.seq_len for p in header.profiles})
+    for m in rows:
+        for kind in GEMMS:
+            if kind == "fc2" and engine.policy.fc2_library_gemm:
+                continue
+            found = engine.gemm_candidates(kind, m)
+            if found is None:
+                continue
+            problem, candidates = found
+            best, times = choose(problem, candidates, cache, machine)
+            chosen[kernel_key(kind, m)] = best
+            log.info("%s m=%d: %s %.3f ms (library %.3f ms)", kind, m, best, times[best], times[LIBRARY])
+    cache.save()
+    log.info("%s", cache.summary())
+    del engine
+    torch.cuda.empty_cache()
+    return chosen
 
 
 def _activation_scales(loaded: LoadedModel, policy: PrecisionPolicy,
@@ -79,11 +115,15 @@ def _policy_json(policy: PrecisionPolicy) -> dict:
 
 
 def _kernels(num_layers: int, policy: PrecisionPolicy, device: torch.device) -> dict[str, str]:
-    """What runs each op. One implementation per op today, so nothing is timed at build time yet."""
-    gemm = ("cublaslt_int8 (torch._int_mm)" if device.type == "cuda" else "cpu_int8 (torch._int_mm)") \
-        if policy.int8 else f"{'fp16' if policy.fp16 else 'fp32'} library gemm (F.linear)"
+    """What runs each op, in words; INT8 GEMMs on CUDA are then timed per profile (gemm.KIND.mROWS entries)."""
+    int8 = ("cuBLASLt int8 (torch._int_mm) or a timed Triton kernel" if device.type == "cuda"
+            else "cpu int8 (torch._int_mm)") + ", fused epilogue"
+    fp = f"{'fp16' if policy.fp16 else 'fp32'} library gemm (F.linear)"
     attention = "fp16 matmuls with int8 rounding (-imh numerics)" if policy.imh else "sdpa (F.scaled_dot_product_attention)"
-    kernels = {f"layer{i}.{g}": gemm for i in range(num_layers) for g in GEMMS}
+    kernels = {f"layer{i}.{g}": int8 if policy.quantizes_gemm(i, g) else fp for i in range(num_layers) for g in GEMMS}
+    if policy.fc2_library_gemm:
+        kernels.update({f"layer{i}.fc2": "cuBLASLt int8 (torch._int_mm), -g" for i in range(num_layers)
+                        if policy.quantizes_gemm(i, "fc2") and device.type == "cuda"})
     kernels.update({f"layer{i}.attention": attention for i in range(num_layers)})
     return kernels
 

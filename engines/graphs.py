@@ -7,6 +7,7 @@ padded keys get no attention weight and padded rows are sliced off, so real outp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 
@@ -27,16 +28,23 @@ class CapturedGraph:
 class GraphRunner:
     """Callable like the engine; on CUDA it replays graphs, elsewhere it runs the engine directly.
 
-    With `fuse`, the forward is first compiled by TorchInductor, which fuses the elementwise work around each GEMM
-    (quantize, dequantize + bias + GELU, residual + LayerNorm + quantize) into generated Triton kernels, the way
-    TensorRT's plugins fuse them; the library GEMMs stay as they are. The graph then captures the fused kernels.
+    With `fuse`, the forward is first compiled by TorchInductor, which fuses the elementwise work around each library
+    GEMM (quantize, dequantize + bias + GELU, residual + LayerNorm + quantize) into generated Triton kernels; the
+    graph then captures those. It is the faster path for FP16 engines; INT8 engines are faster with our own fused
+    kernels (plugins/), which is what runs without `fuse`.
     """
 
     def __init__(self, engine: Engine, path: str = "engine", fuse: bool = False):
         self.engine, self.path = engine, path
         self.graphs: dict[Profile, CapturedGraph] = {}
         self.use_graphs = engine.device.type == "cuda"
-        self.forward = torch.compile(engine, dynamic=False, fullgraph=True) if fuse and self.use_graphs else engine
+        if fuse and self.use_graphs:
+            # Inductor generates its own fused kernels around the library GEMMs; our Triton kernels are opaque to
+            # it (and its scalar handling rejects them), so a fused runner uses the reference ops.
+            engine.use_triton = False
+            self.forward = torch.compile(engine, dynamic=False, fullgraph=True)
+        else:
+            self.forward = engine
 
     def capture(self, profile: Profile) -> CapturedGraph:
         if profile in self.graphs:
@@ -73,3 +81,51 @@ class GraphRunner:
                 static[:b, :s].copy_(new)
         g.graph.replay()
         return g.start[:b, :s], g.end[:b, :s]
+
+    def pipelined(self, batches: Iterable[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Host batches in, host logits out, in order. On CUDA the copies run on a side stream from and to pinned
+        host memory, so batch n+1's inputs go up and batch n-1's logits come down while batch n computes."""
+        dev = self.engine.device
+        if not self.use_graphs:
+            for args in batches:
+                start, end = self(*(a.to(dev) for a in args))
+                yield start.cpu(), end.cpu()
+            return
+        main, side = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
+
+        def upload(args):
+            if args is None:
+                return None
+            with torch.cuda.stream(side):
+                on_device = [a.pin_memory().to(dev, non_blocking=True) for a in args]
+                ready = torch.cuda.Event()
+                ready.record(side)
+            return on_device, ready
+
+        batches = iter(batches)
+        coming, pending = upload(next(batches, None)), None
+        while coming is not None:
+            args, ready = coming
+            main.wait_event(ready)
+            for a in args:
+                a.record_stream(main)  # allocated on the side stream, read on the main one
+            start, end = self(*args)
+            outs = (start.clone(), end.clone())  # the next replay overwrites the graph's own outputs
+            computed = torch.cuda.Event()
+            computed.record(main)
+            coming = upload(next(batches, None))
+            with torch.cuda.stream(side):
+                side.wait_event(computed)
+                host = tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outs)
+                for h, o in zip(host, outs):
+                    h.copy_(o, non_blocking=True)
+                    o.record_stream(side)
+                downloaded = torch.cuda.Event()
+                downloaded.record(side)
+            if pending is not None:
+                pending[0].synchronize()
+                yield pending[1]
+            pending = (downloaded, host)
+        if pending is not None:
+            pending[0].synchronize()
+            yield pending[1]

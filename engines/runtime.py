@@ -1,10 +1,15 @@
 """The engine forward: the reference BERT's function with the build's precision, from an engine's tensors.
 
-One code path for the CPU and CUDA: INT8 GEMMs go through `torch._int_mm` (cuBLASLt on CUDA, exact int32
-accumulation on both), activations are rounded by calib.quantizer (the one quantizer), and dequantization applies
-`input scale x per-channel weight scale` to the int32 accumulator before the bias. So a CPU engine and a CUDA
-engine compute the same INT8 math, and both match the fake-quant reference (calib/fakequant.py) up to
-floating-point rounding.
+The INT8 math is that of the fused ops in plugins/ (each defined by its `*_reference` function): an INT8 GEMM
+takes INT8 codes, accumulates exactly in int32, and dequantizes in an FP32 epilogue that also adds the bias,
+the GELU, the residual, and writes either FP16/FP32 or directly the codes the next GEMM reads; a LayerNorm writes
+its output and, where the next GEMM is INT8, its codes in the same pass. So the activations between ops are
+what TensorRT's INT8 BERT keeps between its plugins, and each tensor is read and written once.
+
+Each op has two implementations that compute the same function: the reference (plain torch ops; cuBLASLt's INT8
+GEMM through `torch._int_mm` on CUDA; all of it on the CPU, which is how CI runs engines) and the Triton kernels
+(CUDA). `build` times the GEMM implementations per profile and records the fastest in the engine header
+(engines/tuning.py); a CPU engine, and anything the header does not name, runs the reference.
 
 Attention without -imh runs PyTorch's fused SDPA. With -imh, Q, K, V, the probabilities and the context are
 rounded to INT8 values exactly as the policy says, but the two attention matmuls still run on FP16 tensor cores
@@ -13,16 +18,54 @@ rounded to INT8 values exactly as the policy says, but the two attention matmuls
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from calib.policy import GEMMS, PrecisionPolicy
-from calib.quantizer import dequantize, quantize
+from calib.quantizer import _reciprocal, dequantize, quantize
 from engines.engine_file import EngineHeader
+from engines.tuning import LIBRARY, GemmProblem, kernel_key
 from model.config import BertConfig
 
-_MIN_ROWS_CUDA = 32  # cuBLASLt's int8 GEMM in torch._int_mm needs more than 16 rows
+TRITON = "triton"
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One encoder GEMM as the engine runs it: INT8 (codes in, per-channel weight scales) or FP."""
+
+    kind: str                         # qkv, attn_out, fc1, fc2
+    weight: torch.Tensor              # int8 [N, K], or FP16/FP32
+    bias: torch.Tensor                # float32 for INT8 GEMMs, else the engine's dtype
+    weight_scale: torch.Tensor | None  # float32 [N] for INT8 GEMMs
+    input_scale: float | None         # per-tensor scale of the INT8 input codes
+
+    @property
+    def int8(self) -> bool:
+        return self.weight.dtype == torch.int8
+
+
+def triton_impl(config) -> str:
+    c = config
+    return f"{TRITON}:{c.block_m}x{c.block_n}x{c.block_k}-g{c.group_m}-w{c.num_warps}-s{c.num_stages}"
+
+
+def parse_triton_impl(impl: str):
+    """The GemmConfig an implementation name stands for (inverse of triton_impl)."""
+    from plugins.int8_linear import GemmConfig
+
+    tiles, g, w, s = impl.removeprefix(f"{TRITON}:").split("-")
+    bm, bn, bk = map(int, tiles.split("x"))
+    return GemmConfig(bm, bn, bk, int(g[1:]), int(w[1:]), int(s[1:]))
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    from plugins import available
+    return available()
 
 
 class Engine(torch.nn.Module):
@@ -36,41 +79,94 @@ class Engine(torch.nn.Module):
         self.t = {k: v.to(self.device) for k, v in tensors.items()}
         self.scale = dict(header.act_scales)
         self.produced_int8 = {s for s in self.scale if self.policy.rounded_where_produced(s)}
+        self.use_triton = _triton_usable(self.device)
+        self.kernels = dict(header.kernels)
+        self.gemms = {f"layers.{i}.{g}": self._gemm_of(i, g) for i in range(self.cfg.num_layers) for g in GEMMS}
 
-    # ------------------------------------------------------------ pieces
+    def _gemm_of(self, i: int, kind: str) -> Gemm:
+        p = f"layers.{i}.{kind}"
+        w = self.t[f"{p}.weight"]
+        if w.dtype != torch.int8:
+            return Gemm(kind, w, self.t[f"{p}.bias"], None, None)
+        return Gemm(kind, w, self.t[f"{p}.bias"].float().contiguous(), self.t[f"{p}.weight_scale"].float(),
+                    self.scale[self.policy.gemm_input_site(i, kind)])
+
+    # ------------------------------------------------------------ kernel choice
+
+    def impl(self, kind: str, m: int) -> str:
+        """The implementation of an INT8 GEMM kind at m rows: the header's choice for this m, else the choice
+        for the nearest larger m it has, else the reference."""
+        if not self.use_triton or (kind == "fc2" and self.policy.fc2_library_gemm):
+            return LIBRARY
+        chosen = self.kernels.get(kernel_key(kind, m))
+        if chosen is None:
+            known = sorted((int(k.rsplit(".m", 1)[1]), v) for k, v in self.kernels.items()
+                           if k.startswith(f"gemm.{kind}.m"))
+            larger = [v for km, v in known if km >= m]
+            chosen = larger[0] if larger else (known[-1][1] if known else LIBRARY)
+        return chosen
+
+    # ------------------------------------------------------------ ops
+
+    def _recip(self, site: str) -> float | None:
+        """float32 1/scale of a site this build quantizes; None for sites it keeps in FP."""
+        return _reciprocal(self.scale[site], self.device) if site in self.scale else None
+
+    def _linear(self, name: str, a: torch.Tensor, *, residual: torch.Tensor | None = None, gelu: bool = False,
+                out_site: str | None = None, impl: str | None = None) -> torch.Tensor:
+        """y = a @ W.T + b [GELU] [+ residual], as FP or as the codes of `out_site` (when it is quantized)."""
+        g = self.gemms[name]
+        recip = self._recip(out_site) if out_site else None
+        if not g.int8:
+            y = F.linear(a, g.weight, g.bias)
+            if gelu:
+                y = F.gelu(y)
+            if residual is not None:
+                y = y + residual
+            return quantize(y, self.scale[out_site]) if recip is not None else y
+        impl = impl or self.impl(g.kind, a.shape[0])
+        if impl == LIBRARY:
+            from plugins.int8_linear import int8_linear_reference as run
+            config = {}
+        else:
+            from plugins.int8_linear import int8_linear as run
+            config = {"config": parse_triton_impl(impl)}
+        return run(a, g.weight, g.input_scale, g.weight_scale, g.bias, residual=residual, gelu=gelu,
+                   out_recip=recip, out_dtype=self.dtype, **config)
+
+    def _ln(self, name: str, x: torch.Tensor, site: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """LayerNorm -> (FP output, codes of `site` or None); -iln sites are INT8 where produced, so the FP output
+        (the residual stream) is then the codes dequantized."""
+        recip = self._recip(site) if site else None
+        args = (x, self.t[f"{name}.weight"], self.t[f"{name}.bias"], self.cfg.layer_norm_eps, recip,
+                self.scale[site] if recip is not None and site in self.produced_int8 else None)
+        if self.use_triton:
+            from plugins.layernorm import layernorm_quant
+            return layernorm_quant(*args)
+        from plugins.layernorm import layernorm_quant_reference
+        return layernorm_quant_reference(*args)
+
+    def _codes(self, x: torch.Tensor, site: str) -> torch.Tensor:
+        """INT8 codes of x (any strides) in row-major order: one pass on CUDA (quantize + make contiguous)."""
+        if self.use_triton:
+            from plugins.quantize import quantize_rows
+            return quantize_rows(x, self._recip(site))
+        return quantize(x.contiguous(), self.scale[site])
 
     def _round(self, site: str, x: torch.Tensor) -> torch.Tensor:
-        """Round a -iln/-imh site to its INT8 grid (identity for sites the build keeps in FP)."""
+        """Round an -imh site to its INT8 grid (identity for sites the build keeps in FP)."""
         if site not in self.produced_int8:
             return x
         s = self.scale[site]
         return dequantize(quantize(x, s), s, x.dtype)
 
-    def _gemm(self, name: str, x: torch.Tensor, input_site: str) -> torch.Tensor:
-        w, bias = self.t[f"{name}.weight"], self.t[f"{name}.bias"]
-        if w.dtype != torch.int8:
-            return F.linear(x, w, bias)
-        s_in = self.scale[input_site]
-        rows = x.reshape(-1, x.shape[-1])
-        xq = quantize(rows, s_in)
-        m = xq.shape[0]
-        if xq.is_cuda and m < _MIN_ROWS_CUDA:
-            xq = F.pad(xq, (0, 0, 0, _MIN_ROWS_CUDA - m))
-        acc = torch._int_mm(xq, w.t())[:m]  # int32, exact
-        out = acc.float() * (self.t[f"{name}.weight_scale"] * s_in) + bias
-        return out.to(self.dtype).view(*x.shape[:-1], w.shape[0])
-
-    def _ln(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (x.shape[-1],), self.t[f"{name}.weight"], self.t[f"{name}.bias"],
-                            self.cfg.layer_norm_eps)
-
     def _attention(self, i: int, q, k, v, mask_bias: torch.Tensor) -> torch.Tensor:
         if not self.policy.imh:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias.to(q.dtype))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias)
         q, k, v = (self._round(f"layer{i}.{n}", t) for n, t in zip("qkv", (q, k, v)))
         scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1])) + mask_bias
         probs = self._round(f"layer{i}.probs", scores.softmax(-1).to(v.dtype))
-        return probs @ v
+        return self._round(f"layer{i}.context", probs @ v)
 
     # ------------------------------------------------------------ forward
 
@@ -79,25 +175,58 @@ class Engine(torch.nn.Module):
         t, cfg = self.t, self.cfg
         b, s = input_ids.shape
         x = (t["embeddings.word.weight"][input_ids] + t["embeddings.position.weight"][:s]
-             + t["embeddings.token_type.weight"][token_type_ids])
-        x = self._round("embeddings.ln_out", self._ln("embeddings.ln", x))
-        mask_bias = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(self.dtype).min
+             + t["embeddings.token_type.weight"][token_type_ids]).view(b * s, cfg.hidden_size)
+        x, xq = self._ln("embeddings.ln", x, "embeddings.ln_out")
+        # In the engine's dtype, made once per forward (SDPA adds it to its scores as they are).
+        mask_bias = ((1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(self.dtype).min).to(self.dtype)
         for i in range(cfg.num_layers):
-            x = self._layer(i, x, mask_bias)
-        logits = F.linear(x, t["qa.weight"], t["qa.bias"]).float()
+            x, xq = self._layer(i, x, xq, b, s, mask_bias)
+        logits = F.linear(x, t["qa.weight"], t["qa.bias"]).float().view(b, s, 2)
         return logits[..., 0], logits[..., 1]
 
-    def _layer(self, i: int, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
-        p, site = f"layers.{i}.", lambda gemm: self.policy.gemm_input_site(i, gemm)
-        heads = self._gemm(p + "qkv", x, site("qkv")).view(b, s, 3, self.cfg.num_heads, self.cfg.head_dim)
+    def _layer(self, i: int, x: torch.Tensor, xq: torch.Tensor | None, b: int, s: int,
+               mask_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: the residual stream [b*s, H]; xq: its codes when this layer's QKV GEMM is INT8."""
+        cfg, p = self.cfg, f"layers.{i}."
+        use = lambda gemm, fp, codes: codes if self.gemms[p + gemm].int8 else fp  # noqa: E731
+        heads = self._linear(p + "qkv", use("qkv", x, xq)).view(b, s, 3, cfg.num_heads, cfg.head_dim)
         q, k, v = heads.permute(2, 0, 3, 1, 4)
-        context = self._attention(i, q, k, v, mask_bias).transpose(1, 2).reshape(b, s, h)
-        context = self._round(f"layer{i}.context", context)
-        x = self._round(f"layer{i}.attn_ln_out", self._ln(p + "ln1", x + self._gemm(p + "attn_out", context,
-                                                                                     site("attn_out"))))
-        ffn = F.gelu(self._gemm(p + "fc1", x, site("fc1")))
-        return self._round(f"layer{i}.ffn_ln_out", self._ln(p + "ln2", x + self._gemm(p + "fc2", ffn, site("fc2"))))
+        context = self._attention(i, q, k, v, mask_bias).transpose(1, 2)  # [b, s, heads, d], strided
+        if self.gemms[p + "attn_out"].int8:
+            ctx = self._codes(context, f"layer{i}.context").view(b * s, cfg.hidden_size)
+        else:
+            ctx = context.reshape(b * s, cfg.hidden_size)
+        y = self._linear(p + "attn_out", ctx, residual=x)
+        x1, x1q = self._ln(p + "ln1", y, f"layer{i}.attn_ln_out")
+        ffn = self._linear(p + "fc1", use("fc1", x1, x1q), gelu=True, out_site=f"layer{i}.fc2_in")
+        y2 = self._linear(p + "fc2", ffn, residual=x1)
+        return self._ln(p + "ln2", y2, f"layer{i}.ffn_ln_out")
+
+    # ------------------------------------------------------------ tuning support
+
+    def gemm_candidates(self, kind: str, m: int) -> tuple[GemmProblem, dict[str, callable]] | None:
+        """The INT8 `kind` GEMM at m rows as the forward launches it (first INT8 layer's weights, random codes,
+        the same epilogue), and one zero-argument call per implementation, for build-time timing."""
+        from plugins.int8_linear import CANDIDATE_CONFIGS
+
+        layer = next((i for i in range(self.cfg.num_layers) if self.gemms[f"layers.{i}.{kind}"].int8), None)
+        if layer is None:
+            return None
+        name = f"layers.{layer}.{kind}"
+        g = self.gemms[name]
+        n, k = g.weight.shape
+        gen = torch.Generator(device=self.device).manual_seed(m)
+        a = torch.randint(-127, 128, (m, k), generator=gen, device=self.device, dtype=torch.int8)
+        residual = torch.randn(m, n, generator=gen, device=self.device).to(self.dtype) \
+            if kind in ("attn_out", "fc2") else None
+        gelu, out_site = (True, f"layer{layer}.fc2_in") if kind == "fc1" else (False, None)
+        int8_out = out_site is not None and out_site in self.scale
+        epilogue = "bias" + ("+gelu" if gelu else "") + ("+residual" if residual is not None else "") + \
+            ("->int8" if int8_out else f"->{str(self.dtype).removeprefix('torch.')}")
+        problem = GemmProblem(kind, m, n, k, "int8", epilogue)
+        impls = [LIBRARY] + [triton_impl(c) for c in CANDIDATE_CONFIGS]
+        return problem, {impl: (lambda impl=impl: self._linear(name, a, residual=residual, gelu=gelu,
+                                                                 out_site=out_site, impl=impl)) for impl in impls}
 
 
 def engine_tensors(model, policy: PrecisionPolicy) -> dict[str, torch.Tensor]:
@@ -106,8 +235,8 @@ def engine_tensors(model, policy: PrecisionPolicy) -> dict[str, torch.Tensor]:
 
     dtype = torch.float16 if policy.fp16 else torch.float32
     out: dict[str, torch.Tensor] = {}
-    quantized = {f"layers.{i}.{g}.weight" for i in range(model.config.num_layers) for g in GEMMS} \
-        if policy.int8 else set()
+    quantized = {f"layers.{i}.{g}.weight" for i in range(model.config.num_layers) for g in GEMMS
+                 if policy.quantizes_gemm(i, g)}
     for name, p in model.state_dict().items():
         p = p.detach().float().cpu()
         if name in quantized:

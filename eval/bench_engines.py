@@ -19,6 +19,7 @@ from engines.build import build_engine
 from engines.engine_file import Profile
 from engines.graphs import GraphRunner
 from engines.runtime import Engine
+from engines.tuning import TimingCache
 from eval.benchmark import Latency, random_inputs, time_compute
 from model.checkpoint import load_model
 
@@ -27,6 +28,8 @@ VARIANTS = {
     "int8": PrecisionPolicy(int8=True, fp16=True),
     "int8 -iln": PrecisionPolicy(int8=True, fp16=True, iln=True),
     "int8 -iln -imh": PrecisionPolicy(int8=True, fp16=True, iln=True, imh=True),
+    "int8 -g": PrecisionPolicy(int8=True, fp16=True, fc2_library_gemm=True),
+    "int8 library": PrecisionPolicy(int8=True, fp16=True),  # reference ops only (cuBLASLt int8, torch epilogue)
 }
 
 
@@ -55,13 +58,16 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", nargs="+", default=["bert-base", "bert-large"])
     ap.add_argument("--shapes", nargs="+", default=["1x128", "128x384"])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                    help="names from VARIANTS; a ' fused' suffix compiles that variant (TorchInductor) before capture")
     ap.add_argument("--fuse", choices=("off", "on", "both"), default="both")
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--baselines", nargs="*", default=["hf-eager", "hf-compile"])
     ap.add_argument("--out", default="bench_engines.md")
+    ap.add_argument("--timing-cache", default=None, help="engines.tuning timing cache file (default: none kept)")
     args = ap.parse_args(argv)
+    timing = TimingCache(args.timing_cache)
     device = torch.device("cuda")
     shapes = [Profile(*map(int, s.split("x"))) for s in args.shapes]
     rows = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; random-weight timings; "
@@ -108,11 +114,19 @@ def main(argv=None) -> None:
         calib = max_ranges(loaded, device)
         reference = loaded.model.half().to(device).eval()
         for name in args.variants:
-            policy = VARIANTS[name]
-            header, tensors = build_engine(loaded, policy, shapes,
-                                           calib if policy.int8 else None, torch.device("cpu"), None)
+            policy = VARIANTS[name.removesuffix(" fused")]
+            t0 = time.perf_counter()
+            header, tensors = build_engine(loaded, policy, shapes, calib if policy.int8 else None, device, None,
+                                           timing)
+            build_s = time.perf_counter() - t0
             engine = Engine(header, tensors, device).eval()
-            for fuse in ([False, True] if args.fuse == "both" else [args.fuse == "on"]):
+            if name.removesuffix(" fused").endswith("library"):
+                engine.use_triton = False
+            chosen = sorted({v for k, v in header.kernels.items() if k.startswith("gemm.")})
+            print(f"{preset} {name}: built in {build_s:.0f} s; GEMM kernels chosen: {', '.join(chosen) or '-'}",
+                  flush=True)
+            fuses = [False, True] if args.fuse == "both" else [args.fuse == "on" or name.endswith(" fused")]
+            for fuse in fuses:
                 runner = GraphRunner(engine, fuse=fuse)
                 for shape in shapes:
                     x = random_inputs(shape.batch, shape.seq_len, vocab, device, seed=2)
@@ -121,7 +135,7 @@ def main(argv=None) -> None:
                         got = runner(*x)[0].clone()
                         want = reference(*x)[0]
                     setup = time.perf_counter() - t0
-                    label = f"{name}{' fused' if fuse else ''} (graph; setup {setup:.0f} s)"
+                    label = f"{name.removesuffix(' fused')}{' fused' if fuse else ''} (graph; setup {setup:.0f} s)"
                     record(preset, label, shape, time_compute(runner, x, args.iterations, args.warmup, device), base,
                            f"{rel_error(got, want):.1e}")
             del engine, runner

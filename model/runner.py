@@ -59,13 +59,18 @@ def run_logits(forward: Forward, features, device: torch.device, batch_size: int
     n, s = features.input_ids.shape
     start = np.full((n, s), -np.inf, dtype=np.float32)
     end = np.full((n, s), -np.inf, dtype=np.float32)
+    batches = batches_by_length(features.attention_mask, batch_size)
+    host = ([torch.from_numpy(a[idx, :seq]).long() for a in (features.input_ids, features.token_type_ids,
+                                                              features.attention_mask)] for idx, seq in batches)
+    pipelined = getattr(forward, "pipelined", None)  # engines: copies overlap compute on a side stream
+    if pipelined is None:
+        outputs = ((s_logits.cpu(), e_logits.cpu()) for s_logits, e_logits in
+                   (forward(*(a.to(device, non_blocking=True) for a in args)) for args in host))
+    else:
+        outputs = pipelined(host)
     with torch.inference_mode(), tqdm(total=n, desc=desc, unit="feat", disable=not progress, leave=False) as bar:
-        for idx, seq in batches_by_length(features.attention_mask, batch_size):
-            cols = slice(0, seq)
-            args = [torch.from_numpy(a[idx, cols]).to(device, non_blocking=True).long()
-                    for a in (features.input_ids, features.token_type_ids, features.attention_mask)]
-            s_logits, e_logits = forward(*args)
-            start[idx, :seq] = s_logits.float().cpu().numpy()
-            end[idx, :seq] = e_logits.float().cpu().numpy()
+        for (idx, seq), (s_logits, e_logits) in zip(batches, outputs):
+            start[idx, :seq] = s_logits.float().numpy()
+            end[idx, :seq] = e_logits.float().numpy()
             bar.update(len(idx))
     return start, end

@@ -22,6 +22,8 @@ POLICIES = {
     "int8 -iln": PrecisionPolicy(int8=True, iln=True),
     "int8 -imh": PrecisionPolicy(int8=True, imh=True),
     "int8 -iln -imh": PrecisionPolicy(int8=True, iln=True, imh=True),
+    "int8 --keep-fp16 attn_out,layer0.fc2": PrecisionPolicy(int8=True, fp16_gemms=("attn_out", "layer0.fc2")),
+    "int8 -iln --keep-fp16 layer1.fc1,qkv": PrecisionPolicy(int8=True, iln=True, fp16_gemms=("layer1.fc1", "qkv")),
 }
 
 
@@ -201,3 +203,85 @@ def test_cuda_engine_agrees_with_cpu_engine_and_graphs(name):
     for c, e, g in zip(cpu, eager, graphed):
         assert rel(valid(e.cpu(), x[2]), valid(c, x[2])) < 2e-2  # FP16 activations vs FP32 on the CPU
         assert rel(valid(g.cpu(), x[2]), valid(e.cpu(), x[2])) < 2e-3  # padded into the 4x64 profile
+
+
+def test_keep_fp16_gemms_stay_floating_point():
+    loaded = loaded_model()
+    policy = PrecisionPolicy(int8=True, fp16=True, fp16_gemms=("layer1.fc2", "qkv"))
+    _, tensors = build_engine(loaded, policy, [Profile(1, 32)], max_calibration(loaded), torch.device("cpu"), None)
+    kept = {"layers.1.fc2", "layers.0.qkv", "layers.1.qkv"}
+    for i in range(CFG.num_layers):
+        for g in ("qkv", "attn_out", "fc1", "fc2"):
+            name = f"layers.{i}.{g}"
+            assert (tensors[name + ".weight"].dtype == torch.float16) == (name in kept)
+            assert (name + ".weight_scale" in tensors) == (name not in kept)
+    sites = policy.quantized_sites(CFG.num_layers)
+    assert "embeddings.ln_out" not in sites and "layer1.fc2_in" not in sites and "layer0.fc2_in" in sites
+
+
+def test_keep_fp16_names_are_checked():
+    assert PrecisionPolicy(int8=True, fp16_gemms=["fc2", "layer3.qkv", "fc2"]).fp16_gemms == ("fc2", "layer3.qkv")
+    assert "--keep-fp16 fc2,layer3.qkv" in PrecisionPolicy(int8=True, fp16_gemms=("layer3.qkv", "fc2")).describe()
+    with pytest.raises(WorkbenchError, match="not a GEMM"):
+        PrecisionPolicy(int8=True, fp16_gemms=("layer1.ffn",))
+    with pytest.raises(WorkbenchError, match="needs --int8"):
+        PrecisionPolicy(fp16_gemms=("fc2",))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_triton_kernels_agree_with_library_kernels(name):
+    """Every Triton tile configuration against the reference ops on CUDA: same engine, same inputs."""
+    from engines.runtime import LIBRARY, triton_impl
+    from plugins.int8_linear import CANDIDATE_CONFIGS
+
+    policy = PrecisionPolicy(**{**POLICIES[name].__dict__, "fp16": True})
+    loaded = loaded_model(seed=8)
+    engine = build(loaded, policy, max_calibration(loaded), device="cuda")
+    x = [t.cuda() for t in inputs(seed=17)]
+    with torch.no_grad():
+        engine.use_triton = False
+        want = engine(*x)[0]
+        engine.use_triton = True
+        for config in CANDIDATE_CONFIGS:
+            engine.impl = lambda kind, m, c=config: triton_impl(c)
+            got = engine(*x)[0]
+            assert rel(valid(got, x[2]).float(), valid(want, x[2]).float()) < 2e-3, config
+    assert LIBRARY == "library"
+
+
+@pytest.mark.cuda
+def test_cuda_build_times_kernels_once(tmp_path):
+    from engines.tuning import TimingCache
+
+    loaded = loaded_model(seed=9)
+    calib = max_calibration(loaded)
+    policy = PrecisionPolicy(int8=True, fp16=True)
+    first = TimingCache(tmp_path / "timing.json")
+    header, _ = build_engine(loaded, policy, [Profile(1, 32), Profile(4, 64)], calib, torch.device("cuda"), None,
+                             first)
+    assert first.timed > 0 and first.reused == 0
+    chosen = {k: v for k, v in header.kernels.items() if k.startswith("gemm.")}
+    assert set(chosen) == {f"gemm.{g}.m{m}" for g in ("qkv", "attn_out", "fc1", "fc2") for m in (32, 256)}
+    second = TimingCache(tmp_path / "timing.json")
+    header2, _ = build_engine(loaded, policy, [Profile(1, 32), Profile(4, 64)], calib, torch.device("cuda"), None,
+                              second)
+    assert second.timed == 0 and second.reused == first.timed
+    assert {k: v for k, v in header2.kernels.items() if k.startswith("gemm.")} == chosen
+    assert "nothing timed" in second.summary()
+
+
+@pytest.mark.cuda
+def test_pipelined_batches_give_the_same_logits_in_order():
+    from engines.graphs import GraphRunner
+
+    loaded = loaded_model(seed=10)
+    engine = build(loaded, PrecisionPolicy(int8=True, fp16=True), max_calibration(loaded), device="cuda")
+    runner = GraphRunner(engine)
+    batches = [inputs(batch=b, seq=s, seed=20 + b) for b, s in ((4, 64), (2, 40), (3, 64), (2, 8))]
+    with torch.no_grad():
+        want = [tuple(t.cpu() for t in runner(*(a.cuda() for a in x))) for x in batches]
+        got = list(runner.pipelined(batches))
+    assert len(got) == len(want)
+    for (gs, ge), (ws, we) in zip(got, want):
+        assert gs.device.type == "cpu" and torch.equal(gs, ws) and torch.equal(ge, we)

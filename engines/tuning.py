@@ -1,0 +1,167 @@
+"""Kernel choice at build time, and the timing cache that makes the choice free the second time.
+
+Each encoder GEMM (qkv, attn_out, fc1, fc2) has more than one implementation on CUDA: the library GEMM (cuBLASLt
+through torch ops, epilogue in separate ops) and our Triton kernel with a fused epilogue under several tile
+configurations. Which is fastest depends on the GPU and on M = batch x sequence length, so `build` times every
+candidate at every profile's M and records the winner in the engine header, as TensorRT's builder does with its
+tactics. Timings are kept in a timing cache file keyed by GPU, library versions and problem, so a later build of
+the same shapes on the same machine does no timing at all (TensorRT's --timing-cache, same idea).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from common.errors import WorkbenchError
+from common.files import atomic_write_json, read_bytes, sha256_bytes
+
+log = logging.getLogger(__name__)
+
+LIBRARY = "library"
+TIMING_CACHE_FORMAT = "bert-int8-workbench/timing-cache"
+
+
+@dataclass(frozen=True)
+class GemmProblem:
+    """One GEMM as the runtime launches it: what a timing depends on besides the GPU and the implementation."""
+
+    gemm: str        # qkv, attn_out, fc1, fc2 (their epilogues differ)
+    m: int
+    n: int
+    k: int
+    dtype: str       # input dtype: int8, float16, float32
+    epilogue: str    # e.g. "bias", "bias+residual", "bias+gelu->int8"
+
+    def key(self, impl: str, machine: str) -> str:
+        return f"{machine}|{self.dtype}|{self.gemm}:{self.epilogue}|m{self.m}n{self.n}k{self.k}|{impl}"
+
+
+def machine_key() -> str:
+    """GPU, compute capability and the versions whose kernels we time: a timing holds only for all of them."""
+    import triton
+
+    major, minor = torch.cuda.get_device_capability()
+    return (f"{torch.cuda.get_device_name()} sm{major}{minor} torch {torch.__version__} "
+            f"triton {triton.__version__}")
+
+
+def kernel_key(gemm: str, m: int) -> str:
+    """The engine header's key for the implementation of one GEMM kind at one row count."""
+    return f"gemm.{gemm}.m{m}"
+
+
+class TimingCache:
+    """Milliseconds per (machine, problem, implementation), in a JSON file with a checksum.
+
+    A missing file starts empty; a damaged or hand-edited one is reported in one line and started afresh (the
+    timings are only ever re-measured, never trusted blindly)."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else None
+        self.times: dict[str, float] = {}
+        self.reused = self.timed = 0
+        if self.path is not None and self.path.exists():
+            self.times = self._read(self.path)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, float]:
+        data = read_bytes(path, "timing cache")
+        try:
+            d = json.loads(data)
+            body = json.dumps(d["times"], sort_keys=True).encode()
+            ok = d.get("format") == TIMING_CACHE_FORMAT and d.get("checksum") == sha256_bytes(body)
+            times = {str(k): float(v) for k, v in d["times"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            ok, times = False, {}
+        if not ok:
+            log.warning("%s: timing cache is damaged or was modified; timing again and rewriting it", path)
+            return {}
+        return times
+
+    def get(self, key: str, measure: Callable[[], float]) -> float:
+        if key in self.times:
+            self.reused += 1
+        else:
+            self.times[key] = measure()
+            self.timed += 1
+        return self.times[key]
+
+    def save(self) -> None:
+        if self.path is None or not self.timed:
+            return
+        body = json.dumps(self.times, sort_keys=True).encode()
+        atomic_write_json(self.path, {"format": TIMING_CACHE_FORMAT, "checksum": sha256_bytes(body),
+                                      "times": json.loads(body)})
+
+    def summary(self) -> str:
+        if not self.timed:
+            return f"timing cache: all {self.reused} timings reused, nothing timed"
+        return f"timing cache: {self.timed} timed, {self.reused} reused"
+
+
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median of CUDA-event timings (triton.testing.do_bench); an implementation that fails to compile or run
+    for this problem is not a candidate (infinite time), and says why in the debug log."""
+    from triton.testing import do_bench
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    except Exception as e:  # noqa: BLE001 -- a candidate that cannot run is simply not chosen
+        log.debug("candidate failed: %s", e)
+        torch.cuda.synchronize()
+        return float("inf")
+
+
+def agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether a candidate computed the library's function: FP outputs within 1e-3 relative error; INT8 codes
+    within 1 and differing in under 0.1% of places (erf and rounding at .5 boundaries), as the plugin tests allow."""
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return False
+    if ref.dtype == torch.int8:
+        diff = (out.int() - ref.int()).abs()
+        return int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+    out, ref = out.float(), ref.float()
+    return bool(torch.isfinite(out).all()) and float((out - ref).norm() / ref.norm().clamp_min(1e-30)) < 1e-3
+
+
+def checked_time(fn: Callable[[], torch.Tensor], ref: torch.Tensor) -> float:
+    """A candidate's time if it computes the same function as the reference, else infinite: a fast wrong kernel
+    (a compiler or tile-shape bug on some GPU) is never chosen, and the timing cache remembers that."""
+    try:
+        ok = agrees(fn(), ref)
+    except Exception as e:  # noqa: BLE001 -- a candidate that cannot run is simply not chosen
+        log.debug("candidate failed: %s", e)
+        ok = False
+    if not ok:
+        log.warning("a GEMM candidate disagreed with the library GEMM and was left out")
+        return float("inf")
+    return time_ms(fn)
+
+
+def choose(problem: GemmProblem, candidates: dict[str, Callable[[], object]], cache: TimingCache,
+           machine: str) -> tuple[str, dict[str, float]]:
+    """The fastest candidate for `problem` and every candidate's time; the library's output is the reference
+    every other candidate must reproduce before it is timed."""
+    reference: list[torch.Tensor] = []
+
+    def measure(impl: str, fn: Callable[[], object]) -> float:
+        if impl == LIBRARY:
+            return time_ms(fn)
+        if not reference:
+            reference.append(candidates[LIBRARY]())
+        return checked_time(fn, reference[0])
+
+    times = {impl: cache.get(problem.key(impl, machine), lambda impl=impl, fn=fn: measure(impl, fn))
+             for impl, fn in candidates.items()}
+    best = min(times, key=lambda impl: (times[impl], impl != LIBRARY))
+    if times[best] == float("inf"):
+        raise WorkbenchError(f"no implementation of {problem.gemm} (m={problem.m}) runs on this GPU")
+    return best, times

@@ -1,0 +1,740 @@
+"""Sensitivity analysis (`cli.py sensitivity`): which INT8 GEMMs cost the most F1, and a mixed-precision build
+that keeps the worst of them out of INT8, measured like any other build.
+
+The unit is the policy's unit of mixed precision, one encoder GEMM ("layer3.fc2": its input site and its weights,
+`calib.policy.PrecisionPolicy.fp16_gemms`). Every variant is a real engine (engines.build.build_engine +
+engines.runtime.Engine, a GraphRunner on CUDA) evaluated on the same featurized questions (featurized once):
+
+    baseline        the build without INT8 at the same precision (FP16 on CUDA, FP32 on the CPU)
+    all-int8        every GEMM INT8 (with -iln/-imh when asked)
+    options-only    with -iln/-imh only: no GEMM INT8, just the -iln/-imh points (their own cost: the floor)
+    only:layerI.K   exactly one GEMM INT8 (every other one in --keep-fp16): its F1 drop against the baseline
+    only:layerI     the four GEMMs of one layer INT8 (a row of the heat-map as one group)
+    only:K          GEMM kind K INT8 in every analysed layer (a column as one group; `--keep-fp16 K` keeps it)
+    all-but:...     with --leave-one-out: all INT8 but that GEMM; F1 recovered against all-int8
+
+The suggestion is greedy and says what it is: each GEMM's cost is its single-point drop (above the floor; a gain
+counts as 0, it is noise on few questions, not a credit), the estimated drop of a build is the sum of the costs of
+the GEMMs it leaves in INT8 (plus the floor), and the costliest GEMMs are kept out of INT8 until that estimate fits
+--max-f1-drop. The suggested policy is then built and evaluated, and the report gives the *measured* F1 and ΔF1;
+when the measurement misses the budget (interactions the sum does not see), the next costliest GEMM is kept too
+and measured again, at most `refine` times. When all-INT8 is already within the budget nothing is kept.
+
+Files (atomically) in the report folder: sensitivity.md (the tables), sensitivity.json (every number; read it
+back with `load_result`), sensitivity.png (the heat-map of single-point drops, layers x kinds) and, with
+--leave-one-out, leave-one-out.png (F1 recovered).
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+from calib.policy import GEMMS, PrecisionPolicy
+from common.errors import WorkbenchError
+from common.files import atomic_write_json, atomic_write_text, read_json
+from common.version import __version__
+from eval.report import F1_TOLERANCE
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT = "bert-int8-workbench sensitivity"
+FORMAT_VERSION = 1
+DEFAULT_REPORT_DIR = "sensitivity-report"
+DEFAULT_MAX_F1_DROP = 1.0
+DEFAULT_REFINE = 2
+CPU_LIMIT = 50          # questions evaluated on the CPU unless told (CUDA: all of them)
+FILES = {"markdown": "sensitivity.md", "json": "sensitivity.json", "heatmap": "sensitivity.png",
+         "leave_one_out": "leave-one-out.png"}
+OPTION_SETS: dict[str, tuple[bool, bool]] = {"plain": (False, False), "iln": (True, False), "imh": (False, True),
+                                             "iln-imh": (True, True)}
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+def gemm_name(layer: int, kind: str) -> str:
+    return f"layer{layer}.{kind}"
+
+
+def all_gemms(num_layers: int) -> tuple[str, ...]:
+    return tuple(gemm_name(i, k) for i in range(num_layers) for k in GEMMS)
+
+
+def parse_layers(text: str | None, num_layers: int) -> tuple[int, ...]:
+    """"0,3,5", "0-2", "all" or None (all) -> sorted layer indices, checked against the model."""
+    if text is None or text.strip() == "all":
+        return tuple(range(num_layers))
+    out: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise WorkbenchError(f"--layers {text!r}: give layer numbers like 0,3,5 or a range 0-2 (or all)")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo > hi:
+            raise WorkbenchError(f"--layers {text!r}: range {part} runs backwards")
+        out.update(range(lo, hi + 1))
+    bad = sorted(i for i in out if i >= num_layers)
+    if bad:
+        raise WorkbenchError(f"--layers {text!r}: layer {bad[0]} does not exist "
+                             f"(the model has layers 0-{num_layers - 1})")
+    return tuple(sorted(out))
+
+
+def parse_limit(text: str | int | None) -> int | None:
+    """--limit: a number of questions >= 1, or all (None)."""
+    if text is None or text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise WorkbenchError(f"--limit {text!r}: give a number of questions >= 1, or all")
+    return n
+
+
+def parse_options(values: Sequence[str] | None) -> tuple[bool, bool]:
+    """--options: sweep option sets (plain, iln, imh, iln-imh) or the build flags (-iln, -imh) -> (iln, imh)."""
+    iln = imh = False
+    for value in values or ():
+        for word in value.replace(",", " ").split():
+            tag = word.lstrip("-")
+            if tag not in OPTION_SETS:
+                raise WorkbenchError(f"--options {word!r}: use {', '.join(OPTION_SETS)} (or -iln, -imh)")
+            a, b = OPTION_SETS[tag]
+            iln, imh = iln or a, imh or b
+    return iln, imh
+
+
+def compact_keep_list(keep: Iterable[str], num_layers: int) -> tuple[str, ...]:
+    """GEMM names for --keep-fp16, a kind kept in every layer written once ("fc2" for layer0.fc2 ... layerN.fc2)."""
+    keep = set(keep)
+    out = []
+    for kind in GEMMS:
+        every = {gemm_name(i, kind) for i in range(num_layers)}
+        if every <= keep:
+            out.append(kind)
+            keep -= every
+    return tuple(sorted(out) + sorted(keep, key=_gemm_order))
+
+
+def _gemm_order(name: str) -> tuple[int, int]:
+    layer, kind = name.split(".")
+    return int(layer.removeprefix("layer")), GEMMS.index(kind)
+
+
+# ------------------------------------------------------------------------------------------------ variants
+
+@dataclass(frozen=True)
+class Variant:
+    """One build of the analysis: `int8_gemms` are the GEMMs it quantizes (None: the baseline, no INT8)."""
+
+    name: str
+    method: str                          # baseline, all-int8, options-only, only, group, leave-one-out, suggested
+    target: str | None                   # the GEMM (or group: "layer3", "fc2") the variant is about
+    int8_gemms: tuple[str, ...] | None
+
+    def policy(self, num_layers: int, half: bool, iln: bool, imh: bool) -> PrecisionPolicy:
+        if self.int8_gemms is None:
+            return PrecisionPolicy(fp16=half)
+        quantized = set(self.int8_gemms)
+        keep = tuple(g for g in all_gemms(num_layers) if g not in quantized)
+        return PrecisionPolicy(int8=True, fp16=half, iln=iln, imh=imh, fp16_gemms=keep)
+
+
+def plan_variants(num_layers: int, layers: Sequence[int] | None = None, *, floor: bool = False,
+                  groups: bool = True, leave_one_out: bool = False) -> list[Variant]:
+    """Every build of the analysis, in evaluation order: baseline, all-INT8, then the rest."""
+    layers = tuple(range(num_layers)) if layers is None else tuple(layers)
+    everything = all_gemms(num_layers)
+    out = [Variant("baseline", "baseline", None, None), Variant("all-int8", "all-int8", None, everything)]
+    if floor:
+        out.append(Variant("options-only", "options-only", None, ()))
+    out += [Variant(f"only:{g}", "only", g, (g,)) for g in (gemm_name(i, k) for i in layers for k in GEMMS)]
+    if groups:
+        out += [Variant(f"only:layer{i}", "group", f"layer{i}", tuple(gemm_name(i, k) for k in GEMMS))
+                for i in layers]
+        if len(layers) > 1:  # with one layer, kind K in the analysed layers is that layer's K: a cell
+            out += [Variant(f"only:{k}", "group", k, tuple(gemm_name(i, k) for i in layers)) for k in GEMMS]
+    if leave_one_out:
+        out += [Variant(f"all-but:{g}", "leave-one-out", g, tuple(x for x in everything if x != g))
+                for g in (gemm_name(i, k) for i in layers for k in GEMMS)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    method: str
+    target: str | None
+    options: str              # the policy in build-flag words
+    int8_gemms: int           # how many GEMMs run in INT8
+    exact_match: float
+    f1: float
+    n_questions: int
+    build_s: float
+    eval_s: float
+    same_as: str | None = None  # an earlier variant with the same policy, whose numbers these are
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Measurement:
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    max_f1_drop: float
+    keep: tuple[str, ...]            # GEMMs kept out of INT8, costliest first
+    estimated_drop: float            # floor + sum of the costs of the GEMMs left in INT8
+    measured: Measurement | None     # the build with `keep` (the all-int8 measurement when nothing is kept)
+    measured_drop: float | None
+    fits: bool                       # the measured drop is within the budget
+    tried: tuple[tuple[tuple[str, ...], float], ...] = ()  # every keep list measured, with its measured drop
+    note: str = ""
+    command: str | None = None       # `cli.py build ...` that reproduces it
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["measured"] = self.measured.to_json() if self.measured else None
+        d["tried"] = [{"keep": list(k), "measured_drop": v} for k, v in self.tried]
+        d["keep"] = list(self.keep)
+        return d
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Suggestion:
+        obj = dict(obj)
+        obj["keep"] = tuple(obj["keep"])
+        obj["measured"] = Measurement.from_json(obj["measured"]) if obj.get("measured") else None
+        obj["tried"] = tuple((tuple(t["keep"]), t["measured_drop"]) for t in obj.get("tried", ()))
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
+class SensitivityResult:
+    settings: dict                   # model, calibration, questions, device, precision, options, layers
+    layers: tuple[int, ...]          # the layers analysed (heat-map rows)
+    num_layers: int
+    baseline: Measurement
+    all_int8: Measurement
+    floor: Measurement | None        # options-only (with -iln/-imh)
+    only: dict[str, float]           # GEMM -> F1 drop when it alone is INT8
+    groups: dict[str, float]         # "layer3" / "fc2" -> F1 drop when that group alone is INT8
+    leave_one_out: dict[str, float] | None  # GEMM -> F1 recovered when it alone stays out of INT8
+    suggestion: Suggestion
+    variants: tuple[Measurement, ...]
+
+    @property
+    def all_int8_drop(self) -> float:
+        return self.baseline.f1 - self.all_int8.f1
+
+    @property
+    def floor_drop(self) -> float:
+        return self.baseline.f1 - self.floor.f1 if self.floor is not None else 0.0
+
+    def matrix(self, which: str = "only") -> list[list[float]]:
+        """Rows: the analysed layers; columns: qkv, attn_out, fc1, fc2."""
+        values = self.only if which == "only" else (self.leave_one_out or {})
+        return [[values.get(gemm_name(i, k), math.nan) for k in GEMMS] for i in self.layers]
+
+    def ranked(self) -> list[tuple[str, float]]:
+        """GEMMs by single-point drop, worst first (ties in forward order)."""
+        return sorted(self.only.items(), key=lambda kv: (-kv[1], _gemm_order(kv[0])))
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "workbench": __version__,
+            "settings": self.settings, "layers": list(self.layers), "num_layers": self.num_layers,
+            "kinds": list(GEMMS),
+            "baseline": self.baseline.to_json(), "all_int8": self.all_int8.to_json(),
+            "floor": self.floor.to_json() if self.floor else None,
+            "only_f1_drop": self.only, "group_f1_drop": self.groups,
+            "leave_one_out_f1_recovered": self.leave_one_out,
+            "matrix_f1_drop": _nan_to_none(self.matrix("only")),
+            "suggestion": self.suggestion.to_json(),
+            "variants": [m.to_json() for m in self.variants],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "sensitivity JSON") -> SensitivityResult:
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT or obj.get("format_version") != FORMAT_VERSION:
+            raise WorkbenchError(f"{where}: not a sensitivity result of format version {FORMAT_VERSION}")
+        try:
+            return cls(settings=obj["settings"], layers=tuple(obj["layers"]), num_layers=obj["num_layers"],
+                       baseline=Measurement.from_json(obj["baseline"]), all_int8=Measurement.from_json(obj["all_int8"]),
+                       floor=Measurement.from_json(obj["floor"]) if obj["floor"] else None,
+                       only=dict(obj["only_f1_drop"]), groups=dict(obj["group_f1_drop"]),
+                       leave_one_out=None if obj["leave_one_out_f1_recovered"] is None
+                       else dict(obj["leave_one_out_f1_recovered"]),
+                       suggestion=Suggestion.from_json(obj["suggestion"]),
+                       variants=tuple(Measurement.from_json(m) for m in obj["variants"]))
+        except (KeyError, TypeError) as e:
+            raise WorkbenchError(f"{where}: malformed sensitivity result ({e})") from None
+
+
+def _nan_to_none(matrix: list[list[float]]) -> list[list[float | None]]:
+    return [[None if math.isnan(v) else v for v in row] for row in matrix]
+
+
+def load_result(path: str | Path) -> SensitivityResult:
+    return SensitivityResult.from_json(read_json(path, "sensitivity JSON"), str(path))
+
+
+# ------------------------------------------------------------------------------------------------ suggestion
+
+@dataclass(frozen=True)
+class GreedyPlan:
+    keep: tuple[str, ...]            # kept out of INT8, costliest first
+    estimated_drop: float            # floor + costs of the GEMMs left in INT8
+    fits: bool                       # the estimate is within the budget
+    order: tuple[str, ...]           # every GEMM, costliest first (what refinement keeps next)
+    costs: dict[str, float]
+
+
+def greedy_keep(drops: Mapping[str, float], max_f1_drop: float, floor: float = 0.0) -> GreedyPlan:
+    """Keep the costliest GEMMs out of INT8 until the estimated drop fits `max_f1_drop`.
+
+    cost(g) = max(0, drops[g] - floor): a GEMM's single-point drop above what the -iln/-imh points cost on their
+    own; a gain counts as 0. estimate(keep) = floor + sum of the costs of the GEMMs not kept. GEMMs are taken in
+    decreasing cost (ties: forward order); a GEMM of cost 0 is never kept (it cannot lower the estimate).
+    """
+    costs = {g: max(0.0, d - floor) for g, d in drops.items()}
+    order = tuple(sorted(costs, key=lambda g: (-costs[g], _gemm_order(g))))
+    estimate = floor + sum(costs.values())
+    keep: list[str] = []
+    for g in order:
+        if estimate <= max_f1_drop + F1_TOLERANCE or costs[g] <= 0:
+            break
+        keep.append(g)
+        estimate -= costs[g]
+    estimate = max(estimate, floor)  # float rounding of the running sum
+    return GreedyPlan(tuple(keep), estimate, estimate <= max_f1_drop + F1_TOLERANCE, order, costs)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+@dataclass
+class SensitivityConfig:
+    model: str | Path
+    calib_cache: str | Path
+    squad: str | Path
+    device: torch.device
+    half: bool                                  # non-INT8 work in FP16 (else FP32); the baseline too
+    limit: int | None
+    feature_settings: Any                       # data.features.FeatureSettings
+    answer_settings: Any                        # data.answers.AnswerSettings
+    iln: bool = False
+    imh: bool = False
+    layers: str | None = None                   # --layers text (None: all)
+    groups: bool = True                         # per-layer and per-kind group variants
+    leave_one_out: bool = False
+    max_f1_drop: float = DEFAULT_MAX_F1_DROP
+    refine: int = DEFAULT_REFINE                # extra builds when the suggestion misses the budget
+    batch_size: int | None = None               # features per forward (default 64 CUDA, 16 CPU)
+    feature_cache: bool = True
+    progress: bool = True
+    trust_pickle: bool = False
+    say: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+class _Evaluator:
+    """Builds each variant's engine in memory and scores it on features made once; a policy already measured is
+    not built again."""
+
+    def __init__(self, cfg: SensitivityConfig, loaded, calib, features, examples, version: str):
+        from engines.engine_file import Profile
+
+        self.cfg, self.loaded, self.calib = cfg, loaded, calib
+        self.features, self.examples, self.version = features, examples, version
+        self.device = cfg.device
+        self.batch = cfg.batch_size or (64 if self.device.type == "cuda" else 16)
+        self.profiles = [Profile(self.batch, cfg.feature_settings.max_seq_length)]
+        self.timing = None
+        if self.device.type == "cuda":
+            from common.files import cache_root
+            from engines.tuning import TimingCache
+
+            self.timing = TimingCache(cache_root() / "timing.json")  # kernel timings shared with `cli.py build`
+        self.seen: dict[PrecisionPolicy, Measurement] = {}
+
+    def policy(self, v: Variant) -> PrecisionPolicy:
+        cfg = self.cfg
+        return v.policy(self.loaded.config.num_layers, cfg.half, cfg.iln, cfg.imh)
+
+    def measure(self, v: Variant) -> Measurement:
+        import torch
+
+        from data.answers import extract_answers
+        from engines.build import build_engine
+        from engines.graphs import GraphRunner
+        from engines.runtime import Engine
+        from eval.squad_metrics import score_squad
+        from model.runner import run_logits
+
+        policy = self.policy(v)
+        n_int8 = len(v.int8_gemms) if v.int8_gemms is not None else 0
+        if policy in self.seen:
+            m = self.seen[policy]
+            return replace(m, name=v.name, method=v.method, target=v.target, build_s=0.0, eval_s=0.0,
+                           same_as=m.same_as or m.name)
+        t0 = time.perf_counter()
+        header, tensors = build_engine(self.loaded, policy, self.profiles, self.calib if policy.int8 else None,
+                                       self.device, None, self.timing)
+        engine = Engine(header, tensors, self.device).eval()
+        runner = GraphRunner(engine, v.name)
+        t1 = time.perf_counter()
+        start, end = run_logits(runner, self.features, self.device, batch_size=self.batch, progress=False)
+        predictions = extract_answers(self.examples, self.features, start, end, self.cfg.answer_settings)
+        score = score_squad(self.examples, {q: p.text for q, p in predictions.items()}, version=self.version)
+        t2 = time.perf_counter()
+        del runner, engine, tensors
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        m = Measurement(v.name, v.method, v.target, describe(policy, self.loaded.config.num_layers), n_int8,
+                        score.exact_match, score.f1, score.n, round(t1 - t0, 3), round(t2 - t1, 3))
+        self.seen[policy] = m
+        return m
+
+
+def describe(policy: PrecisionPolicy, num_layers: int) -> str:
+    """The policy's build flags, the --keep-fp16 list shortened to a count of INT8 GEMMs."""
+    words = replace(policy, fp16_gemms=()).describe()
+    if policy.int8 and policy.fp16_gemms:
+        n = sum(policy.quantizes_gemm(i, k) for i in range(num_layers) for k in GEMMS)
+        words += f" ({n} of {num_layers * len(GEMMS)} GEMMs INT8)"
+    return words
+
+
+def check_budget(max_f1_drop: float) -> float:
+    if not (isinstance(max_f1_drop, (int, float)) and math.isfinite(max_f1_drop) and max_f1_drop >= 0):
+        raise WorkbenchError(f"--max-f1-drop {max_f1_drop!r}: must be a finite number of F1 points >= 0")
+    return float(max_f1_drop)
+
+
+def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
+    """Measure every variant (see the module doc) and the suggestion; returns the numbers (write them with
+    `write_report`)."""
+    from tqdm import tqdm
+
+    from calib.cache import load_cache
+    from calib.calibrate import check_fits, load_calibration_model
+    from data.features import featurize
+    from data.squad import load_squad
+    from eval.compare import describe_calibration
+
+    check_budget(cfg.max_f1_drop)
+    if cfg.limit is not None and cfg.limit < 1:
+        raise WorkbenchError(f"--limit must be at least 1 (or all), got {cfg.limit}")
+    if cfg.refine < 0:
+        raise WorkbenchError(f"--refine must be at least 0, got {cfg.refine}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise WorkbenchError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    calib = load_cache(cfg.calib_cache)
+    loaded, wordpiece = load_calibration_model(cfg.model, trust_pickle=cfg.trust_pickle)
+    check_fits(loaded, cfg.feature_settings)
+    num_layers = loaded.config.num_layers
+    layers = parse_layers(cfg.layers, num_layers)
+    squad = load_squad(cfg.squad, limit=cfg.limit)
+    version = squad.version
+    answer_settings = replace(cfg.answer_settings, version_2_with_negative=version.startswith("2"))
+    cfg = replace(cfg, answer_settings=answer_settings)
+    floor = cfg.iln or cfg.imh
+    variants = plan_variants(num_layers, layers, floor=floor, groups=cfg.groups, leave_one_out=cfg.leave_one_out)
+    _check_calibration(loaded, calib, variants[1].policy(num_layers, cfg.half, cfg.iln, cfg.imh),
+                       cfg.feature_settings.max_seq_length)
+
+    t_start = time.perf_counter()
+    features = featurize(squad.examples, wordpiece, cfg.feature_settings, cache=cfg.feature_cache,
+                         progress=cfg.progress)
+    ev = _Evaluator(cfg, loaded, calib, features, squad.examples, version)
+    precision = "fp16" if cfg.half else "fp32"
+    cfg.say(f"sensitivity: {len(variants)} builds of {loaded.source} ({num_layers} layers, layers "
+            f"{_layers_text(layers)} analysed) on {cfg.device.type} in {precision}"
+            f"{' with ' + ' '.join(f for f, on in (('-iln', cfg.iln), ('-imh', cfg.imh)) if on) if floor else ''}; "
+            f"{len(squad.examples):,} questions ({len(features):,} features) of {squad.path}; "
+            f"calibration {describe_calibration(calib)} from {cfg.calib_cache}")
+
+    measured: dict[str, Measurement] = {}
+    with tqdm(variants, desc="sensitivity", unit="build", disable=not cfg.progress, file=sys.stderr,
+              leave=False) as bar:
+        for v in bar:
+            bar.set_postfix_str(v.name)
+            m = ev.measure(v)
+            measured[v.name] = m
+            base = measured.get("baseline")
+            delta = f" (ΔF1 {m.f1 - base.f1:+.2f})" if base is not None and v.method != "baseline" else ""
+            how = f"same build as {m.same_as}" if m.same_as else f"built {m.build_s:.1f} s, evaluated {m.eval_s:.1f} s"
+            line = f"  {v.name}: EM {m.exact_match:.2f} F1 {m.f1:.2f}{delta}; {how}"
+            if cfg.progress:
+                bar.write(line, file=sys.stderr)
+            else:
+                cfg.say(line)
+
+    baseline, all_int8 = measured["baseline"], measured["all-int8"]
+    floor_m = measured.get("options-only")
+    only = {v.target: baseline.f1 - measured[v.name].f1 for v in variants if v.method == "only"}
+    groups = {v.target: baseline.f1 - measured[v.name].f1 for v in variants if v.method == "group"}
+    loo = ({v.target: measured[v.name].f1 - all_int8.f1 for v in variants if v.method == "leave-one-out"}
+           if cfg.leave_one_out else None)
+
+    suggestion, extra = _suggest(cfg, ev, num_layers, layers, baseline, all_int8, floor_m, only)
+    settings = {
+        "model": str(loaded.source), "model_digest": loaded.digest,
+        "calib_cache": str(cfg.calib_cache), "calibration": describe_calibration(calib), "calib_key": calib.key(),
+        "squad": str(squad.path), "squad_digest": squad.digest, "limit": cfg.limit, "questions": len(squad.examples),
+        "features": len(features), "device": cfg.device.type, "precision": precision, "iln": cfg.iln,
+        "imh": cfg.imh, "batch": ev.batch, "max_seq_length": cfg.feature_settings.max_seq_length,
+        "feature_settings": asdict(cfg.feature_settings), "answer_settings": asdict(answer_settings),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    return SensitivityResult(settings=settings, layers=layers, num_layers=num_layers, baseline=baseline,
+                             all_int8=all_int8, floor=floor_m, only=only, groups=groups, leave_one_out=loo,
+                             suggestion=suggestion, variants=tuple(measured.values()) + tuple(extra))
+
+
+def _check_calibration(loaded, calib, all_int8: PrecisionPolicy, seq_len: int) -> None:
+    """build_engine's own checks of the cache (another model's cache, missing ranges) before anything slow runs: a
+    throw-away CPU build of the all-INT8 policy (no kernel timing; quantizing the weights takes a moment)."""
+    import torch
+
+    from engines.build import build_engine
+    from engines.engine_file import Profile
+
+    build_engine(loaded, all_int8, [Profile(1, seq_len)], calib, torch.device("cpu"), None)
+
+
+def _suggest(cfg: SensitivityConfig, ev: _Evaluator, num_layers: int, layers: Sequence[int], baseline: Measurement,
+             all_int8: Measurement, floor_m: Measurement | None,
+             only: Mapping[str, float]) -> tuple[Suggestion, list[Measurement]]:
+    """The suggestion and the builds measured for it (see the module doc)."""
+    budget = cfg.max_f1_drop
+    all_drop = baseline.f1 - all_int8.f1
+    floor = baseline.f1 - floor_m.f1 if floor_m is not None else 0.0
+    within = lambda drop: drop <= budget + F1_TOLERANCE  # noqa: E731
+    if within(all_drop):
+        return Suggestion(budget, (), floor, all_int8, all_drop, True,
+                          note=f"all-INT8 is already within the budget (measured ΔF1 {-all_drop:+.2f}, budget "
+                               f"-{budget:g}): nothing needs to stay out of INT8"), []
+    if floor_m is not None and not within(floor):
+        return Suggestion(budget, (), floor, None, None, False,
+                          note=f"the -iln/-imh points alone cost {floor:.2f} F1 (measured with every GEMM out of "
+                               f"INT8), more than the budget {budget:g}: no choice of GEMMs fits; analyse without "
+                               f"-iln/-imh"), []
+    plan = greedy_keep(only, budget, floor)
+    keep = list(plan.keep)
+    candidates = [g for g in plan.order if g not in keep]
+    notes = []
+    if len(layers) < num_layers:
+        notes.append(f"only layers {_layers_text(layers)} were analysed: the others stay INT8 and their cost is "
+                     "not in the estimate")
+    if not plan.fits:
+        notes.append(f"keeping every GEMM with a positive drop still leaves an estimated {plan.estimated_drop:.2f}")
+    cfg.say(f"suggestion: keep {', '.join(keep) or 'nothing'} out of INT8 (estimated drop "
+            f"{plan.estimated_drop:.2f}); building and evaluating it")
+    tried: list[tuple[tuple[str, ...], float]] = []
+    builds: list[Measurement] = []
+    for step in range(cfg.refine + 1):
+        name = "suggested" if step == 0 else f"suggested+{step}"
+        quantized = tuple(g for g in all_gemms(num_layers) if g not in set(keep))
+        m = ev.measure(Variant(name, "suggested", ",".join(keep) or None, quantized))
+        drop = baseline.f1 - m.f1
+        tried.append((tuple(keep), drop))
+        builds.append(m)
+        cfg.say(f"  {name}: EM {m.exact_match:.2f} F1 {m.f1:.2f} (ΔF1 {-drop:+.2f}); "
+                + (f"same build as {m.same_as}" if m.same_as else
+                   f"built {m.build_s:.1f} s, evaluated {m.eval_s:.1f} s"))
+        if within(drop) or not candidates or step == cfg.refine:
+            break
+        keep.append(candidates.pop(0))
+        cfg.say(f"  the measured drop misses the budget: keeping {keep[-1]} too")
+    if not within(drop):
+        notes.append(f"the measured drop {drop:.2f} misses the budget"
+                     + (f" after {len(tried) - 1} more GEMM(s) kept one at a time (--refine {cfg.refine})"
+                        if len(tried) > 1 else " (--refine 0: not refined)" if cfg.refine == 0 else ""))
+    estimated = floor + sum(max(0.0, d - floor) for g, d in only.items() if g not in set(keep))
+    return (Suggestion(budget, tuple(keep), estimated, m, drop, within(drop), tuple(tried), "; ".join(notes),
+                       _build_command(cfg, keep, num_layers, ev.batch)), builds)
+
+
+def _build_command(cfg: SensitivityConfig, keep: Sequence[str], num_layers: int, batch: int) -> str:
+    parts = ["python", "cli.py", "build", "--model", _quote(str(cfg.model)), "--int8"]
+    parts += [f for f, on in (("--fp16", cfg.half), ("-iln", cfg.iln), ("-imh", cfg.imh)) if on]
+    parts += ["--calib-cache", _quote(str(cfg.calib_cache))]
+    if keep:
+        parts += ["--keep-fp16", ",".join(compact_keep_list(keep, num_layers))]
+    parts += ["--device", cfg.device.type, "-b", str(batch), "-s", str(cfg.feature_settings.max_seq_length),
+              "-o", "engines/suggested.engine"]
+    return " ".join(parts)
+
+
+def _quote(path: str) -> str:
+    """A path for a command line: relative to the working directory when under it, shell-quoted."""
+    import shlex
+
+    try:
+        path = str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        pass
+    return shlex.quote(path)
+
+
+def _layers_text(layers: Sequence[int]) -> str:
+    layers = list(layers)
+    if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def _fmt(v: float | None, width: int = 8) -> str:
+    return f"{'-' if v is None or math.isnan(v) else f'{v:.2f}':>{width}}"
+
+
+def render_text(r: SensitivityResult, worst: int = 10) -> str:
+    s = r.settings
+    n = r.baseline.n_questions
+    kept_word = "FP16" if s["precision"] == "fp16" else "FP32"
+    lines = [f"F1 drop (points) when only that GEMM is INT8, against the {s['precision']} baseline (F1 "
+             f"{r.baseline.f1:.2f}, EM {r.baseline.exact_match:.2f}) on {n:,} questions of {Path(s['squad']).name}; "
+             f"one question moves F1 by up to {100 / n:.2f}",
+             f"calibration {s['calibration']}; {s['device']}; "
+             + ("options " + " ".join(f for f, on in (("-iln", s["iln"]), ("-imh", s["imh"])) if on) if r.floor
+                else "plain --int8 (no -iln/-imh)"),
+             ""]
+    has_layer_groups = any(k.startswith("layer") for k in r.groups)
+    header = f"{'':<12}" + "".join(f"{k:>10}" for k in GEMMS) + ("   whole layer" if has_layer_groups else "")
+    lines.append(header)
+    for i, row in zip(r.layers, r.matrix("only")):
+        line = f"{'layer' + str(i):<12}" + "".join(_fmt(v, 10) for v in row)
+        if has_layer_groups:
+            line += f"   {_fmt(r.groups.get(f'layer{i}'), 11)}"
+        lines.append(line)
+    if any(k in r.groups for k in GEMMS):
+        label = "every layer" if len(r.layers) == r.num_layers else f"layers {_layers_text(r.layers)}"
+        lines.append(f"{label:<12}" + "".join(_fmt(r.groups.get(k), 10) for k in GEMMS)
+                     + (f"   {'':>11}" if has_layer_groups else ""))
+    lines.append("")
+    lines.append(f"all INT8 ({r.all_int8.options}): F1 {r.all_int8.f1:.2f}, ΔF1 {-r.all_int8_drop:+.2f}; "
+                 f"sum of the single-GEMM drops {sum(r.only.values()):.2f}"
+                 + (f" (only layers {_layers_text(r.layers)})" if len(r.layers) < r.num_layers else ""))
+    if r.floor is not None:
+        lines.append(f"-iln/-imh points alone (no GEMM INT8): F1 {r.floor.f1:.2f}, ΔF1 {-r.floor_drop:+.2f}")
+    if r.leave_one_out is not None:
+        lines += ["", f"F1 recovered (points) when all but that GEMM is INT8 (against all-INT8 F1 {r.all_int8.f1:.2f})",
+                  f"{'':<12}" + "".join(f"{k:>10}" for k in GEMMS)]
+        for i, row in zip(r.layers, r.matrix("leave_one_out")):
+            lines.append(f"{'layer' + str(i):<12}" + "".join(_fmt(v, 10) for v in row))
+    ranked = r.ranked()[:worst]
+    recovered = ", and F1 recovered when only it is not" if r.leave_one_out else ""
+    lines += ["", f"most sensitive GEMMs (F1 drop when only it is INT8{recovered}):"]
+    for k, (g, d) in enumerate(ranked, 1):
+        extra = f"   recovered {r.leave_one_out[g]:+.2f}" if r.leave_one_out and g in r.leave_one_out else ""
+        lines.append(f"  {k:>2}. {g:<16}{d:+8.2f}{extra}")
+    lines += ["", *suggestion_lines(r.suggestion, kept_word, r.baseline)]
+    return "\n".join(lines) + "\n"
+
+
+def suggestion_lines(sug: Suggestion, kept_word: str, baseline: Measurement) -> list[str]:
+    out = [f"mixed-precision suggestion (--max-f1-drop {sug.max_f1_drop:g}):"]
+    if sug.measured is None:
+        return out + [f"  none: {sug.note}"]
+    if not sug.keep:
+        out.append(f"  keep nothing out of INT8: {sug.note or 'the estimate fits the budget'}")
+    else:
+        n = len(sug.keep)
+        out.append(f"  keep {', '.join(sug.keep)} in {kept_word} ({n} GEMM{'s' if n > 1 else ''})")
+        out.append(f"  estimated drop {sug.estimated_drop:.2f} F1 = the sum of the single-GEMM drops of the GEMMs "
+                   "left in INT8 (gains counted as 0); an estimate, not a measurement")
+    m = sug.measured
+    out.append(f"  measured: F1 {m.f1:.2f}, EM {m.exact_match:.2f}, ΔF1 {m.f1 - baseline.f1:+.2f} against the "
+               f"baseline: {'within' if sug.fits else 'NOT within'} the budget")
+    if len(sug.tried) > 1:
+        out.append("  tried: " + "; ".join(f"{len(k)} kept -> ΔF1 {-d:+.2f}" for k, d in sug.tried))
+    if sug.note and sug.keep:
+        out.append(f"  note: {sug.note}")
+    if sug.command:
+        out.append(f"  reproduce: {sug.command}")
+    return out
+
+
+def render_markdown(r: SensitivityResult, image: str | None, loo_image: str | None) -> str:
+    s = r.settings
+    n = r.baseline.n_questions
+    has_layer_groups = any(k.startswith("layer") for k in r.groups)
+    lines = ["# INT8 sensitivity", "",
+             f"Model `{s['model']}`, calibration {s['calibration']} (`{s['calib_cache']}`), {n:,} questions of "
+             f"`{s['squad']}`, {s['device']}, {s['precision']}"
+             + (", " + " ".join(f for f, on in (("-iln", s["iln"]), ("-imh", s["imh"])) if on) if r.floor else "")
+             + f". Baseline ({r.baseline.options}): EM {r.baseline.exact_match:.2f}, F1 {r.baseline.f1:.2f}; "
+             f"one question moves F1 by up to {100 / n:.2f}.", "",
+             "## F1 drop when only that GEMM is INT8", "",
+             "| layer | " + " | ".join(GEMMS) + (" | whole layer |" if has_layer_groups else " |"),
+             "| --- " * (len(GEMMS) + 1 + has_layer_groups) + "|"]
+    for i, row in zip(r.layers, r.matrix("only")):
+        cells = [_fmt(v, 0) for v in row] + ([_fmt(r.groups.get(f"layer{i}"), 0)] if has_layer_groups else [])
+        lines.append(f"| layer{i} | " + " | ".join(cells) + " |")
+    if any(k in r.groups for k in GEMMS):
+        cells = [_fmt(r.groups.get(k), 0) for k in GEMMS] + ([""] if has_layer_groups else [])
+        lines.append("| every analysed layer | " + " | ".join(cells) + " |")
+    lines += ["", f"All INT8 ({r.all_int8.options}): F1 {r.all_int8.f1:.2f}, ΔF1 {-r.all_int8_drop:+.2f}."]
+    if r.floor is not None:
+        lines.append(f"The -iln/-imh points alone: F1 {r.floor.f1:.2f}, ΔF1 {-r.floor_drop:+.2f}.")
+    if image:
+        lines += ["", f"![F1 drop per GEMM]({image})"]
+    if r.leave_one_out is not None:
+        lines += ["", "## F1 recovered when all but that GEMM is INT8", "",
+                  "| layer | " + " | ".join(GEMMS) + " |", "| --- " * (len(GEMMS) + 1) + "|"]
+        for i, row in zip(r.layers, r.matrix("leave_one_out")):
+            lines.append(f"| layer{i} | " + " | ".join(_fmt(v, 0) for v in row) + " |")
+        if loo_image:
+            lines += ["", f"![F1 recovered per GEMM]({loo_image})"]
+    lines += ["", "## Most sensitive GEMMs", "", "| rank | GEMM | F1 drop |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {g} | {d:+.2f} |" for k, (g, d) in enumerate(r.ranked(), 1)]
+    kept_word = "FP16" if s["precision"] == "fp16" else "FP32"
+    lines += ["", "## Suggestion", "", "```", *suggestion_lines(r.suggestion, kept_word, r.baseline), "```", "",
+              "## Every build", "", "| build | options | EM | F1 | ΔF1 | build s | eval s |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m in r.variants:
+        lines.append(f"| {m.name} | {m.options} | {m.exact_match:.2f} | {m.f1:.2f} | {m.f1 - r.baseline.f1:+.2f} | "
+                     f"{m.build_s:.1f} | {m.eval_s:.1f} |" + (f" (= {m.same_as})" if m.same_as else ""))
+    return "\n".join(lines) + "\n"
+
+
+def write_report(r: SensitivityResult, directory: str | Path) -> dict[str, Path]:
+    """sensitivity.md, sensitivity.json, sensitivity.png (and leave-one-out.png), each written atomically."""
+    from eval.plots import sensitivity_heatmap
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise WorkbenchError(f"{directory}: --report-dir is a file, expected a directory")
+    files = {k: directory / v for k, v in FILES.items()}
+    rows = [f"layer{i}" for i in r.layers]
+    n = r.baseline.n_questions
+    sensitivity_heatmap(r.matrix("only"), rows, list(GEMMS), files["heatmap"],
+                        f"F1 drop when only that GEMM is INT8\n{n:,} questions, baseline F1 {r.baseline.f1:.2f}")
+    if r.leave_one_out is not None:
+        sensitivity_heatmap(r.matrix("leave_one_out"), rows, list(GEMMS), files["leave_one_out"],
+                            f"F1 recovered when only that GEMM is not INT8\n{n:,} questions, all-INT8 F1 {r.all_int8.f1:.2f}",
+                            value_label="F1 recovered (points)")
+    else:
+        files.pop("leave_one_out")
+    atomic_write_json(files["json"], r.to_json())
+    atomic_write_text(files["markdown"], render_markdown(r, FILES["heatmap"],
+                                                         FILES["leave_one_out"] if r.leave_one_out else None))
+    return files
+
+
+__all__ = ["CPU_LIMIT", "DEFAULT_MAX_F1_DROP", "DEFAULT_REPORT_DIR", "FILES", "GreedyPlan", "Measurement",
+           "SensitivityConfig", "SensitivityResult", "Suggestion", "Variant", "all_gemms", "compact_keep_list",
+           "gemm_name", "greedy_keep", "load_result", "parse_layers", "parse_limit", "parse_options", "plan_variants",
+           "render_text", "run_sensitivity", "write_report"]

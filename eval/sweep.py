@@ -1,0 +1,609 @@
+"""The sweep (`cli.py sweep`): build the standard grid of builds, evaluate and time each, and pick the one to ship.
+
+The grid is data: one frozen `GridRow` per build (name, precision flags, calibration method). The default grid is
+
+    fp16 (the baseline; fp32 on the CPU, where FP16 arithmetic is emulated and slower than FP32)
+    INT8 x {entropy, percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}
+    x --sparse when the model's GEMM weights are 2:4 sparse
+
+and `--grid FILE` takes a JSON list of rows instead (see `load_grid`). Sparse rows are skipped with a message: when
+the weights are not 2:4 sparse there is nothing for sparse kernels to skip, and when they are, the engine builder
+has no sparse build yet (no row is faked).
+TODO(QAT): rows whose activation scales come from QAT (a `qat` source instead of a calibration method) once the
+workbench can load QAT scales; until then the grid has none.
+
+For each row: calibrate (one calibration per method and percentile serves every option set; caches live in the
+workbench cache directory under their key, so a later sweep reuses them), build the engine into
+`REPORT_DIR/engines/NAME.engine` (an engine already there is reused when its header's model digest, calibration
+key, policy, profiles, device and workbench version match), evaluate it (`REPORT_DIR/predictions/NAME.json`, the
+featurized questions come from the feature cache after the first row), time it at every profile, and store the
+row as `REPORT_DIR/rows/NAME.json` (atomically) with a key of everything it depends on: model digest, calibration
+key, policy, profiles, the evaluation file's digest and question limit, feature and answer settings, device,
+timing settings and workbench version. A rerun skips every row whose stored key matches ("finished earlier") and
+recomputes those whose inputs changed, so an interrupted sweep resumes where it stopped. At the end the rows
+become the report (`eval.report`): table, Markdown, CSV, JSON and the Pareto plot in REPORT_DIR.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from common.errors import WorkbenchError
+from common.files import atomic_write_json, read_json
+from common.version import __version__
+from eval.compare import check_name, describe_calibration, latency_line, time_profiles
+from eval.report import BuildResult, Report, build_report, delta_f1, profile_label, render_text, write_report_dir
+
+if TYPE_CHECKING:
+    import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+DEFAULT_MODEL = ASSETS / "minilm-l6-h384-squad11"
+DEFAULT_CALIB_SQUAD = ASSETS / "squad" / "train-v1.1-calib-first-paragraphs.json.gz"
+DEFAULT_EVAL_SQUAD = ASSETS / "squad" / "dev-v1.1.json.gz"
+DEFAULT_REPORT_DIR = "sweep-report"
+
+ROW_FORMAT = "bert-int8-workbench sweep row"
+ROW_FORMAT_VERSION = 1
+
+# Calibration methods of the default grid: tag (used in row names and --methods) -> (method, percentile).
+METHODS: dict[str, tuple[str, float | None]] = {
+    "entropy": ("entropy", None),
+    "p99.9": ("percentile", 99.9),
+    "p99.99": ("percentile", 99.99),
+    "mse": ("mse", None),
+    "max": ("max", None),
+}
+# Option sets: tag (used in row names and --options) -> (-iln, -imh).
+OPTION_SETS: dict[str, tuple[bool, bool]] = {"plain": (False, False), "iln": (True, False), "imh": (False, True),
+                                             "iln-imh": (True, True)}
+CALIBRATION_METHODS = ("entropy", "percentile", "mse", "max")
+
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """What a sweep does when not told: CUDA runs the real thing, the CPU a quick look (CI, laptops)."""
+
+    calib_num: int                          # calibration questions
+    eval_limit: int | None                  # evaluation questions (None: the whole file)
+    profiles: tuple[tuple[int, int], ...]   # (batch, seq_len) engine profiles, each timed
+    half: bool                              # non-INT8 work in FP16 (else FP32)
+
+
+# Timed runs per profile: eval.compare.BENCH_DEFAULTS (5 after 1 warm-up on the CPU, 100 after 10 on CUDA).
+DEVICE_DEFAULTS = {
+    "cuda": DeviceDefaults(calib_num=100, eval_limit=None, profiles=((1, 128), (64, 384)), half=True),
+    "cpu": DeviceDefaults(calib_num=20, eval_limit=30, profiles=((1, 384),), half=False),
+}
+
+
+# ------------------------------------------------------------------------------------------------------ grid
+
+@dataclass(frozen=True)
+class GridRow:
+    """One build of the grid. `fp16` None follows the sweep's precision (FP16 on CUDA, FP32 on the CPU)."""
+
+    name: str
+    int8: bool = False
+    fp16: bool | None = None
+    iln: bool = False
+    imh: bool = False
+    fc2_library_gemm: bool = False     # -g
+    keep_fp16: tuple[str, ...] = ()    # --keep-fp16 GEMMs (mixed precision)
+    sparse: bool = False               # --sparse (2:4 sparse weights; not buildable yet)
+    method: str | None = None          # calibration method of an INT8 row
+    percentile: float | None = None    # for method "percentile" (default 99.99)
+    baseline: bool = False             # the row the others are compared with
+
+    def __post_init__(self) -> None:
+        where = f"grid row {self.name!r}"
+        check_name(self.name, "grid row name")
+        object.__setattr__(self, "keep_fp16", tuple(self.keep_fp16))
+        if self.int8 and self.method is None:
+            raise WorkbenchError(f"{where}: an INT8 row needs a calibration method ({', '.join(CALIBRATION_METHODS)})")
+        if not self.int8:
+            extra = [f for f, on in (("method", self.method is not None), ("iln", self.iln), ("imh", self.imh),
+                                     ("keep_fp16", bool(self.keep_fp16)), ("sparse", self.sparse),
+                                     ("percentile", self.percentile is not None)) if on]
+            if extra:
+                raise WorkbenchError(f"{where}: {extra[0]} applies to INT8 rows only (add \"int8\": true)")
+            return
+        if self.baseline:
+            raise WorkbenchError(f"{where}: the baseline is a build without INT8")
+        if self.method not in CALIBRATION_METHODS:
+            raise WorkbenchError(f"{where}: unknown calibration method {self.method!r} "
+                                 f"(one of {', '.join(CALIBRATION_METHODS)})")
+        if self.method == "percentile":
+            if self.percentile is None:
+                object.__setattr__(self, "percentile", 99.99)
+            if not (isinstance(self.percentile, (int, float)) and math.isfinite(self.percentile)
+                    and 0 < self.percentile <= 100):
+                raise WorkbenchError(f"{where}: percentile must be in (0, 100], got {self.percentile!r}")
+            object.__setattr__(self, "percentile", float(self.percentile))
+        elif self.percentile is not None:
+            raise WorkbenchError(f"{where}: percentile applies to method percentile only")
+
+    @property
+    def method_tag(self) -> str | None:
+        """entropy, p99.9, p99.99, mse, max: what --methods selects."""
+        if self.method == "percentile":
+            return f"p{self.percentile:g}"
+        return self.method
+
+    @property
+    def options_tag(self) -> str:
+        """plain, iln, imh, iln-imh: what --options selects."""
+        return "-".join(t for t, on in (("iln", self.iln), ("imh", self.imh)) if on) or "plain"
+
+    def policy(self, half: bool):
+        from calib.policy import PrecisionPolicy
+
+        kwargs: dict[str, Any] = dict(int8=self.int8, fp16=half if self.fp16 is None else self.fp16, iln=self.iln,
+                                      imh=self.imh, fc2_library_gemm=self.fc2_library_gemm)
+        if self.keep_fp16:
+            kwargs["fp16_gemms"] = self.keep_fp16
+        try:
+            return PrecisionPolicy(**kwargs)
+        except WorkbenchError as e:
+            raise WorkbenchError(f"grid row {self.name!r}: {e}") from None
+        except TypeError:  # a policy without mixed precision
+            raise WorkbenchError(f"grid row {self.name!r}: keep_fp16 is not supported by this workbench") from None
+
+    def calibration_spec(self, calib_num: int, seed: int, features):
+        from calib.calibrate import CalibrationSpec
+
+        if not self.int8:
+            return None
+        return CalibrationSpec(self.method, calib_num, seed, self.percentile if self.percentile is not None else 99.99,
+                               features=features)
+
+
+_ROW_FIELDS = {f.name: f for f in fields(GridRow)}
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "int8": (bool,), "fp16": (bool, type(None)), "iln": (bool,), "imh": (bool,),
+    "fc2_library_gemm": (bool,), "keep_fp16": (list,), "sparse": (bool,), "method": (str, type(None)),
+    "percentile": (int, float, type(None)), "baseline": (bool,),
+}
+
+
+def row_from_json(obj: Any, where: str) -> GridRow:
+    if not isinstance(obj, dict):
+        raise WorkbenchError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(_ROW_FIELDS))
+    if unknown:
+        raise WorkbenchError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(_ROW_FIELDS)})")
+    if "name" not in obj:
+        raise WorkbenchError(f"{where}: missing field 'name'")
+    for key, value in obj.items():
+        types = _FIELD_TYPES[key]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            raise WorkbenchError(f"{where}: field {key!r} has the wrong type ({value!r})")
+    if "keep_fp16" in obj and not all(isinstance(g, str) for g in obj["keep_fp16"]):
+        raise WorkbenchError(f"{where}: keep_fp16 must be a list of GEMM names like \"layer3.fc2\" or \"fc2\"")
+    return GridRow(**{k: tuple(v) if k == "keep_fp16" else v for k, v in obj.items()})
+
+
+def load_grid(path: str | Path) -> list[GridRow]:
+    """A grid file: a JSON list of rows (or {"rows": [...]}), each {"name": ..., "int8": ..., "method": ...}.
+
+    Fields: name, int8, fp16 (omitted: the sweep's precision), iln, imh, fc2_library_gemm, keep_fp16 (GEMM names),
+    sparse, method (entropy, percentile, mse, max), percentile (default 99.99), baseline. Example:
+        [{"name": "fp16", "fp16": true},
+         {"name": "int8-entropy-iln", "int8": true, "method": "entropy", "iln": true},
+         {"name": "int8-p99.9", "int8": true, "method": "percentile", "percentile": 99.9}]
+    """
+    obj = read_json(path, "grid file")
+    rows = obj.get("rows") if isinstance(obj, dict) else obj
+    if not isinstance(rows, list) or not rows:
+        raise WorkbenchError(f"{path}: a grid file is a non-empty JSON list of rows (or {{\"rows\": [...]}})")
+    try:
+        grid = [row_from_json(r, f"rows[{i}]") for i, r in enumerate(rows)]
+        check_grid(grid)
+    except WorkbenchError as e:
+        raise WorkbenchError(f"{path}: {e}") from None
+    return grid
+
+
+def default_grid(half: bool) -> list[GridRow]:
+    """The baseline, then INT8 for every method and option set, then the same again with --sparse."""
+    rows = [GridRow("fp16" if half else "fp32", fp16=half, baseline=True)]
+    for sparse in (False, True):
+        for tag, (method, percentile) in METHODS.items():
+            for options, (iln, imh) in OPTION_SETS.items():
+                name = "-".join(p for p in ("int8", tag, "" if options == "plain" else options,
+                                            "sparse" if sparse else "") if p)
+                rows.append(GridRow(name, int8=True, fp16=half, iln=iln, imh=imh, method=method,
+                                    percentile=percentile, sparse=sparse))
+    return rows
+
+
+def check_grid(grid: Sequence[GridRow]) -> GridRow:
+    """Unique names and exactly one baseline (marked, or the one row without INT8); returns the baseline."""
+    names = [r.name for r in grid]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise WorkbenchError(f"grid row name {dup[0]!r} is used twice")
+    return baseline_row(grid)
+
+
+def baseline_row(grid: Sequence[GridRow]) -> GridRow:
+    marked = [r for r in grid if r.baseline]
+    if len(marked) > 1:
+        raise WorkbenchError(f"more than one baseline row ({', '.join(r.name for r in marked)}); mark exactly one")
+    if marked:
+        return marked[0]
+    plain = [r for r in grid if not r.int8]
+    if not plain:
+        raise WorkbenchError('the grid has no baseline: add a row without INT8, e.g. {"name": "fp16", "fp16": true}')
+    if len(plain) > 1:
+        raise WorkbenchError(f"several rows without INT8 ({', '.join(r.name for r in plain)}): mark the baseline "
+                             'with "baseline": true')
+    return plain[0]
+
+
+def select_rows(grid: Sequence[GridRow], methods: Sequence[str] | None = None,
+                options: Sequence[str] | None = None) -> list[GridRow]:
+    """INT8 rows restricted to the given method tags (`percentile` = every percentile) and option sets; rows
+    without INT8 (the baseline) always stay."""
+    def method_ok(r: GridRow) -> bool:
+        return methods is None or r.method_tag in methods or ("percentile" in methods and r.method == "percentile")
+
+    return [r for r in grid if not r.int8 or (method_ok(r) and (options is None or r.options_tag in options))]
+
+
+# -------------------------------------------------------------------------------------------------- settings
+
+def pair_profiles(batches: Sequence[int] | None, seq_lens: Sequence[int] | None,
+                  default: Sequence[tuple[int, int]], max_seq_length: int) -> list[tuple[int, int]]:
+    """-b and -s pair up in order (-b 1 -s 128 -b 64 -s 384: profiles 1x128 and 64x384, as in the TensorRT demo);
+    a single value of one goes with every value of the other; without -s the sequence length is
+    --max-seq-length, without -b the batch is 1; with neither, the device's default profiles."""
+    if not batches and not seq_lens:
+        return [tuple(p) for p in default]
+    batches, seq_lens = list(batches or [1]), list(seq_lens or [max_seq_length])
+    if len(batches) == 1:
+        batches *= len(seq_lens)
+    if len(seq_lens) == 1:
+        seq_lens *= len(batches)
+    if len(batches) != len(seq_lens):
+        raise WorkbenchError(f"{len(batches)} -b values and {len(seq_lens)} -s values: give them in pairs "
+                             "(-b 1 -s 128 -b 64 -s 384), or one of either")
+    profiles = list(zip(batches, seq_lens))
+    for b, s in profiles:
+        if b < 1 or s < 1:
+            raise WorkbenchError(f"profile {b}x{s}: batch and sequence length must be at least 1")
+    dup = sorted({p for p in profiles if profiles.count(p) > 1})
+    if dup:
+        raise WorkbenchError(f"profile {profile_label(dup[0], 'x')} given twice")
+    return profiles
+
+
+@dataclass
+class SweepConfig:
+    model: str | Path
+    calib_squad: str | Path
+    eval_squad: str | Path
+    report_dir: str | Path
+    grid: list[GridRow]
+    profiles: list[tuple[int, int]]
+    device: torch.device
+    half: bool
+    calib_num: int
+    eval_limit: int | None
+    feature_settings: Any            # data.features.FeatureSettings
+    answer_settings: Any             # data.answers.AnswerSettings
+    bench_iterations: int
+    bench_warmup: int
+    seed: int = 0
+    max_f1_drop: float = 1.0
+    selection_profile: tuple[int, int] | None = None
+    force: bool = False              # recompute every row and rebuild every engine
+    feature_cache: bool = True
+    progress: bool = True
+    trust_pickle: bool = False
+    say: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr, flush=True))
+    on_row_done: Callable[[str], None] | None = None  # called after each row is stored (tests interrupt here)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    report: Report
+    results: tuple[BuildResult, ...]
+    reused: tuple[str, ...]          # rows taken from earlier runs
+    computed: tuple[str, ...]        # rows measured by this run
+    skipped: tuple[str, ...]         # sparse rows that were not built
+    files: dict[str, Path]           # report files written
+
+
+# -------------------------------------------------------------------------------------------------- row store
+
+def _plain_json(obj: Any) -> Any:
+    """Tuples become lists, keys sorted: how a key reads back from its file."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def device_description(device: torch.device) -> dict:
+    import torch
+
+    desc = {"type": device.type, "torch": torch.__version__}
+    if device.type == "cuda":
+        from engines.engine_file import this_gpu
+
+        gpu = this_gpu(device)
+        desc.update(gpu=gpu[0] if gpu else None, compute_capability=gpu[1] if gpu else None)
+    return desc
+
+
+def row_key(*, model_digest: str, calibration_key: str | None, policy, profiles: Sequence[tuple[int, int]],
+            eval_digest: str, eval_limit: int | None, n_questions: int, feature_settings, answer_settings,
+            device: dict, bench: tuple[int, int]) -> dict:
+    """Everything a stored row's numbers depend on; a rerun reuses the row only when all of it is equal."""
+    return _plain_json({
+        "workbench": __version__,
+        "model_digest": model_digest,
+        "calibration_key": calibration_key,
+        "policy": asdict(policy),
+        "profiles": [list(p) for p in profiles],
+        "eval_data": {"digest": eval_digest, "limit": eval_limit, "questions": n_questions},
+        "features": asdict(feature_settings),
+        "answers": asdict(answer_settings),
+        "device": device,
+        "bench": {"iterations": bench[0], "warmup": bench[1]},
+    })
+
+
+def row_path(report_dir: Path, name: str) -> Path:
+    return report_dir / "rows" / f"{name}.json"
+
+
+def store_row(path: Path, key: dict, result: BuildResult, seconds: float) -> None:
+    atomic_write_json(path, {"format": ROW_FORMAT, "format_version": ROW_FORMAT_VERSION, "key": key,
+                             "result": result.to_json(), "seconds": round(seconds, 3),
+                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def stored_row(path: Path, key: dict) -> tuple[BuildResult | None, str | None]:
+    """(result, None) when the row stored at `path` was made from `key`; else (None, why it cannot be reused),
+    (None, None) when nothing is stored."""
+    if not path.exists():
+        return None, None
+    try:
+        obj = read_json(path, "stored row")
+        if not isinstance(obj, dict) or obj.get("format") != ROW_FORMAT or \
+                obj.get("format_version") != ROW_FORMAT_VERSION:
+            return None, "its stored result is not a sweep row of this version"
+        stored_key = obj.get("key")
+        if stored_key != key:
+            changed = sorted(k for k in set(key) | set(stored_key if isinstance(stored_key, dict) else {})
+                             if not isinstance(stored_key, dict) or stored_key.get(k) != key.get(k))
+            return None, f"its inputs changed since it was stored ({', '.join(changed)})"
+        return BuildResult.from_json(obj.get("result"), "result"), None
+    except WorkbenchError as e:
+        return None, f"its stored result is unreadable ({e})"
+
+
+# ------------------------------------------------------------------------------------------------- the sweep
+
+def _engine_mismatch(path: Path, *, model_digest: str, calibration_key: str | None, policy,
+                     profiles: Sequence[tuple[int, int]], device: torch.device) -> str | None:
+    """Why the engine at `path` cannot serve this row (None: it can)."""
+    from engines.engine_file import read_header, this_gpu
+
+    try:
+        h = read_header(path)
+    except WorkbenchError as e:
+        return f"unreadable ({e})"
+    gpu = this_gpu(device) if device.type == "cuda" else None
+    checks = (
+        ("model", h.model_digest == model_digest),
+        ("calibration", h.calib_digest == calibration_key),
+        ("policy", _plain_json(h.policy) == _plain_json(asdict(policy))),
+        ("profiles", [(p.batch, p.seq_len) for p in h.profiles] == [tuple(p) for p in profiles]),
+        ("device", h.device == device.type and (gpu is None or (h.gpu_name, h.compute_capability) == gpu)),
+        ("workbench version", h.versions.get("workbench") == __version__),
+    )
+    bad = [what for what, ok in checks if not ok]
+    return f"built from other inputs ({', '.join(bad)})" if bad else None
+
+
+def _build_engine(path: Path, loaded, policy, profiles, calib, device: torch.device, wordpiece) -> None:
+    from engines.build import build_engine
+    from engines.engine_file import Profile, save_engine
+
+    args = [loaded, policy, [Profile(b, s) for b, s in profiles], calib if policy.int8 else None, device, wordpiece]
+    if device.type == "cuda" and "timing_cache" in inspect.signature(build_engine).parameters:
+        from common.files import cache_root
+        from engines.tuning import TimingCache
+
+        args.append(TimingCache(cache_root() / "timing.json"))  # kernel timings shared with `cli.py build`
+    header, tensors = build_engine(*args)
+    save_engine(path, header, tensors)
+
+
+def run_sweep(cfg: SweepConfig) -> SweepResult:
+    """Run (or resume) the sweep of `cfg.grid` and write the report; see the module doc."""
+    import torch
+
+    from calib.cache import cache_key, default_cache_path
+    from calib.calibrate import calibrate, check_fits, load_calibration_model
+    from calib.sparsity import gemm_sparsity
+    from data.answers import write_predictions
+    from data.squad import load_squad
+    from engines.build import load_runnable
+    from engines.graphs import GraphRunner
+    from eval.qa import evaluate
+
+    say, fs, device = cfg.say, cfg.feature_settings, cfg.device
+    report_dir = Path(cfg.report_dir)
+    if report_dir.exists() and not report_dir.is_dir():
+        raise WorkbenchError(f"{report_dir}: --report-dir is a file, expected a directory")
+    baseline = check_grid(cfg.grid)
+    if cfg.calib_num < 1:
+        raise WorkbenchError(f"--calib-num must be at least 1, got {cfg.calib_num}")
+    if cfg.eval_limit is not None and cfg.eval_limit < 1:
+        raise WorkbenchError(f"--eval-limit must be at least 1 (or all), got {cfg.eval_limit}")
+    serving = [p for p in cfg.profiles if p[1] >= fs.max_seq_length]
+    if not serving:
+        raise WorkbenchError(f"no profile serves the evaluation's --max-seq-length {fs.max_seq_length} "
+                             f"(profiles {', '.join(profile_label(p, 'x') for p in cfg.profiles)}): add one with "
+                             f"-s {fs.max_seq_length}, or lower --max-seq-length")
+    eval_batch = max(b for b, _ in serving)
+    if cfg.selection_profile is not None and tuple(cfg.selection_profile) not in [tuple(p) for p in cfg.profiles]:
+        raise WorkbenchError(f"--profile {profile_label(cfg.selection_profile, 'x')} is not one of the sweep's "
+                             f"profiles ({', '.join(profile_label(p, 'x') for p in cfg.profiles)})")
+
+    loaded, wordpiece = load_calibration_model(cfg.model, trust_pickle=cfg.trust_pickle)
+    check_fits(loaded, fs)
+    for b, s in cfg.profiles:
+        if s > loaded.config.max_position_embeddings:
+            raise WorkbenchError(f"profile {b}x{s}: sequence length exceeds the model's max_position_embeddings "
+                                 f"{loaded.config.max_position_embeddings}")
+    eval_squad = load_squad(cfg.eval_squad, limit=cfg.eval_limit)
+    calib_squad = load_squad(cfg.calib_squad) if any(r.int8 for r in cfg.grid) else None
+    examples = eval_squad.examples
+    answer_settings = replace(cfg.answer_settings, version_2_with_negative=eval_squad.version.startswith("2"))
+
+    rows = list(cfg.grid)
+    skipped = [r.name for r in rows if r.sparse]
+    if skipped:
+        check = gemm_sparsity(loaded.model, loaded.config.num_layers)
+        why = ("the model's GEMM weights are 2:4 sparse, but sparse engines are not available yet (the engine "
+               "builder has no --sparse)" if check.all_sparse else
+               f"the model's GEMM weights are not 2:4 sparse ({check.summary()})")
+        say(f"{len(skipped)} sparse row{'s' if len(skipped) > 1 else ''} skipped: {why}")
+        rows = [r for r in rows if not r.sparse]
+    if baseline.name not in [r.name for r in rows]:
+        raise WorkbenchError(f"the baseline row {baseline.name!r} cannot be a sparse row")
+
+    say(f"sweep: {len(rows)} builds of {loaded.source} on {device.type}; evaluating on {len(examples):,} questions "
+        f"of {eval_squad.path}; profiles {', '.join(profile_label(p, 'x') for p in cfg.profiles)}; "
+        f"report in {report_dir}")
+    dev_desc = device_description(device)
+    bench = (cfg.bench_iterations, cfg.bench_warmup)
+    calibrations: dict[tuple, Any] = {}
+
+    def calibration_key(row: GridRow) -> str | None:
+        spec = row.calibration_spec(cfg.calib_num, cfg.seed, fs)
+        if spec is None:
+            return None
+        return cache_key(spec.method, spec.settings(wordpiece.digest), min(spec.calib_num, len(calib_squad.examples)),
+                         loaded.digest, calib_squad.digest, __version__)
+
+    def calibration(row: GridRow, key: str):
+        ident = (row.method, row.percentile)
+        if ident not in calibrations:
+            spec = row.calibration_spec(cfg.calib_num, cfg.seed, fs)
+            t0 = time.perf_counter()
+            path = default_cache_path(key)
+            run = calibrate(calib_squad, loaded, wordpiece, spec, device=device,
+                            batch_size=64 if device.type == "cuda" else 16, output=path, eval_squad=eval_squad,
+                            feature_cache=cfg.feature_cache, progress=cfg.progress)
+            if run.cache.key() != key:  # the key this sweep predicted must be the one calibrate used
+                raise RuntimeError(f"calibration key mismatch: {run.cache.key()} != {key}")
+            desc = describe_calibration(run.cache)
+            say(f"  calibration {desc}: " + (f"reused cache {path}" if run.reused else
+                                             f"{time.perf_counter() - t0:.1f} s, cache {path}"))
+            calibrations[ident] = run.cache
+        return calibrations[ident]
+
+    results: list[BuildResult] = []
+    reused: list[str] = []
+    computed: list[str] = []
+    base_result: BuildResult | None = None
+    t_sweep = time.perf_counter()
+    for i, row in enumerate(rows, 1):
+        head = f"[{i}/{len(rows)}] {row.name}"
+        policy = row.policy(cfg.half)
+        ckey = calibration_key(row)
+        key = row_key(model_digest=loaded.digest, calibration_key=ckey, policy=policy, profiles=cfg.profiles,
+                      eval_digest=eval_squad.digest, eval_limit=cfg.eval_limit, n_questions=len(examples),
+                      feature_settings=fs, answer_settings=answer_settings, device=dev_desc, bench=bench)
+        stored_at = row_path(report_dir, row.name)
+        result, why = (None, None) if cfg.force else stored_row(stored_at, key)
+        if result is not None:
+            result = replace(result, is_baseline=row is baseline)
+            say(f"[{i}/{len(rows)}] row {row.name}: finished earlier, reusing its result "
+                f"(EM {result.exact_match:.2f}, F1 {result.f1:.2f})")
+            results.append(result)
+            reused.append(row.name)
+            if row is baseline:
+                base_result = result
+            continue
+        if why:
+            say(f"[{i}/{len(rows)}] row {row.name}: {why}: recomputing")
+        t0 = time.perf_counter()
+        calib = calibration(row, ckey) if ckey else None
+
+        engine_path = report_dir / "engines" / f"{row.name}.engine"
+        mismatch = "--force" if cfg.force and engine_path.exists() else (
+            _engine_mismatch(engine_path, model_digest=loaded.digest, calibration_key=ckey, policy=policy,
+                             profiles=cfg.profiles, device=device) if engine_path.exists() else None)
+        if engine_path.exists() and mismatch is None:
+            built = f"engine {engine_path} reused"
+        else:
+            t_build = time.perf_counter()
+            _build_engine(engine_path, loaded, policy, cfg.profiles, calib, device, wordpiece)
+            built = (f"engine rebuilt ({mismatch})" if mismatch else "engine built") + \
+                f" in {time.perf_counter() - t_build:.1f} s"
+
+        engine, engine_wordpiece = load_runnable(engine_path, device)
+        runner = GraphRunner(engine, str(engine_path))
+        t_eval = time.perf_counter()
+        score, predictions, _ = evaluate(examples, eval_squad.version, runner, engine_wordpiece or wordpiece, device,
+                                         feature_settings=fs, answer_settings=answer_settings,
+                                         batch_size=eval_batch, cache=cfg.feature_cache, progress=cfg.progress)
+        pred_rel = Path("predictions") / f"{row.name}.json"
+        write_predictions(predictions, report_dir / pred_rel, report_dir / "predictions" / f"{row.name}.nbest.json")
+        t_time = time.perf_counter()
+        latency = time_profiles(runner, cfg.profiles, engine.cfg.vocab_size, device, *bench)
+        t_done = time.perf_counter()
+        result = BuildResult(
+            name=row.name, options=policy.describe(), calibration=describe_calibration(calib),
+            is_baseline=row is baseline, exact_match=score.exact_match, f1=score.f1, n_questions=score.n,
+            latency=latency, engine_bytes=engine_path.stat().st_size, build_s=engine.header.build_seconds,
+            predictions_file=pred_rel.as_posix())
+        store_row(stored_at, key, result, t_done - t0)
+        del runner, engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if row is baseline:
+            base_result = result
+        delta = f" (ΔF1 {delta_f1(result, base_result):+.2f})" if base_result is not None and row is not baseline \
+            else (" (baseline)" if row is baseline else "")
+        say(f"{head}: EM {result.exact_match:.2f} F1 {result.f1:.2f}{delta}; {latency_line(latency)}; {built}, "
+            f"evaluated in {t_time - t_eval:.1f} s, timed in {t_done - t_time:.1f} s; {t_done - t0:.1f} s")
+        results.append(result)
+        computed.append(row.name)
+        if cfg.on_row_done is not None:
+            cfg.on_row_done(row.name)
+
+    extra = sorted(p.stem for p in (report_dir / "rows").glob("*.json") if p.stem not in {r.name for r in rows})
+    if extra:
+        say(f"{report_dir / 'rows'} also holds {', '.join(extra)}: not in this grid, left out of the report")
+    report = build_report(results, cfg.max_f1_drop, cfg.selection_profile)
+    files = write_report_dir(report, report_dir)
+    say(f"sweep done in {time.perf_counter() - t_sweep:.1f} s: {len(computed)} rows measured, {len(reused)} reused; "
+        f"wrote {', '.join(str(p) for p in files.values())}")
+    return SweepResult(report, tuple(results), tuple(reused), tuple(computed), tuple(skipped), files)
+
+
+def final_lines(result: SweepResult, report_dir: str | Path) -> str:
+    """The table, the rule and verdict, and the build to ship with its engine file."""
+    chosen = result.report.chosen
+    engine = Path(report_dir) / "engines" / f"{chosen.name}.engine"
+    return (render_text(result.report) +
+            f"build to ship: {chosen.name} ({chosen.options}; calibration {chosen.calibration}): {engine}\n")
+
+
+__all__ = ["CALIBRATION_METHODS", "DEFAULT_CALIB_SQUAD", "DEFAULT_EVAL_SQUAD", "DEFAULT_MODEL", "DEFAULT_REPORT_DIR",
+           "DEVICE_DEFAULTS", "DeviceDefaults", "GridRow", "METHODS", "OPTION_SETS", "SweepConfig", "SweepResult",
+           "baseline_row", "check_grid", "default_grid", "final_lines", "load_grid", "pair_profiles", "row_key",
+           "run_sweep", "select_rows", "stored_row", "store_row"]

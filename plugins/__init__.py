@@ -1,0 +1,36 @@
+"""GPU kernels (Triton) that fuse the INT8 engine's elementwise work into the ops around it.
+
+Each module holds one kernel, the wrapper that allocates its outputs and launches it, and a `*_reference`
+function in plain PyTorch that *defines* its math (it runs on the CPU and CUDA): tests hold every kernel to its
+reference, and the reference to calib.quantizer, so the INT8 math still lives in one place.
+
+- int8_linear: INT8 GEMM (int32 accumulation) + dequantize + bias [+ GELU] [+ residual] -> FP16/FP32 or INT8
+- layernorm:   LayerNorm -> x.dtype output and, optionally, its INT8 codes in the same pass
+- quantize:    INT8 codes of a strided (e.g. transposed attention-context) tensor, written contiguously
+
+Kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter when TRITON_INTERPRET=1 was set
+before these modules were imported (Triton reads it when it decorates a kernel); that is how the CPU tests run.
+The kernels call only triton.language builtins and our own @triton.jit helpers, never triton.language's own
+@jit functions (tl.sum, tl.cdiv, tl.zeros): those are decorated when triton itself is imported, so using them
+would tie interpreter runs to setting the variable before anything in the process imports triton.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+
+def interpreted() -> bool:
+    """Whether kernels defined from now on run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def available() -> bool:
+    """Whether the Triton kernels can run here: Triton importable and a CUDA GPU, or the interpreter on."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if interpreted():
+        return True
+    import torch
+
+    return torch.cuda.is_available()

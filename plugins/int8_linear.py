@@ -1,0 +1,255 @@
+"""INT8 Linear with its epilogue fused: int8 x int8 -> int32 GEMM, dequantize, bias, [GELU], [residual], out.
+
+One kernel replaces the engine's `_int_mm` + scale + bias + cast (+ GELU, + residual add, + the next GEMM's
+quantization): the int32 accumulator never leaves registers, and the output is written once, in FP16/FP32 or
+directly as the INT8 codes the next GEMM reads.
+
+The math (int8_linear_reference defines it; float32 throughout the epilogue):
+
+    acc[m, n] = sum_k a_q[m, k] * w_q[n, k]                      exact, int32
+    s[n]      = float32(w_scale[n] * float32(a_scale))           one rounding
+    y         = float32(acc) * s[n] + bias[n]
+    y         = 0.5 * y * (1 + erf(y * float32(1/sqrt(2))))      if gelu (exact-erf GELU, as BERT's)
+    y         = y + float32(residual[m, n])                      if residual is given
+    out       = codes(y) if out_recip is given else y.to(out_dtype)
+
+codes(y) = clamp(round_half_even(y * out_recip), -127, 127) is taken from the float32 `y` itself, with no FP16
+rounding in between: a deliberate change from the engine's unfused path (which rounds to FP16 first), one
+rounding fewer. The kernel is compiled without FP contraction (enable_fp_fusion=False), so `acc * s + bias`
+rounds twice, as the reference's separate torch ops do: without GELU its outputs equal the reference bit for
+bit. GELU's erf is the device library's, not torch's: a last-bit difference, and an INT8 code 1 apart where
+y * out_recip sits on a .5 boundary.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from plugins import _common
+from plugins._common import codes_reference, int8_codes
+
+_SQRT1_2 = 1.0 / math.sqrt(2.0)  # rounded to float32 where it meets a float32 tensor, in both implementations
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch parameters; the engine builder times CANDIDATE_CONFIGS and stores the winner."""
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"GemmConfig.{name} must be a power of two >= 16, got {v}")
+        if self.group_m < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"GemmConfig: group_m, num_warps and num_stages must be positive: {self}")
+
+
+# Hopper (H100) candidates. Narrow tiles give small-M problems (batch 1 x 128 tokens) enough programs to fill
+# 132 SMs; 128-row tiles with 64/128-deep K steps feed the tensor cores (wgmma from block_m 64) at large M. int8
+# blocks of 128 in K are 128-byte rows, the widest shared-memory swizzle. Shared memory per stage is
+# (block_m + block_n) * block_k bytes, at most 144 KiB here. Compiled for sm_90 (Triton 3.9, ptxas), none spills
+# registers except 128x256, in its GELU and residual epilogues (~100-300 bytes): still the widest tile for the
+# plain epilogue at large M, and the builder's timing decides.
+CANDIDATE_CONFIGS: tuple[GemmConfig, ...] = (
+    GemmConfig(16, 32, 128, 8, 4, 4),
+    GemmConfig(16, 64, 128, 8, 4, 4),
+    GemmConfig(32, 64, 128, 8, 4, 4),
+    GemmConfig(32, 128, 128, 8, 4, 4),
+    GemmConfig(64, 64, 128, 8, 4, 4),
+    GemmConfig(64, 128, 128, 8, 4, 4),
+    GemmConfig(128, 64, 128, 8, 4, 4),
+    GemmConfig(128, 128, 64, 8, 8, 4),
+    GemmConfig(128, 128, 128, 8, 8, 3),
+    GemmConfig(128, 256, 128, 8, 8, 3),
+    GemmConfig(256, 128, 128, 8, 8, 3),
+    GemmConfig(128, 256, 64, 8, 8, 4),
+    GemmConfig(256, 128, 64, 8, 8, 4),
+    GemmConfig(128, 128, 128, 8, 4, 4),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: pretend to be an H100 so the choice is the same as on one
+
+
+def default_config(m: int, n: int, device: torch.device | str = "cuda") -> GemmConfig:
+    """The largest tile that still gives every SM a program; the smallest when even that is too few."""
+    sms = _sm_count(torch.device(device))
+    by_area = sorted(CANDIDATE_CONFIGS, key=lambda c: (c.block_m * c.block_n, c.block_m, c.block_k), reverse=True)
+    for c in by_area:
+        if triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n) >= sms:
+            return c
+    return by_area[-1]
+
+
+@triton.jit
+def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+                        M, N, K, a_scale, out_recip,
+                        stride_am, stride_wn, stride_rm, stride_om,
+                        HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
+                        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Programs start roughly in pid order. Walking GROUP_M row-tiles down a column of tiles before stepping
+    # right means the programs resident at one time share a few panels of A and W, which then stay in L2.
+    pid = tl.program_id(0)
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv, spelled out (plugins/__init__.py says why)
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    # Rows/columns past the edge read row/column 0 instead of masking every load; their results are not stored.
+    a_rows = tl.where(m_ok, offs_m, 0).to(tl.int64)
+    w_rows = tl.where(n_ok, offs_n, 0).to(tl.int64)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + w_rows[None, :] * stride_wn + offs_k[:, None]  # a [BLOCK_K, BLOCK_N] tile of W^T, K-major
+
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    mask = m_ok[:, None] & n_ok[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
+              stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT)
+
+
+@triton.jit
+def _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
+              stride_rm, stride_om, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr):
+    scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0) * a_scale
+    bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
+    y = acc.to(tl.float32) * scale[None, :] + bias[None, :]
+    if GELU:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+        y = y + r.to(tl.float32)
+    out_ptrs = out_ptr + rows * stride_om + offs_n[None, :]
+    if INT8_OUT:
+        tl.store(out_ptrs, int8_codes(y, out_recip), mask=mask)
+    else:
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(a_q, w_q, w_scale, bias, residual, out_dtype):
+    if a_q.dtype != torch.int8 or w_q.dtype != torch.int8 or a_q.dim() != 2 or w_q.dim() != 2:
+        raise ValueError(f"int8_linear: a_q and w_q must be 2-D int8, got {a_q.dtype} {tuple(a_q.shape)} and "
+                         f"{w_q.dtype} {tuple(w_q.shape)}")
+    (m, k), n = a_q.shape, w_q.shape[0]
+    if w_q.shape[1] != k:
+        raise ValueError(f"int8_linear: a_q is [M, {k}] but w_q is {tuple(w_q.shape)}, expected [N, {k}]")
+    if a_q.stride(1) != 1 or not w_q.is_contiguous():
+        raise ValueError("int8_linear: a_q needs unit stride along K and w_q must be contiguous")
+    for name, t in (("w_scale", w_scale), ("bias", bias)):
+        if t.dtype != torch.float32 or t.shape != (n,) or not t.is_contiguous():
+            raise ValueError(f"int8_linear: {name} must be a contiguous float32 [{n}], got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if residual is not None and (residual.shape != (m, n) or residual.stride(1) != 1
+                                 or not residual.dtype.is_floating_point):
+        raise ValueError(f"int8_linear: residual must be floating [{m}, {n}] with unit stride along N, got "
+                         f"{residual.dtype} {tuple(residual.shape)}")
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"int8_linear: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    devices = {t.device for t in (a_q, w_q, w_scale, bias) + ((residual,) if residual is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(f"int8_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: torch.Tensor,
+                bias: torch.Tensor, *, residual: torch.Tensor | None = None, gelu: bool = False,
+                out_recip: float | None = None, out_dtype: torch.dtype = torch.float16,
+                config: GemmConfig | None = None) -> torch.Tensor:
+    """a_q int8 [M, K] (per-tensor `a_scale`) times w_q int8 [N, K] (per-row `w_scale` float32 [N]), plus
+    float32 `bias` [N]; see the module docstring for the epilogue. Returns [M, N]: int8 codes when `out_recip`
+    (a float32 reciprocal of the output scale, plugins._common.out_recip) is given, else `out_dtype`.
+
+    `a_scale` is multiplied into w_scale inside the kernel, in float32 exactly as the reference does on the
+    host, so calls need no extra launch and capture into CUDA graphs as they are. `config` picks the tiles
+    (default_config when None).
+    """
+    _check(a_q, w_q, w_scale, bias, residual, out_dtype)
+    m, k = a_q.shape
+    n = w_q.shape[0]
+    out = _common.empty((m, n), torch.int8 if out_recip is not None else out_dtype, a_q.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        raise ValueError("int8_linear: K must be positive")
+    cfg = config or default_config(m, n, a_q.device)
+    res = residual if residual is not None else out  # never read when HAS_RESIDUAL is off
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _int8_linear_kernel[grid](
+        a_q, w_q, w_scale, bias, res, out, m, n, k, float(a_scale),
+        float(out_recip) if out_recip is not None else 1.0,
+        a_q.stride(0), w_q.stride(0), res.stride(0), out.stride(0),
+        HAS_RESIDUAL=residual is not None, GELU=bool(gelu), INT8_OUT=out_recip is not None,
+        EVEN_K=k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+_MIN_ROWS_CUDA = 32  # cuBLASLt's int8 GEMM behind torch._int_mm needs more than 16 rows
+
+
+def int32_matmul(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """Exact a_q @ w_q.T in int32: torch._int_mm where it runs (any shape on the CPU; on CUDA rows padded past
+    16, K and N multiples of 8), else a float64 product, exact while |acc| < 2**53 (127 * 127 * K is far less)."""
+    m, k = a_q.shape
+    n = w_q.shape[0]
+    if not a_q.is_cuda:
+        return torch._int_mm(a_q.contiguous(), w_q.t())
+    if k % 8 == 0 and n % 8 == 0 and k >= 16:
+        a = a_q.contiguous()
+        if m < _MIN_ROWS_CUDA:
+            a = torch.nn.functional.pad(a, (0, 0, 0, _MIN_ROWS_CUDA - m))
+        return torch._int_mm(a, w_q.t())[:m]
+    return (a_q.double() @ w_q.double().t()).to(torch.int32)
+
+
+def int8_linear_reference(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: torch.Tensor,
+                          bias: torch.Tensor, *, residual: torch.Tensor | None = None, gelu: bool = False,
+                          out_recip: float | None = None, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The definition of int8_linear's output, one float32 op at a time (module docstring)."""
+    acc = int32_matmul(a_q, w_q)
+    s = w_scale.float() * float(a_scale)  # a Python float meets a float32 tensor as float32(a_scale)
+    y = acc.float() * s + bias.float()
+    if gelu:
+        y = 0.5 * y * (1.0 + torch.erf(y * _SQRT1_2))
+    if residual is not None:
+        y = y + residual.float()
+    if out_recip is not None:
+        return codes_reference(y, out_recip)
+    return y.to(out_dtype)

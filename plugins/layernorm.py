@@ -1,0 +1,124 @@
+"""LayerNorm over the last dimension that can also write the INT8 codes of its output in the same pass.
+
+With -iln the engine rounds every skip-LayerNorm output to INT8 and the next GEMM quantizes it again; here one
+read of x gives both the x.dtype output (the residual stream) and the codes (the next GEMM's input).
+
+The math (layernorm_quant_reference defines it), per row of H values, statistics in float32:
+
+    mean = sum(x) / H
+    var  = sum((x - mean)**2) / H                    biased, as torch.nn.functional.layer_norm
+    y    = (x - mean) * (1 / sqrt(var + eps)) * weight + bias      float32
+    out  = y.to(x.dtype)
+    codes = clamp(round_half_even(float32(out) * out_recip), -127, 127)
+
+The codes are taken from the x.dtype-rounded output, not from the float32 y: that is what the engine's
+separate `quantize(layer_norm(x))` on its FP16 tensor gives, so fusing changes nothing downstream, and the
+codes always agree with the output tensor the residual stream carries. The kernel runs without FP contraction
+(enable_fp_fusion=False), like the reference's separate ops, but its sums run in another order than torch's:
+an output may differ from the reference in the last bit, and then a code by 1.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from plugins import _common
+from plugins._common import codes_reference, int8_codes
+
+
+@triton.jit
+def _add(a, b):
+    # tl.reduce(x, axis, _add) is what tl.sum compiles to; tl.sum itself is a triton.language @jit function,
+    # which the interpreter cannot run unless triton was imported in interpreter mode (plugins/__init__.py).
+    return a + b
+
+
+@triton.jit
+def _layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, R, H, eps, out_recip, out_scale,
+                      stride_x, stride_y, stride_q,
+                      QUANT: tl.constexpr, ROUND: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+    # ROWS rows per program, a whole row (H <= BLOCK_H) in registers: one read of x, one write per output.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_H)
+    row_ok = rows < R
+    col_ok = cols < H
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # IEEE-rounded division and square root (a plain `/` or tl.sqrt may lower to approximate instructions);
+    # they run once per row, so exactness costs nothing.
+    h = H * 1.0
+    mean = tl.div_rn(tl.reduce(x, 1, _add), h)
+    d = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.div_rn(tl.reduce(d * d, 1, _add), h)
+    rstd = tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.sqrt_rn(var + eps))
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = (d * rstd[:, None] * w[None, :] + b[None, :]).to(y_ptr.dtype.element_ty)
+    if QUANT:
+        q = int8_codes(y.to(tl.float32), out_recip)
+        tl.store(q_ptr + rows64 * stride_q + cols[None, :], q, mask=mask)
+        if ROUND:  # -iln: the output itself is the INT8 value, dequantized
+            y = (q.to(tl.float32) * out_scale).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows64 * stride_y + cols[None, :], y, mask=mask)
+
+
+def _rows_per_program(h: int) -> int:
+    # about 4K elements per program: several rows for BERT-base/MiniLM widths, fewer programs to schedule
+    return max(1, min(16, 4096 // triton.next_power_of_2(h)))
+
+
+def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                    out_recip: float | None = None,
+                    round_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LayerNorm of x [..., H] (float16/bfloat16/float32) -> (y in x.dtype, int8 codes of y or None).
+
+    Codes are written only when `out_recip` (float32 reciprocal of the output scale) is given; they are the
+    codes of y as rounded to x.dtype (module docstring). With `round_scale` (the scale itself; needs
+    out_recip), y is returned as those codes dequantized, in the same pass: -iln's INT8 residual stream.
+    Outputs are contiguous, shaped like x.
+    """
+    if round_scale is not None and out_recip is None:
+        raise ValueError("layernorm_quant: round_scale needs out_recip")
+    h = x.shape[-1]
+    if not x.dtype.is_floating_point or weight.shape != (h,) or bias.shape != (h,):
+        raise ValueError(f"layernorm_quant: x must be floating [..., H] with weight and bias [H], got x "
+                         f"{x.dtype} {tuple(x.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}")
+    if h > 16384:
+        raise ValueError(f"layernorm_quant: H = {h} exceeds the one-pass kernel's 16384")
+    rows = x.reshape(-1, h)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    r = rows.shape[0]
+    y = _common.empty(x.shape, x.dtype, x.device)
+    q = _common.empty(x.shape, torch.int8, x.device) if out_recip is not None else None
+    if r == 0 or h == 0:
+        return y, q
+    per = _rows_per_program(h)
+    y2 = y.view(r, h)
+    q2 = q.view(r, h) if q is not None else y2
+    _layernorm_kernel[(triton.cdiv(r, per),)](
+        rows, weight.contiguous(), bias.contiguous(), y2, q2, r, h, float(eps),
+        float(out_recip) if out_recip is not None else 1.0, float(round_scale) if round_scale is not None else 1.0,
+        rows.stride(0), y2.stride(0), q2.stride(0),
+        QUANT=out_recip is not None, ROUND=round_scale is not None, ROWS=per, BLOCK_H=triton.next_power_of_2(h),
+        num_warps=4, enable_fp_fusion=False)
+    return y, q
+
+
+def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                              out_recip: float | None = None,
+                              round_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The definition of layernorm_quant's outputs in plain float32 torch ops (module docstring)."""
+    xf = x.float()
+    mean = xf.mean(dim=-1, keepdim=True)
+    d = xf - mean
+    var = (d * d).mean(dim=-1, keepdim=True)
+    y = (d * (1.0 / torch.sqrt(var + eps)) * weight.float() + bias.float()).to(x.dtype)
+    if out_recip is None:
+        return y, None
+    q = codes_reference(y, out_recip)
+    if round_scale is not None:
+        y = (q.float() * float(round_scale)).to(x.dtype)  # = calib.quantizer.dequantize(q, scale, x.dtype)
+    return y, q

@@ -1,0 +1,121 @@
+"""The timing cache and the runtime's reading of kernel choices (CPU: timings are given, not measured)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engines.tuning import LIBRARY, GemmProblem, TimingCache, choose, kernel_key
+
+PROBLEM = GemmProblem("fc1", 128, 4096, 1024, "int8", "bias+gelu->int8")
+
+
+def test_choose_takes_the_fastest_and_keeps_every_timing(tmp_path):
+    cache = TimingCache(tmp_path / "t.json")
+    measured = {LIBRARY: 0.30, "triton:a": 0.12, "triton:b": 0.20}
+    calls = []
+
+    def candidate(impl):
+        return lambda: calls.append(impl)
+
+    # Pre-measure through the cache's own entry point, as `choose` would on a GPU.
+    for impl, ms in measured.items():
+        cache.get(PROBLEM.key(impl, "gpu"), lambda ms=ms: ms)
+    best, times = choose(PROBLEM, {impl: candidate(impl) for impl in measured}, cache, "gpu")
+    assert best == "triton:a" and times == measured and not calls
+    assert cache.timed == 3 and cache.reused == 3
+    cache.save()
+    again = TimingCache(tmp_path / "t.json")
+    assert again.times == cache.times
+    best2, _ = choose(PROBLEM, {impl: candidate(impl) for impl in measured}, again, "gpu")
+    assert best2 == best and again.timed == 0 and again.reused == 3 and "nothing timed" in again.summary()
+
+
+def test_ties_go_to_the_library_and_failures_never_win(tmp_path):
+    cache = TimingCache(None)
+    for impl, ms in {LIBRARY: 0.2, "triton:x": 0.2, "triton:y": float("inf")}.items():
+        cache.times[PROBLEM.key(impl, "g")] = ms
+    assert choose(PROBLEM, {LIBRARY: None, "triton:x": None, "triton:y": None}, cache, "g")[0] == LIBRARY
+
+
+def test_keys_separate_machines_problems_and_implementations():
+    other = GemmProblem("fc1", 256, 4096, 1024, "int8", "bias+gelu->int8")
+    keys = {PROBLEM.key(LIBRARY, "H100"), PROBLEM.key(LIBRARY, "A100"), other.key(LIBRARY, "H100"),
+            PROBLEM.key("triton:a", "H100")}
+    assert len(keys) == 4
+    assert kernel_key("fc2", 49152) == "gemm.fc2.m49152"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit", "garbage"])
+def test_damaged_timing_cache_is_said_and_started_afresh(tmp_path, caplog, damage):
+    path = tmp_path / "t.json"
+    cache = TimingCache(path)
+    cache.get(PROBLEM.key(LIBRARY, "g"), lambda: 0.5)
+    cache.save()
+    text = path.read_text()
+    if damage == "truncate":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "edit":
+        d = json.loads(text)
+        d["times"][PROBLEM.key(LIBRARY, "g")] = 0.001  # a hand-made "faster" figure
+        path.write_text(json.dumps(d))
+    else:
+        path.write_bytes(b"\x00\xff")
+    with caplog.at_level("WARNING"):
+        fresh = TimingCache(path)
+    assert fresh.times == {} and "damaged or was modified" in caplog.text
+
+
+def test_nothing_timed_writes_nothing(tmp_path):
+    cache = TimingCache(tmp_path / "t.json")
+    cache.save()
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_triton_implementation_names_round_trip():
+    pytest.importorskip("triton")
+    from engines.runtime import parse_triton_impl, triton_impl
+    from plugins.int8_linear import CANDIDATE_CONFIGS
+
+    names = {triton_impl(c) for c in CANDIDATE_CONFIGS}
+    assert len(names) == len(CANDIDATE_CONFIGS)
+    for c in CANDIDATE_CONFIGS:
+        assert parse_triton_impl(triton_impl(c)) == c
+
+
+def test_a_fast_wrong_candidate_is_never_chosen(monkeypatch):
+    """Timings are measured only for candidates that reproduce the library's output."""
+    import torch
+
+    import engines.tuning as tuning
+
+    monkeypatch.setattr(tuning, "time_ms", lambda fn: {"library": 0.3, "good": 0.2, "wrong": 0.01}[fn.__name__])
+    ref = torch.randn(8, 16)
+
+    def named(name, value):
+        fn = lambda: value  # noqa: E731
+        fn.__name__ = name
+        return fn
+
+    off = ref.clone()
+    off[0, 0] += 10.0
+    candidates = {LIBRARY: named("library", ref), "good": named("good", ref + 1e-6), "wrong": named("wrong", off)}
+    cache = TimingCache(None)
+    best, times = choose(PROBLEM, candidates, cache, "g")
+    assert best == "good" and times["wrong"] == float("inf") and times[LIBRARY] == 0.3
+
+
+def test_agreement_rules_for_codes_and_floats():
+    import torch
+
+    from engines.tuning import agrees
+
+    codes = torch.randint(-127, 128, (100, 100), dtype=torch.int8)
+    near = codes.clone()
+    near[0, 0] = max(-127, int(near[0, 0]) - 1)
+    far = codes.clone()
+    far[0, 0] = 0 if int(far[0, 0]) > 2 or int(far[0, 0]) < -2 else 100
+    assert agrees(codes, codes) and agrees(near, codes) and not agrees(far, codes)
+    x = torch.randn(64, 64)
+    assert agrees(x + 1e-5, x) and not agrees(x * 1.01, x) and not agrees(x.half(), x)
+    assert not agrees(torch.full_like(x, float("nan")), x)

@@ -1,0 +1,104 @@
+"""plugins' shared INT8 rounding step against calib.quantizer, and the helpers the plugins tests share.
+
+The kernel tests run on CUDA with compiled kernels where there is a GPU, and elsewhere on CPU tensors in
+Triton's interpreter. Triton picks the mode when it decorates a kernel, i.e. when a plugins module is imported,
+so `kernels()` sets TRITON_INTERPRET=1 around that import (re-importing modules that something imported
+earlier in compiled mode) and then restores the variable: the rest of the test session never sees it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from calib.quantizer import _reciprocal, quantize
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _has_compiled_kernels(module) -> bool:
+    from triton.runtime.jit import JITFunction
+
+    return any(isinstance(v, JITFunction) for v in vars(module).values())
+
+
+def kernels(name: str):
+    """plugins.<name>, with kernels that run on DEVICE; skips the calling test module without Triton."""
+    pytest.importorskip("triton", reason="Triton is not installed (plugins' kernels need it)")
+    if DEVICE == "cuda":
+        return importlib.import_module(f"plugins.{name}")
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        common = importlib.import_module("plugins._common")
+        reload = _has_compiled_kernels(common)
+        if reload:
+            importlib.reload(common)
+        module = importlib.import_module(f"plugins.{name}")
+        if reload or _has_compiled_kernels(module):
+            module = importlib.reload(module)
+        return module
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Outputs start as int8 -128 / NaN, values no kernel writes, so an element left unwritten fails."""
+    monkeypatch.setattr(sys.modules["plugins._common"], "POISON", True)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "non-finite (unwritten?) output elements"
+    return float((out - ref).norm() / ref.norm())
+
+
+def assert_codes_close(q: torch.Tensor, ref: torch.Tensor):
+    """INT8 codes equal, but for a rare 1-off where a value sits on a .5 boundary (FMA, erf, reduction order)."""
+    assert q.dtype == torch.int8 and q.shape == ref.shape
+    q, ref = q.cpu(), ref.cpu()
+    assert int(q.min()) >= -127, "unwritten (poisoned) or out-of-range codes"
+    diff = (q.int() - ref.int()).abs()
+    assert int(diff.max()) <= 1, f"codes differ by {int(diff.max())}"
+    assert float((diff == 1).double().mean()) < 1e-3, f"{int((diff == 1).sum())} codes of {diff.numel()} differ"
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_codes_reference_is_calib_quantizer():
+    common = kernels("_common")
+    g = gen(11)
+    for scale in (0.013, 0.5, 1.0 / 127, 3.7):
+        for dtype in (torch.float16, torch.float32):
+            x = (torch.randn(64, 96, generator=g) * 60 * scale).to(dtype)
+            recip = common.out_recip(scale)
+            assert recip == _reciprocal(scale, torch.device("cpu"))
+            assert torch.equal(common.codes_reference(x, recip), quantize(x, scale))
+
+
+def test_codes_reference_rounds_half_to_even_and_clamps():
+    common = kernels("_common")
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.5, -127.5, 1e10, -1e10, float("inf")])
+    assert common.codes_reference(x, 1.0).tolist() == [0, 2, 2, 0, -2, -2, 126, 127, -127, 127, -127, 127]
+
+
+def test_available(monkeypatch):
+    pytest.importorskip("triton")
+    import plugins
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert plugins.available() and plugins.interpreted()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert plugins.available() == torch.cuda.is_available()

@@ -1,0 +1,238 @@
+"""plugins.int8_linear: the reference against the float64 math it defines, the kernel against the reference.
+
+Small shapes run everywhere (Triton's interpreter on the CPU); `cuda` tests take the BERT-sized shapes through
+every candidate tile configuration on a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_plugins_common import DEVICE, assert_codes_close, gen, kernels, poison, rel  # noqa: F401
+
+L = kernels("int8_linear")
+out_recip = kernels("_common").out_recip
+
+EPILOGUES = {
+    "fp16": dict(),
+    "gelu": dict(gelu=True),
+    "residual": dict(residual=torch.float16),
+    "int8": dict(int8=True),
+    "gelu+int8": dict(gelu=True, int8=True),
+    "residual+int8": dict(residual=torch.float16, int8=True),
+    "residual32+fp32": dict(residual=torch.float32, out_dtype=torch.float32),
+    "gelu+residual+fp32": dict(gelu=True, residual=torch.float16, out_dtype=torch.float32),
+}
+
+
+def problem(m, n, k, seed, device=DEVICE, residual=None):
+    """Fresh random INT8 operands with realistic scales (y around +-5); never zeros."""
+    g = gen(seed)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    w_scale = torch.rand(n, generator=g) * 0.004 + 0.001
+    bias = torch.randn(n, generator=g) * 0.5
+    a_scale = 0.05 * (1 + float(torch.rand((), generator=g)))
+    res = (torch.randn(m, n, generator=g) * 2).to(residual) if residual is not None else None
+    t = [x.to(device) if x is not None else None for x in (a, w, w_scale, bias, res)]
+    return t[0], t[1], a_scale, t[2], t[3], t[4]
+
+
+def kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res):
+    """Keyword arguments of one epilogue; an int8 output's scale clips the top 20% of |y| (clamping tested)."""
+    e = EPILOGUES[epilogue]
+    kw = dict(gelu=e.get("gelu", False), residual=res, out_dtype=e.get("out_dtype", torch.float16))
+    if e.get("int8"):
+        y = L.int8_linear_reference(a, w, a_scale, w_scale, bias, **{**kw, "out_dtype": torch.float32})
+        kw["out_recip"] = out_recip(0.8 * float(y.abs().max()) / 127)
+    return kw
+
+
+def check(out, ref, exact):
+    """Without GELU the kernel does the reference's float32 ops in the same order (no FMA contraction): it must
+    agree bit for bit; GELU's erf is the device library's, so it may differ in the last bit and a code by 1."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if exact:
+        assert torch.equal(out.cpu(), ref.cpu()), f"{int((out.cpu() != ref.cpu()).sum())} elements differ"
+    elif ref.dtype == torch.int8:
+        assert_codes_close(out, ref)
+    else:
+        assert rel(out, ref) < 1e-3
+
+
+# --------------------------------------------------------------------------- the reference is the definition
+
+
+def float64_definition(a, w, a_scale, w_scale, bias, residual, gelu, recip):
+    """The module docstring's math in numpy float64, rounding only where it says float32."""
+    acc = a.cpu().numpy().astype(np.int64) @ w.cpu().numpy().astype(np.int64).T
+    s = (w_scale.cpu().numpy().astype(np.float32) * np.float32(a_scale)).astype(np.float64)
+    y = acc * s + bias.cpu().numpy().astype(np.float64)
+    if gelu:
+        y = 0.5 * y * (1 + np.vectorize(math.erf)(y / math.sqrt(2)))
+    # the size of the terms summed: float32 rounding errors scale with it, not with a cancelled sum
+    mag = np.abs(acc * s) + np.abs(bias.cpu().numpy()) + np.abs(y)
+    if residual is not None:
+        r = residual.cpu().numpy().astype(np.float64)
+        y, mag = y + r, mag + np.abs(r)
+    t = y * float(np.float32(recip)) if recip is not None else None
+    codes = np.clip(np.round(t), -127, 127) if recip is not None else None  # np.round is half to even
+    return y, mag, codes, t
+
+
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+def test_reference_is_the_defined_math(epilogue):
+    a, w, a_scale, w_scale, bias, res = problem(23, 40, 72, seed=100 + list(EPILOGUES).index(epilogue), device="cpu",
+                                                residual=EPILOGUES[epilogue].get("residual"))
+    kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res)
+    acc = L.int32_matmul(a, w)
+    assert acc.dtype == torch.int32
+    assert np.array_equal(acc.numpy(), a.numpy().astype(np.int64) @ w.numpy().astype(np.int64).T)
+    ref = L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw)
+    exact = float64_definition(a, w, a_scale, w_scale, bias, res, kw["gelu"], kw.get("out_recip"))
+    y, mag, codes, t = exact
+    if ref.dtype == torch.int8:
+        diff = np.abs(ref.numpy().astype(np.int64) - codes)
+        assert diff.max() <= 1
+        # float32 rounding can only move a value that sits within ~1e-4 of a .5 boundary
+        near_half = np.abs(np.abs(t - np.floor(t)) - 0.5) < 1e-4
+        assert not (diff[~near_half]).any()
+    else:
+        out_ulp = 2.0 ** -11 * np.abs(y) if ref.dtype == torch.float16 else 0.0  # half an fp16 ulp
+        assert np.all(np.abs(ref.double().numpy() - y) <= out_ulp + 1e-6 * (mag + 1e-3))
+
+
+def test_reference_rounds_where_the_definition_says():
+    """Without GELU (whose erf is library-specific) the float32 reference is exact, op for op."""
+    a, w, _, w_scale, bias, res = problem(19, 24, 48, seed=77, device="cpu", residual=torch.float32)
+    a_scale = 1 / 70.3  # a double that float32 cannot hold: the product must use float32(a_scale)
+    assert float(np.float32(a_scale)) != a_scale
+    f32 = np.float32
+    acc = (a.numpy().astype(np.int64) @ w.numpy().astype(np.int64).T).astype(f32)
+    s = w_scale.numpy() * f32(a_scale)  # float32 * float32 -> float32
+    y = acc * s + bias.numpy()
+    ref = L.int8_linear_reference(a, w, a_scale, w_scale, bias, out_dtype=torch.float32)
+    assert s.dtype == y.dtype == np.float32 and np.array_equal(ref.numpy(), y)
+    ref = L.int8_linear_reference(a, w, a_scale, w_scale, bias, residual=res, out_dtype=torch.float32)
+    assert np.array_equal(ref.numpy(), y + res.numpy())
+
+
+# --------------------------------------------------------------------------- kernel == reference (all devices)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 48, 64), (17, 96, 160), (130, 48, 64), (130, 96, 160)])
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+def test_kernel_matches_reference(m, n, k, epilogue, poison):
+    a, w, a_scale, w_scale, bias, res = problem(m, n, k, seed=m * 1000 + n + k + 10 * list(EPILOGUES).index(epilogue),
+                                                residual=EPILOGUES[epilogue].get("residual"))
+    kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res)
+    # 16x32 tiles, 32-deep K steps: ragged M and N edges, several K steps, a partial last GROUP_M group
+    cfg = L.GemmConfig(16, 32, 32, group_m=2, num_warps=4, num_stages=1)
+    check(L.int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **kw),
+          L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw), exact=not kw["gelu"])
+
+
+CONFIGS = {"uneven-k": L.GemmConfig(32, 64, 64, group_m=4, num_warps=4, num_stages=2), "default": None,
+           **{str(c): c for c in L.CANDIDATE_CONFIGS}}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_every_config(config, poison):
+    """Each candidate on a ragged problem (K = 160 is not a multiple of 64 or 128: the masked K loop)."""
+    cfg = CONFIGS[config]
+    a, w, a_scale, w_scale, bias, res = problem(130, 96, 160, seed=7 + list(CONFIGS).index(config),
+                                                residual=torch.float16)
+    for epilogue in ("gelu+int8", "residual"):
+        kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res if "residual" in epilogue else None)
+        check(L.int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **kw),
+              L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw), exact=not kw["gelu"])
+
+
+def test_row_strided_activations_and_residual(poison):
+    a, w, a_scale, w_scale, bias, res = problem(33, 48, 64, seed=5, residual=torch.float16)
+    a_big = torch.zeros(33, 96, dtype=torch.int8, device=a.device)
+    a_big[:, 16:80] = a
+    r_big = torch.zeros(33, 64, dtype=res.dtype, device=a.device)
+    r_big[:, 8:56] = res
+    cfg = L.GemmConfig(16, 32, 32, group_m=2, num_warps=4, num_stages=1)
+    out = L.int8_linear(a_big[:, 16:80], w, a_scale, w_scale, bias, residual=r_big[:, 8:56], config=cfg)
+    check(out, L.int8_linear_reference(a, w, a_scale, w_scale, bias, residual=res), exact=True)
+
+
+def test_default_config_follows_m():
+    assert L.default_config(4096, 1024, "cpu").block_m == 128
+    small = L.default_config(128, 384, "cpu")
+    assert small.block_m <= 32 and small in L.CANDIDATE_CONFIGS
+    assert L.default_config(1, 48, "cpu") == min(L.CANDIDATE_CONFIGS, key=lambda c: c.block_m * c.block_n)
+    assert any(c.block_m == 16 for c in L.CANDIDATE_CONFIGS)
+    assert any(c.block_m * c.block_n >= 128 * 256 for c in L.CANDIDATE_CONFIGS)
+
+
+def test_bad_arguments_are_refused():
+    a, w, a_scale, w_scale, bias, _ = problem(4, 32, 64, seed=3)
+    with pytest.raises(ValueError, match="power of two"):
+        L.GemmConfig(48, 32, 32)
+    with pytest.raises(ValueError, match="int8"):
+        L.int8_linear(a.float(), w, a_scale, w_scale, bias)
+    with pytest.raises(ValueError, match=r"\[N, 64\]"):
+        L.int8_linear(a, w[:, :32].contiguous(), a_scale, w_scale, bias)
+    with pytest.raises(ValueError, match="w_scale"):
+        L.int8_linear(a, w, a_scale, w_scale.double(), bias)
+    with pytest.raises(ValueError, match="residual"):
+        L.int8_linear(a, w, a_scale, w_scale, bias, residual=torch.ones(4, 31, device=a.device))
+    assert L.int8_linear(a[:0], w, a_scale, w_scale, bias).shape == (0, 32)
+
+
+# --------------------------------------------------------------------------- GPU: BERT-sized problems
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k", [(1024, 1024), (4096, 1024), (1024, 4096)])
+@pytest.mark.parametrize("config", range(len(L.CANDIDATE_CONFIGS)))
+def test_cuda_large_every_config(n, k, config, poison):
+    a, w, a_scale, w_scale, bias, res = problem(4096, n, k, seed=n + k + config, residual=torch.float16)
+    cfg = L.CANDIDATE_CONFIGS[config]
+    for epilogue in ("fp16", "gelu+int8", "residual"):
+        kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res if "residual" in epilogue else None)
+        check(L.int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **kw),
+              L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw), exact=not kw["gelu"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 16, 128, 384, 49152])
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+def test_cuda_default_config(m, epilogue, poison):
+    n, k = (1536, 384) if m < 49152 else (1024, 1024)
+    a, w, a_scale, w_scale, bias, res = problem(m, n, k, seed=m + 10 * list(EPILOGUES).index(epilogue),
+                                                residual=EPILOGUES[epilogue].get("residual"))
+    kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res)
+    check(L.int8_linear(a, w, a_scale, w_scale, bias, **kw),
+          L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw), exact=not kw["gelu"])
+
+
+@pytest.mark.cuda
+def test_cuda_bfloat16_output(poison):
+    a, w, a_scale, w_scale, bias, res = problem(256, 384, 384, seed=9, residual=torch.bfloat16)
+    kw = dict(residual=res, gelu=True, out_dtype=torch.bfloat16)
+    out = L.int8_linear(a, w, a_scale, w_scale, bias, **kw)
+    assert rel(out, L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw)) < 1e-2
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    """The engine captures its forward into CUDA graphs: the wrapper must launch without host syncs."""
+    a, w, a_scale, w_scale, bias, res = problem(384, 1536, 384, seed=12, residual=torch.float16)
+    kw = dict(gelu=True, out_recip=out_recip(0.05))
+    L.int8_linear(a, w, a_scale, w_scale, bias, **kw)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = L.int8_linear(a, w, a_scale, w_scale, bias, **kw)
+    a.copy_(torch.randint(-127, 128, a.shape, dtype=torch.int8, generator=gen(13)).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_codes_close(out, L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw))
+
