@@ -93,6 +93,13 @@ def _add_feature_args(p: argparse.ArgumentParser, short_s: bool = True) -> None:
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_bench_args(p) -> None:
+    """How `eval` and `sweep` time each build at its profiles."""
+    p.add_argument("--bench-iterations", type=int, metavar="N",
+                   help="timed runs per profile (default 100 on CUDA, 5 on the CPU)")
+    p.add_argument("--bench-warmup", type=int, metavar="N", help="untimed runs first (default 10 on CUDA, 1 on the CPU)")
+
+
 def _settings(args, version_2: bool = False):
     from data.answers import AnswerSettings
     from data.features import FeatureSettings
@@ -393,6 +400,7 @@ class _ComparisonPlan:
 
 
 def cmd_sweep(args) -> int:
+    from data.squad import parse_question_limit
     from eval.compare import bench_defaults
     from eval.report import parse_profile
     from eval.sweep import (DEVICE_DEFAULTS, SweepConfig, default_grid, final_lines, load_grid, pair_profiles,
@@ -404,7 +412,8 @@ def cmd_sweep(args) -> int:
     defaults = DEVICE_DEFAULTS[device.type]
     feature_settings, answer_settings = _settings(args)
     half = defaults.half if args.precision is None else args.precision == "fp16"
-    eval_limit = defaults.eval_limit if args.eval_limit is None else _eval_limit(args.eval_limit)
+    eval_limit = (defaults.eval_limit if args.eval_limit is None
+                  else parse_question_limit(args.eval_limit, "--eval-limit"))
     calib_num = defaults.calib_num if args.calib_num is None else args.calib_num
     profiles = pair_profiles(args.batch_size, args.seq_length, defaults.profiles, feature_settings.max_seq_length)
     iterations, warmup = bench_defaults(device, args.bench_iterations, args.bench_warmup)
@@ -442,7 +451,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_sensitivity(args) -> int:
-    from eval.sensitivity import (CPU_LIMIT, SensitivityConfig, parse_limit, parse_options, render_text,
+    from data.squad import parse_question_limit
+    from eval.sensitivity import (CPU_LIMIT, SensitivityConfig, parse_options, render_text,
                                   run_sensitivity, write_report)
     from model.runner import pick_device
 
@@ -450,7 +460,8 @@ def cmd_sensitivity(args) -> int:
     device = pick_device(args.device)
     feature_settings, answer_settings = _settings(args)
     iln, imh = parse_options(args.options)
-    limit = (CPU_LIMIT if device.type == "cpu" else None) if args.limit is None else parse_limit(args.limit)
+    limit = ((CPU_LIMIT if device.type == "cpu" else None) if args.limit is None
+             else parse_question_limit(args.limit))
     half = device.type == "cuda" if args.precision is None else args.precision == "fp16"
     if device.type == "cpu" and (args.limit is None or args.precision is None):
         said = [f"the first {limit} questions (--limit; CUDA's default is all of them)" if args.limit is None else None,
@@ -473,18 +484,6 @@ def cmd_sensitivity(args) -> int:
     print(render_text(result), end="")
     print(f"wrote {', '.join(str(p) for p in files.values())}", file=sys.stderr)
     return 0
-
-
-def _eval_limit(text: str) -> int | None:
-    if text == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise WorkbenchError(f"--eval-limit {text!r}: give a number of questions >= 1, or all")
-    return n
 
 
 def cmd_build(args) -> int:
@@ -666,9 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report-dir", metavar="DIR",
                    help="write report.md, report.csv, report.json, pareto.png (F1 against latency, the front and "
                         "the chosen build marked) and predictions/BUILD.json there")
-    g.add_argument("--bench-iterations", type=int, metavar="N",
-                   help="timed runs per profile (default 100 on CUDA, 5 on the CPU)")
-    g.add_argument("--bench-warmup", type=int, metavar="N", help="untimed runs first (default 10 on CUDA, 1 on the CPU)")
+    _add_bench_args(g)
     _add_feature_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -724,9 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="selection profile, e.g. 64x384 (default: the largest batch x length)")
     p.add_argument("--report-dir", default=DEFAULT_REPORT_DIR, metavar="DIR",
                    help=f"where rows/, engines/, predictions/ and the report go (default {DEFAULT_REPORT_DIR})")
-    p.add_argument("--bench-iterations", type=int, metavar="N",
-                   help="timed runs per profile (default 100 on CUDA, 5 on the CPU)")
-    p.add_argument("--bench-warmup", type=int, metavar="N", help="untimed runs first (default 10 on CUDA, 1 on the CPU)")
+    _add_bench_args(p)
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is present, else cpu")
     p.add_argument("--force", action="store_true",
                    help="recompute every row and rebuild every engine (calibration caches are still reused)")

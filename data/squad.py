@@ -41,6 +41,19 @@ class SquadFile:
     digest: str             # sha256 of the JSON bytes (after gunzip for a .gz file)
 
 
+def parse_question_limit(text: str | int | None, flag: str = "--limit") -> int | None:
+    """A question-count option: a number >= 1, or "all" (None), with a one-line error naming `flag`."""
+    if text is None or text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise WorkbenchError(f"{flag} {text!r}: give a number of questions >= 1, or all")
+    return n
+
+
 def load_squad(path: str | Path, limit: int | None = None) -> SquadFile:
     """Load and validate a whole SQuAD file; `limit` then keeps the first N questions in file order.
 

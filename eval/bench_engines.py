@@ -122,7 +122,8 @@ def main(argv=None) -> None:
             engine = Engine(header, tensors, device).eval()
             if name.removesuffix(" fused").endswith("library"):
                 engine.use_triton = False
-            chosen = sorted({v for k, v in header.kernels.items() if k.startswith("gemm.")})
+            chosen = sorted({v for k, v in header.kernels.items() if k.startswith("gemm.")}) \
+                if engine.use_triton else ["library (forced)"]
             print(f"{preset} {name}: built in {build_s:.0f} s; GEMM kernels chosen: {', '.join(chosen) or '-'}",
                   flush=True)
             fuses = [False, True] if args.fuse == "both" else [args.fuse == "on" or name.endswith(" fused")]

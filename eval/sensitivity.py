@@ -85,19 +85,6 @@ def parse_layers(text: str | None, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def parse_limit(text: str | int | None) -> int | None:
-    """--limit: a number of questions >= 1, or all (None)."""
-    if text is None or text == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise WorkbenchError(f"--limit {text!r}: give a number of questions >= 1, or all")
-    return n
-
-
 def parse_options(values: Sequence[str] | None) -> tuple[bool, bool]:
     """--options: sweep option sets (plain, iln, imh, iln-imh) or the build flags (-iln, -imh) -> (iln, imh)."""
     iln = imh = False
@@ -736,5 +723,5 @@ def write_report(r: SensitivityResult, directory: str | Path) -> dict[str, Path]
 
 __all__ = ["CPU_LIMIT", "DEFAULT_MAX_F1_DROP", "DEFAULT_REPORT_DIR", "FILES", "GreedyPlan", "Measurement",
            "SensitivityConfig", "SensitivityResult", "Suggestion", "Variant", "all_gemms", "compact_keep_list",
-           "gemm_name", "greedy_keep", "load_result", "parse_layers", "parse_limit", "parse_options", "plan_variants",
+           "gemm_name", "greedy_keep", "load_result", "parse_layers", "parse_options", "plan_variants",
            "render_text", "run_sensitivity", "write_report"]

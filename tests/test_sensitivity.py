@@ -13,6 +13,7 @@ from calib.policy import GEMMS, PrecisionPolicy
 from common.errors import WorkbenchError
 from data.answers import AnswerSettings
 from data.features import FeatureSettings
+from data.squad import parse_question_limit as parse_limit
 from data.squad import load_squad
 from eval.sensitivity import (
     FILES,
@@ -25,7 +26,6 @@ from eval.sensitivity import (
     greedy_keep,
     load_result,
     parse_layers,
-    parse_limit,
     parse_options,
     plan_variants,
     render_text,
@@ -101,6 +101,8 @@ def test_argument_parsing():
     assert parse_limit(None) is None and parse_limit("all") is None and parse_limit("7") == 7
     with pytest.raises(WorkbenchError, match="--limit '0'"):
         parse_limit("0")
+    with pytest.raises(WorkbenchError, match="--eval-limit 'x'"):
+        parse_limit("x", "--eval-limit")
     assert compact_keep_list(["layer1.fc2", "layer0.fc2", "layer1.qkv"], 2) == ("fc2", "layer1.qkv")
     assert compact_keep_list(["layer1.fc2", "layer0.qkv"], 2) == ("layer0.qkv", "layer1.fc2")
 
