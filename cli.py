@@ -474,7 +474,7 @@ def cmd_sensitivity(args) -> int:
         model=args.model, calib_cache=args.calib_cache, squad=args.squad, device=device, half=half, limit=limit,
         feature_settings=feature_settings, answer_settings=answer_settings, iln=args.iln or iln,
         imh=args.imh or imh, layers=args.layers, groups=not args.no_groups, leave_one_out=args.leave_one_out,
-        max_f1_drop=args.max_f1_drop, refine=args.refine, batch_size=args.batch_size,
+        max_f1_drop=args.max_f1_drop, refine=args.refine, trim=args.trim, batch_size=args.batch_size,
         feature_cache=not args.no_cache, progress=not args.no_progress, trust_pickle=args.trust_pickle)
     if Path(args.report_dir).exists() and not Path(args.report_dir).is_dir():
         raise WorkbenchError(f"{args.report_dir}: --report-dir is a file, expected a directory")
@@ -573,7 +573,12 @@ def cmd_calibrate(args) -> int:
     if args.trt_cache and Path(args.trt_cache).is_dir():
         raise WorkbenchError(f"{args.trt_cache}: is a directory, expected a TensorRT calibration cache file name")
     spec = CalibrationSpec(args.method, args.calib_num, args.seed, args.percentile,
-                           features=FeatureSettings(args.max_seq_length, args.doc_stride, args.max_query_length))
+                           features=FeatureSettings(args.max_seq_length, args.doc_stride, args.max_query_length),
+                           smooth=args.smooth)
+    if args.trt_cache and args.smooth is not None:
+        raise WorkbenchError("--trt-cache: TensorRT's calibration cache holds one scale per tensor and cannot express "
+                             "--smooth (per-channel input scales folded into the weights); calibrate without "
+                             "--smooth for TensorRT")
     device = pick_device(args.device)
     squad = load_squad(args.squad)
     eval_squad = load_squad(args.eval_squad) if args.eval_squad else None
@@ -768,6 +773,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", type=int, default=2, metavar="N",
                    help="when the suggested build misses the budget, keep the next most sensitive GEMM too and "
                         "measure again, at most N times (default 2)")
+    p.add_argument("--trim", type=int, default=4, metavar="N",
+                   help="when the suggested build is within the budget, return its kept GEMMs to INT8 one at a time, "
+                        "cheapest first, keeping each change whose measured drop still fits: at most N tries, each "
+                        "one engine build + evaluation (default 4; 0: off)")
     p.add_argument("--report-dir", default="sensitivity-report", metavar="DIR",
                    help="where sensitivity.md, sensitivity.json and the heat-maps go (default sensitivity-report)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is present, else cpu")
@@ -791,6 +800,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "EntropyCalibrator2)")
     p.add_argument("--percentile", type=float, default=99.99, metavar="P",
                    help="percentile of |x| kept by --method percentile (default 99.99)")
+    p.add_argument("--smooth", type=float, metavar="ALPHA", nargs="?", const=0.8,
+                   help="SmoothQuant-style smoothing of the QKV, FC1 and FC2 inputs (LayerNorm and GELU outputs): "
+                        "their outlier channels move into the weights (quantized per row), so the per-tensor INT8 "
+                        "range fits the rest; ALPHA is the migration strength in [0, 1] (--smooth alone: 0.8). Such "
+                        "caches quantize those inputs per channel, which TensorRT's calibration cache cannot hold")
     p.add_argument("-o", "--output", required=True, metavar="CACHE",
                    help="calibration cache (JSON with a checksum); reused when made from the same inputs")
     p.add_argument("--trt-cache", metavar="FILE",

@@ -21,7 +21,8 @@ from common.errors import WorkbenchError
 from common.files import atomic_write_json, cache_root, read_bytes, sha256_bytes
 
 FORMAT = "bert-int8-workbench/calibration-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2 adds per-channel smoothing vectors; files without them are written as 1
+READABLE_VERSIONS = (1, 2)
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,18 @@ class CacheError(WorkbenchError):
 
 @dataclass(frozen=True)
 class TensorRange:
+    """amax of the site's tensor; with `smooth` (calib/smoothing.py), amax of x / smooth, channel by channel."""
+
     amax: float
+    smooth: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.amax, bool) or not isinstance(self.amax, (int, float)) or not math.isfinite(self.amax):
             raise WorkbenchError(f"amax must be a finite number, got {self.amax!r}")
         if self.amax < 0:
             raise WorkbenchError(f"amax must be >= 0, got {self.amax!r}")
+        if self.smooth is not None and not (self.smooth and all(_positive(v) for v in self.smooth)):
+            raise WorkbenchError("a smoothing vector must hold finite positive numbers")
 
     @property
     def scale(self) -> float:
@@ -93,11 +99,14 @@ def default_cache_path(key: str) -> Path:
 
 
 def save_cache(cache: CalibrationCache, path: str | os.PathLike) -> None:
+    smoothed = any(r.smooth is not None for r in cache.ranges.values())
     body = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        # version 1 when nothing needs 2, so that older tools keep reading what they can use
+        "format_version": FORMAT_VERSION if smoothed else 1,
         **cache._inputs(),
-        "tensors": {name: {"amax": r.amax, "scale": r.scale} for name, r in sorted(cache.ranges.items())},
+        "tensors": {name: {"amax": r.amax, "scale": r.scale, **({"smooth": list(r.smooth)} if r.smooth else {})}
+                    for name, r in sorted(cache.ranges.items())},
     }
     atomic_write_json(path, {**body, "checksum": sha256_bytes(_canonical(body))})
 
@@ -140,10 +149,10 @@ def load_cache(path: str | os.PathLike) -> CalibrationCache:
     obj = _parse(data, path)
     if obj.get("format") != FORMAT:
         raise CacheError(f"{path}: not a calibration cache (format is {obj.get('format')!r}, expected {FORMAT!r})")
-    if obj.get("format_version") != FORMAT_VERSION:
+    if obj.get("format_version") not in READABLE_VERSIONS:
         raise CacheError(
             f"{path}: calibration cache format version {obj.get('format_version')!r} is not supported "
-            f"(expected {FORMAT_VERSION})"
+            f"(expected one of {', '.join(map(str, READABLE_VERSIONS))})"
         )
     stored = obj.pop("checksum", None)
     if not isinstance(stored, str):
@@ -161,7 +170,10 @@ def load_cache(path: str | os.PathLike) -> CalibrationCache:
         amax = entry.get("amax") if isinstance(entry, dict) else None
         if isinstance(amax, bool) or not isinstance(amax, (int, float)) or not math.isfinite(amax) or amax < 0:
             raise CacheError(f"{path}: tensor {name!r} has no valid amax")
-        ranges[name] = TensorRange(float(amax))
+        smooth = entry.get("smooth")
+        if smooth is not None and not (isinstance(smooth, list) and smooth and all(_positive(v) for v in smooth)):
+            raise CacheError(f"{path}: tensor {name!r} has an invalid smoothing vector (positive numbers expected)")
+        ranges[name] = TensorRange(float(amax), tuple(map(float, smooth)) if smooth is not None else None)
         scale = entry.get("scale")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isclose(
             scale, ranges[name].scale, rel_tol=1e-9
@@ -179,6 +191,10 @@ def load_cache(path: str | os.PathLike) -> CalibrationCache:
         data_digest=_field(obj, "data_digest", str, path),
         tool_version=_field(obj, "tool_version", str, path),
     )
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def find_reusable(path: str | os.PathLike, expected_key: str) -> CalibrationCache | None:

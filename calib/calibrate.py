@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import median
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from calib.cache import CalibrationCache, TensorRange, cache_key, find_reusable, save_cache
 from calib.calibrators import ALGORITHM_VERSION, HistogramCollector, MaxCalibrator, make_calibrator
 from calib.policy import calibration_method, calibration_sites
+from calib.smoothing import check_alpha, smoothable_sites, smoothing_factors
 from common.errors import WorkbenchError
 from common.version import __version__
 from data.features import FEATURIZER_VERSION, Features, FeatureSettings, featurize
@@ -51,6 +52,7 @@ class CalibrationSpec:
     percentile: float = 99.99     # used by the percentile method only
     num_bins: int = 2048          # histogram methods only
     features: FeatureSettings = FeatureSettings()
+    smooth: float | None = None   # --smooth ALPHA for the QKV, FC1 and FC2 inputs (calib/smoothing.py); None: off
 
     def __post_init__(self) -> None:
         if self.calib_num < 1:
@@ -58,6 +60,8 @@ class CalibrationSpec:
         if self.seed < 0:
             raise WorkbenchError(f"seed must be >= 0, got {self.seed}")
         make_calibrator(self.method, percentile=self.percentile, num_bins=self.num_bins)  # validates the rest
+        if self.smooth is not None:
+            check_alpha(self.smooth)
 
     def settings(self, tokenizer_digest: str) -> dict:
         """The cache's settings: what changes the result (not the batch size: see collect_ranges)."""
@@ -68,6 +72,8 @@ class CalibrationSpec:
             out.update(num_bins=self.num_bins)
         if self.method == "percentile":
             out["percentile"] = self.percentile
+        if self.smooth is not None:
+            out["smooth_alpha"] = self.smooth
         return out
 
 
@@ -148,11 +154,14 @@ def calibrate(squad: SquadFile, loaded: LoadedModel, wordpiece: WordPiece, spec:
     features = featurize(chosen, wordpiece, spec.features, cache=feature_cache, progress=progress)
     t1 = time.perf_counter()
     model = loaded.model.to(device=device, dtype=torch.float32).eval()
+    smooth = smoothing_vectors(model, features, spec.smooth, device=device, batch_size=batch_size,
+                               progress=progress) if spec.smooth is not None else {}
     ranges = collect_ranges(model, features, calibration_sites(loaded.config.num_layers), spec.method,
                             percentile=spec.percentile, num_bins=spec.num_bins, device=device,
-                            batch_size=batch_size, progress=progress)
+                            batch_size=batch_size, progress=progress, smooth=smooth)
     t2 = time.perf_counter()
-    cache = CalibrationCache(ranges={name: TensorRange(a) for name, a in ranges.items()}, **inputs)
+    cache = CalibrationCache(ranges={name: TensorRange(a, tuple(smooth[name].tolist()) if name in smooth else None)
+                                     for name, a in ranges.items()}, **inputs)
     if output is not None:
         try:
             save_cache(cache, output)
@@ -163,64 +172,23 @@ def calibrate(squad: SquadFile, loaded: LoadedModel, wordpiece: WordPiece, spec:
 
 def collect_ranges(model: torch.nn.Module, features: Features, sites: Sequence[str], method: str, *,
                    percentile: float = 99.99, num_bins: int = 2048, device: torch.device, batch_size: int = 32,
-                   progress: bool = True) -> dict[str, float]:
-    """amax per site over the real tokens of every feature; `model` is already on `device` in its final dtype."""
-    if batch_size < 1:
-        raise WorkbenchError(f"--batch-size must be at least 1, got {batch_size}")
+                   progress: bool = True, smooth: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """amax per site over the real tokens of every feature; `model` is already on `device` in its final dtype.
+    Sites in `smooth` are calibrated as x / s (calib/smoothing.py)."""
     calibrators = {site: make_calibrator(calibration_method(site, method), percentile=percentile, num_bins=num_bins)
                    for site in sites}
-    mask = features.attention_mask
-    lengths = mask.sum(1)
-    if not np.array_equal(mask != 0, np.arange(mask.shape[1]) < lengths[:, None]):
-        raise ValueError("attention masks must be a run of ones followed by padding, as featurize makes them")
-    batch: dict = {}
+    divide = {site: v.to(device=device, dtype=torch.float32) for site, v in (smooth or {}).items()}
     seen: set[str] = set()
-    windows = np.bincount(features.example_index)
-    num_questions = int((windows > 0).sum())
-
-    def run(collectors: dict, desc: str) -> None:
-        """One pass of the model over all features, feeding each site's real values to its collector."""
-        def tap(name: str, x: torch.Tensor) -> torch.Tensor:
-            collector = collectors.get(name)
-            if collector is not None:
-                real = real_values(x, _LAYOUT.get(kind(name), "tokens"), batch["rows"], batch["lengths"])
-                try:
-                    collector.collect(real)
-                except WorkbenchError as e:
-                    raise WorkbenchError(f"{name}: {e}") from None
-                seen.add(name)
-            return x
-
-        # Questions, not features, drive the bar: a question is done when its last window has run.
-        windows_left, done = windows.copy(), 0
-        previous_tap, model.tap = model.tap, tap
-        try:
-            with torch.inference_mode(), tqdm(total=num_questions, desc=desc, unit="q", disable=not progress,
-                                              leave=False) as bar:
-                for idx, seq in batches_by_length(mask, batch_size):
-                    inputs = [torch.from_numpy(a[idx, :seq]).to(device, non_blocking=True).long()
-                              for a in (features.input_ids, features.token_type_ids, mask)]
-                    # Real-token indices come from the host copy of the mask: no device sync to find them.
-                    rows = np.flatnonzero(mask[idx, :seq])
-                    batch.update(rows=torch.from_numpy(rows).to(device, non_blocking=True),
-                                 lengths=lengths[idx].tolist())
-                    model(*inputs)
-                    windows_left -= np.bincount(features.example_index[idx], minlength=len(windows_left))
-                    now = num_questions - int((windows_left > 0).sum())
-                    bar.update(now - done)
-                    done = now
-        finally:
-            model.tap = previous_tap
-
     # Histogram methods: a max pass first fixes each histogram's range, so no batch re-bins it and the ranges do
     # not depend on batch size or order (they moved by up to 12% with batching when histograms grew as they went).
     histograms = {site: c for site, c in calibrators.items() if isinstance(c, HistogramCollector)}
     if histograms:
         maxima = {site: MaxCalibrator() for site in histograms}
-        run(maxima, f"calibrate (max pass for {method})")
+        _run(model, features, maxima, f"calibrate (max pass for {method})", device, batch_size, progress, divide,
+             seen)
         for site, collector in histograms.items():
             collector.fix_range(maxima[site].compute_amax(), device)
-    run(calibrators, f"calibrate ({method})")
+    _run(model, features, calibrators, f"calibrate ({method})", device, batch_size, progress, divide, seen)
     missing = [site for site in sites if site not in seen]
     if missing:
         raise WorkbenchError(f"the model never reached calibration site {missing[0]} ({len(missing)} missing)")
@@ -231,6 +199,76 @@ def collect_ranges(model: torch.nn.Module, features: Features, sites: Sequence[s
         except WorkbenchError as e:
             raise WorkbenchError(f"{site}: {e}") from None
     return ranges
+
+
+class _ChannelMax:
+    """max |x| per channel (last dim) of [rows, H] batches: what smoothing factors are made of."""
+
+    def __init__(self) -> None:
+        self.amax: torch.Tensor | None = None
+
+    def collect(self, x: torch.Tensor) -> None:
+        m = x.detach().abs().amax(dim=0).float()
+        self.amax = m if self.amax is None else torch.maximum(self.amax, m)
+
+
+def smoothing_vectors(model, features: Features, alpha: float, *, device: torch.device, batch_size: int = 32,
+                      progress: bool = True) -> dict[str, torch.Tensor]:
+    """One pass for the per-channel maxima of the LayerNorm outputs that GEMMs read, then s per site (CPU float32)."""
+    sites = smoothable_sites(len(model.layers))
+    collectors = {site: _ChannelMax() for site in sites}
+    _run(model, features, collectors, "calibrate (channel max for --smooth)", device, batch_size, progress, {}, set())
+    return {site: smoothing_factors(collectors[site].amax, getattr(model.layers[layer], gemm).weight, alpha)
+            for site, (layer, gemm) in sites.items()}
+
+
+def _run(model, features: Features, collectors: Mapping, desc: str, device: torch.device, batch_size: int,
+         progress: bool, divide: Mapping[str, torch.Tensor], seen: set[str]) -> None:
+    """One pass of the model over all features, feeding each site's real values (divided by its smoothing vector,
+    if any) to its collector; `seen` gathers the sites reached."""
+    if batch_size < 1:
+        raise WorkbenchError(f"--batch-size must be at least 1, got {batch_size}")
+    mask = features.attention_mask
+    lengths = mask.sum(1)
+    if not np.array_equal(mask != 0, np.arange(mask.shape[1]) < lengths[:, None]):
+        raise ValueError("attention masks must be a run of ones followed by padding, as featurize makes them")
+    windows = np.bincount(features.example_index)
+    num_questions = int((windows > 0).sum())
+    batch: dict = {}
+
+    def tap(name: str, x: torch.Tensor) -> torch.Tensor:
+        collector = collectors.get(name)
+        if collector is not None:
+            real = real_values(x, _LAYOUT.get(kind(name), "tokens"), batch["rows"], batch["lengths"])
+            if name in divide:
+                real = real.float() / divide[name]
+            try:
+                collector.collect(real)
+            except WorkbenchError as e:
+                raise WorkbenchError(f"{name}: {e}") from None
+            seen.add(name)
+        return x
+
+    # Questions, not features, drive the bar: a question is done when its last window has run.
+    windows_left, done = windows.copy(), 0
+    previous_tap, model.tap = model.tap, tap
+    try:
+        with torch.inference_mode(), tqdm(total=num_questions, desc=desc, unit="q", disable=not progress,
+                                          leave=False) as bar:
+            for idx, seq in batches_by_length(mask, batch_size):
+                inputs = [torch.from_numpy(a[idx, :seq]).to(device, non_blocking=True).long()
+                          for a in (features.input_ids, features.token_type_ids, mask)]
+                # Real-token indices come from the host copy of the mask: no device sync to find them.
+                rows = np.flatnonzero(mask[idx, :seq])
+                batch.update(rows=torch.from_numpy(rows).to(device, non_blocking=True),
+                             lengths=lengths[idx].tolist())
+                model(*inputs)
+                windows_left -= np.bincount(features.example_index[idx], minlength=len(windows_left))
+                now = num_questions - int((windows_left > 0).sum())
+                bar.update(now - done)
+                done = now
+    finally:
+        model.tap = previous_tap
 
 
 def real_values(x: torch.Tensor, layout: str, rows: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
@@ -259,6 +297,9 @@ def summary_lines(run: CalibrationRun, extremes: int = 5) -> list[str]:
     """Method, counts and time, the widest and narrowest ranges, and amax per kind of site."""
     cache = run.cache
     head = f"{cache.method}: {cache.num_samples} questions, {len(cache.ranges)} sites"
+    smoothed = sum(r.smooth is not None for r in cache.ranges.values())
+    if smoothed:
+        head += f" ({smoothed} smoothed, alpha {cache.settings.get('smooth_alpha', '?')}: amax of x / s)"
     if run.reused:
         head += ", reused cache (model not run)"
     else:

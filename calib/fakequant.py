@@ -4,6 +4,9 @@ A copy of the reference BertQA where every GEMM the policy quantizes sees its in
 through calib.quantizer (per-tensor activation scales, per-output-channel weight scales), and the -iln/-imh sites
 are rounded where the tap meets them. An INT8 engine with the same scales must compute the same function: its
 integer GEMMs accumulate exactly, so only floating-point rounding separates the two.
+
+With smoothing (calib/smoothing.py) a smoothed site is quantized per channel with scale * s, the GEMM reads those
+codes times the per-tensor scale (x / s, rounded) and its weights are W * s rounded per row: the engine's order.
 """
 from __future__ import annotations
 
@@ -13,12 +16,16 @@ from typing import Mapping
 import torch
 
 from calib.policy import GEMMS, PrecisionPolicy
-from calib.quantizer import fake_quantize, weight_scales
+from calib.quantizer import dequantize, fake_quantize, quantize, weight_scales
+from calib.smoothing import channel_scales, smoothed_weight
 from model.bert import BertQA
 
 
-def fake_quant_model(model: BertQA, policy: PrecisionPolicy, act_scales: Mapping[str, float]) -> BertQA:
-    """`act_scales` maps each site in policy.quantized_sites(...) to its scale (amax / 127)."""
+def fake_quant_model(model: BertQA, policy: PrecisionPolicy, act_scales: Mapping[str, float],
+                     smooth: Mapping[str, torch.Tensor] | None = None) -> BertQA:
+    """`act_scales` maps each site in policy.quantized_sites(...) to its scale (amax / 127); `smooth` the smoothed
+    sites to their vectors s."""
+    smooth = smooth or {}
     layers = model.config.num_layers
     sites = policy.quantized_sites(layers)
     missing = [s for s in sites if s not in act_scales]
@@ -31,14 +38,19 @@ def fake_quant_model(model: BertQA, policy: PrecisionPolicy, act_scales: Mapping
                 if not policy.quantizes_gemm(i, gemm):
                     continue
                 linear = getattr(layer, gemm)
+                site = policy.gemm_input_site(i, gemm)
+                s = smooth.get(site)
                 with torch.no_grad():
-                    linear.weight.copy_(fake_quantize(linear.weight, weight_scales(linear.weight)))
-                scale = act_scales[policy.gemm_input_site(i, gemm)]
-                linear.register_forward_pre_hook(lambda _m, args, s=scale: (fake_quantize(args[0], s),))
+                    w = smoothed_weight(linear.weight, s)
+                    linear.weight.copy_(fake_quantize(w, weight_scales(w)))
+                scale = act_scales[site]
+                codes_scale = channel_scales(scale, s)
+                linear.register_forward_pre_hook(
+                    lambda _m, args, a=scale, c=codes_scale: (dequantize(quantize(args[0], c), a, args[0].dtype),))
     # -iln / -imh sites are rounded where they are produced (the residual stream and attention see them too).
     # Quantizing an already-quantized tensor with the same scale is exact, so a GEMM input that is also such a
     # site is not changed by its pre-hook.
-    tap_sites = {s: act_scales[s] for s in sites if policy.rounded_where_produced(s)}
+    tap_sites = {s: channel_scales(act_scales[s], smooth.get(s)) for s in sites if policy.rounded_where_produced(s)}
     fq.tap = lambda name, x: fake_quantize(x, tap_sites[name]) if name in tap_sites else x
     return fq
 

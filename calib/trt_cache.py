@@ -33,7 +33,11 @@ _HEX = re.compile(r"[0-9a-fA-F]{8}")
 
 
 def _amax(value: object) -> float:
-    """Accept plain amax floats or anything with an .amax (a cache's TensorRange)."""
+    """Accept plain amax floats or anything with an .amax (a cache's TensorRange, unless smoothed: its amax is that
+    of x / s, which a per-tensor TensorRT scale cannot express)."""
+    if getattr(value, "smooth", None) is not None:
+        raise WorkbenchError("a smoothed calibration cache (--smooth) cannot be written as a TensorRT calibration "
+                             "cache: its ranges are per channel; calibrate without --smooth for TensorRT")
     amax = getattr(value, "amax", value)
     if isinstance(amax, bool) or not isinstance(amax, (int, float)) or not math.isfinite(amax) or amax < 0:
         raise WorkbenchError(f"amax must be a finite number >= 0, got {amax!r}")

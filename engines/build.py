@@ -18,6 +18,7 @@ import common.version
 from calib.cache import CalibrationCache
 from calib.policy import GEMMS, PrecisionPolicy
 from calib.quantizer import scale_from_amax
+from calib.smoothing import check_vectors
 from common.errors import WorkbenchError
 from data.tokenizer import WordPiece, wordpiece_from_str
 from engines.engine_file import EngineHeader, Profile, load_engine, this_gpu
@@ -46,7 +47,10 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
             raise WorkbenchError(f"profile {p}: sequence length exceeds the model's max_position_embeddings "
                                  f"{cfg.max_position_embeddings}")
     act_scales = _activation_scales(loaded, policy, calib)
-    tensors = engine_tensors(loaded.model, policy)
+    smooth = {site: torch.tensor(r.smooth, dtype=torch.float32) for site, r in calib.ranges.items()
+              if r.smooth is not None} if calib is not None and policy.int8 else {}
+    check_vectors(smooth, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, "the calibration cache")
+    tensors = engine_tensors(loaded.model, policy, smooth)
     if wordpiece is not None:
         tensors[TOKENIZER_TENSOR] = torch.frombuffer(bytearray(wordpiece.tokenizer.to_str().encode()),
                                                      dtype=torch.uint8)

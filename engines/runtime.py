@@ -25,11 +25,13 @@ import torch.nn.functional as F
 
 from calib.policy import GEMMS, PrecisionPolicy
 from calib.quantizer import _reciprocal, dequantize, quantize
+from calib.smoothing import channel_scales, smoothed_weight
 from engines.engine_file import EngineHeader
 from engines.tuning import LIBRARY, GemmProblem, kernel_key
 from model.config import BertConfig
 
 TRITON = "triton"
+SMOOTH_PREFIX = "smooth."  # engine tensors "smooth.SITE": a smoothed site's vector s (calib/smoothing.py)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,11 @@ class Engine(torch.nn.Module):
         self.t = {k: v.to(self.device) for k, v in tensors.items()}
         self.scale = dict(header.act_scales)
         self.produced_int8 = {s for s in self.scale if self.policy.rounded_where_produced(s)}
+        # Smoothed sites (calib/smoothing.py) are quantized per channel: their scales and reciprocals, made once.
+        smooth = {k.removeprefix(SMOOTH_PREFIX): v for k, v in self.t.items() if k.startswith(SMOOTH_PREFIX)}
+        self.channel_scale = {site: channel_scales(self.scale[site], v).contiguous()
+                              for site, v in smooth.items() if site in self.scale}
+        self.channel_recip = {site: _reciprocal(v, self.device).contiguous() for site, v in self.channel_scale.items()}
         self.use_triton = _triton_usable(self.device)
         self.kernels = dict(header.kernels)
         self.gemms = {f"layers.{i}.{g}": self._gemm_of(i, g) for i in range(self.cfg.num_layers) for g in GEMMS}
@@ -108,8 +115,11 @@ class Engine(torch.nn.Module):
 
     # ------------------------------------------------------------ ops
 
-    def _recip(self, site: str) -> float | None:
-        """float32 1/scale of a site this build quantizes; None for sites it keeps in FP."""
+    def _recip(self, site: str) -> float | torch.Tensor | None:
+        """float32 1/scale of a site this build quantizes (a vector per channel where smoothed); None for sites it
+        keeps in FP."""
+        if site in self.channel_recip:
+            return self.channel_recip[site]
         return _reciprocal(self.scale[site], self.device) if site in self.scale else None
 
     def _linear(self, name: str, a: torch.Tensor, *, residual: torch.Tensor | None = None, gelu: bool = False,
@@ -123,7 +133,7 @@ class Engine(torch.nn.Module):
                 y = F.gelu(y)
             if residual is not None:
                 y = y + residual
-            return quantize(y, self.scale[out_site]) if recip is not None else y
+            return quantize(y, self.channel_scale.get(out_site, self.scale[out_site])) if recip is not None else y
         impl = impl or self.impl(g.kind, a.shape[0])
         if impl == LIBRARY:
             from plugins.int8_linear import int8_linear_reference as run
@@ -139,7 +149,8 @@ class Engine(torch.nn.Module):
         (the residual stream) is then the codes dequantized."""
         recip = self._recip(site) if site else None
         args = (x, self.t[f"{name}.weight"], self.t[f"{name}.bias"], self.cfg.layer_norm_eps, recip,
-                self.scale[site] if recip is not None and site in self.produced_int8 else None)
+                self.channel_scale.get(site, self.scale.get(site))
+                if recip is not None and site in self.produced_int8 else None)
         if self.use_triton:
             from plugins.layernorm import layernorm_quant
             return layernorm_quant(*args)
@@ -229,17 +240,24 @@ class Engine(torch.nn.Module):
                                                                  out_site=out_site, impl=impl)) for impl in impls}
 
 
-def engine_tensors(model, policy: PrecisionPolicy) -> dict[str, torch.Tensor]:
-    """The engine's weights from a reference BertQA: INT8 rows + per-channel scales for quantized GEMMs."""
+def engine_tensors(model, policy: PrecisionPolicy,
+                   smooth: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The engine's weights from a reference BertQA: INT8 rows + per-channel scales for quantized GEMMs (rows of
+    W * s where the GEMM's input site is smoothed), and the vectors s of the smoothed sites the build quantizes."""
     from calib.quantizer import weight_scales
 
     dtype = torch.float16 if policy.fp16 else torch.float32
     out: dict[str, torch.Tensor] = {}
-    quantized = {f"layers.{i}.{g}.weight" for i in range(model.config.num_layers) for g in GEMMS
+    num_layers = model.config.num_layers
+    quantized = {f"layers.{i}.{g}.weight": policy.gemm_input_site(i, g) for i in range(num_layers) for g in GEMMS
                  if policy.quantizes_gemm(i, g)}
+    smooth = {site: v for site, v in (smooth or {}).items() if site in set(policy.quantized_sites(num_layers))}
+    for site, v in smooth.items():
+        out[SMOOTH_PREFIX + site] = v.detach().float().cpu().contiguous()
     for name, p in model.state_dict().items():
         p = p.detach().float().cpu()
         if name in quantized:
+            p = smoothed_weight(p, smooth.get(quantized[name]))
             scales = weight_scales(p)
             out[name] = quantize(p, scales).contiguous()
             out[name.replace(".weight", ".weight_scale")] = scales.view(-1).contiguous()

@@ -59,6 +59,8 @@ def describe_calibration(cache: CalibrationCache | None) -> str:
     method = cache.method
     if method == "percentile" and "percentile" in cache.settings:
         method = f"percentile {cache.settings['percentile']:g}"
+    if cache.settings.get("smooth_alpha") is not None:
+        method += f" +smooth {cache.settings['smooth_alpha']:g}"
     return f"{method} ({cache.num_samples} q)"
 
 

@@ -51,7 +51,7 @@ def pareto_figure(rows: Sequence[BuildResult], profile: Profile, chosen: BuildRe
     on_front = {r.name for r in front}
     baseline = next((r for r in rows if r.is_baseline), None)
 
-    fig = _figure(8, 5.5)
+    fig = _figure(10, 5.5)
     ax = fig.add_subplot()
     lo, hi = min(ms.values()), max(ms.values())
     if hi / lo > 10:
@@ -91,7 +91,7 @@ def pareto_figure(rows: Sequence[BuildResult], profile: Profile, chosen: BuildRe
     ax.set_ylabel("F1")
     ax.margins(x=0.1, y=0.1)  # room for the labels of the extreme points
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # off the points
     return fig
 
 

@@ -18,7 +18,13 @@ counts as 0, it is noise on few questions, not a credit), the estimated drop of 
 the GEMMs it leaves in INT8 (plus the floor), and the costliest GEMMs are kept out of INT8 until that estimate fits
 --max-f1-drop. The suggested policy is then built and evaluated, and the report gives the *measured* F1 and ΔF1;
 when the measurement misses the budget (interactions the sum does not see), the next costliest GEMM is kept too
-and measured again, at most `refine` times. When all-INT8 is already within the budget nothing is kept.
+and measured again, at most `refine` times. The sum overstates more often than not (single drops clipped at 0, and
+errors that do not add up: all-INT8 can cost less than the sum), so the greedy keeps more than needed: once a
+measured list is within the budget, kept GEMMs go back to INT8 one build at a time, cheapest first, each change
+kept only when its measured drop still fits (at most `trim` builds). The suggestion is the last list measured
+within the budget, the smallest one; `tried` lists every list measured and what it decided. A list measured
+before (all-INT8 is the empty one) is never built again. When all-INT8 is already within the budget nothing is
+kept.
 
 Files (atomically) in the report folder: sensitivity.md (the tables), sensitivity.json (every number; read it
 back with `load_result`), sensitivity.png (the heat-map of single-point drops, layers x kinds) and, with
@@ -48,6 +54,7 @@ FORMAT_VERSION = 1
 DEFAULT_REPORT_DIR = "sensitivity-report"
 DEFAULT_MAX_F1_DROP = 1.0
 DEFAULT_REFINE = 2
+DEFAULT_TRIM = 4
 CPU_LIMIT = 50          # questions evaluated on the CPU unless told (CUDA: all of them)
 FILES = {"markdown": "sensitivity.md", "json": "sensitivity.json", "heatmap": "sensitivity.png",
          "leave_one_out": "leave-one-out.png"}
@@ -122,7 +129,8 @@ class Variant:
     """One build of the analysis: `int8_gemms` are the GEMMs it quantizes (None: the baseline, no INT8)."""
 
     name: str
-    method: str                          # baseline, all-int8, options-only, only, group, leave-one-out, suggested
+    method: str                          # baseline, all-int8, options-only, only, group, leave-one-out, suggested,
+                                         # trim
     target: str | None                   # the GEMM (or group: "layer3", "fc2") the variant is about
     int8_gemms: tuple[str, ...] | None
 
@@ -179,6 +187,30 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """One keep list the suggestion built and measured, and why: the report shows every one, so that what the
+    measurements decided (a GEMM kept after a miss, a GEMM returned to INT8 or restored) is not hidden."""
+
+    keep: tuple[str, ...]            # GEMMs kept out of INT8 in this build
+    measured_drop: float
+    step: str = "greedy"             # greedy (the estimate's keep list), refine (one more kept), trim (one fewer)
+    gemm: str | None = None          # refine: the GEMM kept too; trim: the GEMM returned to INT8
+    fits: bool = False               # measured within the budget (a trim that fits is accepted, else reverted)
+
+    def to_json(self) -> dict:
+        return {"keep": list(self.keep), "measured_drop": self.measured_drop, "step": self.step, "gemm": self.gemm,
+                "fits": self.fits}
+
+    @classmethod
+    def from_json(cls, obj: Any, index: int, max_f1_drop: float) -> Attempt:
+        """Older files have keep and measured_drop only (greedy, then refine steps, each keeping one more)."""
+        keep, drop = tuple(obj["keep"]), obj["measured_drop"]
+        step = obj.get("step", "greedy" if index == 0 else "refine")
+        gemm = obj.get("gemm", keep[-1] if step == "refine" and keep else None)
+        return cls(keep, drop, step, gemm, obj.get("fits", drop <= max_f1_drop + F1_TOLERANCE))
+
+
+@dataclass(frozen=True)
 class Suggestion:
     max_f1_drop: float
     keep: tuple[str, ...]            # GEMMs kept out of INT8, costliest first
@@ -186,14 +218,14 @@ class Suggestion:
     measured: Measurement | None     # the build with `keep` (the all-int8 measurement when nothing is kept)
     measured_drop: float | None
     fits: bool                       # the measured drop is within the budget
-    tried: tuple[tuple[tuple[str, ...], float], ...] = ()  # every keep list measured, with its measured drop
+    tried: tuple[Attempt, ...] = ()  # every keep list measured, in order (greedy, refine, trim)
     note: str = ""
     command: str | None = None       # `cli.py build ...` that reproduces it
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["measured"] = self.measured.to_json() if self.measured else None
-        d["tried"] = [{"keep": list(k), "measured_drop": v} for k, v in self.tried]
+        d["tried"] = [a.to_json() for a in self.tried]
         d["keep"] = list(self.keep)
         return d
 
@@ -202,7 +234,7 @@ class Suggestion:
         obj = dict(obj)
         obj["keep"] = tuple(obj["keep"])
         obj["measured"] = Measurement.from_json(obj["measured"]) if obj.get("measured") else None
-        obj["tried"] = tuple((tuple(t["keep"]), t["measured_drop"]) for t in obj.get("tried", ()))
+        obj["tried"] = tuple(Attempt.from_json(t, i, obj["max_f1_drop"]) for i, t in enumerate(obj.get("tried", ())))
         return cls(**obj)
 
 
@@ -326,6 +358,7 @@ class SensitivityConfig:
     leave_one_out: bool = False
     max_f1_drop: float = DEFAULT_MAX_F1_DROP
     refine: int = DEFAULT_REFINE                # extra builds when the suggestion misses the budget
+    trim: int = DEFAULT_TRIM                    # extra builds returning kept GEMMs to INT8 when it is within
     batch_size: int | None = None               # features per forward (default 64 CUDA, 16 CPU)
     feature_cache: bool = True
     progress: bool = True
@@ -423,6 +456,8 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
         raise WorkbenchError(f"--limit must be at least 1 (or all), got {cfg.limit}")
     if cfg.refine < 0:
         raise WorkbenchError(f"--refine must be at least 0, got {cfg.refine}")
+    if cfg.trim < 0:
+        raise WorkbenchError(f"--trim must be at least 0, got {cfg.trim}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     calib = load_cache(cfg.calib_cache)
@@ -502,13 +537,18 @@ def _check_calibration(loaded, calib, all_int8: PrecisionPolicy, seq_len: int) -
 def _suggest(cfg: SensitivityConfig, ev: _Evaluator, num_layers: int, layers: Sequence[int], baseline: Measurement,
              all_int8: Measurement, floor_m: Measurement | None,
              only: Mapping[str, float]) -> tuple[Suggestion, list[Measurement]]:
-    """The suggestion and the builds measured for it (see the module doc)."""
+    """The suggestion and the builds measured for it (see the module doc): the greedy keep list, refined (one more
+    kept per build) while its measured drop misses the budget, then trimmed (one fewer per build, cheapest first)
+    while it stays within. A keep list measured before (all-INT8 is the empty one) is not built again and costs
+    neither budget."""
     budget = cfg.max_f1_drop
     all_drop = baseline.f1 - all_int8.f1
     floor = baseline.f1 - floor_m.f1 if floor_m is not None else 0.0
     within = lambda drop: drop <= budget + F1_TOLERANCE  # noqa: E731
+    plan = greedy_keep(only, budget, floor)
+    estimate = lambda keep: floor + sum(c for g, c in plan.costs.items() if g not in keep)  # noqa: E731
     if within(all_drop):
-        return Suggestion(budget, (), floor, all_int8, all_drop, True,
+        return Suggestion(budget, (), estimate(()), all_int8, all_drop, True,
                           note=f"all-INT8 is already within the budget (measured ΔF1 {-all_drop:+.2f}, budget "
                                f"-{budget:g}): nothing needs to stay out of INT8"), []
     if floor_m is not None and not within(floor):
@@ -516,7 +556,6 @@ def _suggest(cfg: SensitivityConfig, ev: _Evaluator, num_layers: int, layers: Se
                           note=f"the -iln/-imh points alone cost {floor:.2f} F1 (measured with every GEMM out of "
                                f"INT8), more than the budget {budget:g}: no choice of GEMMs fits; analyse without "
                                f"-iln/-imh"), []
-    plan = greedy_keep(only, budget, floor)
     keep = list(plan.keep)
     candidates = [g for g in plan.order if g not in keep]
     notes = []
@@ -527,29 +566,68 @@ def _suggest(cfg: SensitivityConfig, ev: _Evaluator, num_layers: int, layers: Se
         notes.append(f"keeping every GEMM with a positive drop still leaves an estimated {plan.estimated_drop:.2f}")
     cfg.say(f"suggestion: keep {', '.join(keep) or 'nothing'} out of INT8 (estimated drop "
             f"{plan.estimated_drop:.2f}); building and evaluating it")
-    tried: list[tuple[tuple[str, ...], float]] = []
+    known: dict[frozenset[str], Measurement] = {frozenset(): all_int8}
+    tried: list[Attempt] = []
     builds: list[Measurement] = []
-    for step in range(cfg.refine + 1):
-        name = "suggested" if step == 0 else f"suggested+{step}"
-        quantized = tuple(g for g in all_gemms(num_layers) if g not in set(keep))
-        m = ev.measure(Variant(name, "suggested", ",".join(keep) or None, quantized))
-        drop = baseline.f1 - m.f1
-        tried.append((tuple(keep), drop))
-        builds.append(m)
-        cfg.say(f"  {name}: EM {m.exact_match:.2f} F1 {m.f1:.2f} (ΔF1 {-drop:+.2f}); "
-                + (f"same build as {m.same_as}" if m.same_as else
-                   f"built {m.build_s:.1f} s, evaluated {m.eval_s:.1f} s"))
-        if within(drop) or not candidates or step == cfg.refine:
-            break
+
+    def attempt(keep: Sequence[str], name: str, step: str, gemm: str | None) -> Attempt:
+        """Measure a keep list (one build and evaluation, or the numbers of the same list measured before)."""
+        m = known.get(frozenset(keep))
+        if m is None:
+            quantized = tuple(g for g in all_gemms(num_layers) if g not in set(keep))
+            m = known[frozenset(keep)] = ev.measure(Variant(name, "trim" if step == "trim" else "suggested",
+                                                            ",".join(keep) or None, quantized))
+            builds.append(m)
+            how = (f"same build as {m.same_as}" if m.same_as
+                   else f"built {m.build_s:.1f} s, evaluated {m.eval_s:.1f} s")
+        else:
+            how = f"measured before as {m.name}"
+        a = Attempt(tuple(keep), baseline.f1 - m.f1, step, gemm, within(baseline.f1 - m.f1))
+        tried.append(a)
+        cfg.say(f"  {name}: EM {m.exact_match:.2f} F1 {m.f1:.2f} (ΔF1 {-a.measured_drop:+.2f}); {how}")
+        return a
+
+    last = attempt(keep, "suggested", "greedy", None)
+    refined = 0
+    while not last.fits and candidates and refined < cfg.refine:
         keep.append(candidates.pop(0))
+        refined += 1
         cfg.say(f"  the measured drop misses the budget: keeping {keep[-1]} too")
-    if not within(drop):
-        notes.append(f"the measured drop {drop:.2f} misses the budget"
-                     + (f" after {len(tried) - 1} more GEMM(s) kept one at a time (--refine {cfg.refine})"
-                        if len(tried) > 1 else " (--refine 0: not refined)" if cfg.refine == 0 else ""))
-    estimated = floor + sum(max(0.0, d - floor) for g, d in only.items() if g not in set(keep))
-    return (Suggestion(budget, tuple(keep), estimated, m, drop, within(drop), tuple(tried), "; ".join(notes),
-                       _build_command(cfg, keep, num_layers, ev.batch)), builds)
+        last = attempt(keep, f"suggested+{refined}", "refine", keep[-1])
+    if not last.fits:
+        notes.append(f"the measured drop {last.measured_drop:.2f} misses the budget"
+                     + (f" after {refined} more GEMM(s) kept one at a time (--refine {cfg.refine})" if refined
+                        else " (--refine 0: not refined)" if cfg.refine == 0 else ""))
+    elif cfg.trim:
+        # The sum of single drops overstates the real drop, so the list may keep more than needed: return kept
+        # GEMMs to INT8 one build at a time, cheapest first, keeping each change whose measured drop still fits.
+        # A list measured before is skipped: here that is a refine list that missed, or all-INT8 (which missed).
+        order = sorted(keep, key=lambda g: (plan.costs[g], _gemm_order(g)))
+        returned, untried, trims = [], [], 0
+        for i, g in enumerate(order):
+            fewer = [x for x in keep if x != g]
+            if frozenset(fewer) in known:
+                cfg.say(f"  trim: {g} back to INT8 gives a keep list measured before to miss the budget; it stays")
+                continue
+            if trims == cfg.trim:
+                untried = [x for x in order[i:] if frozenset(y for y in keep if y != x) not in known]
+                break
+            trims += 1
+            if attempt(fewer, f"trim:{g}", "trim", g).fits:
+                keep = fewer
+                returned.append(g)
+                cfg.say(f"  trim: {g} back to INT8 still fits the budget: it goes back")
+            else:
+                cfg.say(f"  trim: {g} back to INT8 misses the budget: it stays out of INT8")
+        if returned:
+            notes.append(f"measured trims returned {', '.join(returned)} to INT8 (of {len(order)} kept before "
+                         "trimming)")
+        if untried:
+            notes.append(f"--trim {cfg.trim} spent: {', '.join(untried)} not tried back in INT8")
+    final = known[frozenset(keep)]
+    drop = baseline.f1 - final.f1
+    return (Suggestion(budget, tuple(keep), estimate(set(keep)), final, drop, within(drop), tuple(tried),
+                       "; ".join(notes), _build_command(cfg, keep, num_layers, ev.batch)), builds)
 
 
 def _build_command(cfg: SensitivityConfig, keep: Sequence[str], num_layers: int, batch: int) -> str:
@@ -646,12 +724,23 @@ def suggestion_lines(sug: Suggestion, kept_word: str, baseline: Measurement) -> 
     out.append(f"  measured: F1 {m.f1:.2f}, EM {m.exact_match:.2f}, ΔF1 {m.f1 - baseline.f1:+.2f} against the "
                f"baseline: {'within' if sug.fits else 'NOT within'} the budget")
     if len(sug.tried) > 1:
-        out.append("  tried: " + "; ".join(f"{len(k)} kept -> ΔF1 {-d:+.2f}" for k, d in sug.tried))
+        out.append("  tried, in order (one build and evaluation each):")
+        out += [f"    {_attempt_text(a)}" for a in sug.tried]
     if sug.note and sug.keep:
         out.append(f"  note: {sug.note}")
     if sug.command:
         out.append(f"  reproduce: {sug.command}")
     return out
+
+
+def _attempt_text(a: Attempt) -> str:
+    what = {"greedy": "the estimate's list" + ("" if a.keep else " (all-INT8)"), "refine": f"keep {a.gemm} too",
+            "trim": f"{a.gemm} back to INT8"}
+    verdict = "within" if a.fits else "misses"
+    if a.step == "trim":
+        verdict += ": accepted" if a.fits else ": reverted"
+    return (f"{a.step:<7}{what.get(a.step, ''):<30}{len(a.keep):>3} kept   ΔF1 {-a.measured_drop:+.2f}   "
+            f"{verdict}")
 
 
 def render_markdown(r: SensitivityResult, image: str | None, loo_image: str | None) -> str:
@@ -721,7 +810,7 @@ def write_report(r: SensitivityResult, directory: str | Path) -> dict[str, Path]
     return files
 
 
-__all__ = ["CPU_LIMIT", "DEFAULT_MAX_F1_DROP", "DEFAULT_REPORT_DIR", "FILES", "GreedyPlan", "Measurement",
-           "SensitivityConfig", "SensitivityResult", "Suggestion", "Variant", "all_gemms", "compact_keep_list",
-           "gemm_name", "greedy_keep", "load_result", "parse_layers", "parse_options", "plan_variants",
-           "render_text", "run_sensitivity", "write_report"]
+__all__ = ["Attempt", "CPU_LIMIT", "DEFAULT_MAX_F1_DROP", "DEFAULT_REPORT_DIR", "DEFAULT_TRIM", "FILES",
+           "GreedyPlan", "Measurement", "SensitivityConfig", "SensitivityResult", "Suggestion", "Variant", "all_gemms",
+           "compact_keep_list", "gemm_name", "greedy_keep", "load_result", "parse_layers", "parse_options",
+           "plan_variants", "render_text", "run_sensitivity", "write_report"]

@@ -3,7 +3,7 @@
 The grid is data: one frozen `GridRow` per build (name, precision flags, calibration method). The default grid is
 
     fp16 (the baseline; fp32 on the CPU, where FP16 arithmetic is emulated and slower than FP32)
-    INT8 x {entropy, percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}
+    INT8 x {entropy, entropy --smooth, percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}
     x --sparse when the model's GEMM weights are 2:4 sparse
 
 and `--grid FILE` takes a JSON list of rows instead (see `load_grid`). Sparse rows are skipped with a message: when
@@ -51,16 +51,19 @@ DEFAULT_CALIB_SQUAD = ASSETS / "squad" / "train-v1.1-calib-first-paragraphs.json
 DEFAULT_EVAL_SQUAD = ASSETS / "squad" / "dev-v1.1.json.gz"
 DEFAULT_REPORT_DIR = "sweep-report"
 
+SMOOTH_ALPHA = 0.8  # the default grid's smoothing strength: calib.smoothing.DEFAULT_ALPHA (a test holds them equal)
 ROW_FORMAT = "bert-int8-workbench sweep row"
 ROW_FORMAT_VERSION = 1
 
-# Calibration methods of the default grid: tag (used in row names and --methods) -> (method, percentile).
-METHODS: dict[str, tuple[str, float | None]] = {
-    "entropy": ("entropy", None),
-    "p99.9": ("percentile", 99.9),
-    "p99.99": ("percentile", 99.99),
-    "mse": ("mse", None),
-    "max": ("max", None),
+# Calibration methods of the default grid: tag (used in row names and --methods) -> (method, percentile, smooth
+# alpha). The smoothed entropy row is the workbench's own accuracy tool (calib/smoothing.py), beside TensorRT's.
+METHODS: dict[str, tuple[str, float | None, float | None]] = {
+    "entropy": ("entropy", None, None),
+    "entropy-sm": ("entropy", None, SMOOTH_ALPHA),
+    "p99.9": ("percentile", 99.9, None),
+    "p99.99": ("percentile", 99.99, None),
+    "mse": ("mse", None, None),
+    "max": ("max", None, None),
 }
 # Option sets: tag (used in row names and --options) -> (-iln, -imh).
 OPTION_SETS: dict[str, tuple[bool, bool]] = {"plain": (False, False), "iln": (True, False), "imh": (False, True),
@@ -101,6 +104,7 @@ class GridRow:
     sparse: bool = False               # --sparse (2:4 sparse weights; not buildable yet)
     method: str | None = None          # calibration method of an INT8 row
     percentile: float | None = None    # for method "percentile" (default 99.99)
+    smooth: float | None = None        # calibrate --smooth ALPHA (None: off)
     baseline: bool = False             # the row the others are compared with
 
     def __post_init__(self) -> None:
@@ -112,7 +116,8 @@ class GridRow:
         if not self.int8:
             extra = [f for f, on in (("method", self.method is not None), ("iln", self.iln), ("imh", self.imh),
                                      ("keep_fp16", bool(self.keep_fp16)), ("sparse", self.sparse),
-                                     ("percentile", self.percentile is not None)) if on]
+                                     ("percentile", self.percentile is not None),
+                                     ("smooth", self.smooth is not None)) if on]
             if extra:
                 raise WorkbenchError(f"{where}: {extra[0]} applies to INT8 rows only (add \"int8\": true)")
             return
@@ -130,13 +135,18 @@ class GridRow:
             object.__setattr__(self, "percentile", float(self.percentile))
         elif self.percentile is not None:
             raise WorkbenchError(f"{where}: percentile applies to method percentile only")
+        if self.smooth is not None:
+            from calib.smoothing import check_alpha
+            try:
+                object.__setattr__(self, "smooth", check_alpha(self.smooth))
+            except WorkbenchError as e:
+                raise WorkbenchError(f"{where}: {e}") from None
 
     @property
     def method_tag(self) -> str | None:
-        """entropy, p99.9, p99.99, mse, max: what --methods selects."""
-        if self.method == "percentile":
-            return f"p{self.percentile:g}"
-        return self.method
+        """entropy, p99.9, p99.99, mse, max (+ "-sm" when smoothed): what --methods selects."""
+        tag = f"p{self.percentile:g}" if self.method == "percentile" else self.method
+        return tag + ("-sm" if self.smooth is not None else "") if tag else None
 
     @property
     def options_tag(self) -> str:
@@ -163,14 +173,14 @@ class GridRow:
         if not self.int8:
             return None
         return CalibrationSpec(self.method, calib_num, seed, self.percentile if self.percentile is not None else 99.99,
-                               features=features)
+                               features=features, smooth=self.smooth)
 
 
 _ROW_FIELDS = {f.name: f for f in fields(GridRow)}
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "int8": (bool,), "fp16": (bool, type(None)), "iln": (bool,), "imh": (bool,),
     "fc2_library_gemm": (bool,), "keep_fp16": (list,), "sparse": (bool,), "method": (str, type(None)),
-    "percentile": (int, float, type(None)), "baseline": (bool,),
+    "percentile": (int, float, type(None)), "smooth": (int, float, type(None)), "baseline": (bool,),
 }
 
 
@@ -195,7 +205,7 @@ def load_grid(path: str | Path) -> list[GridRow]:
     """A grid file: a JSON list of rows (or {"rows": [...]}), each {"name": ..., "int8": ..., "method": ...}.
 
     Fields: name, int8, fp16 (omitted: the sweep's precision), iln, imh, fc2_library_gemm, keep_fp16 (GEMM names),
-    sparse, method (entropy, percentile, mse, max), percentile (default 99.99), baseline. Example:
+    sparse, method (entropy, percentile, mse, max), percentile (default 99.99), smooth (alpha), baseline. Example:
         [{"name": "fp16", "fp16": true},
          {"name": "int8-entropy-iln", "int8": true, "method": "entropy", "iln": true},
          {"name": "int8-p99.9", "int8": true, "method": "percentile", "percentile": 99.9}]
@@ -216,12 +226,12 @@ def default_grid(half: bool) -> list[GridRow]:
     """The baseline, then INT8 for every method and option set, then the same again with --sparse."""
     rows = [GridRow("fp16" if half else "fp32", fp16=half, baseline=True)]
     for sparse in (False, True):
-        for tag, (method, percentile) in METHODS.items():
+        for tag, (method, percentile, smooth) in METHODS.items():
             for options, (iln, imh) in OPTION_SETS.items():
                 name = "-".join(p for p in ("int8", tag, "" if options == "plain" else options,
                                             "sparse" if sparse else "") if p)
                 rows.append(GridRow(name, int8=True, fp16=half, iln=iln, imh=imh, method=method,
-                                    percentile=percentile, sparse=sparse))
+                                    percentile=percentile, smooth=smooth, sparse=sparse))
     return rows
 
 
@@ -498,7 +508,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                          loaded.digest, calib_squad.digest, __version__)
 
     def calibration(row: GridRow, key: str):
-        ident = (row.method, row.percentile)
+        ident = (row.method, row.percentile, row.smooth)
         if ident not in calibrations:
             spec = row.calibration_spec(cfg.calib_num, cfg.seed, fs)
             t0 = time.perf_counter()

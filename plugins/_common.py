@@ -23,7 +23,7 @@ def out_recip(scale: float) -> float:
     return _reciprocal(float(scale), torch.device("cpu"))
 
 
-def codes_reference(y: torch.Tensor, recip: float) -> torch.Tensor:
+def codes_reference(y: torch.Tensor, recip: float | torch.Tensor) -> torch.Tensor:
     """clamp(round_half_even(float32(y) * recip), -127, 127) as int8.
 
     calib.quantizer.quantize(y, scale) is exactly this with recip = out_recip(scale) (a test holds them equal);

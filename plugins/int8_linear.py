@@ -13,7 +13,8 @@ The math (int8_linear_reference defines it; float32 throughout the epilogue):
     y         = y + float32(residual[m, n])                      if residual is given
     out       = codes(y) if out_recip is given else y.to(out_dtype)
 
-codes(y) = clamp(round_half_even(y * out_recip), -127, 127) is taken from the float32 `y` itself, with no FP16
+codes(y) = clamp(round_half_even(y * out_recip), -127, 127), with out_recip a float32 number or one per output
+channel (a float32 [N] vector: a site calibrated with smoothing, calib/smoothing.py), is taken from the float32 `y` itself, with no FP16
 rounding in between: a deliberate change from the engine's unfused path (which rounds to FP16 first), one
 rounding fewer. The kernel is compiled without FP contraction (enable_fp_fusion=False), so `acc * s + bias`
 rounds twice, as the reference's separate torch ops do: without GELU its outputs equal the reference bit for
@@ -101,7 +102,8 @@ def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
                         M, N, K, a_scale, out_recip,
                         stride_am, stride_wn, stride_rm, stride_om,
                         HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
-                        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        RECIP_PER_CHANNEL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Programs start roughly in pid order. Walking GROUP_M row-tiles down a column of tiles before stepping
     # right means the programs resident at one time share a few panels of A and W, which then stay in L2.
@@ -141,12 +143,13 @@ def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
     mask = m_ok[:, None] & n_ok[None, :]
     rows = offs_m.to(tl.int64)[:, None]
     _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
-              stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT)
+              stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL)
 
 
 @triton.jit
 def _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
-              stride_rm, stride_om, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr):
+              stride_rm, stride_om, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
+              RECIP_PER_CHANNEL: tl.constexpr):
     scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0) * a_scale
     bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
     y = acc.to(tl.float32) * scale[None, :] + bias[None, :]
@@ -157,7 +160,11 @@ def _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out
         y = y + r.to(tl.float32)
     out_ptrs = out_ptr + rows * stride_om + offs_n[None, :]
     if INT8_OUT:
-        tl.store(out_ptrs, int8_codes(y, out_recip), mask=mask)
+        if RECIP_PER_CHANNEL:  # out_recip points at float32 [N]
+            recip = tl.load(out_recip + offs_n, mask=n_ok, other=0.0)[None, :]
+        else:
+            recip = out_recip
+        tl.store(out_ptrs, int8_codes(y, recip), mask=mask)
     else:
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -188,11 +195,12 @@ def _check(a_q, w_q, w_scale, bias, residual, out_dtype):
 
 def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: torch.Tensor,
                 bias: torch.Tensor, *, residual: torch.Tensor | None = None, gelu: bool = False,
-                out_recip: float | None = None, out_dtype: torch.dtype = torch.float16,
+                out_recip: float | torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
                 config: GemmConfig | None = None) -> torch.Tensor:
     """a_q int8 [M, K] (per-tensor `a_scale`) times w_q int8 [N, K] (per-row `w_scale` float32 [N]), plus
     float32 `bias` [N]; see the module docstring for the epilogue. Returns [M, N]: int8 codes when `out_recip`
-    (a float32 reciprocal of the output scale, plugins._common.out_recip) is given, else `out_dtype`.
+    (a float32 reciprocal of the output scale, plugins._common.out_recip, or a contiguous float32 [N] tensor of
+    them, one per channel) is given, else `out_dtype`.
 
     `a_scale` is multiplied into w_scale inside the kernel, in float32 exactly as the reference does on the
     host, so calls need no extra launch and capture into CUDA graphs as they are. `config` picks the tiles
@@ -201,6 +209,11 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
     _check(a_q, w_q, w_scale, bias, residual, out_dtype)
     m, k = a_q.shape
     n = w_q.shape[0]
+    per_channel = isinstance(out_recip, torch.Tensor)
+    if per_channel and (out_recip.shape != (n,) or out_recip.dtype != torch.float32
+                        or not out_recip.is_contiguous() or out_recip.device != a_q.device):
+        raise ValueError(f"int8_linear: a per-channel out_recip must be a contiguous float32 [{n}] on "
+                         f"{a_q.device}, got {out_recip.dtype} {tuple(out_recip.shape)} on {out_recip.device}")
     out = _common.empty((m, n), torch.int8 if out_recip is not None else out_dtype, a_q.device)
     if m == 0 or n == 0:
         return out
@@ -211,9 +224,10 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _int8_linear_kernel[grid](
         a_q, w_q, w_scale, bias, res, out, m, n, k, float(a_scale),
-        float(out_recip) if out_recip is not None else 1.0,
+        out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0,
         a_q.stride(0), w_q.stride(0), res.stride(0), out.stride(0),
         HAS_RESIDUAL=residual is not None, GELU=bool(gelu), INT8_OUT=out_recip is not None,
+        RECIP_PER_CHANNEL=per_channel,
         EVEN_K=k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
     return out
@@ -241,7 +255,8 @@ def int32_matmul(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
 
 def int8_linear_reference(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: torch.Tensor,
                           bias: torch.Tensor, *, residual: torch.Tensor | None = None, gelu: bool = False,
-                          out_recip: float | None = None, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                          out_recip: float | torch.Tensor | None = None,
+                          out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The definition of int8_linear's output, one float32 op at a time (module docstring)."""
     acc = int32_matmul(a_q, w_q)
     s = w_scale.float() * float(a_scale)  # a Python float meets a float32 tensor as float32(a_scale)

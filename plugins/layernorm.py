@@ -11,6 +11,9 @@ The math (layernorm_quant_reference defines it), per row of H values, statistics
     out  = y.to(x.dtype)
     codes = clamp(round_half_even(float32(out) * out_recip), -127, 127)
 
+`out_recip` (and -iln's `round_scale`) is one float32 number, or a float32 vector [H], one per channel, for sites
+calibrated with smoothing (calib/smoothing.py).
+
 The codes are taken from the x.dtype-rounded output, not from the float32 y: that is what the engine's
 separate `quantize(layer_norm(x))` on its FP16 tensor gives, so fusing changes nothing downstream, and the
 codes always agree with the output tensor the residual stream carries. The kernel runs without FP contraction
@@ -37,7 +40,9 @@ def _add(a, b):
 @triton.jit
 def _layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, R, H, eps, out_recip, out_scale,
                       stride_x, stride_y, stride_q,
-                      QUANT: tl.constexpr, ROUND: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+                      QUANT: tl.constexpr, ROUND: tl.constexpr, PER_CHANNEL: tl.constexpr, ROWS: tl.constexpr,
+                      BLOCK_H: tl.constexpr):
+    # PER_CHANNEL: out_recip and out_scale are pointers to [H] float32 vectors, else float32 scalars.
     # ROWS rows per program, a whole row (H <= BLOCK_H) in registers: one read of x, one write per output.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_H)
@@ -57,10 +62,18 @@ def _layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, R, H, eps, out_recip, o
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = (d * rstd[:, None] * w[None, :] + b[None, :]).to(y_ptr.dtype.element_ty)
     if QUANT:
-        q = int8_codes(y.to(tl.float32), out_recip)
+        if PER_CHANNEL:
+            recip = tl.load(out_recip + cols, mask=col_ok, other=0.0)[None, :]
+        else:
+            recip = out_recip
+        q = int8_codes(y.to(tl.float32), recip)
         tl.store(q_ptr + rows64 * stride_q + cols[None, :], q, mask=mask)
         if ROUND:  # -iln: the output itself is the INT8 value, dequantized
-            y = (q.to(tl.float32) * out_scale).to(y_ptr.dtype.element_ty)
+            if PER_CHANNEL:
+                scale = tl.load(out_scale + cols, mask=col_ok, other=0.0)[None, :]
+            else:
+                scale = out_scale
+            y = (q.to(tl.float32) * scale).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rows64 * stride_y + cols[None, :], y, mask=mask)
 
 
@@ -70,18 +83,27 @@ def _rows_per_program(h: int) -> int:
 
 
 def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                    out_recip: float | None = None,
-                    round_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    out_recip: float | torch.Tensor | None = None,
+                    round_scale: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LayerNorm of x [..., H] (float16/bfloat16/float32) -> (y in x.dtype, int8 codes of y or None).
 
     Codes are written only when `out_recip` (float32 reciprocal of the output scale) is given; they are the
     codes of y as rounded to x.dtype (module docstring). With `round_scale` (the scale itself; needs
     out_recip), y is returned as those codes dequantized, in the same pass: -iln's INT8 residual stream.
+    Both are Python floats, or both contiguous float32 [H] tensors on x's device (per channel).
     Outputs are contiguous, shaped like x.
     """
     if round_scale is not None and out_recip is None:
         raise ValueError("layernorm_quant: round_scale needs out_recip")
     h = x.shape[-1]
+    per_channel = isinstance(out_recip, torch.Tensor)
+    for name, v in (("out_recip", out_recip), ("round_scale", round_scale)):
+        if v is not None and isinstance(v, torch.Tensor) != per_channel:
+            raise ValueError("layernorm_quant: out_recip and round_scale must both be floats or both tensors")
+        if isinstance(v, torch.Tensor) and (v.shape != (h,) or v.dtype != torch.float32 or not v.is_contiguous()
+                                            or v.device != x.device):
+            raise ValueError(f"layernorm_quant: {name} must be a contiguous float32 [{h}] on {x.device}, got "
+                             f"{v.dtype} {tuple(v.shape)} on {v.device}")
     if not x.dtype.is_floating_point or weight.shape != (h,) or bias.shape != (h,):
         raise ValueError(f"layernorm_quant: x must be floating [..., H] with weight and bias [H], got x "
                          f"{x.dtype} {tuple(x.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}")
@@ -98,18 +120,23 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     per = _rows_per_program(h)
     y2 = y.view(r, h)
     q2 = q.view(r, h) if q is not None else y2
+    if per_channel:
+        recip, scale = out_recip, round_scale if round_scale is not None else out_recip  # unread without ROUND
+    else:
+        recip = float(out_recip) if out_recip is not None else 1.0
+        scale = float(round_scale) if round_scale is not None else 1.0
     _layernorm_kernel[(triton.cdiv(r, per),)](
-        rows, weight.contiguous(), bias.contiguous(), y2, q2, r, h, float(eps),
-        float(out_recip) if out_recip is not None else 1.0, float(round_scale) if round_scale is not None else 1.0,
+        rows, weight.contiguous(), bias.contiguous(), y2, q2, r, h, float(eps), recip, scale,
         rows.stride(0), y2.stride(0), q2.stride(0),
-        QUANT=out_recip is not None, ROUND=round_scale is not None, ROWS=per, BLOCK_H=triton.next_power_of_2(h),
-        num_warps=4, enable_fp_fusion=False)
+        QUANT=out_recip is not None, ROUND=round_scale is not None, PER_CHANNEL=per_channel, ROWS=per,
+        BLOCK_H=triton.next_power_of_2(h), num_warps=4, enable_fp_fusion=False)
     return y, q
 
 
 def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                              out_recip: float | None = None,
-                              round_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                              out_recip: float | torch.Tensor | None = None,
+                              round_scale: float | torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The definition of layernorm_quant's outputs in plain float32 torch ops (module docstring)."""
     xf = x.float()
     mean = xf.mean(dim=-1, keepdim=True)
@@ -120,5 +147,6 @@ def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
         return y, None
     q = codes_reference(y, out_recip)
     if round_scale is not None:
-        y = (q.float() * float(round_scale)).to(x.dtype)  # = calib.quantizer.dequantize(q, scale, x.dtype)
+        scale = round_scale if isinstance(round_scale, torch.Tensor) else float(round_scale)
+        y = (q.float() * scale).to(x.dtype)  # = calib.quantizer.dequantize(q, scale, x.dtype)
     return y, q

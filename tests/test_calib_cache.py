@@ -58,10 +58,32 @@ def test_tensor_range_scale_and_validation():
 def test_round_trip_and_file_layout(saved, tmp_path):
     assert load_cache(saved) == _cache()
     raw = json.loads(saved.read_text())
-    assert raw["format_version"] == FORMAT_VERSION
+    assert raw["format_version"] == 1  # nothing smoothed: the version older tools read
     assert re.fullmatch(r"[0-9a-f]{64}", raw["checksum"])
     assert raw["tensors"]["layer0.fc2_in"] == {"amax": 12.7, "scale": 12.7 / 127}
     assert [p.name for p in tmp_path.iterdir()] == ["calib.json"]  # atomic write leaves no temporary behind
+
+
+def test_smoothing_vectors_round_trip_as_format_2(tmp_path):
+    from dataclasses import replace
+
+    cache = replace(_cache(), ranges={**_cache().ranges, "layer0.attn_ln_out": TensorRange(3.5, (1.0, 0.25, 0.5))})
+    path = tmp_path / "smoothed.json"
+    save_cache(cache, path)
+    raw = json.loads(path.read_text())
+    assert raw["format_version"] == FORMAT_VERSION == 2
+    assert raw["tensors"]["layer0.attn_ln_out"]["smooth"] == [1.0, 0.25, 0.5]
+    assert load_cache(path) == cache
+    raw["tensors"]["layer0.attn_ln_out"]["smooth"] = [1.0, -0.25, 0.5]  # re-signed, so only the vector is wrong
+    body = {k: v for k, v in raw.items() if k != "checksum"}
+    from calib.cache import _canonical
+    from common.files import sha256_bytes
+    path.write_text(json.dumps({**body, "checksum": sha256_bytes(_canonical(body))}))
+    with pytest.raises(CacheError) as err:
+        load_cache(path)
+    assert "smoothing vector" in _one_line_naming(err, path)
+    with pytest.raises(WorkbenchError):
+        TensorRange(1.0, (1.0, float("nan")))
 
 
 def test_key_depends_on_every_input_and_not_on_the_ranges():

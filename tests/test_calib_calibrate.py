@@ -14,6 +14,7 @@ from calib.calibrate import (
     CalibrationSpec,
     calibrate,
     collect_ranges,
+    summary_lines,
     load_calibration_model,
     overlap_warning,
     real_values,
@@ -238,6 +239,18 @@ def test_padding_content_does_not_matter(tiny, method):
         assert dirty[site] == pytest.approx(clean[site], rel=1e-5, abs=1e-7), site
 
 
+def run_each_feature_alone(model, features: Features, tap) -> None:
+    """Every feature through `model` on its own, at its exact length (no padding at all), with `tap` installed."""
+    model.tap = tap
+    try:
+        with torch.inference_mode():
+            for i, n in enumerate(features.attention_mask.sum(1)):
+                model(*(torch.from_numpy(a[i:i + 1, :n]).long() for a in
+                        (features.input_ids, features.token_type_ids, features.attention_mask)))
+    finally:
+        model.tap = lambda name, x: x
+
+
 def test_max_is_the_true_max_over_real_tokens(tiny):
     """Our own tap over each feature run alone at its exact length (no padding at all) agrees with method max."""
     loaded, _, _, features = tiny
@@ -248,14 +261,7 @@ def test_max_is_the_true_max_over_real_tokens(tiny):
         truth[name] = max(truth.get(name, 0.0), float(x.abs().max()))
         return x
 
-    model.tap = record
-    try:
-        with torch.inference_mode():
-            for i, n in enumerate(features.attention_mask.sum(1)):
-                model(*(torch.from_numpy(a[i:i + 1, :n]).long() for a in
-                        (features.input_ids, features.token_type_ids, features.attention_mask)))
-    finally:
-        model.tap = lambda name, x: x
+    run_each_feature_alone(model, features, record)
     ranges = _ranges(loaded, features, "max", batch_size=5)
     assert ranges.keys() == truth.keys() == set(calibration_sites(loaded.config.num_layers))
     for site, amax in truth.items():
@@ -320,3 +326,48 @@ def test_minilm_on_16_train_questions():
     assert set(ranges) == set(calibration_sites(6)) and len(ranges) == 49
     assert all(math.isfinite(r.amax) and r.amax > 0 for r in ranges.values())
     assert run.cache.num_samples == 16 and run.num_features >= 16
+
+
+def test_smoothing_vectors_and_smoothed_ranges(tiny, tmp_path):
+    """--smooth: s from the real tokens' per-channel maxima and the reading GEMM's weight; max method's amax is
+    then exactly max |x / s| over real tokens; the other sites are untouched, and the cache keys on alpha."""
+    from calib.calibrate import smoothing_vectors
+    from calib.smoothing import smoothable_sites, smoothing_factors
+
+    loaded, wordpiece, squad, features = tiny
+    model = loaded.model.eval()
+    sites = smoothable_sites(loaded.config.num_layers)
+    chmax: dict[str, torch.Tensor] = {}
+    smooth = smoothing_vectors(model, features, 0.5, device=CPU, batch_size=3, progress=False)
+    assert set(smooth) == set(sites)
+    ratio: dict[str, float] = {}
+
+    def record(name, x):
+        if name in sites:
+            m = x.abs().reshape(-1, x.shape[-1]).amax(0)
+            chmax[name] = torch.maximum(chmax.get(name, m), m)
+            ratio[name] = max(ratio.get(name, 0.0), float((x / smooth[name]).abs().max()))
+        return x
+
+    run_each_feature_alone(model, features, record)
+    for site, (layer, gemm) in sites.items():
+        want = smoothing_factors(chmax[site], getattr(model.layers[layer], gemm).weight, 0.5)
+        assert torch.allclose(smooth[site], want, rtol=1e-5), site
+        assert float(smooth[site].max()) == pytest.approx(1.0)
+    plain = _ranges(loaded, features, "max", batch_size=5)
+    smoothed = collect_ranges(model, features, calibration_sites(loaded.config.num_layers), "max", device=CPU,
+                              batch_size=5, progress=False, smooth=smooth)
+    for site in plain:
+        want = ratio[site] if site in sites else plain[site]
+        assert smoothed[site] == pytest.approx(want, rel=1e-5), site
+
+    spec = CalibrationSpec("entropy", calib_num=5, seed=2, features=SETTINGS, smooth=0.5)
+    run = calibrate(squad, loaded, wordpiece, spec, device=CPU, batch_size=4, output=tmp_path / "s.json",
+                    progress=False)
+    assert {k for k, r in run.cache.ranges.items() if r.smooth is not None} == set(sites)
+    assert run.cache.settings["smooth_alpha"] == 0.5 and load_cache(tmp_path / "s.json") == run.cache
+    assert "smoothed" in summary_lines(run)[0]
+    plain_spec = CalibrationSpec("entropy", calib_num=5, seed=2, features=SETTINGS)
+    assert plain_spec.settings("t") != spec.settings("t")
+    with pytest.raises(WorkbenchError, match=r"\[0, 1\]"):
+        CalibrationSpec("entropy", smooth=1.5)

@@ -75,3 +75,9 @@ def test_write_and_read_file(tmp_path):
         read_trt_cache(path)
     with pytest.raises(WorkbenchError, match="not found"):
         read_trt_cache(tmp_path / "missing.calib")
+
+
+def test_smoothed_ranges_are_refused():
+    assert "x: " in to_trt_cache_text({"x": TensorRange(1.0)}, "entropy")
+    with pytest.raises(WorkbenchError, match="smoothed calibration cache"):
+        to_trt_cache_text({"x": TensorRange(1.0, (1.0, 0.5))}, "entropy")

@@ -98,13 +98,16 @@ def test_fp16_engine_close_to_reference():
 
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_int8_engine_matches_fake_quant_reference(name):
-    """Same scales, same rounding: the engine's integer GEMMs must give the fake-quant function, and far closer
-    to it than quantization moves the output away from FP32."""
-    policy = POLICIES[name]
     loaded = loaded_model(seed=3)
-    calib = max_calibration(loaded)
+    assert_matches_fake_quant(loaded, POLICIES[name], max_calibration(loaded))
+
+
+def assert_matches_fake_quant(loaded: LoadedModel, policy: PrecisionPolicy, calib: CalibrationCache) -> None:
+    """Same scales (and smoothing vectors), same rounding: the engine's integer GEMMs must give the fake-quant
+    function, and far closer to it than quantization moves the output away from FP32."""
     engine = build(loaded, policy, calib)
-    fq = fake_quant_model(loaded.model, policy, engine.scale)
+    smooth = {k: torch.tensor(r.smooth) for k, r in calib.ranges.items() if r.smooth is not None}
+    fq = fake_quant_model(loaded.model, policy, engine.scale, smooth)
     x = inputs(seed=11)  # fresh inputs, not the calibration ones
     with torch.no_grad():
         ref = loaded.model(*x)
@@ -172,10 +175,11 @@ def test_calibration_of_another_model_is_an_error():
         build(loaded_model(seed=2), PrecisionPolicy(int8=True), calib)
 
 
-def test_saved_engine_runs_the_same(tmp_path):
+@pytest.mark.parametrize("smoothed", [False, True], ids=["plain", "smoothed"])
+def test_saved_engine_runs_the_same(tmp_path, smoothed):
     loaded = loaded_model()
     policy = PrecisionPolicy(int8=True, iln=True)
-    calib = max_calibration(loaded)
+    calib = (smoothed_max_calibration if smoothed else max_calibration)(loaded)
     header, tensors = build_engine(loaded, policy, [Profile(4, 64)], calib, torch.device("cpu"), None)
     save_engine(tmp_path / "x.engine", header, tensors)
     engine, wordpiece = load_runnable(tmp_path / "x.engine", torch.device("cpu"))
@@ -186,14 +190,14 @@ def test_saved_engine_runs_the_same(tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["fp16", "int8", "int8 -iln -imh"])
+@pytest.mark.parametrize("name", ["fp16", "int8", "int8 -iln -imh", "int8 smoothed", "int8 -iln smoothed"])
 def test_cuda_engine_agrees_with_cpu_engine_and_graphs(name):
     from engines.graphs import GraphRunner
 
     policy = PrecisionPolicy(fp16=True) if name == "fp16" else PrecisionPolicy(fp16=True, **{
         "int8": True, "iln": "-iln" in name, "imh": "-imh" in name})
     loaded = loaded_model(seed=5)
-    calib = max_calibration(loaded) if policy.int8 else None
+    calib = (smoothed_max_calibration if "smoothed" in name else max_calibration)(loaded) if policy.int8 else None
     x = inputs(seed=13)
     with torch.no_grad():
         cpu = build(loaded, PrecisionPolicy(**{**policy.__dict__, "fp16": False}), calib)(*x)
@@ -285,3 +289,88 @@ def test_pipelined_batches_give_the_same_logits_in_order():
     assert len(got) == len(want)
     for (gs, ge), (ws, we) in zip(got, want):
         assert gs.device.type == "cpu" and torch.equal(gs, ws) and torch.equal(ge, we)
+
+
+def smoothed_max_calibration(loaded: LoadedModel, alpha: float = 0.5) -> CalibrationCache:
+    """Max calibration with smoothing: per-channel maxima give s, then amax of x / s at the smoothed sites."""
+    from calib.smoothing import smoothable_sites, smoothing_factors
+
+    sites = smoothable_sites(CFG.num_layers)
+    chmax: dict[str, torch.Tensor] = {}
+
+    def channel_tap(name, x):
+        if name in sites:
+            m = x.abs().reshape(-1, x.shape[-1]).amax(0)
+            chmax[name] = torch.maximum(chmax.get(name, m), m)
+        return x
+
+    loaded.model.tap = channel_tap
+    with torch.no_grad():
+        loaded.model(*inputs(batch=4, seq=48, seed=7))
+    smooth = {site: smoothing_factors(chmax[site], getattr(loaded.model.layers[i], g).weight, alpha)
+              for site, (i, g) in sites.items()}
+    plain = max_calibration(loaded)
+    amax: dict[str, float] = {}
+
+    def tap(name, x):
+        if name in smooth:
+            amax[name] = max(amax.get(name, 0.0), float((x / smooth[name]).abs().max()))
+        return x
+
+    loaded.model.tap = tap
+    with torch.no_grad():
+        loaded.model(*inputs(batch=4, seq=48, seed=7))
+    loaded.model.tap = lambda name, x: x
+    ranges = {k: TensorRange(amax[k], tuple(smooth[k].tolist())) if k in smooth else r
+              for k, r in plain.ranges.items()}
+    return CalibrationCache(ranges, "max", {"smooth_alpha": alpha}, 4, loaded.digest, "d", "t")
+
+
+def with_outlier_channel(loaded: LoadedModel) -> LoadedModel:
+    """BERT's LayerNorm outputs have a few channels an order of magnitude above the rest, which the GEMMs reading
+    them weigh lightly: the outlier sets a per-tensor range that rounds every other channel coarsely."""
+    last = f"layers.{CFG.num_layers - 1}.ln2"  # feeds only the QA head: left alone
+    with torch.no_grad():
+        for name, p in loaded.model.named_parameters():
+            if name.endswith(("ln.weight", "ln1.weight", "ln2.weight")) and not name.startswith(last):
+                p[5] = 25.0
+            if name.endswith(("qkv.weight", "fc1.weight")):
+                p[:, 5] *= 0.04
+    return loaded
+
+
+@pytest.mark.parametrize("name", ["int8", "int8 -iln", "int8 -iln --keep-fp16 layer1.fc1,qkv",
+                                  "int8 --keep-fp16 attn_out,layer0.fc2"])
+def test_smoothed_int8_engine_matches_fake_quant_reference(name):
+    loaded = loaded_model(seed=5)
+    calib = smoothed_max_calibration(loaded)
+    assert build(loaded, POLICIES[name], calib).channel_recip, "no site was quantized per channel"
+    assert_matches_fake_quant(loaded, POLICIES[name], calib)
+
+
+def test_smoothing_cuts_the_error_of_an_outlier_channel():
+    """What smoothing is for: with one LN channel 25x the rest, the same (max) calibration quantizes the
+    smoothed build far closer to FP32."""
+    loaded = with_outlier_channel(loaded_model(seed=5))
+    x = inputs(seed=11)
+    policy = PrecisionPolicy(int8=True)
+    with torch.no_grad():
+        ref = loaded.model(*x)
+        plain = build(loaded, policy, max_calibration(loaded))(*x)
+        smoothed = build(loaded, policy, smoothed_max_calibration(loaded))(*x)
+    err_plain = rel(valid(plain[0], x[2]), valid(ref[0], x[2]))
+    err_smooth = rel(valid(smoothed[0], x[2]), valid(ref[0], x[2]))
+    assert err_smooth < 0.5 * err_plain, (err_smooth, err_plain)
+
+
+def test_a_bad_smoothing_vector_is_refused_at_build():
+    from dataclasses import replace
+
+    loaded = loaded_model()
+    calib = smoothed_max_calibration(loaded)
+    short = replace(calib, ranges={**calib.ranges, "layer0.fc2_in": TensorRange(1.0, (1.0, 0.5))})
+    with pytest.raises(WorkbenchError, match=r"smoothing vector of layer0.fc2_in must be 128 finite positive"):
+        build(loaded, PrecisionPolicy(int8=True), short)
+    stray = replace(calib, ranges={**calib.ranges, "layer0.q": TensorRange(1.0, (1.0,) * 64)})
+    with pytest.raises(WorkbenchError, match="layer0.q has a smoothing vector but is not a smoothable site"):
+        build(loaded, PrecisionPolicy(int8=True), stray)

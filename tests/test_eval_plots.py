@@ -61,7 +61,7 @@ def test_pareto_log_scale_when_latencies_spread_over_10x():
 def test_pareto_plot_writes_a_png(tmp_path):
     path = tmp_path / "plots" / "pareto.png"
     pareto_plot(ROWS, (64, 384), ROWS[1], path, max_f1_drop=1.0)
-    assert png_size(path) == (800, 550)
+    assert png_size(path) == (1000, 550)
     assert path.stat().st_size > 10_000
     assert [p.name for p in path.parent.iterdir()] == ["pareto.png"]  # no temporary left
 

@@ -23,6 +23,8 @@ EPILOGUES = {
     "int8": dict(int8=True),
     "gelu+int8": dict(gelu=True, int8=True),
     "residual+int8": dict(residual=torch.float16, int8=True),
+    "gelu+int8/channel": dict(gelu=True, int8=True, per_channel=True),     # a smoothed fc2_in site
+    "residual+int8/channel": dict(residual=torch.float16, int8=True, per_channel=True),
     "residual32+fp32": dict(residual=torch.float32, out_dtype=torch.float32),
     "gelu+residual+fp32": dict(gelu=True, residual=torch.float16, out_dtype=torch.float32),
 }
@@ -47,7 +49,11 @@ def kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res):
     kw = dict(gelu=e.get("gelu", False), residual=res, out_dtype=e.get("out_dtype", torch.float16))
     if e.get("int8"):
         y = L.int8_linear_reference(a, w, a_scale, w_scale, bias, **{**kw, "out_dtype": torch.float32})
-        kw["out_recip"] = out_recip(0.8 * float(y.abs().max()) / 127)
+        if e.get("per_channel"):  # each channel's own range, clipped by 20% (clamping tested per channel too)
+            scales = (0.8 * y.abs().amax(dim=0).float().clamp_min(1e-3) / 127).cpu()
+            kw["out_recip"] = (1.0 / scales).to(a.device).contiguous()
+        else:
+            kw["out_recip"] = out_recip(0.8 * float(y.abs().max()) / 127)
     return kw
 
 
@@ -78,7 +84,11 @@ def float64_definition(a, w, a_scale, w_scale, bias, residual, gelu, recip):
     if residual is not None:
         r = residual.cpu().numpy().astype(np.float64)
         y, mag = y + r, mag + np.abs(r)
-    t = y * float(np.float32(recip)) if recip is not None else None
+    if isinstance(recip, torch.Tensor):
+        recip = recip.cpu().numpy().astype(np.float64)[None, :]  # already float32 values
+    elif recip is not None:
+        recip = float(np.float32(recip))
+    t = y * recip if recip is not None else None
     codes = np.clip(np.round(t), -127, 127) if recip is not None else None  # np.round is half to even
     return y, mag, codes, t
 

@@ -118,3 +118,32 @@ def test_round_scale_outputs_the_dequantized_codes(case, poison):
     assert_codes_close(q, ref_q)
     with pytest.raises(ValueError, match="round_scale needs out_recip"):
         LN.layernorm_quant(x, w, b, 1e-12, None, s)
+
+
+@pytest.mark.parametrize("case", ["fp16-384", "fp16-ragged-100", "fp32-1024"])
+@pytest.mark.parametrize("iln", [False, True], ids=["codes", "codes+round"])
+def test_per_channel_scales(case, iln, poison):
+    """Smoothed sites (calib/smoothing.py): one scale per channel, codes = quantize(y, scale * s)."""
+    from calib.quantizer import dequantize
+    from calib.smoothing import channel_scales
+
+    shape, dtype, pdtype = CASES[case]
+    x, w, b = inputs(shape, dtype, seed=91, param_dtype=pdtype)
+    h = shape[-1]
+    s = 0.05 + torch.rand(h, generator=gen(92))
+    scales = channel_scales(scale_for(LN.layernorm_quant_reference(x, w, b, 1e-12)[0]) / 2, s).to(x.device)
+    recip = (1.0 / scales).contiguous()
+    round_scale = scales.contiguous() if iln else None
+    y, q = LN.layernorm_quant(x, w, b, 1e-12, recip, round_scale)
+    ref_y, ref_q = LN.layernorm_quant_reference(x, w, b, 1e-12, recip, round_scale)
+    assert_codes_close(q, ref_q)
+    plain_y = LN.layernorm_quant_reference(x, w, b, 1e-12)[0]
+    assert torch.equal(ref_q.cpu(), quantize(plain_y.cpu(), scales.cpu()))  # the one quantizer, per channel
+    if iln:
+        assert torch.equal(y.cpu(), dequantize(q.cpu(), scales.cpu(), dtype))
+    else:
+        assert rel(y, ref_y) < 1e-3
+    with pytest.raises(ValueError, match="floats or both tensors"):
+        LN.layernorm_quant(x, w, b, 1e-12, recip, 0.1)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        LN.layernorm_quant(x, w, b, 1e-12, recip[:-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from eval.sensitivity import (
     FILES,
     Measurement,
     SensitivityConfig,
+    SensitivityResult,
+    Suggestion,
     Variant,
     _suggest,
     all_gemms,
@@ -28,6 +31,7 @@ from eval.sensitivity import (
     parse_layers,
     parse_options,
     plan_variants,
+    render_markdown,
     render_text,
     run_sensitivity,
     write_report,
@@ -134,57 +138,160 @@ def test_greedy_keeps_the_costliest_until_the_estimate_fits():
     assert not too_costly.fits and too_costly.estimated_drop == pytest.approx(0.8)
 
 
+def interacting(q: set[str]) -> float:
+    """The cost of each INT8 GEMM, +1 more when layer1.fc2 and layer1.fc1 are both INT8 (an interaction the sum of
+    single drops cannot see)."""
+    return sum(max(0.0, DROPS[g]) for g in q) + (1.0 if {"layer1.fc2", "layer1.fc1"} <= q else 0.0)
+
+
+def overstated(q: set[str]) -> float:
+    """A quarter of the summed costs: the sum of single drops overstates the real drop (as all-INT8 measures)."""
+    return 0.25 * sum(max(0.0, DROPS[g]) for g in q)
+
+
+def overstated_with_interaction(q: set[str]) -> float:
+    return 0.5 * sum(max(0.0, DROPS[g]) for g in q) + (1.0 if {"layer1.fc2", "layer1.fc1"} <= q else 0.0)
+
+
 class FakeEvaluator:
-    """F1 = 90 - the cost of each INT8 GEMM, +1 more when layer1.fc2 and layer1.fc1 are both INT8 (an interaction
-    the sum of single drops cannot see)."""
+    """F1 = 90 - drop(the INT8 GEMMs): a deterministic function of the keep list."""
 
     batch = 8
 
-    def __init__(self):
+    def __init__(self, drop=interacting):
+        self.drop = drop
         self.measured: list[tuple[str, ...]] = []
 
     def measure(self, v: Variant) -> Measurement:
         q = set(v.int8_gemms)
         self.measured.append(tuple(sorted(set(all_gemms(2)) - q)))
-        f1 = 90 - sum(max(0.0, DROPS[g]) for g in q) - (1.0 if {"layer1.fc2", "layer1.fc1"} <= q else 0.0)
+        f1 = 90 - self.drop(q)
         return Measurement(v.name, v.method, v.target, "--int8", len(q), f1, f1, 100, 0.0, 0.0)
 
 
-def suggestion_for(budget: float, refine: int = 2, all_int8_f1: float | None = None):
+def suggestion_for(budget: float, refine: int = 2, all_int8_f1: float | None = None, trim: int = 4,
+                   drop=interacting):
     cfg = SensitivityConfig(model="m", calib_cache="c.json", squad="d.json", device=torch.device("cpu"), half=False,
                             limit=None, feature_settings=SETTINGS, answer_settings=AnswerSettings(),
-                            max_f1_drop=budget, refine=refine, say=lambda line: None)
-    ev = FakeEvaluator()
+                            max_f1_drop=budget, refine=refine, trim=trim, say=lambda line: None)
+    ev = FakeEvaluator(drop)
     base = Measurement("baseline", "baseline", None, "fp32", 0, 90.0, 90.0, 100, 0.0, 0.0)
-    f1 = 90 - 4.2 - 1.0 if all_int8_f1 is None else all_int8_f1
+    f1 = 90 - drop(set(all_gemms(2))) if all_int8_f1 is None else all_int8_f1
     all_int8 = Measurement("all-int8", "all-int8", None, "--int8", 8, f1, f1, 100, 0.0, 0.0)
     sug, builds = _suggest(cfg, ev, 2, (0, 1), base, all_int8, None, DROPS)
     return sug, builds, ev
 
 
+def steps(sug) -> list[tuple[str, str | None, int, float, bool]]:
+    return [(a.step, a.gemm, len(a.keep), round(a.measured_drop, 6), a.fits) for a in sug.tried]
+
+
 def test_suggestion_is_built_and_measured():
-    sug, builds, ev = suggestion_for(1.0)
+    sug, builds, ev = suggestion_for(1.0, trim=0)  # --trim 0: the greedy list as measured, nothing more
     assert sug.keep == greedy_keep(DROPS, 1.0).keep == ("layer0.fc2", "layer1.fc1", "layer1.fc2")
     assert [m.name for m in builds] == ["suggested"] and ev.measured == [tuple(sorted(sug.keep))]
     assert sug.fits and sug.measured_drop == pytest.approx(0.7) and sug.estimated_drop == pytest.approx(0.7)
+    assert steps(sug) == [("greedy", None, 3, 0.7, True)] and sug.note == ""
     assert "--keep-fp16 fc2,layer1.fc1" in sug.command  # fc2 of both layers written once
+
+
+def test_trim_returns_kept_gemms_to_int8_while_the_measurement_fits():
+    # The real drop is a quarter of the sum (all-INT8 1.05 misses the budget 1.0): the greedy keeps 3 GEMMs
+    # (measured 0.175); trims, cheapest first: layer1.fc2 (0.3 fits), layer1.fc1 (0.55 fits); returning layer0.fc2
+    # too would be all-INT8, measured already to miss: no build.
+    sug, builds, ev = suggestion_for(1.0, drop=overstated)
+    assert steps(sug) == [("greedy", None, 3, 0.175, True), ("trim", "layer1.fc2", 2, 0.3, True),
+                          ("trim", "layer1.fc1", 1, 0.55, True)]
+    assert [m.name for m in builds] == ["suggested", "trim:layer1.fc2", "trim:layer1.fc1"]
+    assert builds[1].method == "trim" and len(ev.measured) == 3
+    assert sug.keep == ("layer0.fc2",) and sug.fits and sug.measured.name == "trim:layer1.fc1"
+    assert sug.measured_drop == pytest.approx(0.55) and sug.estimated_drop == pytest.approx(2.2)
+    assert sug.command.endswith("--keep-fp16 layer0.fc2 --device cpu -b 8 -s 96 -o engines/suggested.engine")
+    assert "measured trims returned layer1.fc2, layer1.fc1 to INT8 (of 3 kept before trimming)" in sug.note
+    # The trim budget counts builds: with one, layer1.fc2 goes back and the rest is said to be untried.
+    sug, builds, _ = suggestion_for(1.0, drop=overstated, trim=1)
+    assert sug.keep == ("layer0.fc2", "layer1.fc1") and len(builds) == 2
+    assert "--trim 1 spent: layer1.fc1, layer0.fc2 not tried back in INT8" in sug.note
+
+
+def test_a_trim_that_misses_is_reverted():
+    # Half the sum, +1 when layer1.fc1 and layer1.fc2 are both INT8: layer1.fc2 goes back (0.6); layer1.fc1 then
+    # misses (2.1) and is restored; so does layer0.fc2 (1.6). The suggestion is the smallest list measured within.
+    sug, builds, _ = suggestion_for(1.0, drop=overstated_with_interaction)
+    assert steps(sug) == [("greedy", None, 3, 0.35, True), ("trim", "layer1.fc2", 2, 0.6, True),
+                          ("trim", "layer1.fc1", 1, 2.1, False), ("trim", "layer0.fc2", 1, 1.6, False)]
+    assert sug.keep == ("layer0.fc2", "layer1.fc1") and sug.fits and sug.measured_drop == pytest.approx(0.6)
+    assert sug.measured.name == "trim:layer1.fc2" and len(builds) == 4
+    assert "--keep-fp16 layer0.fc2,layer1.fc1 " in sug.command
+    # On the interacting fake every trim misses: the greedy list stays, each try reverted.
+    sug, builds, _ = suggestion_for(1.0)
+    assert sug.keep == ("layer0.fc2", "layer1.fc1", "layer1.fc2") and sug.measured.name == "suggested"
+    assert [(a.gemm, a.fits) for a in sug.tried[1:]] == [("layer1.fc2", False), ("layer1.fc1", False),
+                                                         ("layer0.fc2", False)]
+    assert "--keep-fp16 fc2,layer1.fc1" in sug.command and "trims" not in sug.note
 
 
 def test_suggestion_measures_and_refines_when_the_estimate_is_optimistic():
     # Budget 2.5: the estimate keeps layer0.fc2 only (4.2 - 2.0 = 2.2 <= 2.5), but layer1.fc1 and layer1.fc2
     # together cost 1 more than their sum: measured 3.2 misses, so refinement keeps layer1.fc1 too (measured 1.2).
+    # Trimming then skips layer1.fc1 (that list was measured to miss) and reverts layer0.fc2 (3.2).
     sug, builds, ev = suggestion_for(2.5)
-    assert [m.name for m in builds] == ["suggested", "suggested+1"]
-    assert sug.tried == ((("layer0.fc2",), pytest.approx(3.2)), (("layer0.fc2", "layer1.fc1"), pytest.approx(1.2)))
+    assert [m.name for m in builds] == ["suggested", "suggested+1", "trim:layer0.fc2"]
+    assert steps(sug) == [("greedy", None, 1, 3.2, False), ("refine", "layer1.fc1", 2, 1.2, True),
+                          ("trim", "layer0.fc2", 1, 3.2, False)]
+    assert sug.tried[1].keep == ("layer0.fc2", "layer1.fc1")
     assert sug.keep == ("layer0.fc2", "layer1.fc1") and sug.fits
     assert sug.measured_drop == pytest.approx(1.2) and sug.measured.name == "suggested+1"
     assert sug.estimated_drop == pytest.approx(1.2)  # the estimate of what is finally kept
     assert "--keep-fp16 layer0.fc2,layer1.fc1" in sug.command and "--int8" in sug.command
     assert "--fp16" not in sug.command  # a CPU/FP32 analysis reproduces an FP32 build
-    # Without refinement the miss is reported as measured, never hidden behind the estimate.
+    # Without refinement the miss is reported as measured, never hidden behind the estimate; nothing is trimmed.
     sug, builds, _ = suggestion_for(2.5, refine=0)
     assert len(builds) == 1 and not sug.fits and sug.measured_drop == pytest.approx(3.2)
-    assert "misses the budget" in sug.note and "--refine 0" in sug.note
+    assert "misses the budget" in sug.note and "--refine 0" in sug.note and len(sug.tried) == 1
+
+
+def test_an_empty_greedy_list_reuses_the_all_int8_measurement():
+    # The estimate fits with nothing kept (budget 4.5 > 4.2) but all-INT8 was measured at 5.2: no build repeats it.
+    sug, builds, ev = suggestion_for(4.5, trim=0)
+    assert steps(sug)[0] == ("greedy", None, 0, 5.2, False)
+    assert [m.name for m in builds] == ["suggested+1"] and ev.measured == [("layer0.fc2",)]
+    assert sug.keep == ("layer0.fc2",) and sug.fits
+
+
+def test_suggestion_json_round_trip_and_older_files():
+    sug, _, _ = suggestion_for(1.0, drop=overstated_with_interaction)
+    assert Suggestion.from_json(json.loads(json.dumps(sug.to_json()))) == sug
+    old = {k: v for k, v in sug.to_json().items()}  # format 1 before trims: tried held keep and drop only
+    old["tried"] = [{"keep": ["layer0.fc2"], "measured_drop": 3.2}, {"keep": ["layer0.fc2", "layer1.fc1"],
+                                                                     "measured_drop": 0.6}]
+    back = Suggestion.from_json(old)
+    assert [(a.step, a.gemm, a.fits) for a in back.tried] == [("greedy", None, False), ("refine", "layer1.fc1", True)]
+
+
+def fake_result(sug) -> SensitivityResult:
+    base = Measurement("baseline", "baseline", None, "fp32", 0, 90.0, 90.0, 100, 0.0, 0.0)
+    settings = dict(model="m", calib_cache="c.json", calibration="max", squad="d.json", device="cpu",
+                    precision="fp32", iln=False, imh=False)
+    return SensitivityResult(settings, (0, 1), 2, base, replace(base, name="all-int8", f1=87.9), None, DROPS, {},
+                             None, sug, (base,))
+
+
+def test_the_report_tells_every_attempt():
+    sug, _, _ = suggestion_for(1.0, drop=overstated_with_interaction)
+    r = fake_result(sug)
+    text, md = render_text(r), render_markdown(r, None, None)
+    for out in (text, md):
+        assert "keep layer0.fc2, layer1.fc1 in FP32 (2 GEMMs)" in out
+        assert "tried, in order (one build and evaluation each):" in out
+        assert "trim   layer1.fc2 back to INT8" in out and "2 kept   ΔF1 -0.60   within: accepted" in out
+        assert "trim   layer1.fc1 back to INT8" in out and "ΔF1 -2.10   misses: reverted" in out
+        assert "note: measured trims returned layer1.fc2 to INT8" in out
+        assert "reproduce: " in out and "--keep-fp16 layer0.fc2,layer1.fc1" in out
+    sug, _, _ = suggestion_for(2.5)
+    assert "refine keep layer1.fc1 too" in render_text(fake_result(sug))
+    sug, _, _ = suggestion_for(1.0, trim=0)  # one attempt: no list
+    assert "tried" not in render_text(fake_result(sug))
 
 
 def test_nothing_is_kept_when_all_int8_fits():

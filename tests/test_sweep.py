@@ -17,6 +17,7 @@ from eval.sweep import (
     DEFAULT_CALIB_SQUAD,
     DEFAULT_EVAL_SQUAD,
     DEFAULT_MODEL,
+    SMOOTH_ALPHA,
     GridRow,
     SweepConfig,
     default_grid,
@@ -38,14 +39,23 @@ def test_default_grid_is_the_standard_grid():
     assert grid[0] == GridRow("fp16", fp16=True, baseline=True)
     dense = [r for r in grid if r.int8 and not r.sparse]
     sparse = [r for r in grid if r.sparse]
-    assert len(grid) == 41 and len(dense) == 20 and len(sparse) == 20
-    assert {r.method_tag for r in dense} == {"entropy", "p99.9", "p99.99", "mse", "max"}
+    assert len(grid) == 49 and len(dense) == 24 and len(sparse) == 24
+    assert {r.method_tag for r in dense} == {"entropy", "entropy-sm", "p99.9", "p99.99", "mse", "max"}
     assert {r.options_tag for r in dense} == {"plain", "iln", "imh", "iln-imh"}
     names = [r.name for r in dense]
     assert names[:4] == ["int8-entropy", "int8-entropy-iln", "int8-entropy-imh", "int8-entropy-iln-imh"]
     assert "int8-p99.9-iln" in names and "int8-p99.99" in names and "int8-max-iln-imh" in names
     p999 = next(r for r in dense if r.name == "int8-p99.9")
-    assert p999.method == "percentile" and p999.percentile == 99.9
+    assert p999.method == "percentile" and p999.percentile == 99.9 and p999.smooth is None
+    from calib.smoothing import DEFAULT_ALPHA
+    assert SMOOTH_ALPHA == DEFAULT_ALPHA
+    smoothed = next(r for r in dense if r.name == "int8-entropy-sm-iln")
+    assert smoothed.method == "entropy" and smoothed.smooth == SMOOTH_ALPHA and smoothed.iln
+    assert smoothed.calibration_spec(10, 0, SETTINGS).smooth == SMOOTH_ALPHA
+    with pytest.raises(WorkbenchError, match="smooth applies to INT8 rows only"):
+        GridRow("x", smooth=0.5)
+    with pytest.raises(WorkbenchError, match=r"\[0, 1\]"):
+        GridRow("x", int8=True, method="entropy", smooth=2.0)
     assert all(r.fp16 for r in grid)
     cpu = default_grid(half=False)
     assert cpu[0].name == "fp32" and not any(r.policy(True).fp16 for r in cpu)  # explicit fp16=False wins

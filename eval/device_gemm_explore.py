@@ -1,0 +1,241 @@
+"""Every INT8 GEMM tile configuration timed at BERT's GEMM shapes against the library path:
+which wins, by how much, and whether each one is right. A measuring script for the device machine, not a test.
+
+    python3 -m eval.device_gemm_explore [--shapes large-small,base-big-fc2] [--rep 20] [--dry-run]
+
+Shapes are MODEL-ROWS-KIND: BERT-large (hidden 1024, intermediate 4096) or -base (768, 3072); M = 128 rows
+(batch 1 x 128 tokens, "small") or 128 x 384 ("big"); qkv (FP16 out), attn_out and fc2 (+ FP16 residual), fc1
+(GELU, INT8 codes out), as the engine launches them. Each candidate's output is checked against
+int8_linear_reference first (bit for bit without GELU; codes at most 1 apart with it) and again after timing.
+Times are medians of triton.testing.do_bench (L2 flushed between runs: 24 layers' weights do not stay in L2). A
+config that fails to compile or run is listed as such. (A split-K variant, int32 atomics into a workspace, was
+timed with this script on the H100 and lost at every shape: BENCHMARKS.md; it was removed.) Kernels are compiled first in parallel worker processes (Triton's disk
+cache passes them on), which keeps the whole run within a few minutes. Tables go to stdout and, when $OUT is
+set, to $OUT/gemm_explore.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from engines.runtime import triton_impl
+from plugins.int8_linear import CANDIDATE_CONFIGS, GemmConfig, int8_linear, int8_linear_reference
+
+MODELS = {"large": (1024, 4096), "base": (768, 3072)}  # hidden, intermediate
+ROWS = {"small": 128, "big": 128 * 384}
+KINDS = ("qkv", "attn_out", "fc1", "fc2")
+LIBRARY = "library: int8_linear_reference (cuBLASLt _int_mm + torch epilogue)"
+INT_MM = "torch._int_mm alone (no epilogue)"
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    kind: str
+    m: int
+    n: int
+    k: int
+
+    @property
+    def gelu(self) -> bool:  # fc1: GELU, INT8 codes out (they are fc2's input)
+        return self.kind == "fc1"
+
+    @property
+    def residual(self) -> bool:
+        return self.kind in ("attn_out", "fc2")
+
+    @property
+    def epilogue(self) -> str:
+        return "bias" + ("+gelu->int8" if self.gelu else "+residual->fp16" if self.residual else "->fp16")
+
+
+def all_shapes() -> list[Shape]:
+    out = []
+    for model, (h, i) in MODELS.items():
+        for rows, m in ROWS.items():
+            nk = {"qkv": (3 * h, h), "attn_out": (h, h), "fc1": (i, h), "fc2": (h, i)}
+            out += [Shape(f"{model}-{rows}-{kind}", kind, m, *nk[kind]) for kind in KINDS]
+    return out
+
+
+def select(shapes: list[Shape], spec: str | None) -> list[Shape]:
+    """Shapes whose name is, or starts with, one of the comma-separated prefixes (`large-small`, `base-big-fc2`)."""
+    if not spec:
+        return shapes
+    tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    chosen = [s for s in shapes if any(s.name == t or s.name.startswith(t + "-") for t in tokens)]
+    if not chosen:
+        raise SystemExit(f"--shapes {spec!r} matches none of: {', '.join(s.name for s in shapes)}")
+    return chosen
+
+
+def plan(shape: Shape, device: torch.device) -> list[GemmConfig]:
+    """The configs to time at this shape: all candidates."""
+    return list(CANDIDATE_CONFIGS)
+
+
+def problem(shape: Shape, device: torch.device, seed: int = 0):
+    """Random operands with realistic scales (|y| of a few tens) and the int8_linear keyword arguments."""
+    from plugins._common import out_recip
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    a = torch.randint(-127, 128, (shape.m, shape.k), generator=g, device=device, dtype=torch.int8)
+    w = torch.randint(-127, 128, (shape.n, shape.k), generator=g, device=device, dtype=torch.int8)
+    w_scale = torch.rand(shape.n, generator=g, device=device) * 0.004 + 0.001
+    bias = torch.randn(shape.n, generator=g, device=device) * 0.5
+    res = (torch.randn(shape.m, shape.n, generator=g, device=device) * 2).half() if shape.residual else None
+    args, kw = (a, w, 0.05, w_scale, bias), dict(residual=res, gelu=shape.gelu, out_dtype=torch.float16)
+    if shape.gelu:  # an output scale that clips the top 20% of |y|, as calibration would
+        y = int8_linear_reference(*args, **{**kw, "out_dtype": torch.float32})
+        kw["out_recip"] = out_recip(0.8 * float(y.abs().max()) / 127)
+        del y
+    return args, kw
+
+
+def verdict(out: torch.Tensor, ref: torch.Tensor, gelu: bool) -> str:
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return f"WRONG ({out.dtype} {tuple(out.shape)})"
+    if not gelu:
+        bad = int((out != ref).sum())
+        return "exact" if bad == 0 else f"WRONG ({bad} of {ref.numel()} differ)"
+    diff = (out.int() - ref.int()).abs()
+    worst, ones = int(diff.max()), int((diff == 1).sum())
+    if worst > 1:
+        return f"WRONG (codes {worst} apart)"
+    return "ok" if ones == 0 else f"ok ({ones} codes 1 apart)"
+
+
+def is_right(correct: str) -> bool:
+    return "WRONG" not in correct and "failed" not in correct
+
+
+def short(e: Exception) -> str:
+    """An exception in one line: Triton's compilation errors start with the source position, end with the cause."""
+    text = [t.strip() for t in str(e).splitlines() if t.strip()]
+    what = text[0][:100] + (f" ... {text[-1][:100]}" if len(text) > 1 else "") if text else ""
+    return f"{type(e).__name__}: {what}"
+
+
+def _compile(shape: Shape, config: GemmConfig) -> str | None:
+    """Worker process: compile one (shape, config) kernel into Triton's disk cache; the error, if it fails."""
+    try:
+        args, kw = problem(shape, torch.device("cuda"))
+        int8_linear(*args, **kw, config=config)
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:  # noqa: BLE001 (reported; the timing loop tries it again)
+        return short(e)
+
+
+def kernel_key(shape: Shape, config: GemmConfig) -> tuple:
+    """What tells compiled kernels apart here (all of M, N, K and the strides are multiples of 16)."""
+    return shape.epilogue, config, shape.k % config.block_k == 0
+
+
+def precompile(work: list[tuple[Shape, GemmConfig]], jobs: int) -> list[str]:
+    """One call per distinct kernel, `jobs` processes at a time, so that the timing loop finds them compiled;
+    what failed, in words (the timing loop tries those again and reports them in its tables)."""
+    firsts = {}
+    for shape, c in work:
+        firsts.setdefault(kernel_key(shape, c), (shape, c))
+    worker = importlib.import_module("eval.device_gemm_explore")._compile  # by module name, for spawn
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            errors = list(pool.map(worker, *zip(*firsts.values())))
+    except Exception as e:  # noqa: BLE001 (then the timing loop compiles them, one at a time)
+        return [f"parallel compilation failed ({type(e).__name__}: {e}); compiling while timing instead"]
+    return [f"{s.name} {triton_impl(c)}: {e}" for (s, c), e in zip(firsts.values(), errors) if e]
+
+
+def explore(shape: Shape, rep: int, device: torch.device = torch.device("cuda")) -> list[str]:
+    """The Markdown table of one shape."""
+    from triton.testing import do_bench
+
+    args, kw = problem(shape, device)
+    ref = int8_linear_reference(*args, **kw)
+    ops = 2 * shape.m * shape.n * shape.k
+    rows = []  # (name, programs, us or None, correct)
+
+    def bench(fn) -> float:
+        return do_bench(fn, warmup=max(1, rep // 4), rep=rep, return_mode="median") * 1e3
+
+    rows.append((LIBRARY, "", bench(lambda: int8_linear_reference(*args, **kw)), "(reference)"))
+    a, w = args[0], args[1]
+    rows.append((INT_MM, "", bench(lambda: torch._int_mm(a, w.t())), "(no epilogue)"))
+    for c in plan(shape, device):
+        tiles = -(-shape.m // c.block_m) * -(-shape.n // c.block_n)
+        name = triton_impl(c)
+        try:
+            first = verdict(int8_linear(*args, **kw, config=c), ref, shape.gelu)
+        except Exception as e:  # noqa: BLE001 (reported, and the config is skipped)
+            rows.append((name, "", None, f"failed to compile or run: {short(e)}"))
+            continue
+        last = {}
+        us = bench(lambda: last.__setitem__("out", int8_linear(*args, **kw, config=c)))
+        after = verdict(last["out"], ref, shape.gelu)
+        correct = first if after == first else f"{first}; after timing: {after}"
+        rows.append((name, tiles, us, correct))
+
+    good = [us for name, _, us, correct in rows if us is not None and is_right(correct) and name != INT_MM]
+    best = min(good) if good else float("nan")
+    lines = ["", f"### {shape.name}: M={shape.m} N={shape.n} K={shape.k}, {shape.epilogue}", "",
+             "| implementation | programs | time (us) | TOP/s | x best | correct? |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, programs, us, correct in sorted(rows, key=lambda r: (r[2] is None, r[2] or 0.0)):
+        if us is None:
+            lines.append(f"| {name} | {programs} | - | - | - | {correct} |")
+        else:
+            lines.append(f"| {name} | {programs} | {us:.1f} | {ops / us / 1e6:.0f} | {us / best:.2f} | {correct} |")
+    del args, kw, ref
+    torch.cuda.empty_cache()
+    return lines
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", help="comma-separated name prefixes, e.g. large-small,base-big-fc2 (default: all)")
+    ap.add_argument("--rep", type=int, default=20, help="do_bench measuring time per implementation, ms")
+    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                    help="processes compiling kernels up front (0: compile as timed)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan; needs no GPU")
+    args = ap.parse_args(argv)
+    shapes = select(all_shapes(), args.shapes)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    work = []
+    for s in shapes:
+        timed = plan(s, device)
+        work += [(s, c) for c in timed]
+        print(f"{s.name}: M={s.m} N={s.n} K={s.k} {s.epilogue}: library, _int_mm and {len(timed)} configs")
+    print(f"{len(shapes)} shapes, {len(work) + 2 * len(shapes)} timings of ~{args.rep} ms, "
+          f"{len({kernel_key(*w) for w in work})} kernels to compile"
+          )
+    if args.dry_run:
+        return
+    if device.type != "cuda":
+        raise SystemExit("device_gemm_explore needs a CUDA GPU (or --dry-run)")
+
+    start = time.time()
+    failed = precompile(work, args.jobs) if args.jobs > 0 else []
+    print(f"compiled in {time.time() - start:.0f} s", *failed, sep="\n", flush=True)
+    lines = [f"# INT8 GEMM configurations: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"triton {importlib.import_module('triton').__version__}"]
+    lines += ["", "Failed in the parallel compilation step:", *(f"- {f}" for f in failed)] if failed else []
+    for s in shapes:
+        part = explore(s, args.rep, device)
+        print("\n".join(part), flush=True)
+        lines += part
+        if os.environ.get("OUT"):
+            from common.files import atomic_write_text
+            atomic_write_text(os.path.join(os.environ["OUT"], "gemm_explore.md"), "\n".join(lines) + "\n")
+    print(f"\ntotal {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
