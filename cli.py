@@ -379,7 +379,8 @@ class _ComparisonPlan:
               file=sys.stderr)
         if r.kind == "engine":
             header = r.engine.header
-            options, calibration = r.engine.policy.describe(), calibration_of_engine(header.calib_digest)
+            options = r.engine.policy.describe()
+            calibration = calibration_of_engine(header.calib_digest, header.calibration)
             size, build_s = Path(r.path).stat().st_size, header.build_seconds
         else:
             options, calibration, size, build_s = f"model {r.precision}", "-", None, None

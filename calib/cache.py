@@ -61,6 +61,16 @@ class CalibrationCache:
     data_digest: str
     tool_version: str
 
+    def describe(self) -> str:
+        """"entropy (100 q)", "percentile 99.9 (100 q)", "entropy +smooth 0.8 (100 q)": for reports and engine
+        headers."""
+        method = self.method
+        if method == "percentile" and "percentile" in self.settings:
+            method = f"percentile {self.settings['percentile']:g}"
+        if self.settings.get("smooth_alpha") is not None:
+            method += f" +smooth {self.settings['smooth_alpha']:g}"
+        return f"{method} ({self.num_samples} q)"
+
     def key(self) -> str:
         """sha256 over what determines the ranges (not the ranges themselves)."""
         return cache_key(**self._inputs())

@@ -60,7 +60,8 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
         model_digest=loaded.digest, calib_digest=calib.key() if calib is not None and policy.int8 else None,
         device=device.type, gpu_name=gpu[0] if gpu else None, compute_capability=gpu[1] if gpu else None,
         versions=_versions(), kernels=_kernels(cfg.num_layers, policy, device),
-        build_seconds=0.0, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=loaded.source)
+        build_seconds=0.0, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=loaded.source,
+        calibration=calib.describe() if calib is not None and policy.int8 else "")
     if device.type == "cuda":
         header = replace(header, kernels={**header.kernels, **_tune(header, tensors, device, timing_cache)})
     return replace(header, build_seconds=time.perf_counter() - t0), tensors

@@ -60,6 +60,7 @@ class EngineHeader:
     build_seconds: float
     created: str                  # ISO-8601 UTC
     source: str = ""              # model folder or preset name, for reports
+    calibration: str = ""         # the calibration cache described ("entropy +smooth 0.8 (100 q)"), for reports
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
@@ -99,6 +100,7 @@ class EngineHeader:
             build_seconds=float(get("build_seconds", _is_number, "a finite number >= 0")),
             created=get("created", _is_str, "a string"),
             source=get("source", _is_str, "a string"),
+            calibration=get("calibration", _is_str, "a string"),
         )
 
 

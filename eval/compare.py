@@ -54,24 +54,19 @@ def latency_line(latency: Sequence[ProfileLatency]) -> str:
 
 def describe_calibration(cache: CalibrationCache | None) -> str:
     """The report's calibration column: "entropy (100 q)", "percentile 99.9 (100 q)", or "-" without INT8."""
-    if cache is None:
-        return "-"
-    method = cache.method
-    if method == "percentile" and "percentile" in cache.settings:
-        method = f"percentile {cache.settings['percentile']:g}"
-    if cache.settings.get("smooth_alpha") is not None:
-        method += f" +smooth {cache.settings['smooth_alpha']:g}"
-    return f"{method} ({cache.num_samples} q)"
+    return "-" if cache is None else cache.describe()
 
 
-def calibration_of_engine(calib_digest: str | None) -> str:
-    """The calibration column for an engine file: its header names the calibration cache by key only, so the
-    method is read from the cache of that key in the workbench cache directory (where `cli.py sweep` keeps them);
+def calibration_of_engine(calib_digest: str | None, described: str = "") -> str:
+    """The calibration column for an engine file: what its header says (engines built since the header holds a
+    description), else the cache of that key in the workbench cache directory (where `cli.py sweep` keeps them);
     a cache kept elsewhere shows as its key."""
     from calib.cache import CacheError, default_cache_path, load_cache
 
     if calib_digest is None:
         return "-"
+    if described:
+        return described
     path = default_cache_path(calib_digest)
     if path.exists():
         try:

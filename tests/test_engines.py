@@ -181,9 +181,10 @@ def test_saved_engine_runs_the_same(tmp_path, smoothed):
     policy = PrecisionPolicy(int8=True, iln=True)
     calib = (smoothed_max_calibration if smoothed else max_calibration)(loaded)
     header, tensors = build_engine(loaded, policy, [Profile(4, 64)], calib, torch.device("cpu"), None)
+    assert header.calibration == ("max +smooth 0.5 (4 q)" if smoothed else "max (4 q)")  # for reports
     save_engine(tmp_path / "x.engine", header, tensors)
     engine, wordpiece = load_runnable(tmp_path / "x.engine", torch.device("cpu"))
-    assert wordpiece is None
+    assert wordpiece is None and engine.header.calibration == header.calibration
     x = inputs()
     with torch.no_grad():
         assert torch.equal(engine(*x)[0], Engine(header, tensors, torch.device("cpu"))(*x)[0])

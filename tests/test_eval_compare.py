@@ -105,7 +105,17 @@ def test_baseline_engine_by_path(builds, tmp_path):
     proc = run_eval(builds, builds["fp32"], builds["int8"], "--baseline", builds["int8"], "-o", tmp_path / "p.json")
     assert proc.returncode == 0, proc.stderr
     assert "vs int8" in proc.stdout
-    assert "cache " in proc.stdout  # calibration caches kept elsewhere are named by key
+    assert "max (6 q)" in proc.stdout  # the engine header describes its calibration
+
+
+def test_engines_without_a_calibration_description_name_their_cache_by_key(tmp_path, monkeypatch):
+    """Engines built before headers described their calibration: the cache of that key, else the key."""
+    from eval.compare import calibration_of_engine
+
+    monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path))
+    assert calibration_of_engine(None, "") == "-"
+    assert calibration_of_engine("ab" * 32, "") == f"cache {'ab' * 6}"
+    assert calibration_of_engine("ab" * 32, "entropy (100 q)") == "entropy (100 q)"
 
 
 def test_single_model_output_is_unchanged_without_report_flags(builds, tmp_path):
