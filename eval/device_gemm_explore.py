@@ -9,9 +9,9 @@ Shapes are MODEL-ROWS-KIND: BERT-large (hidden 1024, intermediate 4096) or -base
 int8_linear_reference first (bit for bit without GELU; codes at most 1 apart with it) and again after timing.
 Times are medians of triton.testing.do_bench (L2 flushed between runs: 24 layers' weights do not stay in L2). A
 config that fails to compile or run is listed as such. (A split-K variant, int32 atomics into a workspace, was
-timed with this script on the H100 and lost at every shape: BENCHMARKS.md; it was removed.) Kernels are compiled first in parallel worker processes (Triton's disk
-cache passes them on), which keeps the whole run within a few minutes. Tables go to stdout and, when $OUT is
-set, to $OUT/gemm_explore.md.
+timed with this script on the H100 and lost at every shape: BENCHMARKS.md; it was removed.) Kernels are compiled
+first in parallel worker processes (Triton's disk cache passes them on), which keeps the whole run within a few
+minutes. Tables go to stdout and, when $OUT is set, to $OUT/gemm_explore.md.
 """
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ The math (int8_linear_reference defines it; float32 throughout the epilogue):
     out       = codes(y) if out_recip is given else y.to(out_dtype)
 
 codes(y) = clamp(round_half_even(y * out_recip), -127, 127), with out_recip a float32 number or one per output
-channel (a float32 [N] vector: a site calibrated with smoothing, calib/smoothing.py), is taken from the float32 `y` itself, with no FP16
-rounding in between: a deliberate change from the engine's unfused path (which rounds to FP16 first), one
-rounding fewer. The kernel is compiled without FP contraction (enable_fp_fusion=False), so `acc * s + bias`
+channel (a float32 [N] vector: a site calibrated with smoothing, calib/smoothing.py), is taken from the float32
+`y` itself, with no FP16 rounding in between: a deliberate change from the engine's unfused path (which rounds to
+FP16 first), one rounding fewer. The kernel is compiled without FP contraction (enable_fp_fusion=False), so `acc * s + bias`
 rounds twice, as the reference's separate torch ops do: without GELU its outputs equal the reference bit for
 bit. GELU's erf is the device library's, not torch's: a last-bit difference, and an INT8 code 1 apart where
 y * out_recip sits on a .5 boundary.
@@ -103,8 +103,7 @@ def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
                         stride_am, stride_wn, stride_rm, stride_om,
                         HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
                         RECIP_PER_CHANNEL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Programs start roughly in pid order. Walking GROUP_M row-tiles down a column of tiles before stepping
     # right means the programs resident at one time share a few panels of A and W, which then stay in L2.
     pid = tl.program_id(0)

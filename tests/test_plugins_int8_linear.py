@@ -246,3 +246,15 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     assert_codes_close(out, L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw))
 
+
+
+def test_gemm_exploration_plan_names_every_candidate(capsys):
+    """eval/device_gemm_explore's plan (its --dry-run needs no GPU): BERT-large's batch-1 shapes, every candidate."""
+    pytest.importorskip("triton")
+    from eval.device_gemm_explore import main
+
+    main(["--dry-run", "--shapes", "large-small"])
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out[:4]] == [f"large-small-{k}" for k in ("qkv", "attn_out", "fc1", "fc2")]
+    assert all(f"{len(L.CANDIDATE_CONFIGS)} configs" in line for line in out[:4])
+    assert out[-1].startswith("4 shapes")
