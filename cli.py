@@ -678,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("sweep", "the workbench's answer: build the grid of INT8 builds and the FP16 baseline, evaluate and time "
                       "each, and pick the fastest build within the F1 budget")
     p.description += (
-        ". The default grid: FP16; INT8 x {entropy, percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, "
+        ". The default grid: FP16; INT8 x {entropy, entropy --smooth 0.8, percentile 99.9, percentile 99.99, mse, "
+        "max} x {plain, -iln, "
         "-imh, -iln -imh}; x --sparse when the model's GEMM weights are 2:4 sparse (sparse engines are not "
         "available yet: those rows are skipped, with the reason). Calibration caches, kernel timings and featurized "
         "questions are reused from the workbench cache. Resumable: each finished row is stored in "

@@ -251,7 +251,8 @@ def engine_tensors(model, policy: PrecisionPolicy,
     num_layers = model.config.num_layers
     quantized = {f"layers.{i}.{g}.weight": policy.gemm_input_site(i, g) for i in range(num_layers) for g in GEMMS
                  if policy.quantizes_gemm(i, g)}
-    smooth = {site: v for site, v in (smooth or {}).items() if site in set(policy.quantized_sites(num_layers))}
+    sites = set(policy.quantized_sites(num_layers))
+    smooth = {site: v for site, v in (smooth or {}).items() if site in sites}
     for site, v in smooth.items():
         out[SMOOTH_PREFIX + site] = v.detach().float().cpu().contiguous()
     for name, p in model.state_dict().items():
