@@ -84,8 +84,8 @@ def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.
             found = engine.gemm_candidates(kind, m)
             if found is None:
                 continue
-            problem, candidates = found
-            best, times = choose(problem, candidates, cache, machine)
+            problem, candidates, calls = found
+            best, times = choose(problem, candidates, cache, machine, calls)
             chosen[kernel_key(kind, m)] = best
             log.info("%s m=%d: %s %.3f ms (library %.3f ms)", kind, m, best, times[best], times[LIBRARY])
     cache.save()

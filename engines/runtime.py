@@ -32,6 +32,7 @@ from model.config import BertConfig
 
 TRITON = "triton"
 SMOOTH_PREFIX = "smooth."  # engine tensors "smooth.SITE": a smoothed site's vector s (calib/smoothing.py)
+ROTATE_WEIGHTS_UP_TO_ROWS = 2048  # build-time timing runs every layer's weights up to this M (gemm_candidates)
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,21 @@ class Gemm:
 
 def triton_impl(config) -> str:
     c = config
-    return f"{TRITON}:{c.block_m}x{c.block_n}x{c.block_k}-g{c.group_m}-w{c.num_warps}-s{c.num_stages}"
+    split = f"-k{c.split_k}" if c.split_k > 1 else ""
+    loads = "" if c.loads == "ptr" else f"+{c.loads}"
+    return (f"{TRITON}:{c.block_m}x{c.block_n}x{c.block_k}-g{c.group_m}-w{c.num_warps}-s{c.num_stages}"
+            f"{split}{loads}")
 
 
 def parse_triton_impl(impl: str):
     """The GemmConfig an implementation name stands for (inverse of triton_impl)."""
     from plugins.int8_linear import GemmConfig
 
-    tiles, g, w, s = impl.removeprefix(f"{TRITON}:").split("-")
+    body, _, loads = impl.removeprefix(f"{TRITON}:").partition("+")
+    tiles, g, w, s, *split = body.split("-")
     bm, bn, bk = map(int, tiles.split("x"))
-    return GemmConfig(bm, bn, bk, int(g[1:]), int(w[1:]), int(s[1:]))
+    return GemmConfig(bm, bn, bk, int(g[1:]), int(w[1:]), int(s[1:]), loads or "ptr",
+                      int(split[0][1:]) if split else 1)
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -215,29 +221,39 @@ class Engine(torch.nn.Module):
 
     # ------------------------------------------------------------ tuning support
 
-    def gemm_candidates(self, kind: str, m: int) -> tuple[GemmProblem, dict[str, callable]] | None:
-        """The INT8 `kind` GEMM at m rows as the forward launches it (first INT8 layer's weights, random codes,
-        the same epilogue), and one zero-argument call per implementation, for build-time timing."""
+    def gemm_candidates(self, kind: str, m: int) -> tuple[GemmProblem, dict[str, callable], int] | None:
+        """The INT8 `kind` GEMM at m rows as the forward launches it (random input codes, each layer's weights
+        and epilogue), one zero-argument call per implementation for build-time timing, and how many GEMMs one
+        call runs. At few rows the weights are most of the traffic, so a call runs the GEMM of every INT8 layer
+        of this kind with the same epilogue, each with its own weights, as a forward does (one layer's weights
+        would sit in L2 and time too fast); at many rows it runs the first such layer only. Calls return the
+        first layer's output, which the candidates must agree on."""
         from plugins.int8_linear import CANDIDATE_CONFIGS
 
-        layer = next((i for i in range(self.cfg.num_layers) if self.gemms[f"layers.{i}.{kind}"].int8), None)
-        if layer is None:
+        layers = [i for i in range(self.cfg.num_layers) if self.gemms[f"layers.{i}.{kind}"].int8]
+        if not layers:
             return None
-        name = f"layers.{layer}.{kind}"
-        g = self.gemms[name]
+        out_site = (lambda i: f"layer{i}.fc2_in" if kind == "fc1" and f"layer{i}.fc2_in" in self.scale else None)
+        layers = [i for i in layers if (out_site(i) is None) == (out_site(layers[0]) is None)]
+        if m > ROTATE_WEIGHTS_UP_TO_ROWS:
+            layers = layers[:1]
+        g = self.gemms[f"layers.{layers[0]}.{kind}"]
         n, k = g.weight.shape
         gen = torch.Generator(device=self.device).manual_seed(m)
         a = torch.randint(-127, 128, (m, k), generator=gen, device=self.device, dtype=torch.int8)
         residual = torch.randn(m, n, generator=gen, device=self.device).to(self.dtype) \
             if kind in ("attn_out", "fc2") else None
-        gelu, out_site = (True, f"layer{layer}.fc2_in") if kind == "fc1" else (False, None)
-        int8_out = out_site is not None and out_site in self.scale
+        gelu = kind == "fc1"
         epilogue = "bias" + ("+gelu" if gelu else "") + ("+residual" if residual is not None else "") + \
-            ("->int8" if int8_out else f"->{str(self.dtype).removeprefix('torch.')}")
+            ("->int8" if out_site(layers[0]) else f"->{str(self.dtype).removeprefix('torch.')}")
         problem = GemmProblem(kind, m, n, k, "int8", epilogue)
+
+        def call(impl: str) -> torch.Tensor:
+            return [self._linear(f"layers.{i}.{kind}", a, residual=residual, gelu=gelu, out_site=out_site(i),
+                                 impl=impl) for i in layers][0]
+
         impls = [LIBRARY] + [triton_impl(c) for c in CANDIDATE_CONFIGS]
-        return problem, {impl: (lambda impl=impl: self._linear(name, a, residual=residual, gelu=gelu,
-                                                                 out_site=out_site, impl=impl)) for impl in impls}
+        return problem, {impl: (lambda impl=impl: call(impl)) for impl in impls}, len(layers)
 
 
 def engine_tensors(model, policy: PrecisionPolicy,

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 LIBRARY = "library"
 TIMING_CACHE_FORMAT = "bert-int8-workbench/timing-cache"
+TIMING_METHOD = "graph-replay"  # part of every key: timings taken another way (eager launches) are not reused
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,13 @@ class GemmProblem:
 
 
 def machine_key() -> str:
-    """GPU, compute capability and the versions whose kernels we time: a timing holds only for all of them."""
+    """GPU, compute capability, the versions whose kernels we time and how we time: a timing holds only for all
+    of them."""
     import triton
 
     major, minor = torch.cuda.get_device_capability()
     return (f"{torch.cuda.get_device_name()} sm{major}{minor} torch {torch.__version__} "
-            f"triton {triton.__version__}")
+            f"triton {triton.__version__} {TIMING_METHOD}")
 
 
 def kernel_key(gemm: str, m: int) -> str:
@@ -105,15 +107,24 @@ class TimingCache:
         return f"timing cache: {self.timed} timed, {self.reused} reused"
 
 
-def time_ms(fn: Callable[[], object]) -> float:
-    """Median of CUDA-event timings (triton.testing.do_bench); an implementation that fails to compile or run
-    for this problem is not a candidate (infinite time), and says why in the debug log."""
+def time_ms(fn: Callable[[], object], calls: int = 1, rep: int = 50) -> float:
+    """Milliseconds per GEMM: `fn` (running `calls` GEMMs) captured in a CUDA graph, the median replay time of
+    triton.testing.do_bench (L2 flushed before each replay) over `calls`. The engine replays graphs, so the host's
+    launch costs (Python, Triton's launcher) are not in its time and must not be in the choice: timing eager
+    launches measured those instead at small M (the fastest M=128 candidates read 12-49 us on an H200, where graph
+    replays give 5-11). An implementation that fails to compile, run or capture for this problem is not a
+    candidate (infinite time), and says why in the debug log."""
     from triton.testing import do_bench
 
     try:
-        fn()
+        fn()  # compiles, and warms the allocator
         torch.cuda.synchronize()
-        return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = float(do_bench(graph.replay, warmup=max(1, rep // 5), rep=rep, return_mode="median")) / calls
+        del graph
+        return ms
     except Exception as e:  # noqa: BLE001 -- a candidate that cannot run is simply not chosen
         log.debug("candidate failed: %s", e)
         torch.cuda.synchronize()
@@ -132,7 +143,7 @@ def agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
     return bool(torch.isfinite(out).all()) and float((out - ref).norm() / ref.norm().clamp_min(1e-30)) < 1e-3
 
 
-def checked_time(fn: Callable[[], torch.Tensor], ref: torch.Tensor) -> float:
+def checked_time(fn: Callable[[], torch.Tensor], ref: torch.Tensor, calls: int = 1) -> float:
     """A candidate's time if it computes the same function as the reference, else infinite: a fast wrong kernel
     (a compiler or tile-shape bug on some GPU) is never chosen, and the timing cache remembers that."""
     try:
@@ -143,21 +154,21 @@ def checked_time(fn: Callable[[], torch.Tensor], ref: torch.Tensor) -> float:
     if not ok:
         log.warning("a GEMM candidate disagreed with the library GEMM and was left out")
         return float("inf")
-    return time_ms(fn)
+    return time_ms(fn, calls)
 
 
 def choose(problem: GemmProblem, candidates: dict[str, Callable[[], object]], cache: TimingCache,
-           machine: str) -> tuple[str, dict[str, float]]:
-    """The fastest candidate for `problem` and every candidate's time; the library's output is the reference
-    every other candidate must reproduce before it is timed."""
+           machine: str, calls: int = 1) -> tuple[str, dict[str, float]]:
+    """The fastest candidate for `problem` (each call running `calls` such GEMMs) and every candidate's time
+    per GEMM; the library's output is the reference every other candidate must reproduce before it is timed."""
     reference: list[torch.Tensor] = []
 
     def measure(impl: str, fn: Callable[[], object]) -> float:
         if impl == LIBRARY:
-            return time_ms(fn)
+            return time_ms(fn, calls)
         if not reference:
             reference.append(candidates[LIBRARY]())
-        return checked_time(fn, reference[0])
+        return checked_time(fn, reference[0], calls)
 
     times = {impl: cache.get(problem.key(impl, machine), lambda impl=impl, fn=fn: measure(impl, fn))
              for impl, fn in candidates.items()}

@@ -7,11 +7,11 @@ Shapes are MODEL-ROWS-KIND: BERT-large (hidden 1024, intermediate 4096) or -base
 (batch 1 x 128 tokens, "small") or 128 x 384 ("big"); qkv (FP16 out), attn_out and fc2 (+ FP16 residual), fc1
 (GELU, INT8 codes out), as the engine launches them. Each candidate's output is checked against
 int8_linear_reference first (bit for bit without GELU; codes at most 1 apart with it) and again after timing.
-Times are medians of triton.testing.do_bench (L2 flushed between runs: 24 layers' weights do not stay in L2). A
-config that fails to compile or run is listed as such. (A split-K variant, int32 atomics into a workspace, was
-timed with this script on the H100 and lost at every shape: BENCHMARKS.md; it was removed.) Kernels are compiled
-first in parallel worker processes (Triton's disk cache passes them on), which keeps the whole run within a few
-minutes. Tables go to stdout and, when $OUT is set, to $OUT/gemm_explore.md.
+Times are those the engine builder takes (engines.tuning.time_ms): one call captured in a CUDA graph, median
+replay time of triton.testing.do_bench with L2 flushed between replays (24 layers' weights do not stay in L2), so
+host launch costs are left out, as in the engine's graphs. A config that fails to compile or run is listed as
+such. Kernels are compiled first in parallel worker processes (Triton's disk cache passes them on), which keeps
+the whole run within a few minutes. Tables go to stdout and, when $OUT is set, to $OUT/gemm_explore.md.
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def precompile(work: list[tuple[Shape, GemmConfig]], jobs: int) -> list[str]:
 
 def explore(shape: Shape, rep: int, device: torch.device = torch.device("cuda")) -> list[str]:
     """The Markdown table of one shape."""
-    from triton.testing import do_bench
+    from engines.tuning import time_ms
 
     args, kw = problem(shape, device)
     ref = int8_linear_reference(*args, **kw)
@@ -164,13 +164,16 @@ def explore(shape: Shape, rep: int, device: torch.device = torch.device("cuda"))
     rows = []  # (name, programs, us or None, correct)
 
     def bench(fn) -> float:
-        return do_bench(fn, warmup=max(1, rep // 4), rep=rep, return_mode="median") * 1e3
+        return time_ms(fn, rep=rep) * 1e3
 
     rows.append((LIBRARY, "", bench(lambda: int8_linear_reference(*args, **kw)), "(reference)"))
     a, w = args[0], args[1]
     rows.append((INT_MM, "", bench(lambda: torch._int_mm(a, w.t())), "(no epilogue)"))
     for c in plan(shape, device):
         tiles = -(-shape.m // c.block_m) * -(-shape.n // c.block_n)
+        tiles *= c.split_k
+        if c.loads == "tma-persistent":
+            tiles = min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
         name = triton_impl(c)
         try:
             first = verdict(int8_linear(*args, **kw, config=c), ref, shape.gelu)

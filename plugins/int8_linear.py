@@ -2,7 +2,9 @@
 
 One kernel replaces the engine's `_int_mm` + scale + bias + cast (+ GELU, + residual add, + the next GEMM's
 quantization): the int32 accumulator never leaves registers, and the output is written once, in FP16/FP32 or
-directly as the INT8 codes the next GEMM reads.
+directly as the INT8 codes the next GEMM reads. GemmConfig picks the tiles and how operands reach shared memory
+(pointer loads, or Hopper's TMA, optionally persistent); a small-M GEMM with a long K may split K over two
+launches (int32 partials, summed exactly, then the same epilogue), which changes nothing in the math below.
 
 The math (int8_linear_reference defines it; float32 throughout the epilogue):
 
@@ -37,6 +39,9 @@ from plugins._common import codes_reference, int8_codes
 _SQRT1_2 = 1.0 / math.sqrt(2.0)  # rounded to float32 where it meets a float32 tensor, in both implementations
 
 
+LOADS = ("ptr", "tma", "tma-persistent")
+
+
 @dataclass(frozen=True)
 class GemmConfig:
     """Tile shape and launch parameters; the engine builder times CANDIDATE_CONFIGS and stores the winner."""
@@ -46,6 +51,14 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    # How operand tiles reach shared memory: "ptr" (pointer loads, one program per output tile), "tma" (Hopper's
+    # tensor memory accelerator, one program per tile) or "tma-persistent" (TMA, one program per SM looping over
+    # tiles, so one tile's epilogue overlaps the next tile's loads).
+    loads: str = "ptr"
+    # split_k > 1 (pointer loads only): K is cut into split_k slices, one program per (tile, slice) writes its
+    # int32 partial sums, and a second kernel adds them (exactly) and runs the epilogue. More programs for the
+    # few output tiles of a small-M GEMM with a long K (FC2 at batch 1: 16 tiles of 64 x 64 for 132 SMs).
+    split_k: int = 1
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -54,6 +67,14 @@ class GemmConfig:
                 raise ValueError(f"GemmConfig.{name} must be a power of two >= 16, got {v}")
         if self.group_m < 1 or self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"GemmConfig: group_m, num_warps and num_stages must be positive: {self}")
+        if self.loads not in LOADS:
+            raise ValueError(f"GemmConfig.loads must be one of {', '.join(LOADS)}, got {self.loads!r}")
+        if self.split_k < 1 or (self.split_k > 1 and self.tma):
+            raise ValueError(f"GemmConfig.split_k must be >= 1, and 1 with TMA loads: {self}")
+
+    @property
+    def tma(self) -> bool:
+        return self.loads != "ptr"
 
 
 # Hopper (H100) candidates. Narrow tiles give small-M problems (batch 1 x 128 tokens) enough programs to fill
@@ -77,6 +98,18 @@ CANDIDATE_CONFIGS: tuple[GemmConfig, ...] = (
     GemmConfig(128, 256, 64, 8, 8, 4),
     GemmConfig(256, 128, 64, 8, 8, 4),
     GemmConfig(128, 128, 128, 8, 4, 4),
+    # TMA loads (sm_90+; elsewhere they fail to compile and the builder's timing leaves them out).
+    GemmConfig(64, 64, 128, 8, 4, 4, "tma"),
+    GemmConfig(64, 128, 128, 8, 4, 4, "tma"),
+    GemmConfig(128, 128, 128, 8, 8, 4, "tma"),
+    GemmConfig(128, 128, 128, 8, 8, 4, "tma-persistent"),
+    GemmConfig(128, 256, 128, 8, 8, 3, "tma-persistent"),
+    GemmConfig(256, 128, 128, 8, 8, 3, "tma-persistent"),
+    GemmConfig(128, 256, 64, 8, 8, 4, "tma-persistent"),
+    # Split K, for batch-1 GEMMs with few output tiles and a long K.
+    GemmConfig(64, 64, 128, 8, 4, 4, split_k=2),
+    GemmConfig(64, 64, 128, 8, 4, 4, split_k=4),
+    GemmConfig(32, 64, 128, 8, 4, 4, split_k=4),
 )
 
 
@@ -90,11 +123,25 @@ def _sm_count(device: torch.device) -> int:
 def default_config(m: int, n: int, device: torch.device | str = "cuda") -> GemmConfig:
     """The largest tile that still gives every SM a program; the smallest when even that is too few."""
     sms = _sm_count(torch.device(device))
-    by_area = sorted(CANDIDATE_CONFIGS, key=lambda c: (c.block_m * c.block_n, c.block_m, c.block_k), reverse=True)
+    # TMA needs sm_90 and split K pays off only where the builder's timing says so
+    portable = [c for c in CANDIDATE_CONFIGS if not c.tma and c.split_k == 1]
+    by_area = sorted(portable, key=lambda c: (c.block_m * c.block_n, c.block_m, c.block_k), reverse=True)
     for c in by_area:
         if triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n) >= sms:
             return c
     return by_area[-1]
+
+
+@triton.jit
+def _tile(t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile (row, column) of tile number t. Programs start roughly in order; walking GROUP_M row-tiles down
+    a column of tiles before stepping right means the programs resident at one time share a few panels of A and
+    W, which then stay in L2."""
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv, spelled out (plugins/__init__.py says why)
+    per_group = GROUP_M * ((N + BLOCK_N - 1) // BLOCK_N)
+    first_m = (t // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (t % per_group) % group_rows, (t % per_group) // group_rows
 
 
 @triton.jit
@@ -104,16 +151,7 @@ def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
                         HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
                         RECIP_PER_CHANNEL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # Programs start roughly in pid order. Walking GROUP_M row-tiles down a column of tiles before stepping
-    # right means the programs resident at one time share a few panels of A and W, which then stay in L2.
-    pid = tl.program_id(0)
-    tiles_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv, spelled out (plugins/__init__.py says why)
-    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,6 +179,87 @@ def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
 
     mask = m_ok[:, None] & n_ok[None, :]
     rows = offs_m.to(tl.int64)[:, None]
+    _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
+              stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL)
+
+
+@triton.jit
+def _int8_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+                            M, N, K, a_scale, out_recip, stride_rm, stride_om,
+                            HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
+                            RECIP_PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+    """_int8_linear_kernel with operand tiles fetched by TMA (host-made descriptors; the copy engine zero-fills
+    past the edges, so no masks and no K-tail branch). PERSISTENT: the grid is at most one program per SM and
+    each walks tiles pid, pid + grid, ...; the flattened loop lets the compiler's pipeliner issue the next
+    tile's loads while this tile's epilogue runs."""
+    tiles = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
+    k_steps = (K + BLOCK_K - 1) // BLOCK_K
+    step = tl.num_programs(0) if PERSISTENT else tiles
+    for tile in tl.range(tl.program_id(0), tiles, step, flatten=PERSISTENT):
+        pid_m, pid_n = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+        for k in range(0, k_steps):
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])  # [BLOCK_N, BLOCK_K]: K-major, as wgmma wants int8
+            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        mask = (offs_m < M)[:, None] & n_ok[None, :]
+        _epilogue(acc, offs_n, n_ok, offs_m.to(tl.int64)[:, None], mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  a_scale, out_recip, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL)
+
+
+@triton.jit
+def _int8_partial_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_slice, stride_am, stride_wn, stride_part,
+                         EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Split K, step 1: program (tile, s) sums K slice s, [s * k_slice, (s + 1) * k_slice), of its output tile
+    into part[s] (int32 [M, N], stride_part = M * N elements apart); EVEN_K: every slice is whole BLOCK_K
+    steps inside K (no masks)."""
+    pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k0 = tl.program_id(1) * k_slice
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_ptrs = a_ptr + tl.where(m_ok, offs_m, 0).to(tl.int64)[:, None] * stride_am + (k0 + offs_k)[None, :]
+    w_ptrs = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[None, :] * stride_wn + (k0 + offs_k)[:, None]
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    for k in range(0, k_slice // BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = K - k0 - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    offs = tl.program_id(1).to(tl.int64) * stride_part + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(part_ptr + offs, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _splitk_epilogue_kernel(part_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, a_scale, out_recip,
+                            stride_rm, stride_om, stride_part, SPLIT_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                            GELU: tl.constexpr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split K, step 2: the exact int32 sum of the slices' partials, then the one epilogue."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    mask = (offs_m < M)[:, None] & n_ok[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    part_ptrs = part_ptr + rows * N + offs_n[None, :]
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptrs, mask=mask, other=0)
+        part_ptrs += stride_part
     _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
               stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL)
 
@@ -220,16 +339,57 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
         raise ValueError("int8_linear: K must be positive")
     cfg = config or default_config(m, n, a_q.device)
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is off
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _int8_linear_kernel[grid](
-        a_q, w_q, w_scale, bias, res, out, m, n, k, float(a_scale),
-        out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0,
-        a_q.stride(0), w_q.stride(0), res.stride(0), out.stride(0),
-        HAS_RESIDUAL=residual is not None, GELU=bool(gelu), INT8_OUT=out_recip is not None,
-        RECIP_PER_CHANNEL=per_channel,
-        EVEN_K=k % cfg.block_k == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+    recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
+    flags = dict(HAS_RESIDUAL=residual is not None, GELU=bool(gelu), INT8_OUT=out_recip is not None,
+                 RECIP_PER_CHANNEL=per_channel, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                 GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    if cfg.tma and _tma_ok(a_q, w_q):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        persistent = cfg.loads == "tma-persistent"
+        grid = (min(tiles, _sm_count(a_q.device)) if persistent else tiles,)
+        _int8_linear_tma_kernel[grid](
+            TensorDescriptor.from_tensor(a_q, [cfg.block_m, cfg.block_k]),
+            TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k]),
+            w_scale, bias, res, out, m, n, k, float(a_scale), recip, res.stride(0), out.stride(0),
+            PERSISTENT=persistent, **flags)
+        return out
+    if cfg.split_k > 1:
+        return _split_k(a_q, w_q, w_scale, bias, res, out, float(a_scale), recip, cfg, flags)
+    _int8_linear_kernel[(tiles,)](
+        a_q, w_q, w_scale, bias, res, out, m, n, k, float(a_scale), recip,
+        a_q.stride(0), w_q.stride(0), res.stride(0), out.stride(0), EVEN_K=k % cfg.block_k == 0, **flags)
     return out
+
+
+_SPLITK_EPILOGUE_TILE = (16, 128)  # step 2 is a streaming pass: small tiles, many programs
+
+
+def _split_k(a_q, w_q, w_scale, bias, res, out, a_scale, recip, cfg: GemmConfig, flags: dict) -> torch.Tensor:
+    """The two launches of a split-K GEMM (GemmConfig.split_k); the partials live in a workspace of
+    split_k x M x N int32 (2 MB for BERT-large's FC2 at batch 1 x 128, in L2)."""
+    m, k = a_q.shape
+    n = w_q.shape[0]
+    steps = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k)  # BLOCK_K steps per slice
+    part = torch.empty((cfg.split_k, m, n), dtype=torch.int32, device=a_q.device)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    _int8_partial_kernel[(tiles, cfg.split_k)](
+        a_q, w_q, part, m, n, k, steps * cfg.block_k, a_q.stride(0), w_q.stride(0), part.stride(0),
+        EVEN_K=k == steps * cfg.block_k * cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    bm, bn = _SPLITK_EPILOGUE_TILE
+    epilogue_flags = {key: flags[key] for key in ("HAS_RESIDUAL", "GELU", "INT8_OUT", "RECIP_PER_CHANNEL")}
+    _splitk_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        part, w_scale, bias, res, out, m, n, a_scale, recip, res.stride(0), out.stride(0), part.stride(0),
+        SPLIT_K=cfg.split_k, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, enable_fp_fusion=False, **epilogue_flags)
+    return out
+
+
+def _tma_ok(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:
+    """TMA's rules for a 2-D int8 operand: base address and row stride multiples of 16 bytes. Operands that
+    break them (odd K, an unaligned view) take the pointer kernel with the same tiles: the same math."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (a_q, w_q))
 
 
 # ---------------------------------------------------------------------------------------------- reference

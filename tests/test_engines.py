@@ -255,6 +255,31 @@ def test_triton_kernels_agree_with_library_kernels(name):
     assert LIBRARY == "library"
 
 
+def test_timing_candidates_run_every_layers_weights_at_few_rows(monkeypatch):
+    """Build-time timing at small M runs each INT8 layer's own GEMM (weights do not sit in L2 as they would
+    for one layer), leaving out layers whose epilogue differs (a kept-out fc2 makes its fc1 write FP), and runs
+    one layer at large M; every call returns the first layer's output, which is what the forward computes."""
+    import engines.runtime as runtime
+
+    loaded = loaded_model(seed=10)
+    calib = max_calibration(loaded)
+    for keep, want in (((), [0, 1]), (("layer1.fc2",), [0])):
+        engine = build(loaded, PrecisionPolicy(int8=True, fp16_gemms=keep), calib)
+        seen = []
+        real = engine._linear
+        monkeypatch.setattr(engine, "_linear", lambda name, a, real=real, seen=seen, **kw:
+                            seen.append((name, kw["out_site"])) or real(name, a, **kw))
+        problem, candidates, calls = engine.gemm_candidates("fc1", 16)
+        assert calls == len(want) and problem.epilogue == "bias+gelu->int8" and problem.m == 16
+        out = candidates[runtime.LIBRARY]()
+        assert seen == [(f"layers.{i}.fc1", f"layer{i}.fc2_in") for i in want], keep
+        assert out.dtype == torch.int8 and out.shape == (16, CFG.intermediate_size)
+        seen.clear()
+        _, candidates, calls = engine.gemm_candidates("qkv", runtime.ROTATE_WEIGHTS_UP_TO_ROWS + 1)
+        candidates[runtime.LIBRARY]()
+        assert calls == 1 and seen == [("layers.0.qkv", None)]
+
+
 @pytest.mark.cuda
 def test_cuda_build_times_kernels_once(tmp_path):
     from engines.tuning import TimingCache

@@ -89,7 +89,7 @@ def test_a_fast_wrong_candidate_is_never_chosen(monkeypatch):
 
     import engines.tuning as tuning
 
-    monkeypatch.setattr(tuning, "time_ms", lambda fn: {"library": 0.3, "good": 0.2, "wrong": 0.01}[fn.__name__])
+    monkeypatch.setattr(tuning, "time_ms", lambda fn, calls=1: {"library": 0.3, "good": 0.2, "wrong": 0.01}[fn.__name__])
     ref = torch.randn(8, 16)
 
     def named(name, value):

@@ -172,6 +172,42 @@ def test_row_strided_activations_and_residual(poison):
     check(out, L.int8_linear_reference(a, w, a_scale, w_scale, bias, residual=res), exact=True)
 
 
+def test_persistent_programs_walk_every_tile(poison, monkeypatch):
+    """A persistent TMA launch on fewer programs than tiles (3 'SMs', 3 x 2 tiles, K in 3 steps with a ragged
+    tail): each program loops over tiles and every output element is still written once, right."""
+    monkeypatch.setattr(L, "_sm_count", lambda device: 3)
+    a, w, a_scale, w_scale, bias, res = problem(130, 96, 160, seed=17, residual=torch.float16)
+    cfg = L.GemmConfig(64, 64, 64, group_m=2, num_warps=4, num_stages=2, loads="tma-persistent")
+    for epilogue in ("gelu+int8/channel", "residual"):
+        kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res if "residual" in epilogue else None)
+        check(L.int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **kw),
+              L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw), exact=not kw["gelu"])
+
+
+@pytest.mark.parametrize("k,split", [(512, 4), (416, 3), (96, 4)])
+def test_split_k_slices_add_up_exactly(k, split, poison):
+    """Split K: whole slices (512 = 4 x 2 steps of 64, unmasked), a ragged last slice (416 in 3), and slices
+    that start past K (96 in 4: two slices sum nothing); the int32 partials add up to the exact accumulator."""
+    a, w, a_scale, w_scale, bias, res = problem(33, 96, k, seed=23 + k, residual=torch.float16)
+    cfg = L.GemmConfig(16, 32, 64, group_m=2, num_warps=4, num_stages=2, split_k=split)
+    for epilogue in ("residual", "gelu+int8"):
+        kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res if "residual" in epilogue else None)
+        check(L.int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **kw),
+              L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw), exact=not kw["gelu"])
+
+
+def test_tma_config_on_unaligned_rows_takes_the_pointer_kernel(poison):
+    """TMA needs 16-byte row strides; a view with 72-byte rows runs the pointer kernel, with the same result."""
+    a, w, a_scale, w_scale, bias, _ = problem(33, 48, 64, seed=19)
+    a_big = torch.zeros(33, 72, dtype=torch.int8, device=a.device)
+    a_big[:, 8:72] = a
+    view = a_big[:, 8:72]
+    assert not L._tma_ok(view, w) and L._tma_ok(a, w)
+    cfg = L.GemmConfig(64, 64, 64, loads="tma")
+    check(L.int8_linear(view, w, a_scale, w_scale, bias, config=cfg),
+          L.int8_linear_reference(a, w, a_scale, w_scale, bias), exact=True)
+
+
 def test_default_config_follows_m():
     assert L.default_config(4096, 1024, "cpu").block_m == 128
     small = L.default_config(128, 384, "cpu")
@@ -185,6 +221,10 @@ def test_bad_arguments_are_refused():
     a, w, a_scale, w_scale, bias, _ = problem(4, 32, 64, seed=3)
     with pytest.raises(ValueError, match="power of two"):
         L.GemmConfig(48, 32, 32)
+    with pytest.raises(ValueError, match="loads must be one of"):
+        L.GemmConfig(64, 64, 64, loads="cp.async")
+    with pytest.raises(ValueError, match="split_k"):
+        L.GemmConfig(64, 64, 64, loads="tma", split_k=2)
     with pytest.raises(ValueError, match="int8"):
         L.int8_linear(a.float(), w, a_scale, w_scale, bias)
     with pytest.raises(ValueError, match=r"\[N, 64\]"):
@@ -203,8 +243,10 @@ def test_bad_arguments_are_refused():
 @pytest.mark.parametrize("n,k", [(1024, 1024), (4096, 1024), (1024, 4096)])
 @pytest.mark.parametrize("config", range(len(L.CANDIDATE_CONFIGS)))
 def test_cuda_large_every_config(n, k, config, poison):
-    a, w, a_scale, w_scale, bias, res = problem(4096, n, k, seed=n + k + config, residual=torch.float16)
     cfg = L.CANDIDATE_CONFIGS[config]
+    if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA loads need sm_90 or newer")
+    a, w, a_scale, w_scale, bias, res = problem(4096, n, k, seed=n + k + config, residual=torch.float16)
     for epilogue in ("fp16", "gelu+int8", "residual"):
         kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res if "residual" in epilogue else None)
         check(L.int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **kw),

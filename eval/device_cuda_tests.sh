@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every CUDA test (`pytest -m cuda`), split into groups that run as parallel pytest processes: Triton compiles each
+# kernel variant on the CPU the first time, and one process does not finish within a device call. A group is its
+# pytest arguments separated by '|'. Each group's log goes to $OUT/cuda-tests-N.log. ONLY="0 3" runs only those
+# groups; TEST_TIMEOUT (s) bounds each process.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+E=tests/test_engines.py
+K=$E::test_triton_kernels_agree_with_library_kernels
+groups=(
+  "tests/test_plugins_int8_linear.py|-k|large"
+  "tests/test_plugins_int8_linear.py|-k|not large"
+  "tests/test_plugins_layernorm.py|tests/test_plugins_quantize.py|tests/test_calib_calibrate.py|tests/test_calib_calibrators.py"
+  "$E::test_cuda_engine_agrees_with_cpu_engine_and_graphs|$E::test_cuda_build_times_kernels_once|$E::test_pipelined_batches_give_the_same_logits_in_order|tests/test_engine_file.py"
+  "$K[int8]" "$K[int8 -iln]" "$K[int8 -imh]" "$K[int8 -iln -imh]"
+  "$K[int8 --keep-fp16 attn_out,layer0.fc2]" "$K[int8 -iln --keep-fp16 layer1.fc1,qkv]"
+)
+for i in ${ONLY:-${!groups[@]}}; do
+  IFS='|' read -ra argv <<< "${groups[$i]}"
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m cuda -p no:cacheprovider "${argv[@]}" \
+    > "$OUT/cuda-tests-$i.log" 2>&1 &
+done
+wait
+for i in ${ONLY:-${!groups[@]}}; do echo "--- ${groups[$i]}"; tail -2 "$OUT/cuda-tests-$i.log"; done
