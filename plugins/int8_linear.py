@@ -145,6 +145,31 @@ def _tile(t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
+def _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, steps, K, stride_am, stride_wn,
+                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The int32 sum over K in [k0, k0 + steps * BLOCK_K) of an output tile, by pointer loads; EVEN_K: the range
+    lies inside K (no masks). Rows/columns past the edge read row/column 0 instead of masking every load; their
+    results are not stored."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + tl.where(m_ok, offs_m, 0).to(tl.int64)[:, None] * stride_am + (k0 + offs_k)[None, :]
+    # a [BLOCK_K, BLOCK_N] tile of W^T, K-major
+    w_ptrs = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[None, :] * stride_wn + (k0 + offs_k)[:, None]
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    for k in range(0, steps):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = K - k0 - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
 def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
                         M, N, K, a_scale, out_recip,
                         stride_am, stride_wn, stride_rm, stride_om,
@@ -155,28 +180,10 @@ def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    # Rows/columns past the edge read row/column 0 instead of masking every load; their results are not stored.
-    a_rows = tl.where(m_ok, offs_m, 0).to(tl.int64)
-    w_rows = tl.where(n_ok, offs_n, 0).to(tl.int64)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + w_rows[None, :] * stride_wn + offs_k[:, None]  # a [BLOCK_K, BLOCK_N] tile of W^T, K-major
-
-    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
-    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-
+    acc = _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, 0, (K + BLOCK_K - 1) // BLOCK_K, K,
+                       stride_am, stride_wn, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = m_ok[:, None] & n_ok[None, :]
     rows = offs_m.to(tl.int64)[:, None]
     _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
@@ -223,23 +230,10 @@ def _int8_partial_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_slice, stride_am, st
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    a_ptrs = a_ptr + tl.where(m_ok, offs_m, 0).to(tl.int64)[:, None] * stride_am + (k0 + offs_k)[None, :]
-    w_ptrs = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[None, :] * stride_wn + (k0 + offs_k)[:, None]
-    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
-    for k in range(0, k_slice // BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_left = K - k0 - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_slice // BLOCK_K, K, stride_am, stride_wn,
+                       EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
     offs = tl.program_id(1).to(tl.int64) * stride_part + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(part_ptr + offs, acc, mask=m_ok[:, None] & n_ok[None, :])
 
