@@ -1,9 +1,10 @@
 """The fake-quant reference: the INT8 build's function computed in floating point, for checking engines.
 
 A copy of the reference BertQA where every GEMM the policy quantizes sees its input and its weights rounded
-through calib.quantizer (per-tensor activation scales, per-output-channel weight scales), and the -iln/-imh sites
-are rounded where the tap meets them. An INT8 engine with the same scales must compute the same function: its
-integer GEMMs accumulate exactly, so only floating-point rounding separates the two.
+through calib.quantizer (per-tensor activation scales, per-output-channel weight scales), the -iln/-imh sites
+are rounded where the tap meets them, and GELU is the engine's (PrecisionPolicy.gelu_tanh). An INT8 engine with
+the same scales must compute the same function: its integer GEMMs accumulate exactly, so only floating-point
+rounding separates the two.
 
 With smoothing (calib/smoothing.py) a smoothed site is quantized per channel with scale * s, the GEMM reads those
 codes times the per-tensor scale (x / s, rounded) and its weights are W * s rounded per row: the engine's order.
@@ -18,7 +19,7 @@ import torch
 from calib.policy import GEMMS, PrecisionPolicy
 from calib.quantizer import dequantize, fake_quantize, quantize, weight_scales
 from calib.smoothing import channel_scales, smoothed_weight
-from model.bert import BertQA
+from model.bert import BertQA, gelu_tanh
 
 
 def fake_quant_model(model: BertQA, policy: PrecisionPolicy, act_scales: Mapping[str, float],
@@ -32,6 +33,9 @@ def fake_quant_model(model: BertQA, policy: PrecisionPolicy, act_scales: Mapping
     if missing:
         raise KeyError(f"no scale for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     fq = copy.deepcopy(model).eval()
+    if policy.gelu_tanh:
+        for layer in fq.layers:
+            layer.act = gelu_tanh  # the engine's GELU (PrecisionPolicy.gelu_tanh)
     if policy.int8:
         for i, layer in enumerate(fq.layers):
             for gemm in GEMMS:

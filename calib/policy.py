@@ -51,6 +51,13 @@ class PrecisionPolicy:
         if self.fp16_gemms and not self.int8:
             raise WorkbenchError("--keep-fp16 keeps GEMMs out of INT8: it needs --int8")
 
+    @property
+    def gelu_tanh(self) -> bool:
+        """Whether the engine's GELU is the tanh form (model.bert.gelu_tanh), as TensorRT's BERT plugins compute
+        it: the form our INT8 GEMMs fuse into their epilogue and cuBLASLt fuses into an FP16 GEMM's. FP32 engines
+        keep BERT's erf GELU and reproduce the reference model."""
+        return self.int8 or self.fp16
+
     def quantizes_gemm(self, layer: int, gemm: str) -> bool:
         """Whether this GEMM runs in INT8 (its input site and its weights quantized)."""
         return self.int8 and gemm not in self.fp16_gemms and f"layer{layer}.{gemm}" not in self.fp16_gemms

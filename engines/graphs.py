@@ -1,8 +1,14 @@
-"""CUDA graphs: one captured graph per engine profile, replayed for every batch that fits it.
+"""CUDA graphs: captured per engine profile, replayed for every batch that fits it.
 
 Batch-1 BERT is launch-bound (hundreds of small kernels), so capturing the whole forward once and replaying it
 removes the launch gaps. Inputs smaller than the profile are padded into its static buffers with attention mask 0:
 padded keys get no attention weight and padded rows are sliced off, so real outputs do not change.
+
+A batch that fills its profile with no padding replays a second graph whose attention takes no mask: SDPA's
+fastest kernels take none, and a padding bias makes BERT-large's attention at 128 x 384 1.5x slower
+(docs/attention-h200.md). Whether a batch is such a "dense" batch is read from its mask on the host (the pipelined
+path always knows); for a mask already on the GPU the caller says so, since reading it there would wait for the
+GPU. The graphs of one runner share one memory pool: they never run at the same time.
 """
 from __future__ import annotations
 
@@ -36,8 +42,9 @@ class GraphRunner:
 
     def __init__(self, engine: Engine, path: str = "engine", fuse: bool = False):
         self.engine, self.path = engine, path
-        self.graphs: dict[Profile, CapturedGraph] = {}
+        self.graphs: dict[tuple[Profile, bool], CapturedGraph] = {}  # (profile, dense)
         self.use_graphs = engine.device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         if fuse and self.use_graphs:
             # Inductor generates its own fused kernels around the library GEMMs; our Triton kernels are opaque to
             # it (and its scalar handling rejects them), so a fused runner uses the reference ops.
@@ -46,9 +53,10 @@ class GraphRunner:
         else:
             self.forward = engine
 
-    def capture(self, profile: Profile) -> CapturedGraph:
-        if profile in self.graphs:
-            return self.graphs[profile]
+    def capture(self, profile: Profile, dense: bool = False) -> CapturedGraph:
+        """The graph of `profile`; `dense`: the one for batches without padding (attention without a mask)."""
+        if (profile, dense) in self.graphs:
+            return self.graphs[profile, dense]
         dev, (b, s) = self.engine.device, (profile.batch, profile.seq_len)
         ids = torch.zeros(b, s, dtype=torch.long, device=dev)
         types = torch.zeros_like(ids)
@@ -57,21 +65,26 @@ class GraphRunner:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):  # warm-up: cuBLAS handles and workspaces, autotuned SDPA choice
-                self.forward(ids, types, mask)
+                self.forward(ids, types, None if dense else mask)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
-            start, end = self.forward(ids, types, mask)
-        self.graphs[profile] = CapturedGraph(graph, ids, types, mask, start, end)
-        return self.graphs[profile]
+        with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
+            start, end = self.forward(ids, types, None if dense else mask)
+        self.graphs[profile, dense] = CapturedGraph(graph, ids, types, mask, start, end)
+        return self.graphs[profile, dense]
 
-    def __call__(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 dense: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start and end logits. `dense`: whether the batch has no padding at all (every mask value 1); None reads
+        a host mask, and takes a mask on the GPU as padded (the general graph, right for any batch). True for a
+        batch with padding would give its real tokens attention over padded keys: only say so when it holds."""
         b, s = input_ids.shape
         profile = pick_profile(self.engine.header, b, s, self.path)
         if not self.use_graphs:
             return self.engine(input_ids, token_type_ids, attention_mask)
-        g = self.capture(profile)
+        if dense is None:
+            dense = attention_mask.device.type == "cpu" and bool(attention_mask.all())
+        g = self.capture(profile, dense and (b, s) == (profile.batch, profile.seq_len))
         if (b, s) == (profile.batch, profile.seq_len):
             g.input_ids.copy_(input_ids), g.token_type_ids.copy_(token_type_ids), g.attention_mask.copy_(attention_mask)
         else:
@@ -96,20 +109,21 @@ class GraphRunner:
         def upload(args):
             if args is None:
                 return None
+            dense = bool(args[2].all())  # read on the host, before the copy
             with torch.cuda.stream(side):
                 on_device = [a.pin_memory().to(dev, non_blocking=True) for a in args]
                 ready = torch.cuda.Event()
                 ready.record(side)
-            return on_device, ready
+            return on_device, ready, dense
 
         batches = iter(batches)
         coming, pending = upload(next(batches, None)), None
         while coming is not None:
-            args, ready = coming
+            args, ready, dense = coming
             main.wait_event(ready)
             for a in args:
                 a.record_stream(main)  # allocated on the side stream, read on the main one
-            start, end = self(*args)
+            start, end = self(*args, dense=dense)
             outs = (start.clone(), end.clone())  # the next replay overwrites the graph's own outputs
             computed = torch.cuda.Event()
             computed.record(main)

@@ -22,7 +22,7 @@ from engines.graphs import GraphRunner
 from engines.runtime import Engine
 from eval.bench_engines import max_ranges
 from engines.tuning import TimingCache
-from eval.benchmark import random_inputs
+from eval.benchmark import padding_stated, random_inputs
 from model.checkpoint import load_model
 
 
@@ -94,6 +94,7 @@ def engine_profile(lines: list[str], preset: str, policy: PrecisionPolicy, label
     runner = GraphRunner(Engine(header, tensors, torch.device("cuda")).eval(), fuse=fuse)
     chosen = ", ".join(f"{k.split('.')[1]}: {v}" for k, v in header.kernels.items() if k.startswith("gemm."))
     x = random_inputs(shape.batch, shape.seq_len, loaded.config.vocab_size, torch.device("cuda"))
+    runner = padding_stated(runner, x)  # random inputs have no padding: the graph without an attention mask
     runner(*x)
     total = ms(lambda: runner(*x))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -30,6 +30,18 @@ def no_tap(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def gelu_tanh(y: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh form, 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))), written as y * sigmoid(2u): the GELU of
+    FP16 and INT8 engines (calib.policy.PrecisionPolicy.gelu_tanh), as TensorRT's BERT plugins compute it. It
+    fuses into GEMM epilogues cheaply: BERT's erf GELU made our INT8 FC1 at 128 x 384 1.58x slower on an H200
+    (docs/gelu-h200.md), and cuBLASLt's fused GELU is this form. The two differ by less than 5e-4. In float32;
+    plugins/int8_linear.py computes it with the GPU's tanh instruction.
+    """
+    y = y.float()
+    u = y + 0.044715 * (y * y * y)
+    return y / (1.0 + torch.exp(-1.5957691216057308 * u))  # 2 * sqrt(2 / pi)
+
+
 def layer_sites(i: int) -> tuple[str, ...]:
     """The tap sites of encoder layer i, in the order the forward visits them."""
     return tuple(f"layer{i}.{s}" for s in ("q", "k", "v", "probs", "context", "attn_ln_out", "fc2_in", "ffn_ln_out"))
@@ -66,6 +78,7 @@ class EncoderLayer(nn.Module):
         self.fc1 = nn.Linear(h, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, h)
         self.ln2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.act: Callable[[torch.Tensor], torch.Tensor] = F.gelu  # gelu_tanh in fake-quant copies (calib/fakequant.py)
 
     def forward(self, x: torch.Tensor, mask_bias: torch.Tensor, tap: Tap, name: str) -> torch.Tensor:
         b, s, h = x.shape
@@ -75,7 +88,7 @@ class EncoderLayer(nn.Module):
         probs = tap(f"{name}.probs", scores.softmax(-1).to(v.dtype))  # softmax in FP32 whatever the precision
         context = tap(f"{name}.context", (probs @ v).transpose(1, 2).reshape(b, s, h))
         x = tap(f"{name}.attn_ln_out", self.ln1(x + self.attn_out(context)))
-        ffn = tap(f"{name}.fc2_in", F.gelu(self.fc1(x)))
+        ffn = tap(f"{name}.fc2_in", self.act(self.fc1(x)).to(x.dtype))
         return tap(f"{name}.ffn_ln_out", self.ln2(x + self.fc2(ffn)))
 
 

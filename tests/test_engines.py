@@ -210,6 +210,94 @@ def test_cuda_engine_agrees_with_cpu_engine_and_graphs(name):
         assert rel(valid(g.cpu(), x[2]), valid(e.cpu(), x[2])) < 2e-3  # padded into the 4x64 profile
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["fp16", "int8"])
+def test_dense_batches_replay_the_graph_without_a_mask(name):
+    """A batch that fills its profile with no padding replays the graph whose attention takes no mask: the same
+    logits as the general graph; a padded batch or a mask on the GPU (unread) takes the general one."""
+    from engines.graphs import GraphRunner
+
+    policy = PrecisionPolicy(fp16=True, int8=name == "int8")
+    loaded = loaded_model(seed=6)
+    engine = build(loaded, policy, max_calibration(loaded) if policy.int8 else None, device="cuda")
+    full = inputs(batch=4, seq=64, seed=19)
+    full[2].fill_(1)
+    runner = GraphRunner(engine)
+    with torch.no_grad():
+        dense = runner(*full)[0].clone()  # host mask, all ones: read, dense
+        general = runner(*(t.cuda() for t in full))[0].clone()  # a device mask is not read
+        eager = engine(*(t.cuda() for t in full))[0]
+    assert sorted(dense for _, dense in runner.graphs) == [False, True]
+    assert rel(dense.float(), eager.float()) < 2e-3 and rel(general.float(), eager.float()) < 2e-3
+    padded = inputs(batch=4, seq=64, seed=19)  # row 1 padded
+    with torch.no_grad():
+        got = runner(*padded)[0]
+        want = engine(*(t.cuda() for t in padded))[0]
+    assert rel(valid(got, padded[2].cuda()).float(), valid(want, padded[2].cuda()).float()) < 2e-3
+
+
+@pytest.mark.parametrize("name", ["fp32", "int8 -iln -imh"])
+def test_no_mask_means_no_padding(name):
+    """attention_mask None (the graph for batches without padding) computes what an all-ones mask does."""
+    loaded = loaded_model(seed=2)
+    policy = PrecisionPolicy() if name == "fp32" else POLICIES[name]
+    engine = build(loaded, policy, max_calibration(loaded) if policy.int8 else None)
+    ids, types, mask = inputs(batch=2, seq=24, seed=4)
+    with torch.no_grad():
+        for a, b in zip(engine(ids, types, None), engine(ids, types, torch.ones_like(mask))):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_benchmarks_state_the_padding_of_their_batches():
+    """Timed calls tell a GraphRunner whether the batch has padding (read once, outside the timing); models are
+    called as they are."""
+    from engines.graphs import GraphRunner
+    from eval.benchmark import padding_stated
+
+    loaded = loaded_model()
+    engine = build(loaded, PrecisionPolicy())
+    runner = GraphRunner(engine)
+    full = inputs(batch=2, seq=16)
+    full[2].fill_(1)
+    assert padding_stated(runner, full).keywords == {"dense": True}
+    assert padding_stated(runner, inputs()).keywords == {"dense": False}
+    assert padding_stated(loaded.model, full) is loaded.model
+    with torch.no_grad():  # off CUDA the runner runs the engine, whatever it is told
+        assert torch.equal(padding_stated(runner, full)(*full)[0], engine(*full)[0])
+
+
+@pytest.mark.cuda
+def test_cublaslt_gelu_is_the_tanh_form():
+    """The FP16 engine's FC1 (cuBLASLt GEMM + GELU epilogue) computes model.bert.gelu_tanh of the GEMM."""
+    from engines.runtime import linear_gelu_tanh
+    from model.bert import gelu_tanh
+
+    g = torch.Generator().manual_seed(3)
+    a, w, b = torch.randn(256, 128, generator=g), torch.randn(512, 128, generator=g) / 8, torch.randn(512, generator=g)
+    want = gelu_tanh(torch.nn.functional.linear(a.half().float(), w.half().float(), b.half().float()))
+    got = linear_gelu_tanh(a.half().cuda(), w.half().cuda(), b.half().cuda())
+    assert got.dtype == torch.float16 and rel(got.float().cpu(), want) < 2e-3
+    assert rel(linear_gelu_tanh(a, w, b), gelu_tanh(torch.nn.functional.linear(a, w, b))) < 1e-6
+
+
+def test_gelu_of_engines():
+    """FP16 and INT8 engines use GELU's tanh form, FP32 engines BERT's erf GELU; the two are close, and
+    model.bert.gelu_tanh is the tanh form."""
+    from model.bert import gelu_tanh
+
+    assert PrecisionPolicy(fp16=True).gelu_tanh and PrecisionPolicy(int8=True).gelu_tanh
+    assert not PrecisionPolicy().gelu_tanh
+    y = torch.linspace(-12, 12, 100_001, dtype=torch.float64)
+    tanh_form = torch.nn.functional.gelu(y, approximate="tanh")
+    assert (gelu_tanh(y.float()).double() - tanh_form).abs().max() < 1e-6 * 12
+    assert 1e-4 < (tanh_form - torch.nn.functional.gelu(y)).abs().max() < 5e-4
+    loaded = loaded_model()
+    policy = PrecisionPolicy(int8=True)
+    fq = fake_quant_model(loaded.model, policy, build(loaded, policy, max_calibration(loaded)).scale)
+    assert all(layer.act is gelu_tanh for layer in fq.layers)
+    assert all(layer.act is torch.nn.functional.gelu for layer in loaded.model.layers)  # the reference: erf
+
+
 def test_keep_fp16_gemms_stay_floating_point():
     loaded = loaded_model()
     policy = PrecisionPolicy(int8=True, fp16=True, fp16_gemms=("layer1.fc2", "qkv"))

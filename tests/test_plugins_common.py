@@ -65,13 +65,15 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_codes_close(q: torch.Tensor, ref: torch.Tensor):
-    """INT8 codes equal, but for a rare 1-off where a value sits on a .5 boundary (FMA, erf, reduction order)."""
+    """INT8 codes equal, but for a rare 1-off where a value sits on a .5 boundary (FMA, exp, reduction order)."""
     assert q.dtype == torch.int8 and q.shape == ref.shape
     q, ref = q.cpu(), ref.cpu()
     assert int(q.min()) >= -127, "unwritten (poisoned) or out-of-range codes"
     diff = (q.int() - ref.int()).abs()
     assert int(diff.max()) <= 1, f"codes differ by {int(diff.max())}"
-    assert float((diff == 1).double().mean()) < 1e-3, f"{int((diff == 1).sum())} codes of {diff.numel()} differ"
+    # at most 1 in 1,000, or 4 in a small sample (a row of 1,536 codes can hold 2 at a rate of 1 in 2,000)
+    ones = int((diff == 1).sum())
+    assert ones <= max(4, 1e-3 * diff.numel()), f"{ones} codes of {diff.numel()} differ"
 
 
 # ------------------------------------------------------------------------------------------------ tests
