@@ -22,7 +22,8 @@ EXAMPLES = {
   python cli.py build --model bert-large --fp16 -b 1 -s 128 -o engines/large.engine    # random weights: timing""",
     "bench": """examples:
   python cli.py bench -e engines/int8.engine                  # every profile of the engine
-  python cli.py bench -e engines/int8.engine -b 1 -s 128 --iterations 1000 --fuse""",
+  python cli.py bench -e engines/int8.engine -b 1 -s 128 --iterations 1000 --fuse
+  python cli.py bench -e engines/int8.engine -b 64 -s 384 --padded 0.3   # 30% padding: the general graph""",
     "infer": """examples:
   python cli.py infer --model ../shared/models/minilm-l6-h384-squad11 \\
       -p "TensorRT is a high performance deep learning inference platform ..." -q "What is TensorRT?"
@@ -541,11 +542,13 @@ def cmd_bench(args) -> int:
                   for s in args.seq_length or sorted({p.seq_len for p in profiles})]
     else:
         shapes = list(profiles)
+    padding = f"{args.padded:.0%} of each sequence padded" if args.padded else \
+        "no padding (the graph whose attention takes no mask; --padded times the general one)"
     print(f"{args.engine}: {engine.policy.describe()} on {device.type}"
           f"{' (' + engine.header.gpu_name + ')' if engine.header.gpu_name else ''}; "
-          f"median of {args.iterations} after {args.warmup} warm-up")
+          f"median of {args.iterations} after {args.warmup} warm-up; {padding}")
     for shape in shapes:
-        x = random_inputs(shape.batch, shape.seq_len, engine.cfg.vocab_size, device)
+        x = random_inputs(shape.batch, shape.seq_len, engine.cfg.vocab_size, device, padded=args.padded)
         compute = Latency.from_samples(shape.batch, shape.seq_len,
                                        time_compute(runner, x, args.iterations, args.warmup, device))
         e2e = Latency.from_samples(shape.batch, shape.seq_len,
@@ -863,6 +866,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
     p.add_argument("--fuse", action="store_true", help=FUSE_HELP)
+    p.add_argument("--padded", type=float, default=0.0, metavar="FRACTION",
+                   help="make this fraction of each sequence padding (default 0: full sequences, whose graph runs "
+                        "attention without a mask; padded batches take the general graph, as real traffic does)")
     p.set_defaults(func=cmd_bench)
     return parser
 

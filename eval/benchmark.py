@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.errors import WorkbenchError
+
 
 @dataclass(frozen=True)
 class Latency:
@@ -38,13 +40,19 @@ class Latency:
                 f"p99 {self.p99_ms:8.3f}  {self.sequences_per_s:10,.0f} seq/s")
 
 
-def random_inputs(batch: int, seq_len: int, vocab_size: int, device, seed: int = 0):
-    """Token ids drawn at random (latency does not depend on their values), two segments, no padding."""
+def random_inputs(batch: int, seq_len: int, vocab_size: int, device, seed: int = 0, padded: float = 0.0):
+    """Token ids drawn at random (latency does not depend on their values), two segments; the last `padded`
+    fraction of each sequence is padding (mask 0), none by default."""
+    if not 0.0 <= padded < 1.0:
+        raise WorkbenchError(f"--padded must be in [0, 1), got {padded}")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(min(1000, vocab_size // 2), vocab_size, (batch, seq_len), generator=g)  # skip specials
     types = torch.zeros_like(ids)
     types[:, seq_len // 4:] = 1
-    return ids.to(device), types.to(device), torch.ones_like(ids).to(device)
+    mask = torch.ones_like(ids)
+    pad = min(max(1, round(seq_len * padded)), seq_len - 1) if padded else 0  # at least one real token
+    mask[:, seq_len - pad:] = 0 if pad else 1
+    return ids.to(device), types.to(device), mask.to(device)
 
 
 def padding_stated(fn, inputs):

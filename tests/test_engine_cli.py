@@ -51,6 +51,22 @@ def test_bench_reports_latency(made):
     assert all("median" in r and "p99" in r and "seq/s" in r for r in rows)
 
 
+def test_bench_times_padded_batches_when_asked(made):
+    from eval.benchmark import random_inputs
+
+    proc = run_cli("bench", "-e", made["int8"], "--device", "cpu", "-b", 1, "-s", 32, "--iterations", 2,
+                   "--warmup", 0, "--padded", 0.25)
+    assert proc.returncode == 0, proc.stderr
+    assert "25% of each sequence padded" in proc.stdout.splitlines()[0]
+    assert "no padding" in run_cli("bench", "-e", made["int8"], "--device", "cpu", "-b", 1, "-s", 32,
+                                   "--iterations", 1, "--warmup", 0).stdout.splitlines()[0]
+    mask = random_inputs(2, 32, 100, "cpu", padded=0.25)[2]
+    assert mask[:, :24].all() and not mask[:, 24:].any()
+    assert random_inputs(1, 8, 100, "cpu", padded=0.99)[2].tolist() == [[1] + [0] * 7]  # one real token left
+    assert random_inputs(1, 8, 100, "cpu")[2].all()
+    assert_one_line_error(run_cli("bench", "-e", made["int8"], "--device", "cpu", "--padded", 1.5), "--padded")
+
+
 def test_infer_with_an_engine(made):
     proc = run_cli("infer", "-e", made["fp32"], "--device", "cpu", "-p", "paris is the capital of france", "-q", "what is the capital of france",
                    *made["settings"])
