@@ -82,10 +82,11 @@ class GraphRunner:
         profile = pick_profile(self.engine.header, b, s, self.path)
         if not self.use_graphs:
             return self.engine(input_ids, token_type_ids, attention_mask)
+        fits = (b, s) == (profile.batch, profile.seq_len)
         if dense is None:
             dense = attention_mask.device.type == "cpu" and bool(attention_mask.all())
-        g = self.capture(profile, dense and (b, s) == (profile.batch, profile.seq_len))
-        if (b, s) == (profile.batch, profile.seq_len):
+        g = self.capture(profile, dense and fits)
+        if fits:
             g.input_ids.copy_(input_ids), g.token_type_ids.copy_(token_type_ids), g.attention_mask.copy_(attention_mask)
         else:
             for static, new in ((g.input_ids, input_ids), (g.token_type_ids, token_type_ids),

@@ -50,8 +50,8 @@ def random_inputs(batch: int, seq_len: int, vocab_size: int, device, seed: int =
     types = torch.zeros_like(ids)
     types[:, seq_len // 4:] = 1
     mask = torch.ones_like(ids)
-    pad = min(max(1, round(seq_len * padded)), seq_len - 1) if padded else 0  # at least one real token
-    mask[:, seq_len - pad:] = 0 if pad else 1
+    if padded:
+        mask[:, seq_len - min(max(1, round(seq_len * padded)), seq_len - 1):] = 0  # at least one real token
     return ids.to(device), types.to(device), mask.to(device)
 
 

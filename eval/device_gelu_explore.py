@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins.int8_linear import GemmConfig
+from plugins.int8_linear import GemmConfig, _gelu_tanh_exp
 
 VARIANTS = ("tanh-hw (module)", "tanh-exp", "erf-libdevice", "erf-as7126", "none")
 SHAPES = ("large-big-fc1", "base-big-fc1", "large-small-fc1")
@@ -50,12 +50,6 @@ def _gelu_as7126(y):
     p = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
     e = 1.0 - p * tl.exp(-a * a)
     return 0.5 * y * (1.0 + tl.where(x < 0, -e, e))
-
-
-@triton.jit
-def _gelu_tanh_exp(y):
-    u = y + 0.044715 * (y * y * y)
-    return tl.fdiv(y, 1.0 + tl.exp(-1.5957691216057308 * u))
 
 
 @triton.jit

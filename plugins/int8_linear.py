@@ -270,6 +270,13 @@ _HW_TANH = tl.constexpr(not interpreted())
 
 
 @triton.jit
+def _gelu_tanh_exp(y):
+    """model.bert.gelu_tanh op for op: y / (1 + exp(-2u))."""
+    u = y + 0.044715 * (y * y * y)
+    return tl.fdiv(y, 1.0 + tl.exp(-1.5957691216057308 * u))
+
+
+@triton.jit
 def _gelu(y):
     """model.bert.gelu_tanh of a float32 block."""
     if _HW_TANH:
@@ -278,8 +285,7 @@ def _gelu(y):
                                       pack=1)
         return 0.5 * y * (1.0 + t)
     else:
-        u = y + 0.044715 * (y * y * y)
-        return tl.fdiv(y, 1.0 + tl.exp(-1.5957691216057308 * u))
+        return _gelu_tanh_exp(y)
 
 
 @triton.jit
