@@ -62,9 +62,10 @@ def linear_gelu_tanh(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> to
 def triton_impl(config) -> str:
     c = config
     split = f"-k{c.split_k}" if c.split_k > 1 else ""
+    prefetch = "-pf" if c.prefetch else ""
     loads = "" if c.loads == "ptr" else f"+{c.loads}"
     return (f"{TRITON}:{c.block_m}x{c.block_n}x{c.block_k}-g{c.group_m}-w{c.num_warps}-s{c.num_stages}"
-            f"{split}{loads}")
+            f"{split}{prefetch}{loads}")
 
 
 def parse_triton_impl(impl: str):
@@ -72,10 +73,11 @@ def parse_triton_impl(impl: str):
     from plugins.int8_linear import GemmConfig
 
     body, _, loads = impl.removeprefix(f"{TRITON}:").partition("+")
-    tiles, g, w, s, *split = body.split("-")
+    tiles, g, w, s, *options = body.split("-")
     bm, bn, bk = map(int, tiles.split("x"))
-    return GemmConfig(bm, bn, bk, int(g[1:]), int(w[1:]), int(s[1:]), loads or "ptr",
-                      int(split[0][1:]) if split else 1)
+    split = [int(o[1:]) for o in options if o.startswith("k")]
+    return GemmConfig(bm, bn, bk, int(g[1:]), int(w[1:]), int(s[1:]), loads or "ptr", split[0] if split else 1,
+                      prefetch="pf" in options)
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -268,7 +270,8 @@ class Engine(torch.nn.Module):
             return [self._linear(f"layers.{i}.{kind}", a, residual=residual, gelu=gelu, out_site=out_site(i),
                                  impl=impl) for i in layers][0]
 
-        impls = [LIBRARY] + [triton_impl(c) for c in CANDIDATE_CONFIGS]
+        impls = [LIBRARY] + [triton_impl(c) for c in CANDIDATE_CONFIGS
+                             if m <= ROTATE_WEIGHTS_UP_TO_ROWS or not c.small_m]
         return problem, {impl: (lambda impl=impl: call(impl)) for impl in impls}, len(layers)
 
 

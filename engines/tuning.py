@@ -44,13 +44,16 @@ class GemmProblem:
 
 
 def machine_key() -> str:
-    """GPU, compute capability, the versions whose kernels we time and how we time: a timing holds only for all
-    of them."""
+    """GPU, compute capability, the versions whose kernels we time, how we time, and whether kernels launch
+    with programmatic dependent launch (plugins._common.pdl): a timing holds only for all of them."""
     import triton
 
+    from plugins._common import pdl
+
     major, minor = torch.cuda.get_device_capability()
+    launch = " pdl" if pdl(torch.device("cuda", torch.cuda.current_device())) else ""
     return (f"{torch.cuda.get_device_name()} sm{major}{minor} torch {torch.__version__} "
-            f"triton {triton.__version__} {TIMING_METHOD}")
+            f"triton {triton.__version__} {TIMING_METHOD}{launch}")
 
 
 def kernel_key(gemm: str, m: int) -> str:

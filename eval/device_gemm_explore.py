@@ -1,7 +1,8 @@
 """Every INT8 GEMM tile configuration timed at BERT's GEMM shapes against the library path:
 which wins, by how much, and whether each one is right. A measuring script for the device machine, not a test.
 
-    python3 -m eval.device_gemm_explore [--shapes large-small,base-big-fc2] [--rep 20] [--dry-run]
+    python3 -m eval.device_gemm_explore [--shapes large-small,base-big-fc2] [--configs=-ws,+tma] [--rep 20]
+                                        [--dry-run]
 
 Shapes are MODEL-ROWS-KIND: BERT-large (hidden 1024, intermediate 4096) or -base (768, 3072); M = 128 rows
 (batch 1 x 128 tokens, "small") or 128 x 384 ("big"); qkv (FP16 out), attn_out and fc2 (+ FP16 residual), fc1
@@ -10,22 +11,25 @@ int8_linear_reference first (bit for bit without GELU; codes at most 1 apart wit
 Times are those the engine builder takes (engines.tuning.time_ms): one call captured in a CUDA graph, median
 replay time of triton.testing.do_bench with L2 flushed between replays (24 layers' weights do not stay in L2), so
 host launch costs are left out, as in the engine's graphs. A config that fails to compile or run is listed as
-such. Kernels are compiled first in parallel worker processes (Triton's disk cache passes them on), which keeps
-the whole run within a few minutes. Tables go to stdout and, when $OUT is set, to $OUT/gemm_explore.md.
+such. Kernels are compiled first, each in its own process, several at a time (Triton's disk cache passes them
+on): that keeps the run within a few minutes, and a compiler that aborts (an assertion in an MLIR pass) or hangs
+(Hopper's warp specialization did) costs that config only. Tables go to stdout and, when $OUT is set, to
+$OUT/gemm_explore.md.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import multiprocessing
 import os
+import subprocess
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from engines.runtime import triton_impl
+from engines.runtime import parse_triton_impl, triton_impl
 from plugins.int8_linear import CANDIDATE_CONFIGS, GemmConfig, int8_linear, int8_linear_reference
 
 MODELS = {"large": (1024, 4096), "base": (768, 3072)}  # hidden, intermediate
@@ -76,9 +80,11 @@ def select(shapes: list[Shape], spec: str | None) -> list[Shape]:
     return chosen
 
 
-def plan(shape: Shape, device: torch.device) -> list[GemmConfig]:
-    """The configs to time at this shape: all candidates."""
-    return list(CANDIDATE_CONFIGS)
+def plan(shape: Shape, device: torch.device, spec: str | None = None) -> list[GemmConfig]:
+    """The configs to time at this shape: the candidates whose name contains one of the comma-separated parts of
+    `spec` (all of them without one)."""
+    tokens = [t.strip() for t in (spec or "").split(",") if t.strip()]
+    return [c for c in CANDIDATE_CONFIGS if not tokens or any(t in triton_impl(c) for t in tokens)]
 
 
 def problem(shape: Shape, device: torch.device, seed: int = 0):
@@ -123,15 +129,16 @@ def short(e: Exception) -> str:
     return f"{type(e).__name__}: {what}"
 
 
-def _compile(shape: Shape, config: GemmConfig) -> str | None:
-    """Worker process: compile one (shape, config) kernel into Triton's disk cache; the error, if it fails."""
+def _compile(shape: Shape, config: GemmConfig) -> None:
+    """Child process: compile one (shape, config) kernel into Triton's disk cache; the error, if it fails, on
+    stderr's last line and exit status 1."""
     try:
         args, kw = problem(shape, torch.device("cuda"))
         int8_linear(*args, **kw, config=config)
         torch.cuda.synchronize()
-        return None
-    except Exception as e:  # noqa: BLE001 (reported; the timing loop tries it again)
-        return short(e)
+    except Exception as e:  # noqa: BLE001 (reported by the parent)
+        print(short(e), file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def kernel_key(shape: Shape, config: GemmConfig) -> tuple:
@@ -139,22 +146,43 @@ def kernel_key(shape: Shape, config: GemmConfig) -> tuple:
     return shape.epilogue, config, shape.k % config.block_k == 0
 
 
-def precompile(work: list[tuple[Shape, GemmConfig]], jobs: int) -> list[str]:
-    """One call per distinct kernel, `jobs` processes at a time, so that the timing loop finds them compiled;
-    what failed, in words (the timing loop tries those again and reports them in its tables)."""
+COMPILE_TIMEOUT_S = 150
+
+
+def precompile(work: list[tuple[Shape, GemmConfig]], jobs: int) -> tuple[list[str], set[tuple]]:
+    """One child process per distinct kernel, `jobs` at a time, so that the timing loop finds them compiled.
+    Returns what failed, in words, and the kernel keys whose child died (no exception: the process aborted) or
+    ran past COMPILE_TIMEOUT_S, which the timing loop must not try in its own process."""
     firsts = {}
     for shape, c in work:
         firsts.setdefault(kernel_key(shape, c), (shape, c))
-    worker = importlib.import_module("eval.device_gemm_explore")._compile  # by module name, for spawn
-    try:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            errors = list(pool.map(worker, *zip(*firsts.values())))
-    except Exception as e:  # noqa: BLE001 (then the timing loop compiles them, one at a time)
-        return [f"parallel compilation failed ({type(e).__name__}: {e}); compiling while timing instead"]
-    return [f"{s.name} {triton_impl(c)}: {e}" for (s, c), e in zip(firsts.values(), errors) if e]
+
+    def child(item):
+        shape, c = item
+        try:
+            run = subprocess.run([sys.executable, "-m", "eval.device_gemm_explore", "--compile-one", shape.name,
+                                  triton_impl(c)], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            code, last = run.returncode, (run.stderr.strip().splitlines() or [""])[-1][:200]
+        except subprocess.TimeoutExpired:  # killed; the timing loop must not try it in its own process either
+            code, last = None, f"still compiling after {COMPILE_TIMEOUT_S} s, stopped"
+        print(f"compiled {shape.name} {triton_impl(c)}: {'ok' if code == 0 else last}", flush=True)
+        return code, last
+
+    with ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(child, firsts.values()))
+    failed, crashed = [], set()
+    for key, (shape, c), (code, last) in zip(firsts, firsts.values(), results):
+        if code == 1:
+            failed.append(f"{shape.name} {triton_impl(c)}: {last}")
+        elif code != 0:
+            died = last if code is None else f"compiler process died (status {code}): {last}"
+            failed.append(f"{shape.name} {triton_impl(c)}: {died}")
+            crashed.add(key)
+    return failed, crashed
 
 
-def explore(shape: Shape, rep: int, device: torch.device = torch.device("cuda")) -> list[str]:
+def explore(shape: Shape, rep: int, device: torch.device = torch.device("cuda"), spec: str | None = None,
+            crashed: frozenset = frozenset()) -> list[str]:
     """The Markdown table of one shape."""
     from engines.tuning import time_ms
 
@@ -169,12 +197,15 @@ def explore(shape: Shape, rep: int, device: torch.device = torch.device("cuda"))
     rows.append((LIBRARY, "", bench(lambda: int8_linear_reference(*args, **kw)), "(reference)"))
     a, w = args[0], args[1]
     rows.append((INT_MM, "", bench(lambda: torch._int_mm(a, w.t())), "(no epilogue)"))
-    for c in plan(shape, device):
+    for c in plan(shape, device, spec):
         tiles = -(-shape.m // c.block_m) * -(-shape.n // c.block_n)
         tiles *= c.split_k
-        if c.loads == "tma-persistent":
+        if c.loads.startswith("tma-persistent"):
             tiles = min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
         name = triton_impl(c)
+        if kernel_key(shape, c) in crashed:
+            rows.append((name, "", None, "the compiler crashed or hung"))
+            continue
         try:
             first = verdict(int8_linear(*args, **kw, config=c), ref, shape.gelu)
         except Exception as e:  # noqa: BLE001 (reported, and the config is skipped)
@@ -204,16 +235,20 @@ def explore(shape: Shape, rep: int, device: torch.device = torch.device("cuda"))
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", help="comma-separated name prefixes, e.g. large-small,base-big-fc2 (default: all)")
+    ap.add_argument("--configs", help="comma-separated parts of candidate names, e.g. -ws,+tma (default: all)")
     ap.add_argument("--rep", type=int, default=20, help="do_bench measuring time per implementation, ms")
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes compiling kernels up front (0: compile as timed)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan; needs no GPU")
+    ap.add_argument("--compile-one", nargs=2, metavar=("SHAPE", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.compile_one:
+        return _compile(select(all_shapes(), args.compile_one[0])[0], parse_triton_impl(args.compile_one[1]))
     shapes = select(all_shapes(), args.shapes)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     work = []
     for s in shapes:
-        timed = plan(s, device)
+        timed = plan(s, device, args.configs)
         work += [(s, c) for c in timed]
         print(f"{s.name}: M={s.m} N={s.n} K={s.k} {s.epilogue}: library, _int_mm and {len(timed)} configs")
     print(f"{len(shapes)} shapes, {len(work) + 2 * len(shapes)} timings of ~{args.rep} ms, "
@@ -225,13 +260,13 @@ def main(argv=None) -> None:
         raise SystemExit("device_gemm_explore needs a CUDA GPU (or --dry-run)")
 
     start = time.time()
-    failed = precompile(work, args.jobs) if args.jobs > 0 else []
+    failed, crashed = precompile(work, args.jobs) if args.jobs > 0 else ([], set())
     print(f"compiled in {time.time() - start:.0f} s", *failed, sep="\n", flush=True)
     lines = [f"# INT8 GEMM configurations: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"triton {importlib.import_module('triton').__version__}"]
     lines += ["", "Failed in the parallel compilation step:", *(f"- {f}" for f in failed)] if failed else []
     for s in shapes:
-        part = explore(s, args.rep, device)
+        part = explore(s, args.rep, device, args.configs, frozenset(crashed))
         print("\n".join(part), flush=True)
         lines += part
         if os.environ.get("OUT"):

@@ -1,11 +1,16 @@
 """What the kernels share: the INT8 rounding step (device side) and its PyTorch twin, output allocation."""
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from calib.quantizer import QMAX, _reciprocal
+from plugins import interpreted
 
 # Tests set this to fill every output with a value no kernel writes (int8 -128, float NaN) before the launch,
 # so an element a kernel forgot to store cannot pass for a stale copy of the right answer.
@@ -16,6 +21,35 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if POISON:
         return torch.full(shape, -128 if dtype == torch.int8 else float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+# Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the kernel before it
+# in the stream is still running; it waits (griddepcontrol.wait) for that kernel to finish, and for its writes to
+# be visible, before reading any input or writing anything, so the math and the memory order are those of plain
+# stream order. What it saves is the launch and ramp-up gap between dependent kernels, which at batch 1 (about
+# 170 short kernels per BERT-large forward) is a large share of the time. BERTQA_PDL=0 turns it off (for
+# comparison runs); the interpreter and pre-Hopper GPUs never use it.
+PDL_ENABLED = os.environ.get("BERTQA_PDL", "1").strip() not in ("0", "off", "false", "no")
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether to launch kernels on `device` with programmatic dependent launch."""
+    return PDL_ENABLED and device.type == "cuda" and not interpreted() and _pdl_capable(device)
+
+
+@triton.jit
+def await_inputs(PDL: tl.constexpr):
+    """Under PDL: wait for the kernel before this one to finish (its writes visible), then let the next kernel
+    launch; it waits in turn, so at most two kernels are ever resident and each sees everything before it.
+    Every program of a kernel calls this before it touches any tensor a previous kernel may write or read."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def out_recip(scale: float) -> float:

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from model.bert import gelu_tanh
 from plugins import _common, interpreted
-from plugins._common import codes_reference, int8_codes
+from plugins._common import await_inputs, codes_reference, int8_codes, pdl
 
 LOADS = ("ptr", "tma", "tma-persistent")
 
@@ -52,12 +52,17 @@ class GemmConfig:
     num_stages: int = 3
     # How operand tiles reach shared memory: "ptr" (pointer loads, one program per output tile), "tma" (Hopper's
     # tensor memory accelerator, one program per tile) or "tma-persistent" (TMA, one program per SM looping over
-    # tiles, so one tile's epilogue overlaps the next tile's loads).
+    # tiles, so one tile's epilogue overlaps the next tile's loads). (Triton's automatic warp specialization of
+    # these loops was slower on an H200, 1.06-1.8x, or did not compile: BENCHMARKS.md, "PDL" section.)
     loads: str = "ptr"
     # split_k > 1 (pointer loads only): K is cut into split_k slices, one program per (tile, slice) writes its
     # int32 partial sums, and a second kernel adds them (exactly) and runs the epilogue. More programs for the
     # few output tiles of a small-M GEMM with a long K (FC2 at batch 1: 16 tiles of 64 x 64 for 132 SMs).
     split_k: int = 1
+    # prefetch (pointer loads only): under programmatic dependent launch (plugins._common.await_inputs) a program
+    # starts while the kernel before it still runs; it first asks L2 for its own weight panel, which depends on
+    # no earlier kernel, and only then waits for its inputs. At batch 1 the weights are most of a GEMM's bytes.
+    prefetch: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -70,6 +75,13 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.loads must be one of {', '.join(LOADS)}, got {self.loads!r}")
         if self.split_k < 1 or (self.split_k > 1 and self.tma):
             raise ValueError(f"GemmConfig.split_k must be >= 1, and 1 with TMA loads: {self}")
+        if self.prefetch and self.tma:
+            raise ValueError(f"GemmConfig.prefetch needs pointer loads: {self}")
+
+    @property
+    def small_m(self) -> bool:
+        """Meant for a few rows only (batch 1): split K and weight prefetch; builds time them at m <= 2048."""
+        return self.split_k > 1 or self.prefetch
 
     @property
     def tma(self) -> bool:
@@ -113,6 +125,13 @@ CANDIDATE_CONFIGS: tuple[GemmConfig, ...] = (
     GemmConfig(64, 64, 128, 8, 4, 4, split_k=2),
     GemmConfig(64, 64, 128, 8, 4, 4, split_k=4),
     GemmConfig(32, 64, 128, 8, 4, 4, split_k=4),
+    # Batch 1 with weight prefetch: H200 builds at 1 x 128 (BENCHMARKS.md, calls P2-P4) chose these for QKV,
+    # attention-out and FC1, and for BERT-base's FC2 too. 128-row tiles (each weight read once at M = 128), with
+    # and without split K, won no GEMM in P2 and were dropped.
+    GemmConfig(16, 32, 128, 8, 4, 4, prefetch=True),
+    GemmConfig(32, 64, 128, 8, 4, 4, prefetch=True),
+    GemmConfig(64, 64, 128, 8, 4, 4, prefetch=True),
+    GemmConfig(64, 64, 128, 8, 4, 4, split_k=4, prefetch=True),
 )
 
 
@@ -127,7 +146,7 @@ def default_config(m: int, n: int, device: torch.device | str = "cuda") -> GemmC
     """The largest tile that still gives every SM a program; the smallest when even that is too few."""
     sms = _sm_count(torch.device(device))
     # TMA needs sm_90 and split K pays off only where the builder's timing says so
-    portable = [c for c in CANDIDATE_CONFIGS if not c.tma and c.split_k == 1]
+    portable = [c for c in CANDIDATE_CONFIGS if not c.tma and not c.small_m]
     by_area = sorted(portable, key=lambda c: (c.block_m * c.block_n, c.block_m, c.block_k), reverse=True)
     for c in by_area:
         if triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n) >= sms:
@@ -145,6 +164,24 @@ def _tile(t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
     first_m = (t // per_group) * GROUP_M
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
     return first_m + (t % per_group) % group_rows, (t % per_group) // group_rows
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte line at each pointer (no register result: the load itself comes later)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_weights(w_ptr, offs_n, n_ok, k0, steps, K, stride_wn, BLOCK_K: tl.constexpr):
+    """Prefetch rows offs_n of W over K in [k0, k0 + steps * BLOCK_K), one 128-byte line per row and step (BLOCK_K
+    is at least 128 in every prefetching candidate; a smaller one prefetches every other line, still correct)."""
+    rows = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64) * stride_wn
+    for k in range(0, steps):
+        kk = k0 + k * BLOCK_K
+        if kk < K:
+            _prefetch_l2(rows + kk)
 
 
 @triton.jit
@@ -178,13 +215,17 @@ def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
                         stride_am, stride_wn, stride_rm, stride_om,
                         HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
                         RECIP_PER_CHANNEL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
+                        PREFETCH: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    if PREFETCH:  # the weights: no earlier kernel writes them
+        _prefetch_weights(w_ptr, offs_n, n_ok, 0, (K + BLOCK_K - 1) // BLOCK_K, K, stride_wn, BLOCK_K)
+    await_inputs(PDL)
     acc = _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, 0, (K + BLOCK_K - 1) // BLOCK_K, K,
                        stride_am, stride_wn, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = m_ok[:, None] & n_ok[None, :]
@@ -198,11 +239,13 @@ def _int8_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_
                             M, N, K, a_scale, out_recip, stride_rm, stride_om,
                             HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
                             RECIP_PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
+                            PDL: tl.constexpr):
     """_int8_linear_kernel with operand tiles fetched by TMA (host-made descriptors; the copy engine zero-fills
     past the edges, so no masks and no K-tail branch). PERSISTENT: the grid is at most one program per SM and
     each walks tiles pid, pid + grid, ...; the flattened loop lets the compiler's pipeliner issue the next
     tile's loads while this tile's epilogue runs."""
+    await_inputs(PDL)
     tiles = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
     k_steps = (K + BLOCK_K - 1) // BLOCK_K
     step = tl.num_programs(0) if PERSISTENT else tiles
@@ -224,7 +267,8 @@ def _int8_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_
 @triton.jit
 def _int8_partial_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_slice, stride_am, stride_wn, stride_part,
                          EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
+                         PREFETCH: tl.constexpr):
     """Split K, step 1: program (tile, s) sums K slice s, [s * k_slice, (s + 1) * k_slice), of its output tile
     into part[s] (int32 [M, N], stride_part = M * N elements apart); EVEN_K: every slice is whole BLOCK_K
     steps inside K (no masks)."""
@@ -235,6 +279,9 @@ def _int8_partial_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_slice, stride_am, st
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    if PREFETCH:
+        _prefetch_weights(w_ptr, offs_n, n_ok, k0, k_slice // BLOCK_K, K, stride_wn, BLOCK_K)
+    await_inputs(PDL)
     acc = _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_slice // BLOCK_K, K, stride_am, stride_wn,
                        EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
     offs = tl.program_id(1).to(tl.int64) * stride_part + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
@@ -245,8 +292,9 @@ def _int8_partial_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_slice, stride_am, st
 def _splitk_epilogue_kernel(part_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, a_scale, out_recip,
                             stride_rm, stride_om, stride_part, SPLIT_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                             GELU: tl.constexpr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Split K, step 2: the exact int32 sum of the slices' partials, then the one epilogue."""
+    await_inputs(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -364,9 +412,11 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
     cfg = config or default_config(m, n, a_q.device)
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is off
     recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
+    use_pdl = pdl(a_q.device)
     flags = dict(HAS_RESIDUAL=residual is not None, GELU=bool(gelu), INT8_OUT=out_recip is not None,
                  RECIP_PER_CHANNEL=per_channel, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                 GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+                 GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+                 PDL=use_pdl, launch_pdl=use_pdl)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if cfg.tma and _tma_ok(a_q, w_q):
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -383,7 +433,8 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
         return _split_k(a_q, w_q, w_scale, bias, res, out, float(a_scale), recip, cfg, flags)
     _int8_linear_kernel[(tiles,)](
         a_q, w_q, w_scale, bias, res, out, m, n, k, float(a_scale), recip,
-        a_q.stride(0), w_q.stride(0), res.stride(0), out.stride(0), EVEN_K=k % cfg.block_k == 0, **flags)
+        a_q.stride(0), w_q.stride(0), res.stride(0), out.stride(0), EVEN_K=k % cfg.block_k == 0,
+        PREFETCH=cfg.prefetch and use_pdl, **flags)
     return out
 
 
@@ -401,9 +452,11 @@ def _split_k(a_q, w_q, w_scale, bias, res, out, a_scale, recip, cfg: GemmConfig,
     _int8_partial_kernel[(tiles, cfg.split_k)](
         a_q, w_q, part, m, n, k, steps * cfg.block_k, a_q.stride(0), w_q.stride(0), part.stride(0),
         EVEN_K=k == steps * cfg.block_k * cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PDL=flags["PDL"], launch_pdl=flags["launch_pdl"], PREFETCH=cfg.prefetch and flags["PDL"])
     bm, bn = _SPLITK_EPILOGUE_TILE
-    epilogue_flags = {key: flags[key] for key in ("HAS_RESIDUAL", "GELU", "INT8_OUT", "RECIP_PER_CHANNEL")}
+    epilogue_flags = {key: flags[key] for key in ("HAS_RESIDUAL", "GELU", "INT8_OUT", "RECIP_PER_CHANNEL", "PDL",
+                                                   "launch_pdl")}
     _splitk_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         part, w_scale, bias, res, out, m, n, a_scale, recip, res.stride(0), out.stride(0), part.stride(0),
         SPLIT_K=cfg.split_k, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, enable_fp_fusion=False, **epilogue_flags)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from plugins import _common
-from plugins._common import codes_reference, int8_codes
+from plugins._common import await_inputs, codes_reference, int8_codes
 
 
 @triton.jit
@@ -41,9 +41,10 @@ def _add(a, b):
 def _layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, R, H, eps, out_recip, out_scale,
                       stride_x, stride_y, stride_q,
                       QUANT: tl.constexpr, ROUND: tl.constexpr, PER_CHANNEL: tl.constexpr, ROWS: tl.constexpr,
-                      BLOCK_H: tl.constexpr):
+                      BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     # PER_CHANNEL: out_recip and out_scale are pointers to [H] float32 vectors, else float32 scalars.
     # ROWS rows per program, a whole row (H <= BLOCK_H) in registers: one read of x, one write per output.
+    await_inputs(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_H)
     row_ok = rows < R
@@ -125,11 +126,12 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     else:
         recip = float(out_recip) if out_recip is not None else 1.0
         scale = float(round_scale) if round_scale is not None else 1.0
+    use_pdl = _common.pdl(x.device)
     _layernorm_kernel[(triton.cdiv(r, per),)](
         rows, weight.contiguous(), bias.contiguous(), y2, q2, r, h, float(eps), recip, scale,
         rows.stride(0), y2.stride(0), q2.stride(0),
         QUANT=out_recip is not None, ROUND=round_scale is not None, PER_CHANNEL=per_channel, ROWS=per,
-        BLOCK_H=triton.next_power_of_2(h), num_warps=4, enable_fp_fusion=False)
+        BLOCK_H=triton.next_power_of_2(h), num_warps=4, enable_fp_fusion=False, PDL=use_pdl, launch_pdl=use_pdl)
     return y, q
 
 

@@ -14,14 +14,15 @@ import triton
 import triton.language as tl
 
 from plugins import _common
-from plugins._common import codes_reference, int8_codes
+from plugins._common import await_inputs, codes_reference, int8_codes
 
 
 @triton.jit
 def _quantize_kernel(x_ptr, q_ptr, recip, R, C, size1, size2, stride0, stride1, stride2, stride_c,
-                     ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+                     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     # Rows are the flattened outer dims [size0, size1, size2] of the view; columns its last dim. Index math is
     # per row (a few divisions per ROWS elements), the last dim is addressed directly.
+    await_inputs(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     i2 = rows % size2
@@ -66,8 +67,9 @@ def quantize_rows(x: torch.Tensor, recip: float) -> torch.Tensor:
     block_c = min(triton.next_power_of_2(c), 1024)
     rows = min(max(1, 4096 // block_c), triton.next_power_of_2(r))
     grid = (triton.cdiv(r, rows), triton.cdiv(c, block_c))
+    use_pdl = _common.pdl(x.device)
     _quantize_kernel[grid](view, q, float(recip), r, c, s1, s2, st0, st1, st2, view.stride(-1),
-                           ROWS=rows, BLOCK_C=block_c, num_warps=4)
+                           ROWS=rows, BLOCK_C=block_c, num_warps=4, PDL=use_pdl, launch_pdl=use_pdl)
     return q
 
 

@@ -366,6 +366,11 @@ def test_timing_candidates_run_every_layers_weights_at_few_rows(monkeypatch):
         _, candidates, calls = engine.gemm_candidates("qkv", runtime.ROTATE_WEIGHTS_UP_TO_ROWS + 1)
         candidates[runtime.LIBRARY]()
         assert calls == 1 and seen == [("layers.0.qkv", None)]
+    # split K and weight prefetch are timed at few rows only
+    small = set(engine.gemm_candidates("fc2", runtime.ROTATE_WEIGHTS_UP_TO_ROWS)[1])
+    large = set(engine.gemm_candidates("fc2", runtime.ROTATE_WEIGHTS_UP_TO_ROWS + 1)[1])
+    assert large < small and all("-pf" in i or "-k" in i for i in small - large)
+    assert any("-pf" in i for i in small) and not any("-pf" in i or "-k" in i for i in large)
 
 
 @pytest.mark.cuda

@@ -104,3 +104,24 @@ def test_available(monkeypatch):
     assert plugins.available() and plugins.interpreted()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert plugins.available() == torch.cuda.is_available()
+
+
+def test_programmatic_dependent_launch_only_on_hopper_cuda_compiled(monkeypatch):
+    """PDL where it exists (CUDA, sm_90+, compiled kernels) unless BERTQA_PDL=0 turned it off; never on the CPU
+    or in the interpreter, whose kernels have no grid-dependency instructions."""
+    pytest.importorskip("triton")
+    common = importlib.import_module("plugins._common")
+    cuda = torch.device("cuda", 0)
+    assert not common.pdl(torch.device("cpu"))
+    monkeypatch.setattr(common, "_pdl_capable", lambda device: True)
+    monkeypatch.setattr(common, "interpreted", lambda: False)
+    monkeypatch.setattr(common, "PDL_ENABLED", True)
+    assert common.pdl(cuda)
+    monkeypatch.setattr(common, "PDL_ENABLED", False)
+    assert not common.pdl(cuda)
+    monkeypatch.setattr(common, "PDL_ENABLED", True)
+    monkeypatch.setattr(common, "interpreted", lambda: True)
+    assert not common.pdl(cuda)
+    monkeypatch.setattr(common, "interpreted", lambda: False)
+    monkeypatch.setattr(common, "_pdl_capable", lambda device: False)
+    assert not common.pdl(cuda)

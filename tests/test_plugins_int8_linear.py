@@ -290,6 +290,68 @@ def test_cuda_graph_capture():
 
 
 
+@pytest.mark.cuda
+def test_cuda_pdl_chain_in_a_graph_matches_stream_order(monkeypatch):
+    """Under programmatic dependent launch a kernel starts before the kernel it reads from has finished. A chain
+    of dependent kernels captured in a CUDA graph (prefetching GEMM -> split-K prefetching GEMM with residual ->
+    LayerNorm with codes -> quantize of a transposed view -> TMA GEMM), replayed on fresh inputs, must give bit
+    for bit what it gives launched in plain stream order."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    from plugins import _common
+    from plugins.layernorm import layernorm_quant
+    from plugins.quantize import quantize_rows
+
+    m, h = 128, 512
+    a, w1, a_scale, s1, b1, res = problem(m, h, h, seed=31, residual=torch.float16)
+    _, w2, _, s2, b2, _ = problem(m, h, h, seed=32)
+    _, w3, _, s3, b3, _ = problem(m, h, h, seed=33)
+    ln_w, ln_b = (torch.rand(h, generator=gen(34)) + 0.5).cuda(), torch.randn(h, generator=gen(35)).cuda()
+    configs = [L.GemmConfig(64, 64, 128, prefetch=True), L.GemmConfig(32, 64, 128, split_k=4, prefetch=True),
+               L.GemmConfig(64, 64, 128, loads="tma")]
+
+    def chain():
+        x = L.int8_linear(a, w1, a_scale, s1, b1, gelu=True, out_recip=out_recip(0.05), config=configs[0])
+        y = L.int8_linear(x, w2, 0.05, s2, b2, residual=res, config=configs[1])
+        _, yq = layernorm_quant(y, ln_w, ln_b, 1e-12, out_recip(0.03))
+        t = yq.float().view(m, 8, h // 8).transpose(0, 1)  # a strided view, as attention's context is
+        q = quantize_rows(t, out_recip(0.5)).view(m, h)
+        return L.int8_linear(q, w3, 0.5, s3, b3, config=configs[2])
+
+    outputs = {}
+    for launch in (False, True):
+        monkeypatch.setattr(_common, "PDL_ENABLED", launch)
+        assert _common.pdl(a.device) is launch
+        a.copy_(torch.randint(-127, 128, a.shape, dtype=torch.int8, generator=gen(36)).cuda())
+        chain()  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        runs = []
+        for seed in (37, 38, 39):
+            a.copy_(torch.randint(-127, 128, a.shape, dtype=torch.int8, generator=gen(seed)).cuda())
+            graph.replay()
+            runs.append(out.clone())
+        torch.cuda.synchronize()
+        outputs[launch] = runs
+    for plain, pdl in zip(outputs[False], outputs[True]):
+        assert torch.equal(plain, pdl)
+    assert not torch.equal(outputs[True][0], outputs[True][1])  # the replays did read the new inputs
+
+
+def test_prefetch_and_split_k_are_small_m_options():
+    """Weight prefetch needs pointer loads; prefetch and split K are batch-1 tools that builds time only at
+    few rows, and the default configuration never uses them."""
+    with pytest.raises(ValueError, match="prefetch"):
+        L.GemmConfig(64, 64, 128, loads="tma", prefetch=True)
+    assert L.GemmConfig(64, 64, 128, prefetch=True).small_m and L.GemmConfig(64, 64, 128, split_k=2).small_m
+    assert not L.GemmConfig(64, 64, 128).small_m
+    assert any(c.prefetch for c in L.CANDIDATE_CONFIGS)
+    for m, n in ((1, 48), (128, 1024), (128, 4096), (49152, 1024)):
+        assert not L.default_config(m, n, "cpu").small_m
+
+
 def test_gemm_exploration_plan_names_every_candidate(capsys):
     """eval/device_gemm_explore's plan (its --dry-run needs no GPU): BERT-large's batch-1 shapes, every candidate."""
     pytest.importorskip("triton")
@@ -300,3 +362,32 @@ def test_gemm_exploration_plan_names_every_candidate(capsys):
     assert [line.split(":")[0] for line in out[:4]] == [f"large-small-{k}" for k in ("qkv", "attn_out", "fc1", "fc2")]
     assert all(f"{len(L.CANDIDATE_CONFIGS)} configs" in line for line in out[:4])
     assert out[-1].startswith("4 shapes")
+
+
+def test_gemm_exploration_survives_a_crashing_compiler(monkeypatch, capsys):
+    """Each kernel compiles in its own process: one that dies (an MLIR assertion aborts) or hangs is reported and
+    kept out of the timing loop; one that raises is reported; --configs picks candidates by name."""
+    pytest.importorskip("triton")
+    import subprocess
+
+    import eval.device_gemm_explore as X
+
+    shape = X.select(X.all_shapes(), "large-small-fc2")[0]
+    picked = X.plan(shape, torch.device("cpu"), "-k4,+tma-persistent")
+    assert picked and all("-k4" in X.triton_impl(c) or "+tma-persistent" in X.triton_impl(c) for c in picked)
+    assert X.plan(shape, torch.device("cpu")) == list(L.CANDIDATE_CONFIGS)
+    configs = list(L.CANDIDATE_CONFIGS[:4])
+    outcome = dict(zip(map(X.triton_impl, configs), ("ok", "abort", "raise", "hang")))
+
+    def fake_run(argv, **kw):
+        what = outcome[argv[-1]]
+        if what == "hang":
+            raise subprocess.TimeoutExpired(argv, kw["timeout"])
+        code = {"ok": 0, "abort": -6, "raise": 1}[what]
+        return subprocess.CompletedProcess(argv, code, "", "Traceback\nAssertionError: boom" if code else "")
+
+    monkeypatch.setattr(X.subprocess, "run", fake_run)
+    failed, crashed = X.precompile([(shape, c) for c in configs], jobs=2)
+    assert crashed == {X.kernel_key(shape, configs[1]), X.kernel_key(shape, configs[3])}
+    assert len(failed) == 3 and "AssertionError: boom" in failed[1] and "status -6" in failed[0]
+    assert "still compiling" in failed[2]
