@@ -23,7 +23,7 @@ from common.errors import WorkbenchError
 from data.tokenizer import WordPiece, wordpiece_from_str
 from engines.engine_file import EngineHeader, Profile, load_engine, this_gpu
 from engines.runtime import Engine, engine_tensors
-from engines.tuning import LIBRARY, TimingCache, choose, kernel_key, machine_key
+from engines.tuning import LIBRARY, TimingCache, attention_agrees, attention_key, choose, kernel_key, machine_key
 from model.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
 
 def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.device,
           timing_cache: TimingCache | None) -> dict[str, str]:
-    """Time every implementation of each INT8 GEMM kind at each profile's row count; keep the fastest."""
+    """Time every implementation of each INT8 GEMM kind at each profile's row count, and of attention at each
+    profile's shape; keep the fastest."""
     engine = Engine(header, {k: v for k, v in tensors.items() if k != TOKENIZER_TENSOR}, device)
     if not engine.use_triton or not engine.policy.int8:
         return {}
@@ -88,6 +89,14 @@ def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.
             best, times = choose(problem, candidates, cache, machine, calls)
             chosen[kernel_key(kind, m)] = best
             log.info("%s m=%d: %s %.3f ms (library %.3f ms)", kind, m, best, times[best], times[LIBRARY])
+    for b, s in sorted({(p.batch, p.seq_len) for p in header.profiles}):
+        found = engine.attention_candidates(b, s)
+        if found is None:
+            continue
+        problem, candidates, calls = found
+        best, times = choose(problem, candidates, cache, machine, calls, attention_agrees)
+        chosen[attention_key(b, s)] = best
+        log.info("attention %dx%d: %s %.3f ms (sdpa %.3f ms)", b, s, best, times[best], times[LIBRARY])
     cache.save()
     log.info("%s", cache.summary())
     del engine
@@ -124,7 +133,9 @@ def _kernels(num_layers: int, policy: PrecisionPolicy, device: torch.device) -> 
     int8 = ("cuBLASLt int8 (torch._int_mm) or a timed Triton kernel" if device.type == "cuda"
             else "cpu int8 (torch._int_mm)") + ", fused epilogue"
     fp = f"{'fp16' if policy.fp16 else 'fp32'} library gemm (F.linear)"
-    attention = "fp16 matmuls with int8 rounding (-imh numerics)" if policy.imh else "sdpa (F.scaled_dot_product_attention)"
+    attention = ("fp16 matmuls with int8 rounding (-imh numerics)" if policy.imh
+                 else "sdpa (F.scaled_dot_product_attention)" + (" or the timed fused kernel" if device.type == "cuda"
+                                                                  and policy.int8 and policy.fp16 else ""))
     kernels = {f"layer{i}.{g}": int8 if policy.quantizes_gemm(i, g) else fp for i in range(num_layers) for g in GEMMS}
     if policy.fc2_library_gemm:
         kernels.update({f"layer{i}.fc2": "cuBLASLt int8 (torch._int_mm), -g" for i in range(num_layers)

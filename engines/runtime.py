@@ -11,9 +11,12 @@ GEMM through `torch._int_mm` on CUDA; all of it on the CPU, which is how CI runs
 (CUDA). `build` times the GEMM implementations per profile and records the fastest in the engine header
 (engines/tuning.py); a CPU engine, and anything the header does not name, runs the reference.
 
-Attention without -imh runs PyTorch's fused SDPA. With -imh, Q, K, V, the probabilities and the context are
-rounded to INT8 values exactly as the policy says, but the two attention matmuls still run on FP16 tensor cores
-(no INT8 attention kernel yet): the numerics of INT8 attention, not its speed.
+Attention without -imh runs PyTorch's fused SDPA, or where the build timed it faster (INT8 builds on CUDA),
+plugins/attention.py's kernel, which reads Q, K, V from the QKV output and writes the context as the next GEMM
+reads it (its INT8 codes when that GEMM is INT8): one launch for SDPA and the context's quantize pass. With
+-imh, Q, K, V, the probabilities and the context are rounded to INT8 values exactly as the policy says, but the
+two attention matmuls still run on FP16 tensor cores (no INT8 attention kernel yet): the numerics of INT8
+attention, not its speed.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from calib.policy import GEMMS, PrecisionPolicy
 from calib.quantizer import _reciprocal, dequantize, quantize
 from calib.smoothing import channel_scales, smoothed_weight
 from engines.engine_file import EngineHeader
-from engines.tuning import LIBRARY, GemmProblem, kernel_key
+from engines.tuning import LIBRARY, GemmProblem, attention_key, kernel_key
 from model.config import BertConfig
 
 TRITON = "triton"
@@ -130,6 +133,13 @@ class Engine(torch.nn.Module):
             chosen = larger[0] if larger else (known[-1][1] if known else LIBRARY)
         return chosen
 
+    def attention_impl(self, b: int, s: int) -> str:
+        """The attention implementation at batch b, length s: the header's choice for that shape (the builder
+        times the fused kernel against SDPA for each profile), else SDPA."""
+        if not self.use_triton or self.policy.imh:
+            return LIBRARY
+        return self.kernels.get(attention_key(b, s), LIBRARY)
+
     # ------------------------------------------------------------ ops
 
     def _recip(self, site: str) -> float | torch.Tensor | None:
@@ -190,6 +200,24 @@ class Engine(torch.nn.Module):
         s = self.scale[site]
         return dequantize(quantize(x, s), s, x.dtype)
 
+    def _attend(self, i: int, qkv: torch.Tensor, b: int, s: int, key_bias: torch.Tensor | None,
+                impl: str) -> torch.Tensor:
+        """Layer i's attention from its QKV output [b*s, 3H] to the attention-output GEMM's input [b*s, H]: the
+        context's codes where that GEMM is INT8, else the context. key_bias [b, s]: padding, or None."""
+        cfg = self.cfg
+        int8 = self.gemms[f"layers.{i}.attn_out"].int8
+        site = f"layer{i}.context"
+        if impl != LIBRARY:
+            from plugins.attention import AttentionConfig, fused_attention
+            return fused_attention(qkv, b, cfg.num_heads, key_bias, out_recip=self._recip(site) if int8 else None,
+                                   out_dtype=self.dtype, config=AttentionConfig.parse(impl))
+        q, k, v = qkv.view(b, s, 3, cfg.num_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
+        mask_bias = None if key_bias is None else key_bias.view(b, 1, 1, s)
+        context = self._attention(i, q, k, v, mask_bias).transpose(1, 2)  # [b, s, heads, d], strided
+        if int8:
+            return self._codes(context, site).view(b * s, cfg.hidden_size)
+        return context.reshape(b * s, cfg.hidden_size)
+
     def _attention(self, i: int, q, k, v, mask_bias: torch.Tensor | None) -> torch.Tensor:
         if not self.policy.imh:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias)
@@ -211,26 +239,22 @@ class Engine(torch.nn.Module):
         x = (t["embeddings.word.weight"][input_ids] + t["embeddings.position.weight"][:s]
              + t["embeddings.token_type.weight"][token_type_ids]).view(b * s, cfg.hidden_size)
         x, xq = self._ln("embeddings.ln", x, "embeddings.ln_out")
-        # In the engine's dtype, made once per forward (SDPA adds it to its scores as they are).
-        mask_bias = None if attention_mask is None else \
-            ((1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(self.dtype).min).to(self.dtype)
+        # [b, s] in the engine's dtype, made once per forward (attention adds it to its scores as it is).
+        key_bias = None if attention_mask is None else \
+            ((1.0 - attention_mask.float()) * torch.finfo(self.dtype).min).to(self.dtype).contiguous()
+        attention = self.attention_impl(b, s)
         for i in range(cfg.num_layers):
-            x, xq = self._layer(i, x, xq, b, s, mask_bias)
+            x, xq = self._layer(i, x, xq, b, s, key_bias, attention)
         logits = F.linear(x, t["qa.weight"], t["qa.bias"]).float().view(b, s, 2)
         return logits[..., 0], logits[..., 1]
 
     def _layer(self, i: int, x: torch.Tensor, xq: torch.Tensor | None, b: int, s: int,
-               mask_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               key_bias: torch.Tensor | None, attention: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: the residual stream [b*s, H]; xq: its codes when this layer's QKV GEMM is INT8."""
-        cfg, p = self.cfg, f"layers.{i}."
+        p = f"layers.{i}."
         use = lambda gemm, fp, codes: codes if self.gemms[p + gemm].int8 else fp  # noqa: E731
-        heads = self._linear(p + "qkv", use("qkv", x, xq)).view(b, s, 3, cfg.num_heads, cfg.head_dim)
-        q, k, v = heads.permute(2, 0, 3, 1, 4)
-        context = self._attention(i, q, k, v, mask_bias).transpose(1, 2)  # [b, s, heads, d], strided
-        if self.gemms[p + "attn_out"].int8:
-            ctx = self._codes(context, f"layer{i}.context").view(b * s, cfg.hidden_size)
-        else:
-            ctx = context.reshape(b * s, cfg.hidden_size)
+        qkv = self._linear(p + "qkv", use("qkv", x, xq))
+        ctx = self._attend(i, qkv, b, s, key_bias, attention)
         y = self._linear(p + "attn_out", ctx, residual=x)
         x1, x1q = self._ln(p + "ln1", y, f"layer{i}.attn_ln_out")
         ffn = self._linear(p + "fc1", use("fc1", x1, x1q), gelu=True, out_site=f"layer{i}.fc2_in")
@@ -238,6 +262,31 @@ class Engine(torch.nn.Module):
         return self._ln(p + "ln2", y2, f"layer{i}.ffn_ln_out")
 
     # ------------------------------------------------------------ tuning support
+
+    def attention_candidates(self, b: int, s: int) -> tuple[GemmProblem, dict[str, callable], int] | None:
+        """Layer 0's attention at batch b, length s as the forward runs it (random FP16 QKV output), one
+        zero-argument call per implementation (SDPA, the fused kernel's configurations) for build-time timing.
+        Each call runs the two cases the engine's graphs hold, no padding and a quarter of every sequence
+        padded, so that one choice serves both; it returns the padded case's output."""
+        from plugins.attention import CANDIDATE_CONFIGS
+
+        if not self.use_triton or self.policy.imh or self.dtype != torch.float16:
+            return None
+        cfg = self.cfg
+        gen = torch.Generator(device=self.device).manual_seed(b * s)
+        qkv = torch.randn(b * s, 3 * cfg.hidden_size, generator=gen, device=self.device).to(self.dtype)
+        mask = torch.ones(b, s, device=self.device)
+        mask[:, s - s // 4:] = 0.0
+        key_bias = ((1.0 - mask) * torch.finfo(self.dtype).min).to(self.dtype).contiguous()
+        int8 = self.gemms["layers.0.attn_out"].int8
+        problem = GemmProblem("attention", b * s, cfg.hidden_size, s, "float16",
+                              "softmax+padded->" + ("int8" if int8 else "float16"))
+
+        def call(impl: str) -> torch.Tensor:
+            return [self._attend(0, qkv, b, s, bias, impl) for bias in (None, key_bias)][-1]
+
+        impls = [LIBRARY] + [c.name for c in CANDIDATE_CONFIGS]
+        return problem, {impl: (lambda impl=impl: call(impl)) for impl in impls}, 2
 
     def gemm_candidates(self, kind: str, m: int) -> tuple[GemmProblem, dict[str, callable], int] | None:
         """The INT8 `kind` GEMM at m rows as the forward launches it (random input codes, each layer's weights

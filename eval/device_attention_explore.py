@@ -9,7 +9,9 @@ that as a float bias added to the scores, which keeps it off the fastest kernels
 take cumulative offsets instead; cutting each padded row of the batch into two sequences, its real tokens and its
 padding (offsets 0, len0, S, S + len1, 2S, ...), gives real queries exactly the real keys, with the tensors left
 where the QKV GEMM wrote them. Timed as the engine runs it (engines.tuning.time_ms: graph replay, median);
-checked against float32 attention with the mask, on real query rows.
+checked against float32 attention with the mask, on real query rows. Our own kernel (plugins/attention.py) runs
+in each of its configurations, with the padding bias and without a mask, reading Q, K, V from the QKV output as
+the engine does.
 """
 from __future__ import annotations
 
@@ -34,8 +36,11 @@ def split_offsets(lengths: torch.Tensor, s: int) -> torch.Tensor:
     return torch.cat([cuts, torch.tensor([b * s], device=lengths.device, dtype=torch.int32)])
 
 
-def variants(q, k, v, lengths, b, s, h):
-    """name -> zero-argument call returning [b*s, h, D] (q, k, v: [b*s, h, D] views of the QKV output)."""
+def variants(qkv, lengths, b, s, h):
+    """name -> zero-argument call returning [b*s, h, D] (qkv: [b*s, 3, h, D], the QKV output)."""
+    from plugins.attention import CANDIDATE_CONFIGS, fused_attention
+
+    q, k, v = qkv.unbind(1)
     scale = D ** -0.5
     mask = torch.arange(s, device=q.device)[None, :] < lengths[:, None]
     bias = ((~mask).half() * torch.finfo(torch.float16).min)[:, None, None, :]
@@ -61,6 +66,13 @@ def variants(q, k, v, lengths, b, s, h):
         "efficient varlen, split rows": lambda: torch.ops.aten._efficient_attention_forward(
             q[None], k[None], v[None], None, cu, cu, s, s, 0.0, 0, False, scale=scale)[0][0],
     }
+    rows = qkv.view(b * s, 3 * h * D)
+    key_bias = bias.view(b, s).contiguous()
+    for c in CANDIDATE_CONFIGS:
+        out[f"ours {c.name}, float bias"] = lambda c=c: fused_attention(rows, b, h, key_bias, config=c).view(b * s,
+                                                                                                          h, D)
+        out[f"ours {c.name}, no mask (ignores padding)"] = lambda c=c: fused_attention(rows, b, h, config=c).view(
+            b * s, h, D)
     return out, mask
 
 
@@ -79,7 +91,7 @@ def explore(name: str, b: int, s: int, h: int) -> list[str]:
     lengths[0] = s  # one full row, one (at least) with padding
     if b > 1:
         lengths[1] = s // 3
-    calls, mask = variants(q, k, v, lengths, b, s, h)
+    calls, mask = variants(qkv, lengths, b, s, h)
     ref = reference(q, k, v, mask, b, s, h)
     real = mask.view(-1)
     flops = 4 * b * h * s * s * D

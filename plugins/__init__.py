@@ -7,6 +7,7 @@ reference, and the reference to calib.quantizer, so the INT8 math still lives in
 - int8_linear: INT8 GEMM (int32 accumulation) + dequantize + bias [+ GELU] [+ residual] -> FP16/FP32 or INT8
 - layernorm:   LayerNorm -> x.dtype output and, optionally, its INT8 codes in the same pass
 - quantize:    INT8 codes of a strided (e.g. transposed attention-context) tensor, written contiguously
+- attention:   softmax(QK^T)V from the QKV GEMM's output -> the context in the next GEMM's layout, FP or INT8
 
 On Hopper and later GPUs every kernel launches with programmatic dependent launch and waits for the kernel before
 it (plugins._common.await_inputs) before touching a tensor: batch-1 forwards are chains of short kernels, and PDL

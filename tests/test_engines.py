@@ -340,7 +340,34 @@ def test_triton_kernels_agree_with_library_kernels(name):
             engine.impl = lambda kind, m, c=config: triton_impl(c)
             got = engine(*x)[0]
             assert rel(valid(got, x[2]).float(), valid(want, x[2]).float()) < 2e-3, config
+        if not policy.imh:  # the fused attention kernel, each configuration (the GEMMs stay on the last one)
+            from plugins.attention import CANDIDATE_CONFIGS as ATTENTION_CONFIGS
+
+            for config in ATTENTION_CONFIGS:
+                engine.attention_impl = lambda b, s, c=config: c.name
+                got = engine(*x)[0]
+                assert rel(valid(got, x[2]).float(), valid(want, x[2]).float()) < 3e-3, config
     assert LIBRARY == "library"
+
+
+@pytest.mark.parametrize("name", ["int8", "int8 --keep-fp16 attn_out,layer0.fc2"])
+def test_fused_attention_in_the_engine_matches_sdpa(name, monkeypatch):
+    """The engine's fused-attention path (QKV output -> the context's codes, or FP16 context where attention-out
+    stays FP16) against its SDPA path, with padding, on the CPU through Triton's interpreter: the same logits
+    within attention's FP16 error, and the context's codes mostly the same."""
+    from tests.test_plugins_common import kernels
+
+    attention = kernels("attention")  # the interpreter's module, which the engine's import then finds
+    policy = PrecisionPolicy(**{**POLICIES[name].__dict__, "fp16": True})
+    loaded = loaded_model(seed=12)
+    engine = build(loaded, policy, max_calibration(loaded))
+    x = inputs(seed=5)
+    with torch.no_grad():
+        want = engine(*x)
+        monkeypatch.setattr(engine, "attention_impl", lambda b, s: attention.AttentionConfig(16, 16).name)
+        got = engine(*x)
+    for g, w in zip(got, want):
+        assert rel(valid(g, x[2]).float(), valid(w, x[2]).float()) < 3e-3  # about 4e-4 seen
 
 
 def test_timing_candidates_run_every_layers_weights_at_few_rows(monkeypatch):
@@ -384,13 +411,14 @@ def test_cuda_build_times_kernels_once(tmp_path):
     header, _ = build_engine(loaded, policy, [Profile(1, 32), Profile(4, 64)], calib, torch.device("cuda"), None,
                              first)
     assert first.timed > 0 and first.reused == 0
-    chosen = {k: v for k, v in header.kernels.items() if k.startswith("gemm.")}
-    assert set(chosen) == {f"gemm.{g}.m{m}" for g in ("qkv", "attn_out", "fc1", "fc2") for m in (32, 256)}
+    chosen = {k: v for k, v in header.kernels.items() if k.startswith(("gemm.", "attention."))}
+    assert set(chosen) == {f"gemm.{g}.m{m}" for g in ("qkv", "attn_out", "fc1", "fc2") for m in (32, 256)} | \
+        {"attention.b1s32", "attention.b4s64"}
     second = TimingCache(tmp_path / "timing.json")
     header2, _ = build_engine(loaded, policy, [Profile(1, 32), Profile(4, 64)], calib, torch.device("cuda"), None,
                               second)
     assert second.timed == 0 and second.reused == first.timed
-    assert {k: v for k, v in header2.kernels.items() if k.startswith("gemm.")} == chosen
+    assert {k: v for k, v in header2.kernels.items() if k.startswith(("gemm.", "attention."))} == chosen
     assert "nothing timed" in second.summary()
 
 

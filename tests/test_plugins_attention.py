@@ -1,0 +1,125 @@
+"""plugins.attention: the reference against SDPA, the fused kernel against the reference (Triton's interpreter on
+the CPU; BERT's shapes on a GPU in the `cuda` tests)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.test_plugins_common import DEVICE, gen, kernels, poison, rel  # noqa: F401
+
+A = kernels("attention")
+out_recip = kernels("_common").out_recip
+
+
+def problem(batch, s, heads, d, seed, padded=True, device=DEVICE):
+    """FP16 QKV rows with BERT-like spread, and a key bias that pads the tail of every other sequence."""
+    g = gen(seed)
+    qkv = (torch.randn(batch * s, 3 * heads * d, generator=g) * 1.5).half()
+    bias = None
+    if padded:
+        bias = torch.zeros(batch, s, dtype=torch.float16)
+        for i in range(1, batch, 2):
+            bias[i, s - s // 3:] = torch.finfo(torch.float16).min
+    return qkv.to(device), bias.to(device) if bias is not None else None
+
+
+def recips(ref: torch.Tensor, per_channel: bool):
+    """Output scales that clip the top 20% of |context| (clamping exercised), per tensor or per channel."""
+    if per_channel:
+        return (127 / (0.8 * ref.float().abs().amax(dim=0).clamp_min(1e-3))).contiguous()
+    return out_recip(0.8 * float(ref.float().abs().max()) / 127)
+
+
+def assert_attention_codes(q, ref):
+    """Codes within 1 of the reference's, and rarely off (the kernel rounds p to FP16 before p.v, module doc):
+    under 1 in 50, the limit the engine builder holds the kernel to against SDPA (engines.tuning)."""
+    from engines.tuning import attention_agrees
+
+    assert q.dtype == torch.int8 and q.shape == ref.shape and int(q.min()) >= -127
+    diff = (q.int().cpu() - ref.int().cpu()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.02
+    assert attention_agrees(q.cpu(), ref.cpu())
+
+
+def test_reference_is_sdpa_in_float32():
+    qkv, bias = problem(2, 24, 3, 16, seed=1, device="cpu")
+    q, k, v = qkv.float().view(2, 24, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.float()[:, None, None, :])
+    got = A.attention_reference(qkv, 2, 3, bias, out_dtype=torch.float32)
+    assert torch.allclose(got, want.transpose(1, 2).reshape(48, 48), atol=1e-5, rtol=1e-5)
+
+
+# The interpreter takes seconds per call with 128-query blocks: the CPU runs the small blocks (several key
+# blocks per row, ragged edges), the GPU every candidate at BERT's shapes (test_cuda_bert_shapes).
+CONFIGS = {c.name: c for c in (A.AttentionConfig(16, 16), A.AttentionConfig(32, 64))}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_small_blocks(config, poison):
+    """S = 40 is ragged for both block sizes; with and without padding; FP16 out and INT8 codes (one scale,
+    one per channel)."""
+    cfg = CONFIGS[config]
+    for padded in (False, True):
+        qkv, bias = problem(2, 40, 2, 16, seed=3 + list(CONFIGS).index(config), padded=padded)
+        ref32 = A.attention_reference(qkv, 2, 2, bias, out_dtype=torch.float32)
+        out = A.fused_attention(qkv, 2, 2, bias, config=cfg)
+        assert out.dtype == torch.float16 and rel(out, ref32) < 2e-3
+        for per_channel in (False, True):
+            r = recips(ref32, per_channel)
+            r = r.to(qkv.device) if per_channel else r
+            assert_attention_codes(A.fused_attention(qkv, 2, 2, bias, out_recip=r, config=cfg),
+                                   A.attention_reference(qkv, 2, 2, bias, out_recip=r))
+
+
+def test_padding_keys_get_no_weight():
+    """A padded key changes nothing: the same sequence with garbage in its padded positions' K and V."""
+    qkv, bias = problem(2, 32, 2, 16, seed=5)
+    noisy = qkv.clone().view(2, 32, 3, 2, 16)
+    noisy[1, 32 - 32 // 3:, 1:] = 100.0  # K and V of sequence 1's padding
+    a = A.fused_attention(qkv, 2, 2, bias, config=A.AttentionConfig(16, 16))
+    b = A.fused_attention(noisy.view(64, 96), 2, 2, bias, config=A.AttentionConfig(16, 16))
+    assert torch.equal(a, b)
+
+
+def test_bad_inputs_say_what_is_wrong():
+    qkv, bias = problem(2, 16, 2, 16, seed=6)
+    with pytest.raises(ValueError, match="not \\[batch \\* S"):
+        A.fused_attention(qkv, 3, 2)
+    with pytest.raises(ValueError, match="head size"):
+        A.fused_attention(qkv[:, :72], 2, 2)
+    with pytest.raises(ValueError, match="FP16/BF16"):
+        A.fused_attention(qkv.float(), 2, 2)
+    with pytest.raises(ValueError, match="key_bias"):
+        A.fused_attention(qkv, 2, 2, bias[:, :8])
+    with pytest.raises(ValueError, match="per-channel out_recip"):
+        A.fused_attention(qkv, 2, 2, out_recip=torch.ones(8, device=qkv.device))
+    with pytest.raises(ValueError, match="power of two"):
+        A.AttentionConfig(48, 64)
+
+
+def test_config_names_round_trip():
+    for c in A.CANDIDATE_CONFIGS:
+        assert A.AttentionConfig.parse(c.name) == c
+    assert len({c.name for c in A.CANDIDATE_CONFIGS}) == len(A.CANDIDATE_CONFIGS)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", [c.name for c in A.CANDIDATE_CONFIGS])
+@pytest.mark.parametrize("batch,s", [(1, 128), (3, 384)])
+def test_cuda_bert_shapes(config, batch, s, poison):
+    """BERT-large's heads (16 x 64) at batch 1 x 128 and a padded 3 x 384, against the reference and SDPA."""
+    cfg = A.AttentionConfig.parse(config)
+    qkv, bias = problem(batch, s, 16, 64, seed=batch * s)
+    ref32 = A.attention_reference(qkv, batch, 16, bias, out_dtype=torch.float32)
+    out = A.fused_attention(qkv, batch, 16, bias, config=cfg)
+    assert rel(out, ref32) < 2e-3
+    q, k, v = qkv.view(batch, s, 3, 16, 64).permute(2, 0, 3, 1, 4)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :]).transpose(1, 2)
+    assert rel(out, sdpa.reshape(batch * s, 1024)) < 3e-3
+    r = recips(ref32, per_channel=False)
+    assert_attention_codes(A.fused_attention(qkv, batch, 16, bias, out_recip=r, config=cfg),
+                           A.attention_reference(qkv, batch, 16, bias, out_recip=r))
+    assert math.isfinite(float(out.float().sum()))
