@@ -124,8 +124,10 @@ def main(argv=None) -> None:
                 engine.use_triton = False
             chosen = sorted({v for k, v in header.kernels.items() if k.startswith("gemm.")}) \
                 if engine.use_triton else ["library (forced)"]
-            print(f"{preset} {name}: built in {build_s:.0f} s; GEMM kernels chosen: {', '.join(chosen) or '-'}",
-                  flush=True)
+            attention = sorted({"sdpa" if v == "library" else v for k, v in header.kernels.items()
+                                if k.startswith("attention.")}) if engine.use_triton else []
+            print(f"{preset} {name}: built in {build_s:.0f} s; GEMM kernels chosen: {', '.join(chosen) or '-'}; "
+                  f"attention: {', '.join(attention) or 'sdpa'}", flush=True)
             fuses = [False, True] if args.fuse == "both" else [args.fuse == "on" or name.endswith(" fused")]
             for fuse in fuses:
                 runner = GraphRunner(engine, fuse=fuse)

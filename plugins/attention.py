@@ -65,8 +65,9 @@ class AttentionConfig:
         return AttentionConfig(bm, bn, int(w[1:]), int(s[1:]))
 
 
-# Small query blocks give batch 1 (16 heads x 128 tokens) enough programs for the SMs; 128-query blocks with
-# 8 warps are the usual flash-attention tile for long batches. Not yet timed on a GPU (BENCHMARKS.md).
+# Small query blocks give batch 1 (16 heads x 128 tokens) enough programs for the SMs; 128-query blocks are the
+# usual flash-attention tile for long batches. On an H200 (BENCHMARKS.md, P8) 64x128 was fastest at BERT-large
+# 1 x 128, 128x64 with 4 warps at 128 x 384 with padding, 128x64 with 8 warps without.
 CANDIDATE_CONFIGS: tuple[AttentionConfig, ...] = (
     AttentionConfig(16, 64, 4, 2),
     AttentionConfig(32, 64, 4, 2),
