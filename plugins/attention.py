@@ -115,7 +115,7 @@ def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale,
         k = tl.load(qkv_ptr + key_rows[None, :] * stride_qkv + hidden + h * D + offs_d[:, None],
                     mask=n_ok[None, :], other=0.0)  # [D, BLOCK_N]
         s = tl.dot(q, k, out_dtype=tl.float32) * qk_scale  # log2 domain: exp2(s) = exp(score)
-        if HAS_BIAS:
+        if HAS_BIAS:  # into the log2 domain too: times log2(e), LOG2E
             s += tl.load(bias_ptr + b * S + keys, mask=n_ok, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))  # finite: every block has a key, padding bias is finite
