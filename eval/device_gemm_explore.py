@@ -1,7 +1,7 @@
 """Every INT8 GEMM tile configuration timed at BERT's GEMM shapes against the library path:
 which wins, by how much, and whether each one is right. A measuring script for the device machine, not a test.
 
-    python3 -m eval.device_gemm_explore [--shapes large-small,base-big-fc2] [--configs=-ws,+tma] [--rep 20]
+    python3 -m eval.device_gemm_explore [--shapes large-small,base-big-fc2] [--configs=-pf,+tma] [--rep 20]
                                         [--dry-run]
 
 Shapes are MODEL-ROWS-KIND: BERT-large (hidden 1024, intermediate 4096) or -base (768, 3072); M = 128 rows
@@ -235,7 +235,7 @@ def explore(shape: Shape, rep: int, device: torch.device = torch.device("cuda"),
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", help="comma-separated name prefixes, e.g. large-small,base-big-fc2 (default: all)")
-    ap.add_argument("--configs", help="comma-separated parts of candidate names, e.g. -ws,+tma (default: all)")
+    ap.add_argument("--configs", help="comma-separated parts of candidate names, e.g. -pf,+tma (default: all)")
     ap.add_argument("--rep", type=int, default=20, help="do_bench measuring time per implementation, ms")
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes compiling kernels up front (0: compile as timed)")
