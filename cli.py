@@ -496,7 +496,7 @@ def cmd_build(args) -> int:
     from calib.policy import PrecisionPolicy, parse_gemm_list
     from common.files import cache_root
     from data.tokenizer import load_wordpiece
-    from engines.build import build_engine
+    from engines.build import build_engine, kernel_choices
     from engines.engine_file import Profile, save_engine
     from engines.tuning import TimingCache
     from model.checkpoint import load_model
@@ -516,6 +516,8 @@ def cmd_build(args) -> int:
     header, tensors = build_engine(loaded, policy, profiles, calib, device, wordpiece, timing)
     if timing is not None and policy.int8:
         print(f"{timing.summary()} ({timing.path})", file=sys.stderr)
+        for line in kernel_choices(header):
+            print(f"kernels {line}", file=sys.stderr)
     save_engine(args.output, header, tensors)
     size = Path(args.output).stat().st_size / 2**20
     print(f"built {args.output}: {policy.describe()}, profiles {', '.join(map(str, profiles))}, {device.type}"

@@ -104,6 +104,21 @@ def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.
     return chosen
 
 
+def kernel_choices(header: EngineHeader) -> list[str]:
+    """One line per profile naming the implementation the build chose for each timed op (nothing for engines
+    that time none: CPU, FP builds), e.g. `1x128: qkv triton:32x64x128-g8-w4-s4-pf, ..., attention sdpa`."""
+    lines = []
+    for p in header.profiles:
+        m = p.batch * p.seq_len
+        parts = [f"{g} {header.kernels[kernel_key(g, m)]}" for g in GEMMS if kernel_key(g, m) in header.kernels]
+        attention = header.kernels.get(attention_key(p.batch, p.seq_len))
+        if attention is not None:
+            parts.append(f"attention {'sdpa' if attention == LIBRARY else attention}")
+        if parts:
+            lines.append(f"{p}: {', '.join(parts)}")
+    return lines
+
+
 def _activation_scales(loaded: LoadedModel, policy: PrecisionPolicy,
                        calib: CalibrationCache | None) -> dict[str, float]:
     if not policy.int8:

@@ -8,7 +8,7 @@ from calib.cache import CalibrationCache, TensorRange
 from calib.fakequant import fake_quant_model
 from calib.policy import PrecisionPolicy, calibration_sites
 from common.errors import WorkbenchError
-from engines.build import build_engine, load_runnable
+from engines.build import build_engine, kernel_choices, load_runnable
 from engines.engine_file import Profile, save_engine
 from engines.runtime import Engine
 from model.bert import BertQA
@@ -400,6 +400,21 @@ def test_timing_candidates_run_every_layers_weights_at_few_rows(monkeypatch):
     assert any("-pf" in i for i in small) and not any("-pf" in i or "-k" in i for i in large)
 
 
+def test_kernel_choices_say_what_each_profile_runs():
+    """`build` prints the timed choices per profile; engines that timed nothing print none."""
+    from dataclasses import replace
+
+    loaded = loaded_model(seed=9)
+    header, _ = build_engine(loaded, PrecisionPolicy(int8=True, fp16=True), [Profile(1, 32), Profile(4, 64)],
+                             max_calibration(loaded), torch.device("cpu"), None)
+    assert kernel_choices(header) == []
+    timed = replace(header, kernels={**header.kernels, "gemm.qkv.m32": "triton:16x32x128-g8-w4-s4-pf",
+                                     "gemm.fc2.m32": "library", "attention.b1s32": "library",
+                                     "attention.b4s64": "fused-attention:64x128-w4-s2"})
+    assert kernel_choices(timed) == ["1x32: qkv triton:16x32x128-g8-w4-s4-pf, fc2 library, attention sdpa",
+                                     "4x64: attention fused-attention:64x128-w4-s2"]
+
+
 @pytest.mark.cuda
 def test_cuda_build_times_kernels_once(tmp_path):
     from engines.tuning import TimingCache
@@ -418,6 +433,8 @@ def test_cuda_build_times_kernels_once(tmp_path):
     header2, _ = build_engine(loaded, policy, [Profile(1, 32), Profile(4, 64)], calib, torch.device("cuda"), None,
                               second)
     assert second.timed == 0 and second.reused == first.timed
+    lines = kernel_choices(header)
+    assert [line.split(":")[0] for line in lines] == ["1x32", "4x64"] and all("attention " in x for x in lines)
     assert {k: v for k, v in header2.kernels.items() if k.startswith(("gemm.", "attention."))} == chosen
     assert "nothing timed" in second.summary()
 
