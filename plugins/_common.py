@@ -52,6 +52,18 @@ def await_inputs(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+@triton.jit
+def sum_op(a, b):
+    # tl.reduce(x, axis, sum_op) is what tl.sum compiles to; tl.sum itself is a triton.language @jit function,
+    # which the interpreter cannot run unless triton was imported in interpreter mode (plugins/__init__.py).
+    return a + b
+
+
+@triton.jit
+def max_op(a, b):
+    return tl.maximum(a, b)
+
+
 def out_recip(scale: float) -> float:
     """The float32 reciprocal of an output scale, as calib.quantizer.quantize multiplies by it."""
     return _reciprocal(float(scale), torch.device("cpu"))

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from plugins import _common
-from plugins._common import await_inputs, codes_reference, int8_codes
+from plugins._common import await_inputs, codes_reference, int8_codes, max_op, sum_op
 
 LOG2E = 1.4426950408889634
 
@@ -80,16 +80,6 @@ CANDIDATE_CONFIGS: tuple[AttentionConfig, ...] = (
 
 
 @triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _max(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
 def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, stride_qkv, stride_out,
                       HAS_BIAS: tl.constexpr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
@@ -118,10 +108,10 @@ def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale,
         if HAS_BIAS:  # into the log2 domain too: times log2(e), LOG2E
             s += tl.load(bias_ptr + b * S + keys, mask=n_ok, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max))  # finite: every block has a key, padding bias is finite
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, max_op))  # finite: every block has a key, padding bias is finite
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.reduce(p, 1, _add)
+        l_i = l_i * alpha + tl.reduce(p, 1, sum_op)
         v = tl.load(qkv_ptr + key_rows[:, None] * stride_qkv + 2 * hidden + h * D + offs_d[None, :],
                     mask=n_ok[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=tl.float32)

@@ -27,14 +27,7 @@ import triton
 import triton.language as tl
 
 from plugins import _common
-from plugins._common import await_inputs, codes_reference, int8_codes
-
-
-@triton.jit
-def _add(a, b):
-    # tl.reduce(x, axis, _add) is what tl.sum compiles to; tl.sum itself is a triton.language @jit function,
-    # which the interpreter cannot run unless triton was imported in interpreter mode (plugins/__init__.py).
-    return a + b
+from plugins._common import await_inputs, codes_reference, int8_codes, sum_op
 
 
 @triton.jit
@@ -55,9 +48,9 @@ def _layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, R, H, eps, out_recip, o
     # IEEE-rounded division and square root (a plain `/` or tl.sqrt may lower to approximate instructions);
     # they run once per row, so exactness costs nothing.
     h = H * 1.0
-    mean = tl.div_rn(tl.reduce(x, 1, _add), h)
+    mean = tl.div_rn(tl.reduce(x, 1, sum_op), h)
     d = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.div_rn(tl.reduce(d * d, 1, _add), h)
+    var = tl.div_rn(tl.reduce(d * d, 1, sum_op), h)
     rstd = tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.sqrt_rn(var + eps))
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
