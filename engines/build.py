@@ -6,6 +6,7 @@ need nothing but the engine file.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import replace
@@ -70,7 +71,7 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
 def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.device,
           timing_cache: TimingCache | None) -> dict[str, str]:
     """Time every implementation of each INT8 GEMM kind at each profile's row count, and of attention at each
-    profile's shape; keep the fastest."""
+    profile's shape, with padding and without (each graph's case); keep the fastest."""
     engine = Engine(header, {k: v for k, v in tensors.items() if k != TOKENIZER_TENSOR}, device)
     if not engine.use_triton or not engine.policy.int8:
         return {}
@@ -89,14 +90,15 @@ def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.
             best, times = choose(problem, candidates, cache, machine, calls)
             chosen[kernel_key(kind, m)] = best
             log.info("%s m=%d: %s %.3f ms (library %.3f ms)", kind, m, best, times[best], times[LIBRARY])
-    for b, s in sorted({(p.batch, p.seq_len) for p in header.profiles}):
-        found = engine.attention_candidates(b, s)
+    for (b, s), padded in itertools.product(sorted({(p.batch, p.seq_len) for p in header.profiles}), (True, False)):
+        found = engine.attention_candidates(b, s, padded)
         if found is None:
             continue
         problem, candidates, calls = found
         best, times = choose(problem, candidates, cache, machine, calls, attention_agrees)
-        chosen[attention_key(b, s)] = best
-        log.info("attention %dx%d: %s %.3f ms (sdpa %.3f ms)", b, s, best, times[best], times[LIBRARY])
+        chosen[attention_key(b, s, padded)] = best
+        log.info("attention %dx%d %s: %s %.3f ms (sdpa %.3f ms)", b, s, "padded" if padded else "dense", best,
+                 times[best], times[LIBRARY])
     cache.save()
     log.info("%s", cache.summary())
     del engine
@@ -111,9 +113,10 @@ def kernel_choices(header: EngineHeader) -> list[str]:
     for p in header.profiles:
         m = p.batch * p.seq_len
         parts = [f"{g} {header.kernels[kernel_key(g, m)]}" for g in GEMMS if kernel_key(g, m) in header.kernels]
-        attention = header.kernels.get(attention_key(p.batch, p.seq_len))
-        if attention is not None:
-            parts.append(f"attention {'sdpa' if attention == LIBRARY else attention}")
+        for padded, label in ((True, "attention"), (False, "dense attention")):
+            attention = header.kernels.get(attention_key(p.batch, p.seq_len, padded))
+            if attention is not None:
+                parts.append(f"{label} {'sdpa' if attention == LIBRARY else attention}")
         if parts:
             lines.append(f"{p}: {', '.join(parts)}")
     return lines

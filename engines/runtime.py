@@ -66,9 +66,10 @@ def triton_impl(config) -> str:
     c = config
     split = f"-k{c.split_k}" if c.split_k > 1 else ""
     prefetch = "-pf" if c.prefetch else ""
+    store = "-st" if c.tma_store else ""
     loads = "" if c.loads == "ptr" else f"+{c.loads}"
     return (f"{TRITON}:{c.block_m}x{c.block_n}x{c.block_k}-g{c.group_m}-w{c.num_warps}-s{c.num_stages}"
-            f"{split}{prefetch}{loads}")
+            f"{split}{prefetch}{store}{loads}")
 
 
 def parse_triton_impl(impl: str):
@@ -80,7 +81,7 @@ def parse_triton_impl(impl: str):
     bm, bn, bk = map(int, tiles.split("x"))
     split = [int(o[1:]) for o in options if o.startswith("k")]
     return GemmConfig(bm, bn, bk, int(g[1:]), int(w[1:]), int(s[1:]), loads or "ptr", split[0] if split else 1,
-                      prefetch="pf" in options)
+                      prefetch="pf" in options, tma_store="st" in options)
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -133,12 +134,13 @@ class Engine(torch.nn.Module):
             chosen = larger[0] if larger else (known[-1][1] if known else LIBRARY)
         return chosen
 
-    def attention_impl(self, b: int, s: int) -> str:
-        """The attention implementation at batch b, length s: the header's choice for that shape (the builder
-        times the fused kernel against SDPA for each profile), else SDPA."""
+    def attention_impl(self, b: int, s: int, padded: bool) -> str:
+        """The attention implementation at batch b, length s, with the padding bias or without a mask: the
+        header's choice for that case (the builder times the fused kernel against SDPA for each), else SDPA.
+        Engines built before the two cases were timed apart hold one choice per shape, for both."""
         if not self.use_triton or self.policy.imh:
             return LIBRARY
-        return self.kernels.get(attention_key(b, s), LIBRARY)
+        return self.kernels.get(attention_key(b, s, padded), self.kernels.get(attention_key(b, s), LIBRARY))
 
     # ------------------------------------------------------------ ops
 
@@ -242,7 +244,7 @@ class Engine(torch.nn.Module):
         # [b, s] in the engine's dtype, made once per forward (attention adds it to its scores as it is).
         key_bias = None if attention_mask is None else \
             ((1.0 - attention_mask.float()) * torch.finfo(self.dtype).min).to(self.dtype).contiguous()
-        attention = self.attention_impl(b, s)
+        attention = self.attention_impl(b, s, padded=key_bias is not None)
         for i in range(cfg.num_layers):
             x, xq = self._layer(i, x, xq, b, s, key_bias, attention)
         logits = F.linear(x, t["qa.weight"], t["qa.bias"]).float().view(b, s, 2)
@@ -263,11 +265,13 @@ class Engine(torch.nn.Module):
 
     # ------------------------------------------------------------ tuning support
 
-    def attention_candidates(self, b: int, s: int) -> tuple[GemmProblem, dict[str, callable], int] | None:
+    def attention_candidates(self, b: int, s: int, padded: bool) -> tuple[GemmProblem, dict[str, callable],
+                                                                           int] | None:
         """Layer 0's attention at batch b, length s as the forward runs it (random FP16 QKV output), one
-        zero-argument call per implementation (SDPA, the fused kernel's configurations) for build-time timing.
-        Each call runs the two cases the engine's graphs hold, no padding and a quarter of every sequence
-        padded, so that one choice serves both; it returns the padded case's output."""
+        zero-argument call per implementation (SDPA, the fused kernel's configurations) for build-time timing,
+        in one of the two cases the engine's graphs hold: a quarter of every sequence padded (the key bias), or
+        no padding and no mask. They are timed apart because the fastest differs (at BERT-large 128 x 384 on an
+        H200 our kernel led with the bias, cuDNN without a mask: docs/attention-h200.md)."""
         from plugins.attention import CANDIDATE_CONFIGS
 
         if not self.use_triton or self.policy.imh or self.dtype != torch.float16:
@@ -280,13 +284,11 @@ class Engine(torch.nn.Module):
         key_bias = ((1.0 - mask) * torch.finfo(self.dtype).min).to(self.dtype).contiguous()
         int8 = self.gemms["layers.0.attn_out"].int8
         problem = GemmProblem("attention", b * s, cfg.hidden_size, s, "float16",
-                              "softmax+padded->" + ("int8" if int8 else "float16"))
-
-        def call(impl: str) -> torch.Tensor:
-            return [self._attend(0, qkv, b, s, bias, impl) for bias in (None, key_bias)][-1]
-
+                              # (timing-cache keys: "+padded" once named the two cases timed together)
+                              ("softmax+bias->" if padded else "softmax->") + ("int8" if int8 else "float16"))
+        bias = key_bias if padded else None
         impls = [LIBRARY] + [c.name for c in CANDIDATE_CONFIGS]
-        return problem, {impl: (lambda impl=impl: call(impl)) for impl in impls}, 2
+        return problem, {impl: (lambda impl=impl: self._attend(0, qkv, b, s, bias, impl)) for impl in impls}, 1
 
     def gemm_candidates(self, kind: str, m: int) -> tuple[GemmProblem, dict[str, callable], int] | None:
         """The INT8 `kind` GEMM at m rows as the forward launches it (random input codes, each layer's weights

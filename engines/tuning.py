@@ -61,9 +61,10 @@ def kernel_key(gemm: str, m: int) -> str:
     return f"gemm.{gemm}.m{m}"
 
 
-def attention_key(batch: int, seq_len: int) -> str:
-    """The engine header's key for the attention implementation at one profile shape."""
-    return f"attention.b{batch}s{seq_len}"
+def attention_key(batch: int, seq_len: int, padded: bool = True) -> str:
+    """The engine header's key for the attention implementation at one profile shape, in the graph for batches
+    with padding (the key bias) or in the one for batches without (no mask: engines/graphs.py)."""
+    return f"attention.b{batch}s{seq_len}" + ("" if padded else ".dense")
 
 
 class TimingCache:
@@ -159,16 +160,18 @@ def attention_agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def checked_time(fn: Callable[[], torch.Tensor], ref: torch.Tensor, calls: int = 1,
-                 agree: Callable[[torch.Tensor, torch.Tensor], bool] = agrees) -> float:
+                 agree: Callable[[torch.Tensor, torch.Tensor], bool] = agrees,
+                 name: str = "a kernel candidate") -> float:
     """A candidate's time if it computes the same function as the reference, else infinite: a fast wrong kernel
     (a compiler or tile-shape bug on some GPU) is never chosen, and the timing cache remembers that."""
     try:
         ok = agree(fn(), ref)
     except Exception as e:  # noqa: BLE001 -- a candidate that cannot run is simply not chosen
-        log.debug("candidate failed: %s", e)
-        ok = False
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        log.warning("%s failed to compile or run here and was left out (%s: %s)", name, type(e).__name__, first)
+        return float("inf")
     if not ok:
-        log.warning("a kernel candidate disagreed with the library's output and was left out")
+        log.warning("%s disagreed with the library's output and was left out", name)
         return float("inf")
     return time_ms(fn, calls)
 
@@ -186,7 +189,7 @@ def choose(problem: GemmProblem, candidates: dict[str, Callable[[], object]], ca
             return time_ms(fn, calls)
         if not reference:
             reference.append(candidates[LIBRARY]())
-        return checked_time(fn, reference[0], calls, agree)
+        return checked_time(fn, reference[0], calls, agree, f"{impl} ({problem.gemm}, m={problem.m})")
 
     times = {impl: cache.get(problem.key(impl, machine), lambda impl=impl, fn=fn: measure(impl, fn))
              for impl, fn in candidates.items()}

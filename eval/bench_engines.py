@@ -15,7 +15,7 @@ import torch
 
 from calib.cache import CalibrationCache, TensorRange
 from calib.policy import PrecisionPolicy, calibration_sites
-from engines.build import build_engine
+from engines.build import build_engine, kernel_choices
 from engines.engine_file import Profile
 from engines.graphs import GraphRunner
 from engines.runtime import Engine
@@ -122,12 +122,9 @@ def main(argv=None) -> None:
             engine = Engine(header, tensors, device).eval()
             if name.removesuffix(" fused").endswith("library"):
                 engine.use_triton = False
-            chosen = sorted({v for k, v in header.kernels.items() if k.startswith("gemm.")}) \
-                if engine.use_triton else ["library (forced)"]
-            attention = sorted({"sdpa" if v == "library" else v for k, v in header.kernels.items()
-                                if k.startswith("attention.")}) if engine.use_triton else []
-            print(f"{preset} {name}: built in {build_s:.0f} s; GEMM kernels chosen: {', '.join(chosen) or '-'}; "
-                  f"attention: {', '.join(attention) or 'sdpa'}", flush=True)
+            chosen = kernel_choices(header) if engine.use_triton else ["library kernels (forced)"]
+            print(f"{preset} {name}: built in {build_s:.0f} s; chosen:", *(chosen or ["sdpa, library GEMMs"]),
+                  sep="\n  ", flush=True)
             fuses = [False, True] if args.fuse == "both" else [args.fuse == "on" or name.endswith(" fused")]
             for fuse in fuses:
                 runner = GraphRunner(engine, fuse=fuse)

@@ -2,7 +2,8 @@
 how fast they are against SDPA with the bias, and whether they are right. A measuring script for the device
 machine, not a test.
 
-    python3 -m eval.device_attention_explore [--out attention.md]
+    python3 -m eval.device_attention_explore [--shapes large-128x384,...] [--configs +tma,128x] [--jobs 8]
+                                             [--out attention.md]
 
 The engine pads every batch to its profile's shape; a key at a padded position must get no weight. SDPA takes
 that as a float bias added to the scores, which keeps it off the fastest kernels. The variable-length kernels
@@ -11,12 +12,17 @@ padding (offsets 0, len0, S, S + len1, 2S, ...), gives real queries exactly the 
 where the QKV GEMM wrote them. Timed as the engine runs it (engines.tuning.time_ms: graph replay, median);
 checked against float32 attention with the mask, on real query rows. Our own kernel (plugins/attention.py) runs
 in each of its configurations, with the padding bias and without a mask, reading Q, K, V from the QKV output as
-the engine does.
+the engine does; its kernels are compiled first, each configuration in its own process, `--jobs` at a time
+(Triton's disk cache passes them on), so the timing loop does not compile one after another.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +42,17 @@ def split_offsets(lengths: torch.Tensor, s: int) -> torch.Tensor:
     return torch.cat([cuts, torch.tensor([b * s], device=lengths.device, dtype=torch.int32)])
 
 
-def variants(qkv, lengths, b, s, h):
+def our_configs(spec: str | None):
+    """Our kernel's candidates whose name contains one of the comma-separated parts of `spec` (all without)."""
+    from plugins.attention import CANDIDATE_CONFIGS
+
+    tokens = [t.strip() for t in (spec or "").split(",") if t.strip()]
+    return [c for c in CANDIDATE_CONFIGS if not tokens or any(t in c.name for t in tokens)]
+
+
+def variants(qkv, lengths, b, s, h, configs):
     """name -> zero-argument call returning [b*s, h, D] (qkv: [b*s, 3, h, D], the QKV output)."""
-    from plugins.attention import CANDIDATE_CONFIGS, fused_attention
+    from plugins.attention import fused_attention
 
     q, k, v = qkv.unbind(1)
     scale = D ** -0.5
@@ -68,7 +82,7 @@ def variants(qkv, lengths, b, s, h):
     }
     rows = qkv.view(b * s, 3 * h * D)
     key_bias = bias.view(b, s).contiguous()
-    for c in CANDIDATE_CONFIGS:
+    for c in configs:
         out[f"ours {c.name}, float bias"] = lambda c=c: fused_attention(rows, b, h, key_bias, config=c).view(b * s,
                                                                                                           h, D)
         out[f"ours {c.name}, no mask (ignores padding)"] = lambda c=c: fused_attention(rows, b, h, config=c).view(
@@ -83,7 +97,7 @@ def reference(q, k, v, mask, b, s, h):
     return (scores.softmax(-1) @ vf).transpose(1, 2).reshape(b * s, h, D)
 
 
-def explore(name: str, b: int, s: int, h: int) -> list[str]:
+def explore(name: str, b: int, s: int, h: int, configs) -> list[str]:
     g = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(b * s, 3, h, D, generator=g, device="cuda").half()
     q, k, v = qkv.unbind(1)
@@ -91,7 +105,7 @@ def explore(name: str, b: int, s: int, h: int) -> list[str]:
     lengths[0] = s  # one full row, one (at least) with padding
     if b > 1:
         lengths[1] = s // 3
-    calls, mask = variants(qkv, lengths, b, s, h)
+    calls, mask = variants(qkv, lengths, b, s, h, configs)
     ref = reference(q, k, v, mask, b, s, h)
     real = mask.view(-1)
     flops = 4 * b * h * s * s * D
@@ -111,14 +125,58 @@ def explore(name: str, b: int, s: int, h: int) -> list[str]:
     return lines
 
 
+def _compile(name: str) -> None:
+    """Child process: compile configuration `name` of our kernel, with and without the padding bias, into
+    Triton's disk cache (every shape in SHAPES specializes alike: S, heads x D and the strides are multiples
+    of 16, and S of every block size)."""
+    from plugins.attention import AttentionConfig, fused_attention
+
+    qkv = torch.randn(128, 3 * 16 * D, device="cuda").half()
+    bias = torch.zeros(1, 128, device="cuda", dtype=torch.float16)
+    for key_bias in (None, bias):
+        fused_attention(qkv, 1, 16, key_bias, config=AttentionConfig.parse(name))
+    torch.cuda.synchronize()
+
+
+def precompile(configs, jobs: int) -> None:
+    def child(c):
+        try:
+            run = subprocess.run([sys.executable, "-m", "eval.device_attention_explore", "--compile-one", c.name],
+                                 capture_output=True, text=True, timeout=300)
+            ok = run.returncode == 0 or (run.stderr.strip().splitlines() or ["failed"])[-1][:200]
+        except subprocess.TimeoutExpired:
+            ok = "still compiling after 300 s, stopped"
+        print(f"compiled {c.name}: {'ok' if ok is True else ok}", flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(child, configs))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", help=f"comma-separated names from {', '.join(SHAPES)} (default: all)")
+    ap.add_argument("--configs", help="comma-separated parts of our kernel's candidate names (default: all)")
+    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                    help="processes compiling our kernels up front (0: compile as timed)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "attention.md"))
+    ap.add_argument("--compile-one", metavar="CONFIG", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.compile_one:
+        return _compile(args.compile_one)
+    shapes = [t.strip() for t in (args.shapes or ",".join(SHAPES)).split(",") if t.strip()]
+    unknown = [t for t in shapes if t not in SHAPES]
+    if unknown:
+        raise SystemExit(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    configs = our_configs(args.configs)
+    if args.jobs > 0:
+        start = time.time()
+        precompile(configs, args.jobs)
+        print(f"compiled {len(configs)} configurations in {time.time() - start:.0f} s", flush=True)
     lines = [f"# Attention kernels with padding: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"cuDNN {torch.backends.cudnn.version()}"]
-    for name, (b, s, h) in SHAPES.items():
-        rows = explore(name, b, s, h)
+    for name in shapes:
+        b, s, h = SHAPES[name]
+        rows = explore(name, b, s, h, configs)
         print("\n".join(rows), flush=True)
         lines += rows
     with open(args.out, "w") as f:

@@ -6,8 +6,11 @@ which wins, by how much, and whether each one is right. A measuring script for t
 
 Shapes are MODEL-ROWS-KIND: BERT-large (hidden 1024, intermediate 4096) or -base (768, 3072); M = 128 rows
 (batch 1 x 128 tokens, "small") or 128 x 384 ("big"); qkv (FP16 out), attn_out and fc2 (+ FP16 residual), fc1
-(GELU, INT8 codes out), as the engine launches them. Each candidate's output is checked against
-int8_linear_reference first (bit for bit without GELU; codes at most 1 apart with it) and again after timing.
+(GELU, INT8 codes out), as the engine launches them. fp16-MODEL-ROWS-KIND: the same GEMM with FP16 operands,
+bias (+ GELU for fc1) to FP16, as FP16 engines run them on cuBLASLt (the residual is the LayerNorm's), against
+the TMA configurations of plugins.int8_linear.fp16_linear and FP16_TILES: an experiment, not an engine path.
+Each candidate's output is checked against int8_linear_reference first (bit for bit without GELU; codes at most
+1 apart with it; FP16 GEMMs within 2e-3 of float32 math) and again after timing.
 Times are those the engine builder takes (engines.tuning.time_ms): one call captured in a CUDA graph, median
 replay time of triton.testing.do_bench with L2 flushed between replays (24 layers' weights do not stay in L2), so
 host launch costs are left out, as in the engine's graphs. A config that fails to compile or run is listed as
@@ -30,12 +33,14 @@ from dataclasses import dataclass
 import torch
 
 from engines.runtime import parse_triton_impl, triton_impl
-from plugins.int8_linear import CANDIDATE_CONFIGS, GemmConfig, int8_linear, int8_linear_reference
+from model.bert import gelu_tanh
+from plugins.int8_linear import CANDIDATE_CONFIGS, GemmConfig, fp16_linear, int8_linear, int8_linear_reference
 
 MODELS = {"large": (1024, 4096), "base": (768, 3072)}  # hidden, intermediate
 ROWS = {"small": 128, "big": 128 * 384}
 KINDS = ("qkv", "attn_out", "fc1", "fc2")
 LIBRARY = "library: int8_linear_reference (cuBLASLt _int_mm + torch epilogue)"
+FP16_LIBRARY = "library: cuBLASLt addmm (GELU epilogue for fc1), as FP16 engines run it"
 INT_MM = "torch._int_mm alone (no epilogue)"
 
 
@@ -46,6 +51,7 @@ class Shape:
     m: int
     n: int
     k: int
+    fp16: bool = False
 
     @property
     def gelu(self) -> bool:  # fc1: GELU, INT8 codes out (they are fc2's input)
@@ -53,11 +59,23 @@ class Shape:
 
     @property
     def residual(self) -> bool:
-        return self.kind in ("attn_out", "fc2")
+        return self.kind in ("attn_out", "fc2") and not self.fp16
 
     @property
     def epilogue(self) -> str:
+        if self.fp16:
+            return "fp16: bias" + ("+gelu" if self.gelu else "") + "->fp16"
         return "bias" + ("+gelu->int8" if self.gelu else "+residual->fp16" if self.residual else "->fp16")
+
+
+# FP16 operands take twice the shared memory of INT8 ones per K element: 64-deep K steps, as FP16 GEMMs on
+# Hopper usually run, beside the INT8 engine's TMA candidates.
+FP16_TILES = (
+    GemmConfig(128, 256, 64, 8, 8, 3, "tma", tma_store=True),
+    GemmConfig(128, 256, 64, 8, 8, 3, "tma-persistent", tma_store=True),
+    GemmConfig(256, 128, 64, 8, 8, 3, "tma", tma_store=True),
+    GemmConfig(128, 128, 64, 8, 8, 4, "tma", tma_store=True),
+)
 
 
 def all_shapes() -> list[Shape]:
@@ -66,6 +84,7 @@ def all_shapes() -> list[Shape]:
         for rows, m in ROWS.items():
             nk = {"qkv": (3 * h, h), "attn_out": (h, h), "fc1": (i, h), "fc2": (h, i)}
             out += [Shape(f"{model}-{rows}-{kind}", kind, m, *nk[kind]) for kind in KINDS]
+            out += [Shape(f"fp16-{model}-{rows}-{kind}", kind, m, *nk[kind], fp16=True) for kind in KINDS]
     return out
 
 
@@ -84,14 +103,19 @@ def plan(shape: Shape, device: torch.device, spec: str | None = None) -> list[Ge
     """The configs to time at this shape: the candidates whose name contains one of the comma-separated parts of
     `spec` (all of them without one)."""
     tokens = [t.strip() for t in (spec or "").split(",") if t.strip()]
-    return [c for c in CANDIDATE_CONFIGS if not tokens or any(t in triton_impl(c) for t in tokens)]
+    pool = [c for c in CANDIDATE_CONFIGS if c.tma] + list(FP16_TILES) if shape.fp16 else CANDIDATE_CONFIGS
+    return [c for c in pool if not tokens or any(t in triton_impl(c) for t in tokens)]
 
 
 def problem(shape: Shape, device: torch.device, seed: int = 0):
-    """Random operands with realistic scales (|y| of a few tens) and the int8_linear keyword arguments."""
+    """Random operands with realistic scales (|y| of a few tens) and the int8_linear (fp16_linear) arguments."""
     from plugins._common import out_recip
 
     g = torch.Generator(device=device).manual_seed(seed)
+    if shape.fp16:
+        a = torch.randn(shape.m, shape.k, generator=g, device=device).half()
+        w = (torch.randn(shape.n, shape.k, generator=g, device=device) * shape.k ** -0.5).half()
+        return (a, w, torch.randn(shape.n, generator=g, device=device) * 0.5), dict(gelu=shape.gelu)
     a = torch.randint(-127, 128, (shape.m, shape.k), generator=g, device=device, dtype=torch.int8)
     w = torch.randint(-127, 128, (shape.n, shape.k), generator=g, device=device, dtype=torch.int8)
     w_scale = torch.rand(shape.n, generator=g, device=device) * 0.004 + 0.001
@@ -105,9 +129,24 @@ def problem(shape: Shape, device: torch.device, seed: int = 0):
     return args, kw
 
 
+def run(shape: Shape, args, kw, config: GemmConfig | None = None) -> torch.Tensor:
+    """One call of our kernel (config) or, without one, of the library path it is timed against."""
+    if shape.fp16:
+        a, w, bias = args
+        if config is not None:
+            return fp16_linear(a, w, bias, gelu=shape.gelu, config=config)
+        if shape.gelu:  # cuBLASLt's GELU epilogue, the tanh form (as FP16 engines run FC1)
+            return torch._addmm_activation(bias.half(), a, w.t(), use_gelu=True)
+        return torch.addmm(bias.half(), a, w.t())
+    return int8_linear(*args, **kw, config=config) if config is not None else int8_linear_reference(*args, **kw)
+
+
 def verdict(out: torch.Tensor, ref: torch.Tensor, gelu: bool) -> str:
     if out.shape != ref.shape or out.dtype != ref.dtype:
         return f"WRONG ({out.dtype} {tuple(out.shape)})"
+    if ref.dtype == torch.float32:  # an FP16 GEMM against its float32 definition
+        err = float((out.float() - ref).abs().max() / ref.abs().max())
+        return f"ok ({err:.1e} rel)" if err < 2e-3 else f"WRONG ({err:.1e} rel)"
     if not gelu:
         bad = int((out != ref).sum())
         return "exact" if bad == 0 else f"WRONG ({bad} of {ref.numel()} differ)"
@@ -116,6 +155,11 @@ def verdict(out: torch.Tensor, ref: torch.Tensor, gelu: bool) -> str:
     if worst > 1:
         return f"WRONG (codes {worst} apart)"
     return "ok" if ones == 0 else f"ok ({ones} codes 1 apart)"
+
+
+def judge(shape: Shape, out: torch.Tensor, ref: torch.Tensor) -> str:
+    """FP16 GEMMs in float32 against their float32 definition (ref), INT8 ones bit for bit or code for code."""
+    return verdict(out.float() if shape.fp16 else out, ref, shape.gelu)
 
 
 def is_right(correct: str) -> bool:
@@ -134,7 +178,7 @@ def _compile(shape: Shape, config: GemmConfig) -> None:
     stderr's last line and exit status 1."""
     try:
         args, kw = problem(shape, torch.device("cuda"))
-        int8_linear(*args, **kw, config=config)
+        run(shape, args, kw, config)
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 (reported by the parent)
         print(short(e), file=sys.stderr)
@@ -187,16 +231,26 @@ def explore(shape: Shape, rep: int, device: torch.device = torch.device("cuda"),
     from engines.tuning import time_ms
 
     args, kw = problem(shape, device)
-    ref = int8_linear_reference(*args, **kw)
+    if shape.fp16:
+        a, w, bias = args
+        y = a.float() @ w.float().t() + bias
+        ref = gelu_tanh(y) if shape.gelu else y
+        del y
+    else:
+        ref = int8_linear_reference(*args, **kw)
     ops = 2 * shape.m * shape.n * shape.k
     rows = []  # (name, programs, us or None, correct)
 
     def bench(fn) -> float:
         return time_ms(fn, rep=rep) * 1e3
 
-    rows.append((LIBRARY, "", bench(lambda: int8_linear_reference(*args, **kw)), "(reference)"))
-    a, w = args[0], args[1]
-    rows.append((INT_MM, "", bench(lambda: torch._int_mm(a, w.t())), "(no epilogue)"))
+    if shape.fp16:
+        rows.append((FP16_LIBRARY, "", bench(lambda: run(shape, args, kw)),
+                     judge(shape, run(shape, args, kw), ref)))
+    else:
+        rows.append((LIBRARY, "", bench(lambda: int8_linear_reference(*args, **kw)), "(reference)"))
+        a, w = args[0], args[1]
+        rows.append((INT_MM, "", bench(lambda: torch._int_mm(a, w.t())), "(no epilogue)"))
     for c in plan(shape, device, spec):
         tiles = -(-shape.m // c.block_m) * -(-shape.n // c.block_n)
         tiles *= c.split_k
@@ -207,13 +261,13 @@ def explore(shape: Shape, rep: int, device: torch.device = torch.device("cuda"),
             rows.append((name, "", None, "the compiler crashed or hung"))
             continue
         try:
-            first = verdict(int8_linear(*args, **kw, config=c), ref, shape.gelu)
+            first = judge(shape, run(shape, args, kw, c), ref)
         except Exception as e:  # noqa: BLE001 (reported, and the config is skipped)
             rows.append((name, "", None, f"failed to compile or run: {short(e)}"))
             continue
         last = {}
-        us = bench(lambda: last.__setitem__("out", int8_linear(*args, **kw, config=c)))
-        after = verdict(last["out"], ref, shape.gelu)
+        us = bench(lambda: last.__setitem__("out", run(shape, args, kw, c)))
+        after = judge(shape, last["out"], ref)
         correct = first if after == first else f"{first}; after timing: {after}"
         rows.append((name, tiles, us, correct))
 
@@ -250,7 +304,8 @@ def main(argv=None) -> None:
     for s in shapes:
         timed = plan(s, device, args.configs)
         work += [(s, c) for c in timed]
-        print(f"{s.name}: M={s.m} N={s.n} K={s.k} {s.epilogue}: library, _int_mm and {len(timed)} configs")
+        print(f"{s.name}: M={s.m} N={s.n} K={s.k} {s.epilogue}: library{'' if s.fp16 else ', _int_mm'} and "
+              f"{len(timed)} configs")
     print(f"{len(shapes)} shapes, {len(work) + 2 * len(shapes)} timings of ~{args.rep} ms, "
           f"{len({kernel_key(*w) for w in work})} kernels to compile"
           )
@@ -262,7 +317,7 @@ def main(argv=None) -> None:
     start = time.time()
     failed, crashed = precompile(work, args.jobs) if args.jobs > 0 else ([], set())
     print(f"compiled in {time.time() - start:.0f} s", *failed, sep="\n", flush=True)
-    lines = [f"# INT8 GEMM configurations: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+    lines = [f"# GEMM configurations: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"triton {importlib.import_module('triton').__version__}"]
     lines += ["", "Failed in the parallel compilation step:", *(f"- {f}" for f in failed)] if failed else []
     for s in shapes:

@@ -44,6 +44,9 @@ class AttentionConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    # Q, K and V tiles through Hopper's TMA (descriptors over the QKV output) where every block lies inside one
+    # sequence (S a multiple of both block sizes); pointer loads otherwise, with the same math.
+    tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -55,36 +58,44 @@ class AttentionConfig:
 
     @property
     def name(self) -> str:
-        return f"fused-attention:{self.block_m}x{self.block_n}-w{self.num_warps}-s{self.num_stages}"
+        tma = "+tma" if self.tma else ""
+        return f"fused-attention:{self.block_m}x{self.block_n}-w{self.num_warps}-s{self.num_stages}{tma}"
 
     @staticmethod
     def parse(name: str) -> "AttentionConfig":
         """Inverse of .name."""
-        tiles, w, s = name.removeprefix("fused-attention:").split("-")
+        body, plus, tma = name.removeprefix("fused-attention:").partition("+")
+        if plus and tma != "tma":
+            raise ValueError(f"not an attention configuration: {name!r}")
+        tiles, w, s = body.split("-")
         bm, bn = map(int, tiles.split("x"))
-        return AttentionConfig(bm, bn, int(w[1:]), int(s[1:]))
+        return AttentionConfig(bm, bn, int(w[1:]), int(s[1:]), tma=bool(plus))
 
 
 # Small query blocks give batch 1 (16 heads x 128 tokens) enough programs for the SMs; 128-query blocks are the
-# usual flash-attention tile for long batches. On an H200 (BENCHMARKS.md, P8) 64x128 was fastest at BERT-large
-# 1 x 128, 128x64 with 4 warps at 128 x 384 with padding, 128x64 with 8 warps without.
+# usual flash-attention tile for long batches. On an H200 (BENCHMARKS.md, call Q1; docs/attention-h200.md) the
+# fastest were 64x128 at 1 x 128, and at 128 x 384 TMA tiles with 3 stages: 128x64 with 4 warps with the padding
+# bias (1.20x SDPA), 64x128 or 128x64 with 8 warps without a mask (0.83x cuDNN); 128-key blocks with 128
+# queries, 32-query blocks and 2-stage 128x64 tiles never came first, and were dropped.
 CANDIDATE_CONFIGS: tuple[AttentionConfig, ...] = (
     AttentionConfig(16, 64, 4, 2),
-    AttentionConfig(32, 64, 4, 2),
     AttentionConfig(64, 64, 4, 2),
     AttentionConfig(64, 128, 4, 2),
-    AttentionConfig(128, 64, 4, 2),
-    AttentionConfig(128, 64, 8, 2),
-    AttentionConfig(128, 128, 8, 2),
+    AttentionConfig(64, 128, 4, 2, tma=True),
+    AttentionConfig(128, 64, 4, 3, tma=True),
+    AttentionConfig(128, 64, 8, 3, tma=True),
 )
 
 
 @triton.jit
 def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, stride_qkv, stride_out,
                       HAS_BIAS: tl.constexpr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
-                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
+                      PDL: tl.constexpr, q_desc=None, kv_desc=None):
     # Program (query block, sequence * HEADS + head). Row r of qkv holds [q | k | v], each HEADS * D wide, head h
-    # at columns h * D; the context of token r, head h goes to out[r, h * D:(h + 1) * D].
+    # at columns h * D; the context of token r, head h goes to out[r, h * D:(h + 1) * D]. EVEN: S is a multiple of
+    # both block sizes, so no block needs a mask. q_desc / kv_desc (TMA descriptors over qkv, blocks of BLOCK_M
+    # and BLOCK_N rows by D columns; only with EVEN): the tiles come through TMA instead of pointer loads.
     b = tl.program_id(1) // HEADS
     h = tl.program_id(1) % HEADS
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,7 +105,12 @@ def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale,
     rows = (b * S + offs_m).to(tl.int64)
     hidden = HEADS * D
     await_inputs(PDL)
-    q = tl.load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    if q_desc is not None:
+        q = q_desc.load([b * S + tl.program_id(0) * BLOCK_M, h * D])
+    elif EVEN:
+        q = tl.load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :])
+    else:
+        q = tl.load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
     acc = tl.full((BLOCK_M, D), 0.0, tl.float32)
@@ -102,18 +118,33 @@ def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale,
         keys = start + offs_n
         n_ok = keys < S
         key_rows = (b * S + keys).to(tl.int64)
-        k = tl.load(qkv_ptr + key_rows[None, :] * stride_qkv + hidden + h * D + offs_d[:, None],
-                    mask=n_ok[None, :], other=0.0)  # [D, BLOCK_N]
+        if kv_desc is not None:
+            k = kv_desc.load([b * S + start, hidden + h * D]).T  # [D, BLOCK_N]
+        elif EVEN:
+            k = tl.load(qkv_ptr + key_rows[None, :] * stride_qkv + hidden + h * D + offs_d[:, None])
+        else:
+            k = tl.load(qkv_ptr + key_rows[None, :] * stride_qkv + hidden + h * D + offs_d[:, None],
+                        mask=n_ok[None, :], other=0.0)  # [D, BLOCK_N]
         s = tl.dot(q, k, out_dtype=tl.float32) * qk_scale  # log2 domain: exp2(s) = exp(score)
         if HAS_BIAS:  # into the log2 domain too: times log2(e), LOG2E
-            s += tl.load(bias_ptr + b * S + keys, mask=n_ok, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+            if EVEN:
+                bias = tl.load(bias_ptr + b * S + keys)
+            else:
+                bias = tl.load(bias_ptr + b * S + keys, mask=n_ok, other=0.0)
+            s += bias.to(tl.float32)[None, :] * 1.4426950408889634
+        if not EVEN:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, max_op))  # finite: every block has a key, padding bias is finite
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.reduce(p, 1, sum_op)
-        v = tl.load(qkv_ptr + key_rows[:, None] * stride_qkv + 2 * hidden + h * D + offs_d[None, :],
-                    mask=n_ok[:, None], other=0.0)
+        if kv_desc is not None:
+            v = kv_desc.load([b * S + start, 2 * hidden + h * D])
+        elif EVEN:
+            v = tl.load(qkv_ptr + key_rows[:, None] * stride_qkv + 2 * hidden + h * D + offs_d[None, :])
+        else:
+            v = tl.load(qkv_ptr + key_rows[:, None] * stride_qkv + 2 * hidden + h * D + offs_d[None, :],
+                        mask=n_ok[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=tl.float32)
         m_i = m_new
     ctx = acc / l_i[:, None]
@@ -165,12 +196,19 @@ def fused_attention(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.T
     cfg = config or CANDIDATE_CONFIGS[0]
     recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
     use_pdl = _common.pdl(qkv.device)
+    even = s % cfg.block_m == 0 and s % cfg.block_n == 0
+    descs = {}
+    if cfg.tma and even and qkv.data_ptr() % 16 == 0 and (qkv.stride(0) * qkv.element_size()) % 16 == 0:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        descs = dict(q_desc=TensorDescriptor.from_tensor(qkv, [cfg.block_m, d]),
+                     kv_desc=TensorDescriptor.from_tensor(qkv, [cfg.block_n, d]))
     grid = (triton.cdiv(s, cfg.block_m), batch * heads)
     _attention_kernel[grid](
         qkv, key_bias if key_bias is not None else qkv, out, recip, s, heads, LOG2E / math.sqrt(d),
         qkv.stride(0), out.stride(0), HAS_BIAS=key_bias is not None, INT8_OUT=out_recip is not None,
-        RECIP_PER_CHANNEL=per_channel, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PDL=use_pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
+        RECIP_PER_CHANNEL=per_channel, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=even, PDL=use_pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl, **descs)
     return out
 
 

@@ -63,6 +63,10 @@ class GemmConfig:
     # starts while the kernel before it still runs; it first asks L2 for its own weight panel, which depends on
     # no earlier kernel, and only then waits for its inputs. At batch 1 the weights are most of a GEMM's bytes.
     prefetch: bool = False
+    # tma_store (TMA loads only): the epilogue reads the residual tile and writes the output tile through TMA
+    # descriptors (one bulk copy each, clipped at the edges by the copy engine) instead of a masked pointer access
+    # per element in the accumulator's register layout.
+    tma_store: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -77,6 +81,8 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.split_k must be >= 1, and 1 with TMA loads: {self}")
         if self.prefetch and self.tma:
             raise ValueError(f"GemmConfig.prefetch needs pointer loads: {self}")
+        if self.tma_store and not self.tma:
+            raise ValueError(f"GemmConfig.tma_store needs TMA loads: {self}")
 
     @property
     def small_m(self) -> bool:
@@ -116,11 +122,16 @@ CANDIDATE_CONFIGS: tuple[GemmConfig, ...] = (
     # one warpgroup on a 128 x 128 tile, 3 stages (96 KiB): two programs fit on an SM, so one's epilogue runs
     # beside the other's tensor-core work (the best FC1 at 128 x 384 on an H200, docs/gelu-h200.md)
     GemmConfig(128, 128, 128, 8, 4, 3, "tma"),
-    GemmConfig(128, 128, 64, 8, 4, 4, "tma"),
     GemmConfig(128, 128, 128, 8, 8, 4, "tma-persistent"),
     GemmConfig(128, 256, 128, 8, 8, 3, "tma-persistent"),
     GemmConfig(256, 128, 128, 8, 8, 3, "tma-persistent"),
     GemmConfig(128, 256, 64, 8, 8, 4, "tma-persistent"),
+    # The epilogue through TMA too (tma_store). On an H200 at BERT-large 128 x 384 (BENCHMARKS.md, call Q1) it
+    # made 128x128x64 faster at every GEMM (1.02-1.11x; best for attention-out), FC1's 128x128x128 1.02x; the
+    # two-program 128x128x128 tile with FP16 output lost its second program to the store buffer (1.3-1.4x slower);
+    # 128x256 persistent came second for QKV but has no room for the residual's tile.
+    GemmConfig(128, 128, 64, 8, 4, 4, "tma", tma_store=True),
+    GemmConfig(128, 128, 128, 8, 4, 3, "tma", tma_store=True),
     # Split K, for batch-1 GEMMs with few output tiles and a long K.
     GemmConfig(64, 64, 128, 8, 4, 4, split_k=2),
     GemmConfig(64, 64, 128, 8, 4, 4, split_k=4),
@@ -240,28 +251,40 @@ def _int8_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_
                             HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
                             RECIP_PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
-                            PDL: tl.constexpr):
+                            PDL: tl.constexpr, res_desc=None, out_desc=None, FLOAT_IN: tl.constexpr = False):
     """_int8_linear_kernel with operand tiles fetched by TMA (host-made descriptors; the copy engine zero-fills
     past the edges, so no masks and no K-tail branch). PERSISTENT: the grid is at most one program per SM and
     each walks tiles pid, pid + grid, ...; the flattened loop lets the compiler's pipeliner issue the next
-    tile's loads while this tile's epilogue runs."""
+    tile's loads while this tile's epilogue runs. out_desc (and res_desc with a residual): the epilogue's tiles
+    go through TMA too (GemmConfig.tma_store)."""
     await_inputs(PDL)
     tiles = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
     k_steps = (K + BLOCK_K - 1) // BLOCK_K
     step = tl.num_programs(0) if PERSISTENT else tiles
     for tile in tl.range(tl.program_id(0), tiles, step, flatten=PERSISTENT):
         pid_m, pid_n = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+        if FLOAT_IN:  # fp16_linear: FP16 operands, float32 sums
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        else:
+            acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
         for k in range(0, k_steps):
             a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
             w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])  # [BLOCK_N, BLOCK_K]: K-major, as wgmma wants int8
-            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            acc = tl.dot(a, w.T, acc, out_dtype=acc.dtype)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        mask = (offs_m < M)[:, None] & n_ok[None, :]
-        _epilogue(acc, offs_n, n_ok, offs_m.to(tl.int64)[:, None], mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
-                  a_scale, out_recip, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL)
+        if out_desc is not None:
+            y = _epilogue_math(acc, offs_n, n_ok, w_scale_ptr, bias_ptr, a_scale, GELU)
+            if HAS_RESIDUAL:
+                y = y + res_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]).to(tl.float32)
+            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N],
+                           _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT, RECIP_PER_CHANNEL))
+        else:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask = (offs_m < M)[:, None] & n_ok[None, :]
+            _epilogue(acc, offs_n, n_ok, offs_m.to(tl.int64)[:, None], mask, w_scale_ptr, bias_ptr, res_ptr,
+                      out_ptr, a_scale, out_recip, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT,
+                      RECIP_PER_CHANNEL)
 
 
 @triton.jit
@@ -337,26 +360,42 @@ def _gelu(y):
 
 
 @triton.jit
-def _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
-              stride_rm, stride_om, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
-              RECIP_PER_CHANNEL: tl.constexpr):
-    scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0) * a_scale
+def _epilogue_math(acc, offs_n, n_ok, w_scale_ptr, bias_ptr, a_scale, GELU: tl.constexpr):
+    """The epilogue up to the residual: dequantize (w_scale_ptr None: a float accumulator, nothing to do), bias,
+    [GELU], in float32."""
     bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
-    y = acc.to(tl.float32) * scale[None, :] + bias[None, :]
+    if w_scale_ptr is None:
+        y = acc + bias[None, :]
+    else:
+        scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0) * a_scale
+        y = acc.to(tl.float32) * scale[None, :] + bias[None, :]
     if GELU:
         y = _gelu(y)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-        y = y + r.to(tl.float32)
-    out_ptrs = out_ptr + rows * stride_om + offs_n[None, :]
+    return y
+
+
+@triton.jit
+def _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr):
+    """What is stored: y's INT8 codes, or y in the output's dtype."""
     if INT8_OUT:
         if RECIP_PER_CHANNEL:  # out_recip points at float32 [N]
             recip = tl.load(out_recip + offs_n, mask=n_ok, other=0.0)[None, :]
         else:
             recip = out_recip
-        tl.store(out_ptrs, int8_codes(y, recip), mask=mask)
-    else:
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        return int8_codes(y, recip)
+    return y.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
+              stride_rm, stride_om, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
+              RECIP_PER_CHANNEL: tl.constexpr):
+    y = _epilogue_math(acc, offs_n, n_ok, w_scale_ptr, bias_ptr, a_scale, GELU)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+        y = y + r.to(tl.float32)
+    tl.store(out_ptr + rows * stride_om + offs_n[None, :],
+             _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT, RECIP_PER_CHANNEL), mask=mask)
 
 
 def _check(a_q, w_q, w_scale, bias, residual, out_dtype):
@@ -412,30 +451,60 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
     cfg = config or default_config(m, n, a_q.device)
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is off
     recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
-    use_pdl = pdl(a_q.device)
-    flags = dict(HAS_RESIDUAL=residual is not None, GELU=bool(gelu), INT8_OUT=out_recip is not None,
-                 RECIP_PER_CHANNEL=per_channel, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                 GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
-                 PDL=use_pdl, launch_pdl=use_pdl)
+    flags = _flags(cfg, residual is not None, gelu, out_recip is not None, per_channel, a_q.device)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    if cfg.tma and _tma_ok(a_q, w_q):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        persistent = cfg.loads == "tma-persistent"
-        grid = (min(tiles, _sm_count(a_q.device)) if persistent else tiles,)
-        _int8_linear_tma_kernel[grid](
-            TensorDescriptor.from_tensor(a_q, [cfg.block_m, cfg.block_k]),
-            TensorDescriptor.from_tensor(w_q, [cfg.block_n, cfg.block_k]),
-            w_scale, bias, res, out, m, n, k, float(a_scale), recip, res.stride(0), out.stride(0),
-            PERSISTENT=persistent, **flags)
+    if cfg.tma and _tma_ok(a_q) and _tma_ok(w_q):
+        _launch_tma(a_q, w_q, w_scale, bias, residual, out, float(a_scale), recip, cfg, flags)
         return out
     if cfg.split_k > 1:
         return _split_k(a_q, w_q, w_scale, bias, res, out, float(a_scale), recip, cfg, flags)
     _int8_linear_kernel[(tiles,)](
         a_q, w_q, w_scale, bias, res, out, m, n, k, float(a_scale), recip,
         a_q.stride(0), w_q.stride(0), res.stride(0), out.stride(0), EVEN_K=k % cfg.block_k == 0,
-        PREFETCH=cfg.prefetch and use_pdl, **flags)
+        PREFETCH=cfg.prefetch and flags["PDL"], **flags)
     return out
+
+
+def fp16_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, residual: torch.Tensor | None = None,
+                gelu: bool = False, config: GemmConfig) -> torch.Tensor:
+    """FP16 a [M, K] @ w [N, K].T in float32, + float32 bias [N], [GELU], [+ residual], to FP16: the INT8 TMA
+    kernel with FP16 operands and no dequantization (an experiment against cuBLASLt, eval/device_gemm_explore;
+    the engine does not use it). TMA configurations and aligned operands only."""
+    if not (config.tma and a.dtype == w.dtype == torch.float16 and _tma_ok(a) and _tma_ok(w) and w.is_contiguous()):
+        raise ValueError("fp16_linear: FP16 operands with 16-byte-aligned rows and a TMA configuration only")
+    out = _common.empty((a.shape[0], w.shape[0]), torch.float16, a.device)
+    flags = _flags(config, residual is not None, gelu, False, False, a.device)
+    _launch_tma(a, w, None, bias, residual, out, 1.0, 1.0, config, {**flags, "FLOAT_IN": True})
+    return out
+
+
+def _flags(cfg: GemmConfig, residual: bool, gelu: bool, int8_out: bool, per_channel: bool,
+           device: torch.device) -> dict:
+    """The GEMM kernels' compile-time switches and launch options for one call."""
+    use_pdl = pdl(device)
+    return dict(HAS_RESIDUAL=residual, GELU=bool(gelu), INT8_OUT=int8_out, RECIP_PER_CHANNEL=per_channel,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False, PDL=use_pdl,
+                launch_pdl=use_pdl)
+
+
+def _launch_tma(a, w, w_scale, bias, residual, out, a_scale: float, recip, cfg: GemmConfig, flags: dict) -> None:
+    """One launch of the TMA kernel (operand descriptors made here; the epilogue's too with cfg.tma_store, where
+    the output and residual meet TMA's alignment rules)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    (m, k), n = a.shape, w.shape[0]
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    persistent = cfg.loads == "tma-persistent"
+    tile = [cfg.block_m, cfg.block_n]
+    store = cfg.tma_store and all(_tma_ok(t) for t in (out, residual) if t is not None)
+    res = residual if residual is not None else out  # never read when HAS_RESIDUAL is off
+    _int8_linear_tma_kernel[(min(tiles, _sm_count(a.device)) if persistent else tiles,)](
+        TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k]),
+        TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]),
+        w_scale, bias, res, out, m, n, k, a_scale, recip, res.stride(0), out.stride(0), PERSISTENT=persistent,
+        res_desc=TensorDescriptor.from_tensor(residual, tile) if store and residual is not None else None,
+        out_desc=TensorDescriptor.from_tensor(out, tile) if store else None, **flags)
 
 
 _SPLITK_EPILOGUE_TILE = (16, 128)  # step 2 is a streaming pass: small tiles, many programs
@@ -463,10 +532,11 @@ def _split_k(a_q, w_q, w_scale, bias, res, out, a_scale, recip, cfg: GemmConfig,
     return out
 
 
-def _tma_ok(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:
-    """TMA's rules for a 2-D int8 operand: base address and row stride multiples of 16 bytes. Operands that
-    break them (odd K, an unaligned view) take the pointer kernel with the same tiles: the same math."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (a_q, w_q))
+def _tma_ok(t: torch.Tensor) -> bool:
+    """TMA's rules for a 2-D tensor with unit column stride: base address and row stride (in bytes) multiples of
+    16. Operands that break them (odd K, an unaligned view) take the pointer kernel with the same tiles, and
+    outputs or residuals that do, the pointer epilogue: the same math."""
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
 # ---------------------------------------------------------------------------------------------- reference

@@ -76,16 +76,30 @@ def _rows_per_program(h: int) -> int:
     return max(1, min(16, 4096 // triton.next_power_of_2(h)))
 
 
+# Up to this many rows (batch 1 x 128 tokens and the like) each program takes one row with 8 warps: more programs
+# for the SMs where there are few rows. At BERT-large 1 x 128 on an H200 that took the kernel from 7.2 to 6.4 us
+# (49 calls per forward); at 128 x 384 the default was within 3% of the best launch (BENCHMARKS.md, call Q4).
+FEW_ROWS = 1024
+
+
+def _launch(r: int, h: int) -> tuple[int, int]:
+    """Default (rows per program, warps) for r rows of width h."""
+    return (1, 8) if r <= FEW_ROWS else (_rows_per_program(h), 4)
+
+
 def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                     out_recip: float | torch.Tensor | None = None,
-                    round_scale: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    round_scale: float | torch.Tensor | None = None, *, rows_per_program: int | None = None,
+                    num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LayerNorm of x [..., H] (float16/bfloat16/float32) -> (y in x.dtype, int8 codes of y or None).
 
     Codes are written only when `out_recip` (float32 reciprocal of the output scale) is given; they are the
     codes of y as rounded to x.dtype (module docstring). With `round_scale` (the scale itself; needs
     out_recip), y is returned as those codes dequantized, in the same pass: -iln's INT8 residual stream.
     Both are Python floats, or both contiguous float32 [H] tensors on x's device (per channel).
-    Outputs are contiguous, shaped like x.
+    Outputs are contiguous, shaped like x. `rows_per_program` and `num_warps` (powers of two; defaults by
+    _launch) are launch parameters (eval/device_layernorm_explore times them), not math: the sums' order follows
+    them, so an output may move by its last bit.
     """
     if round_scale is not None and out_recip is None:
         raise ValueError("layernorm_quant: round_scale needs out_recip")
@@ -111,7 +125,11 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     q = _common.empty(x.shape, torch.int8, x.device) if out_recip is not None else None
     if r == 0 or h == 0:
         return y, q
-    per = _rows_per_program(h)
+    per, warps = _launch(r, h)
+    per, num_warps = rows_per_program or per, num_warps or warps
+    if per < 1 or num_warps < 1 or per & (per - 1) or num_warps & (num_warps - 1):
+        raise ValueError(f"layernorm_quant: rows_per_program and num_warps must be powers of two, got {per}, "
+                         f"{num_warps}")
     y2 = y.view(r, h)
     q2 = q.view(r, h) if q is not None else y2
     if per_channel:
@@ -124,7 +142,8 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
         rows, weight.contiguous(), bias.contiguous(), y2, q2, r, h, float(eps), recip, scale,
         rows.stride(0), y2.stride(0), q2.stride(0),
         QUANT=out_recip is not None, ROUND=round_scale is not None, PER_CHANNEL=per_channel, ROWS=per,
-        BLOCK_H=triton.next_power_of_2(h), num_warps=4, enable_fp_fusion=False, PDL=use_pdl, launch_pdl=use_pdl)
+        BLOCK_H=triton.next_power_of_2(h), num_warps=num_warps, enable_fp_fusion=False, PDL=use_pdl,
+        launch_pdl=use_pdl)
     return y, q
 
 

@@ -344,7 +344,7 @@ def test_triton_kernels_agree_with_library_kernels(name):
             from plugins.attention import CANDIDATE_CONFIGS as ATTENTION_CONFIGS
 
             for config in ATTENTION_CONFIGS:
-                engine.attention_impl = lambda b, s, c=config: c.name
+                engine.attention_impl = lambda b, s, padded, c=config: c.name
                 got = engine(*x)[0]
                 assert rel(valid(got, x[2]).float(), valid(want, x[2]).float()) < 3e-3, config
     assert LIBRARY == "library"
@@ -364,7 +364,8 @@ def test_fused_attention_in_the_engine_matches_sdpa(name, monkeypatch):
     x = inputs(seed=5)
     with torch.no_grad():
         want = engine(*x)
-        monkeypatch.setattr(engine, "attention_impl", lambda b, s: attention.AttentionConfig(16, 16).name)
+        monkeypatch.setattr(engine, "attention_impl",
+                            lambda b, s, padded: attention.AttentionConfig(16, 16).name)
         got = engine(*x)
     for g, w in zip(got, want):
         assert rel(valid(g, x[2]).float(), valid(w, x[2]).float()) < 3e-3  # about 4e-4 seen
@@ -410,8 +411,10 @@ def test_kernel_choices_say_what_each_profile_runs():
     assert kernel_choices(header) == []
     timed = replace(header, kernels={**header.kernels, "gemm.qkv.m32": "triton:16x32x128-g8-w4-s4-pf",
                                      "gemm.fc2.m32": "library", "attention.b1s32": "library",
+                                     "attention.b1s32.dense": "fused-attention:64x128-w4-s2",
                                      "attention.b4s64": "fused-attention:64x128-w4-s2"})
-    assert kernel_choices(timed) == ["1x32: qkv triton:16x32x128-g8-w4-s4-pf, fc2 library, attention sdpa",
+    assert kernel_choices(timed) == ["1x32: qkv triton:16x32x128-g8-w4-s4-pf, fc2 library, attention sdpa, "
+                                     "dense attention fused-attention:64x128-w4-s2",
                                      "4x64: attention fused-attention:64x128-w4-s2"]
 
 
@@ -428,7 +431,7 @@ def test_cuda_build_times_kernels_once(tmp_path):
     assert first.timed > 0 and first.reused == 0
     chosen = {k: v for k, v in header.kernels.items() if k.startswith(("gemm.", "attention."))}
     assert set(chosen) == {f"gemm.{g}.m{m}" for g in ("qkv", "attn_out", "fc1", "fc2") for m in (32, 256)} | \
-        {"attention.b1s32", "attention.b4s64"}
+        {"attention.b1s32", "attention.b4s64", "attention.b1s32.dense", "attention.b4s64.dense"}
     second = TimingCache(tmp_path / "timing.json")
     header2, _ = build_engine(loaded, policy, [Profile(1, 32), Profile(4, 64)], calib, torch.device("cuda"), None,
                               second)

@@ -74,6 +74,20 @@ def test_small_blocks(config, poison):
                                    A.attention_reference(qkv, 2, 2, bias, out_recip=r))
 
 
+@pytest.mark.parametrize("config", [A.AttentionConfig(16, 16), A.AttentionConfig(16, 16, tma=True),
+                                    A.AttentionConfig(32, 16, tma=True)], ids=lambda c: c.name)
+def test_whole_blocks_without_masks_and_through_tma(config, poison):
+    """S = 32, a multiple of both block sizes: the unmasked path (pointer loads, or TMA tiles that must not
+    cross into the next sequence), with padding and without; FP16 out and INT8 codes per channel."""
+    for padded in (False, True):
+        qkv, bias = problem(3, 32, 2, 16, seed=11, padded=padded)
+        ref32 = A.attention_reference(qkv, 3, 2, bias, out_dtype=torch.float32)
+        assert rel(A.fused_attention(qkv, 3, 2, bias, config=config), ref32) < 2e-3
+        r = recips(ref32, per_channel=True).to(qkv.device)
+        assert_attention_codes(A.fused_attention(qkv, 3, 2, bias, out_recip=r, config=config),
+                               A.attention_reference(qkv, 3, 2, bias, out_recip=r))
+
+
 def test_padding_keys_get_no_weight():
     """A padded key changes nothing: the same sequence with garbage in its padded positions' K and V."""
     qkv, bias = problem(2, 32, 2, 16, seed=5)
@@ -104,6 +118,8 @@ def test_config_names_round_trip():
     for c in A.CANDIDATE_CONFIGS:
         assert A.AttentionConfig.parse(c.name) == c
     assert len({c.name for c in A.CANDIDATE_CONFIGS}) == len(A.CANDIDATE_CONFIGS)
+    with pytest.raises(ValueError, match="not an attention configuration"):
+        A.AttentionConfig.parse("fused-attention:64x64-w4-s2+cp")
 
 
 @pytest.mark.cuda

@@ -177,11 +177,31 @@ def test_persistent_programs_walk_every_tile(poison, monkeypatch):
     tail): each program loops over tiles and every output element is still written once, right."""
     monkeypatch.setattr(L, "_sm_count", lambda device: 3)
     a, w, a_scale, w_scale, bias, res = problem(130, 96, 160, seed=17, residual=torch.float16)
-    cfg = L.GemmConfig(64, 64, 64, group_m=2, num_warps=4, num_stages=2, loads="tma-persistent")
-    for epilogue in ("gelu+int8/channel", "residual"):
+    for store in (False, True):
+        cfg = L.GemmConfig(64, 64, 64, group_m=2, num_warps=4, num_stages=2, loads="tma-persistent",
+                           tma_store=store)
+        for epilogue in ("gelu+int8/channel", "residual"):
+            kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res if "residual" in epilogue else None)
+            check(L.int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **kw),
+                  L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw), exact=not kw["gelu"])
+
+
+def test_tma_store_clips_ragged_edges_and_falls_back_on_unaligned_residual(poison):
+    """The TMA epilogue (GemmConfig.tma_store) on 130 x 80 outputs in 64 x 64 tiles writes exactly the output,
+    nothing past it (the copy engine clips), for each epilogue; a residual with a 40-byte row stride, which TMA
+    cannot read, takes the pointer epilogue with the same result."""
+    a, w, a_scale, w_scale, bias, res = problem(130, 80, 96, seed=29, residual=torch.float16)
+    cfg = L.GemmConfig(64, 64, 64, group_m=2, num_warps=4, num_stages=2, loads="tma", tma_store=True)
+    for epilogue in EPILOGUES:
         kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res if "residual" in epilogue else None)
         check(L.int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **kw),
               L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw), exact=not kw["gelu"])
+    a, w, a_scale, w_scale, bias, res = problem(33, 16, 64, seed=31, residual=torch.float16)
+    r_big = torch.zeros(33, 20, dtype=res.dtype, device=a.device)
+    r_big[:, :16] = res
+    assert not L._tma_ok(r_big[:, :16])
+    check(L.int8_linear(a, w, a_scale, w_scale, bias, residual=r_big[:, :16], config=cfg),
+          L.int8_linear_reference(a, w, a_scale, w_scale, bias, residual=res), exact=True)
 
 
 @pytest.mark.parametrize("k,split", [(512, 4), (416, 3), (96, 4)])
@@ -202,10 +222,31 @@ def test_tma_config_on_unaligned_rows_takes_the_pointer_kernel(poison):
     a_big = torch.zeros(33, 72, dtype=torch.int8, device=a.device)
     a_big[:, 8:72] = a
     view = a_big[:, 8:72]
-    assert not L._tma_ok(view, w) and L._tma_ok(a, w)
+    assert not L._tma_ok(view) and L._tma_ok(a) and L._tma_ok(w)
     cfg = L.GemmConfig(64, 64, 64, loads="tma")
     check(L.int8_linear(view, w, a_scale, w_scale, bias, config=cfg),
           L.int8_linear_reference(a, w, a_scale, w_scale, bias), exact=True)
+
+
+def test_fp16_linear_is_the_same_kernel_on_fp16_operands(poison):
+    """fp16_linear (the TMA kernel with FP16 operands, float32 sums, no dequantization) against float32 math,
+    ragged tiles, with and without the TMA epilogue; non-TMA configurations are refused."""
+    from model.bert import gelu_tanh
+
+    g = gen(37)
+    a, w = (torch.randn(130, 96, generator=g) * 2).half(), (torch.randn(80, 96, generator=g) / 10).half()
+    bias, res = torch.randn(80, generator=g), torch.randn(130, 80, generator=g).half()
+    a, w, bias, res = (t.to(DEVICE) for t in (a, w, bias, res))
+    for store in (False, True):
+        cfg = L.GemmConfig(64, 64, 32, group_m=2, num_warps=4, num_stages=2, loads="tma", tma_store=store)
+        for gelu, residual in ((False, None), (True, None), (False, res)):
+            y = a.float() @ w.float().t() + bias
+            y = gelu_tanh(y) if gelu else y
+            y = y + residual.float() if residual is not None else y
+            out = L.fp16_linear(a, w, bias, residual=residual, gelu=gelu, config=cfg)
+            assert out.dtype == torch.float16 and rel(out.float(), y) < 2e-3
+    with pytest.raises(ValueError, match="TMA configuration"):
+        L.fp16_linear(a, w, bias, config=L.GemmConfig(64, 64, 32))
 
 
 def test_default_config_follows_m():
@@ -225,6 +266,8 @@ def test_bad_arguments_are_refused():
         L.GemmConfig(64, 64, 64, loads="cp.async")
     with pytest.raises(ValueError, match="split_k"):
         L.GemmConfig(64, 64, 64, loads="tma", split_k=2)
+    with pytest.raises(ValueError, match="tma_store"):
+        L.GemmConfig(64, 64, 64, tma_store=True)
     with pytest.raises(ValueError, match="int8"):
         L.int8_linear(a.float(), w, a_scale, w_scale, bias)
     with pytest.raises(ValueError, match=r"\[N, 64\]"):

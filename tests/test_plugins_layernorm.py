@@ -68,6 +68,21 @@ def test_kernel_matches_reference(case, quant, poison):
         assert q is None
 
 
+@pytest.mark.parametrize("rows,warps", [(None, None), (1, 8), (4, 2), (16, 4)])
+def test_launch_parameters_change_no_math(rows, warps, poison):
+    """37 rows (ragged for every rows-per-program) under each launch, the defaults too (one row per program at
+    few rows): outputs within the reference's tolerance, codes those of the output."""
+    x, w, b = inputs((37, 384), torch.float16, seed=41)
+    ref_y, _ = LN.layernorm_quant_reference(x, w, b, 1e-12)
+    recip = common.out_recip(scale_for(ref_y))
+    y, q = LN.layernorm_quant(x, w, b, 1e-12, recip, rows_per_program=rows, num_warps=warps)
+    assert rel(y, ref_y) < 1e-3 and torch.equal(q, common.codes_reference(y, recip))
+    assert_codes_close(q, LN.layernorm_quant_reference(x, w, b, 1e-12, recip)[1])
+    assert LN._launch(37, 384) == (1, 8) and LN._launch(LN.FEW_ROWS + 1, 1024) == (4, 4)
+    with pytest.raises(ValueError, match="powers of two"):
+        LN.layernorm_quant(x, w, b, 1e-12, recip, rows_per_program=3)
+
+
 def test_row_strided_and_non_contiguous_inputs(poison):
     x, w, b = inputs((12, 400), torch.float16, seed=5)
     recip = common.out_recip(0.04)
