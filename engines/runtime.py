@@ -232,6 +232,11 @@ class Engine(torch.nn.Module):
 
     # ------------------------------------------------------------ forward
 
+    def _key_bias(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[b, s] in the engine's dtype: 0 for a real token, the dtype's lowest value for padding; made once per
+        forward, and attention adds it to its scores as it is."""
+        return ((1.0 - attention_mask.float()) * torch.finfo(self.dtype).min).to(self.dtype).contiguous()
+
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """attention_mask None: no padding anywhere in the batch, so attention takes no mask (SDPA's fastest
@@ -241,9 +246,7 @@ class Engine(torch.nn.Module):
         x = (t["embeddings.word.weight"][input_ids] + t["embeddings.position.weight"][:s]
              + t["embeddings.token_type.weight"][token_type_ids]).view(b * s, cfg.hidden_size)
         x, xq = self._ln("embeddings.ln", x, "embeddings.ln_out")
-        # [b, s] in the engine's dtype, made once per forward (attention adds it to its scores as it is).
-        key_bias = None if attention_mask is None else \
-            ((1.0 - attention_mask.float()) * torch.finfo(self.dtype).min).to(self.dtype).contiguous()
+        key_bias = None if attention_mask is None else self._key_bias(attention_mask)
         attention = self.attention_impl(b, s, padded=key_bias is not None)
         for i in range(cfg.num_layers):
             x, xq = self._layer(i, x, xq, b, s, key_bias, attention)
@@ -279,14 +282,15 @@ class Engine(torch.nn.Module):
         cfg = self.cfg
         gen = torch.Generator(device=self.device).manual_seed(b * s)
         qkv = torch.randn(b * s, 3 * cfg.hidden_size, generator=gen, device=self.device).to(self.dtype)
-        mask = torch.ones(b, s, device=self.device)
-        mask[:, s - s // 4:] = 0.0
-        key_bias = ((1.0 - mask) * torch.finfo(self.dtype).min).to(self.dtype).contiguous()
+        bias = None
+        if padded:
+            mask = torch.ones(b, s, device=self.device)
+            mask[:, s - s // 4:] = 0.0
+            bias = self._key_bias(mask)
         int8 = self.gemms["layers.0.attn_out"].int8
         problem = GemmProblem("attention", b * s, cfg.hidden_size, s, "float16",
                               # (timing-cache keys: "+padded" once named the two cases timed together)
                               ("softmax+bias->" if padded else "softmax->") + ("int8" if int8 else "float16"))
-        bias = key_bias if padded else None
         impls = [LIBRARY] + [c.name for c in CANDIDATE_CONFIGS]
         return problem, {impl: (lambda impl=impl: self._attend(0, qkv, b, s, bias, impl)) for impl in impls}, 1
 

@@ -64,6 +64,13 @@ def max_op(a, b):
     return tl.maximum(a, b)
 
 
+def tma_ok(t: torch.Tensor) -> bool:
+    """TMA's rules for a 2-D tensor with unit column stride: base address and row stride (in bytes) multiples of
+    16. The kernels take their pointer path, with the same math, for tensors that break them (odd K, an unaligned
+    view)."""
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
 def out_recip(scale: float) -> float:
     """The float32 reciprocal of an output scale, as calib.quantizer.quantize multiplies by it."""
     return _reciprocal(float(scale), torch.device("cpu"))

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from plugins import _common
-from plugins._common import await_inputs, codes_reference, int8_codes, max_op, sum_op
+from plugins._common import await_inputs, codes_reference, int8_codes, max_op, sum_op, tma_ok
 
 LOG2E = 1.4426950408889634
 
@@ -88,6 +88,15 @@ CANDIDATE_CONFIGS: tuple[AttentionConfig, ...] = (
 
 
 @triton.jit
+def _load(ptrs, ok, EVEN: tl.constexpr):
+    """A block of rows: every one in range when EVEN, else those where `ok` (the rest read as 0)."""
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
 def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, stride_qkv, stride_out,
                       HAS_BIAS: tl.constexpr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
@@ -107,10 +116,8 @@ def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale,
     await_inputs(PDL)
     if q_desc is not None:
         q = q_desc.load([b * S + tl.program_id(0) * BLOCK_M, h * D])
-    elif EVEN:
-        q = tl.load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :])
     else:
-        q = tl.load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        q = _load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :], m_ok[:, None], EVEN)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
     acc = tl.full((BLOCK_M, D), 0.0, tl.float32)
@@ -120,18 +127,12 @@ def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale,
         key_rows = (b * S + keys).to(tl.int64)
         if kv_desc is not None:
             k = kv_desc.load([b * S + start, hidden + h * D]).T  # [D, BLOCK_N]
-        elif EVEN:
-            k = tl.load(qkv_ptr + key_rows[None, :] * stride_qkv + hidden + h * D + offs_d[:, None])
         else:
-            k = tl.load(qkv_ptr + key_rows[None, :] * stride_qkv + hidden + h * D + offs_d[:, None],
-                        mask=n_ok[None, :], other=0.0)  # [D, BLOCK_N]
+            k = _load(qkv_ptr + key_rows[None, :] * stride_qkv + hidden + h * D + offs_d[:, None], n_ok[None, :],
+                      EVEN)  # [D, BLOCK_N]
         s = tl.dot(q, k, out_dtype=tl.float32) * qk_scale  # log2 domain: exp2(s) = exp(score)
         if HAS_BIAS:  # into the log2 domain too: times log2(e), LOG2E
-            if EVEN:
-                bias = tl.load(bias_ptr + b * S + keys)
-            else:
-                bias = tl.load(bias_ptr + b * S + keys, mask=n_ok, other=0.0)
-            s += bias.to(tl.float32)[None, :] * 1.4426950408889634
+            s += _load(bias_ptr + b * S + keys, n_ok, EVEN).to(tl.float32)[None, :] * 1.4426950408889634
         if not EVEN:
             s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, max_op))  # finite: every block has a key, padding bias is finite
@@ -140,11 +141,9 @@ def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale,
         l_i = l_i * alpha + tl.reduce(p, 1, sum_op)
         if kv_desc is not None:
             v = kv_desc.load([b * S + start, 2 * hidden + h * D])
-        elif EVEN:
-            v = tl.load(qkv_ptr + key_rows[:, None] * stride_qkv + 2 * hidden + h * D + offs_d[None, :])
         else:
-            v = tl.load(qkv_ptr + key_rows[:, None] * stride_qkv + 2 * hidden + h * D + offs_d[None, :],
-                        mask=n_ok[:, None], other=0.0)
+            v = _load(qkv_ptr + key_rows[:, None] * stride_qkv + 2 * hidden + h * D + offs_d[None, :], n_ok[:, None],
+                      EVEN)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=tl.float32)
         m_i = m_new
     ctx = acc / l_i[:, None]
@@ -198,7 +197,7 @@ def fused_attention(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.T
     use_pdl = _common.pdl(qkv.device)
     even = s % cfg.block_m == 0 and s % cfg.block_n == 0
     descs = {}
-    if cfg.tma and even and qkv.data_ptr() % 16 == 0 and (qkv.stride(0) * qkv.element_size()) % 16 == 0:
+    if cfg.tma and even and tma_ok(qkv):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         descs = dict(q_desc=TensorDescriptor.from_tensor(qkv, [cfg.block_m, d]),

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from model.bert import gelu_tanh
 from plugins import _common, interpreted
-from plugins._common import await_inputs, codes_reference, int8_codes, pdl
+from plugins._common import await_inputs, codes_reference, int8_codes, pdl, tma_ok
 
 LOADS = ("ptr", "tma", "tma-persistent")
 
@@ -453,7 +453,7 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
     recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
     flags = _flags(cfg, residual is not None, gelu, out_recip is not None, per_channel, a_q.device)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    if cfg.tma and _tma_ok(a_q) and _tma_ok(w_q):
+    if cfg.tma and tma_ok(a_q) and tma_ok(w_q):
         _launch_tma(a_q, w_q, w_scale, bias, residual, out, float(a_scale), recip, cfg, flags)
         return out
     if cfg.split_k > 1:
@@ -470,7 +470,7 @@ def fp16_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, residua
     """FP16 a [M, K] @ w [N, K].T in float32, + float32 bias [N], [GELU], [+ residual], to FP16: the INT8 TMA
     kernel with FP16 operands and no dequantization (an experiment against cuBLASLt, eval/device_gemm_explore;
     the engine does not use it). TMA configurations and aligned operands only."""
-    if not (config.tma and a.dtype == w.dtype == torch.float16 and _tma_ok(a) and _tma_ok(w) and w.is_contiguous()):
+    if not (config.tma and a.dtype == w.dtype == torch.float16 and tma_ok(a) and tma_ok(w) and w.is_contiguous()):
         raise ValueError("fp16_linear: FP16 operands with 16-byte-aligned rows and a TMA configuration only")
     out = _common.empty((a.shape[0], w.shape[0]), torch.float16, a.device)
     flags = _flags(config, residual is not None, gelu, False, False, a.device)
@@ -497,7 +497,7 @@ def _launch_tma(a, w, w_scale, bias, residual, out, a_scale: float, recip, cfg: 
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     persistent = cfg.loads == "tma-persistent"
     tile = [cfg.block_m, cfg.block_n]
-    store = cfg.tma_store and all(_tma_ok(t) for t in (out, residual) if t is not None)
+    store = cfg.tma_store and all(tma_ok(t) for t in (out, residual) if t is not None)
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is off
     _int8_linear_tma_kernel[(min(tiles, _sm_count(a.device)) if persistent else tiles,)](
         TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k]),
@@ -530,13 +530,6 @@ def _split_k(a_q, w_q, w_scale, bias, res, out, a_scale, recip, cfg: GemmConfig,
         part, w_scale, bias, res, out, m, n, a_scale, recip, res.stride(0), out.stride(0), part.stride(0),
         SPLIT_K=cfg.split_k, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, enable_fp_fusion=False, **epilogue_flags)
     return out
-
-
-def _tma_ok(t: torch.Tensor) -> bool:
-    """TMA's rules for a 2-D tensor with unit column stride: base address and row stride (in bytes) multiples of
-    16. Operands that break them (odd K, an unaligned view) take the pointer kernel with the same tiles, and
-    outputs or residuals that do, the pointer epilogue: the same math."""
-    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
 # ---------------------------------------------------------------------------------------------- reference

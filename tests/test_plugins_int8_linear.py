@@ -199,7 +199,7 @@ def test_tma_store_clips_ragged_edges_and_falls_back_on_unaligned_residual(poiso
     a, w, a_scale, w_scale, bias, res = problem(33, 16, 64, seed=31, residual=torch.float16)
     r_big = torch.zeros(33, 20, dtype=res.dtype, device=a.device)
     r_big[:, :16] = res
-    assert not L._tma_ok(r_big[:, :16])
+    assert not L.tma_ok(r_big[:, :16])
     check(L.int8_linear(a, w, a_scale, w_scale, bias, residual=r_big[:, :16], config=cfg),
           L.int8_linear_reference(a, w, a_scale, w_scale, bias, residual=res), exact=True)
 
@@ -222,7 +222,7 @@ def test_tma_config_on_unaligned_rows_takes_the_pointer_kernel(poison):
     a_big = torch.zeros(33, 72, dtype=torch.int8, device=a.device)
     a_big[:, 8:72] = a
     view = a_big[:, 8:72]
-    assert not L._tma_ok(view) and L._tma_ok(a) and L._tma_ok(w)
+    assert not L.tma_ok(view) and L.tma_ok(a) and L.tma_ok(w)
     cfg = L.GemmConfig(64, 64, 64, loads="tma")
     check(L.int8_linear(view, w, a_scale, w_scale, bias, config=cfg),
           L.int8_linear_reference(a, w, a_scale, w_scale, bias), exact=True)
