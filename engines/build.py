@@ -151,7 +151,7 @@ def _kernels(num_layers: int, policy: PrecisionPolicy, device: torch.device) -> 
     int8 = ("cuBLASLt int8 (torch._int_mm) or a timed Triton kernel" if device.type == "cuda"
             else "cpu int8 (torch._int_mm)") + ", fused epilogue"
     fp = f"{'fp16' if policy.fp16 else 'fp32'} library gemm (F.linear)"
-    attention = ("fp16 matmuls with int8 rounding (-imh numerics)" if policy.imh
+    attention = ("int8 attention (reference ops, or the timed fused kernel)" if policy.imh
                  else "sdpa (F.scaled_dot_product_attention)" + (" or the timed fused kernel" if device.type == "cuda"
                                                                   and policy.int8 and policy.fp16 else ""))
     kernels = {f"layer{i}.{g}": int8 if policy.quantizes_gemm(i, g) else fp for i in range(num_layers) for g in GEMMS}

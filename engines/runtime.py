@@ -4,7 +4,9 @@ The INT8 math is that of the fused ops in plugins/ (each defined by its `*_refer
 takes INT8 codes, accumulates exactly in int32, and dequantizes in an FP32 epilogue that also adds the bias,
 the GELU, the residual, and writes either FP16/FP32 or directly the codes the next GEMM reads; a LayerNorm writes
 its output and, where the next GEMM is INT8, its codes in the same pass. So the activations between ops are
-what TensorRT's INT8 BERT keeps between its plugins, and each tensor is read and written once.
+what TensorRT's INT8 BERT keeps between its plugins, and each tensor is read and written once. Under -iln the
+residual stream is INT8 where the LayerNorms produce it, so it is carried as the codes alone (1 byte a value):
+the next GEMMs read them as their input and, dequantized in their epilogue, as their residual.
 
 Each op has two implementations that compute the same function: the reference (plain torch ops; cuBLASLt's INT8
 GEMM through `torch._int_mm` on CUDA; all of it on the CPU, which is how CI runs engines) and the Triton kernels
@@ -14,13 +16,13 @@ GEMM through `torch._int_mm` on CUDA; all of it on the CPU, which is how CI runs
 Attention without -imh runs PyTorch's fused SDPA, or where the build timed it faster (INT8 builds on CUDA),
 plugins/attention.py's kernel, which reads Q, K, V from the QKV output and writes the context as the next GEMM
 reads it (its INT8 codes when that GEMM is INT8): one launch for SDPA and the context's quantize pass. With
--imh, Q, K, V, the probabilities and the context are rounded to INT8 values exactly as the policy says, but the
-two attention matmuls still run on FP16 tensor cores (no INT8 attention kernel yet): the numerics of INT8
-attention, not its speed.
+-imh, the QKV GEMM writes Q, K and V as INT8 codes (one scale per section of its output, the pseudo-site
+"layerI.qkv") and attention is INT8 attention (plugins/attention.py: fused_attention_int8, which
+attention_int8_reference defines and the CPU runs): integer q.k and p.v, the probabilities rounded with their
+calibrated scale, the context written as codes.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,16 @@ from model.config import BertConfig
 TRITON = "triton"
 SMOOTH_PREFIX = "smooth."  # engine tensors "smooth.SITE": a smoothed site's vector s (calib/smoothing.py)
 ROTATE_WEIGHTS_UP_TO_ROWS = 2048  # build-time timing runs every layer's weights up to this M (gemm_candidates)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A LayerNorm output as the forward carries it (the residual stream and the next GEMM's input): FP, its INT8
+    codes at `site`, or both. --int8: FP plus the codes where the next GEMM is INT8; -iln: the codes alone."""
+
+    fp: torch.Tensor | None
+    codes: torch.Tensor | None
+    site: str
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,11 @@ class Engine(torch.nn.Module):
         self.channel_scale = {site: channel_scales(self.scale[site], v).contiguous()
                               for site, v in smooth.items() if site in self.scale}
         self.channel_recip = {site: _reciprocal(v, self.device).contiguous() for site, v in self.channel_scale.items()}
+        if self.policy.imh:  # the QKV GEMM writes Q, K, V codes: one scale per section of its output
+            for i in range(self.cfg.num_layers):
+                sections = [torch.full((self.cfg.hidden_size,), self.scale[f"layer{i}.{n}"]) for n in "qkv"]
+                self.channel_scale[f"layer{i}.qkv"] = torch.cat(sections).to(self.device).contiguous()
+                self.channel_recip[f"layer{i}.qkv"] = _reciprocal(self.channel_scale[f"layer{i}.qkv"], self.device)
         self.use_triton = _triton_usable(self.device)
         self.kernels = dict(header.kernels)
         self.gemms = {f"layers.{i}.{g}": self._gemm_of(i, g) for i in range(self.cfg.num_layers) for g in GEMMS}
@@ -136,9 +153,10 @@ class Engine(torch.nn.Module):
 
     def attention_impl(self, b: int, s: int, padded: bool) -> str:
         """The attention implementation at batch b, length s, with the padding bias or without a mask: the
-        header's choice for that case (the builder times the fused kernel against SDPA for each), else SDPA.
-        Engines built before the two cases were timed apart hold one choice per shape, for both."""
-        if not self.use_triton or self.policy.imh:
+        header's choice for that case (the builder times the fused kernel against SDPA, or under -imh the INT8
+        kernel against its reference, for each), else the library path. Engines built before the two cases were
+        timed apart hold one choice per shape, for both."""
+        if not self.use_triton:
             return LIBRARY
         return self.kernels.get(attention_key(b, s, padded), self.kernels.get(attention_key(b, s), LIBRARY))
 
@@ -151,9 +169,22 @@ class Engine(torch.nn.Module):
             return self.channel_recip[site]
         return _reciprocal(self.scale[site], self.device) if site in self.scale else None
 
-    def _linear(self, name: str, a: torch.Tensor, *, residual: torch.Tensor | None = None, gelu: bool = False,
+    def _site_scale(self, site: str) -> float | torch.Tensor:
+        """A quantized site's scale: a number, or a float32 vector per channel where smoothed."""
+        return self.channel_scale.get(site, self.scale.get(site))
+
+    def _fp(self, x: Activation) -> torch.Tensor:
+        """The FP value of an activation (its codes dequantized where it is carried as codes alone)."""
+        return x.fp if x.fp is not None else dequantize(x.codes, self._site_scale(x.site), self.dtype)
+
+    def _input(self, name: str, x: Activation) -> torch.Tensor:
+        """What GEMM `name` reads of x: the codes where it is INT8, else the FP value."""
+        return x.codes if self.gemms[name].int8 else self._fp(x)
+
+    def _linear(self, name: str, a: torch.Tensor, *, residual: Activation | None = None, gelu: bool = False,
                 out_site: str | None = None, impl: str | None = None) -> torch.Tensor:
-        """y = a @ W.T + b [GELU] [+ residual], as FP or as the codes of `out_site` (when it is quantized)."""
+        """y = a @ W.T + b [GELU] [+ residual], as FP or as the codes of `out_site` (when it is quantized). An
+        INT8 GEMM reads a residual carried as codes alone as they are, and dequantizes them in its epilogue."""
         g = self.gemms[name]
         recip = self._recip(out_site) if out_site else None
         if not g.int8:
@@ -163,8 +194,12 @@ class Engine(torch.nn.Module):
                 y = F.linear(a, g.weight, g.bias)
                 y = F.gelu(y) if gelu else y
             if residual is not None:
-                y = y + residual
-            return quantize(y, self.channel_scale.get(out_site, self.scale[out_site])) if recip is not None else y
+                y = y + self._fp(residual)
+            return quantize(y, self._site_scale(out_site)) if recip is not None else y
+        res = {}
+        if residual is not None:
+            res = dict(residual=residual.fp) if residual.fp is not None else \
+                dict(residual=residual.codes, residual_scale=self._site_scale(residual.site))
         impl = impl or self.impl(g.kind, a.shape[0])
         if impl == LIBRARY:
             from plugins.int8_linear import int8_linear_reference as run
@@ -172,21 +207,23 @@ class Engine(torch.nn.Module):
         else:
             from plugins.int8_linear import int8_linear as run
             config = {"config": parse_triton_impl(impl)}
-        return run(a, g.weight, g.input_scale, g.weight_scale, g.bias, residual=residual, gelu=gelu,
-                   out_recip=recip, out_dtype=self.dtype, **config)
+        return run(a, g.weight, g.input_scale, g.weight_scale, g.bias, gelu=gelu, out_recip=recip,
+                   out_dtype=self.dtype, **res, **config)
 
-    def _ln(self, name: str, x: torch.Tensor, site: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """LayerNorm -> (FP output, codes of `site` or None); -iln sites are INT8 where produced, so the FP output
-        (the residual stream) is then the codes dequantized."""
-        recip = self._recip(site) if site else None
-        args = (x, self.t[f"{name}.weight"], self.t[f"{name}.bias"], self.cfg.layer_norm_eps, recip,
-                self.channel_scale.get(site, self.scale.get(site))
-                if recip is not None and site in self.produced_int8 else None)
+    def _ln(self, name: str, x: torch.Tensor, site: str, fp_out: bool = False) -> Activation:
+        """LayerNorm of x as an Activation at `site`: FP, with its codes where the site is quantized. -iln sites
+        are INT8 where produced: there the codes alone, or with `fp_out` (an FP consumer follows: the QA head)
+        the codes and their dequantized value, written in the same pass."""
+        recip = self._recip(site)
+        args = (x, self.t[f"{name}.weight"], self.t[f"{name}.bias"], self.cfg.layer_norm_eps, recip)
+        rounded = recip is not None and site in self.produced_int8
+        if rounded and fp_out:
+            args += (self._site_scale(site),)
         if self.use_triton:
-            from plugins.layernorm import layernorm_quant
-            return layernorm_quant(*args)
-        from plugins.layernorm import layernorm_quant_reference
-        return layernorm_quant_reference(*args)
+            from plugins.layernorm import layernorm_quant as run
+        else:
+            from plugins.layernorm import layernorm_quant_reference as run
+        return Activation(*run(*args, codes_only=rounded and not fp_out), site)
 
     def _codes(self, x: torch.Tensor, site: str) -> torch.Tensor:
         """INT8 codes of x (any strides) in row-major order: one pass on CUDA (quantize + make contiguous)."""
@@ -195,13 +232,6 @@ class Engine(torch.nn.Module):
             return quantize_rows(x, self._recip(site))
         return quantize(x.contiguous(), self.scale[site])
 
-    def _round(self, site: str, x: torch.Tensor) -> torch.Tensor:
-        """Round an -imh site to its INT8 grid (identity for sites the build keeps in FP)."""
-        if site not in self.produced_int8:
-            return x
-        s = self.scale[site]
-        return dequantize(quantize(x, s), s, x.dtype)
-
     def _attend(self, i: int, qkv: torch.Tensor, b: int, s: int, key_bias: torch.Tensor | None,
                 impl: str) -> torch.Tensor:
         """Layer i's attention from its QKV output [b*s, 3H] to the attention-output GEMM's input [b*s, H]: the
@@ -209,26 +239,33 @@ class Engine(torch.nn.Module):
         cfg = self.cfg
         int8 = self.gemms[f"layers.{i}.attn_out"].int8
         site = f"layer{i}.context"
+        if self.policy.imh:
+            return self._attend_int8(i, qkv, b, key_bias, impl, int8)
         if impl != LIBRARY:
             from plugins.attention import AttentionConfig, fused_attention
             return fused_attention(qkv, b, cfg.num_heads, key_bias, out_recip=self._recip(site) if int8 else None,
                                    out_dtype=self.dtype, config=AttentionConfig.parse(impl))
         q, k, v = qkv.view(b, s, 3, cfg.num_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
         mask_bias = None if key_bias is None else key_bias.view(b, 1, 1, s)
-        context = self._attention(i, q, k, v, mask_bias).transpose(1, 2)  # [b, s, heads, d], strided
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias).transpose(1, 2)  # [b, s, h, d]
         if int8:
             return self._codes(context, site).view(b * s, cfg.hidden_size)
         return context.reshape(b * s, cfg.hidden_size)
 
-    def _attention(self, i: int, q, k, v, mask_bias: torch.Tensor | None) -> torch.Tensor:
-        if not self.policy.imh:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias)
-        q, k, v = (self._round(f"layer{i}.{n}", t) for n, t in zip("qkv", (q, k, v)))
-        scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
-        if mask_bias is not None:
-            scores = scores + mask_bias
-        probs = self._round(f"layer{i}.probs", scores.softmax(-1).to(v.dtype))
-        return self._round(f"layer{i}.context", probs @ v)
+    def _attend_int8(self, i: int, codes: torch.Tensor, b: int, key_bias: torch.Tensor | None, impl: str,
+                     int8_out: bool) -> torch.Tensor:
+        """-imh attention from the QKV GEMM's codes: the context's codes (rounded where produced), dequantized
+        where the attention-output GEMM stays FP."""
+        from plugins.attention import AttentionConfig, AttentionScales, attention_int8_reference, fused_attention_int8
+
+        site = f"layer{i}.context"
+        scales = AttentionScales(*(self.scale[f"layer{i}.{n}"] for n in ("q", "k", "v", "probs")))
+        args = (codes, b, self.cfg.num_heads, scales, key_bias)
+        if impl == LIBRARY:
+            context = attention_int8_reference(*args, out_recip=self._recip(site))
+        else:
+            context = fused_attention_int8(*args, out_recip=self._recip(site), config=AttentionConfig.parse(impl))
+        return context if int8_out else dequantize(context, self._site_scale(site), self.dtype)
 
     # ------------------------------------------------------------ forward
 
@@ -245,53 +282,58 @@ class Engine(torch.nn.Module):
         b, s = input_ids.shape
         x = (t["embeddings.word.weight"][input_ids] + t["embeddings.position.weight"][:s]
              + t["embeddings.token_type.weight"][token_type_ids]).view(b * s, cfg.hidden_size)
-        x, xq = self._ln("embeddings.ln", x, "embeddings.ln_out")
+        x = self._ln("embeddings.ln", x, "embeddings.ln_out")
         key_bias = None if attention_mask is None else self._key_bias(attention_mask)
         attention = self.attention_impl(b, s, padded=key_bias is not None)
         for i in range(cfg.num_layers):
-            x, xq = self._layer(i, x, xq, b, s, key_bias, attention)
-        logits = F.linear(x, t["qa.weight"], t["qa.bias"]).float().view(b, s, 2)
+            x = self._layer(i, x, b, s, key_bias, attention, last=i == cfg.num_layers - 1)
+        logits = F.linear(self._fp(x), t["qa.weight"], t["qa.bias"]).float().view(b, s, 2)
         return logits[..., 0], logits[..., 1]
 
-    def _layer(self, i: int, x: torch.Tensor, xq: torch.Tensor | None, b: int, s: int,
-               key_bias: torch.Tensor | None, attention: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: the residual stream [b*s, H]; xq: its codes when this layer's QKV GEMM is INT8."""
+    def _layer(self, i: int, x: Activation, b: int, s: int, key_bias: torch.Tensor | None, attention: str,
+               last: bool = False) -> Activation:
+        """x: the residual stream [b*s, H], this layer's QKV input; the last layer's output goes to the QA head."""
         p = f"layers.{i}."
-        use = lambda gemm, fp, codes: codes if self.gemms[p + gemm].int8 else fp  # noqa: E731
-        qkv = self._linear(p + "qkv", use("qkv", x, xq))
+        qkv = self._linear(p + "qkv", self._input(p + "qkv", x), out_site=f"layer{i}.qkv" if self.policy.imh else None)
         ctx = self._attend(i, qkv, b, s, key_bias, attention)
         y = self._linear(p + "attn_out", ctx, residual=x)
-        x1, x1q = self._ln(p + "ln1", y, f"layer{i}.attn_ln_out")
-        ffn = self._linear(p + "fc1", use("fc1", x1, x1q), gelu=True, out_site=f"layer{i}.fc2_in")
+        x1 = self._ln(p + "ln1", y, f"layer{i}.attn_ln_out")
+        ffn = self._linear(p + "fc1", self._input(p + "fc1", x1), gelu=True, out_site=f"layer{i}.fc2_in")
         y2 = self._linear(p + "fc2", ffn, residual=x1)
-        return self._ln(p + "ln2", y2, f"layer{i}.ffn_ln_out")
+        return self._ln(p + "ln2", y2, f"layer{i}.ffn_ln_out", fp_out=last)
 
     # ------------------------------------------------------------ tuning support
 
     def attention_candidates(self, b: int, s: int, padded: bool) -> tuple[GemmProblem, dict[str, callable],
                                                                            int] | None:
-        """Layer 0's attention at batch b, length s as the forward runs it (random FP16 QKV output), one
-        zero-argument call per implementation (SDPA, the fused kernel's configurations) for build-time timing,
-        in one of the two cases the engine's graphs hold: a quarter of every sequence padded (the key bias), or
-        no padding and no mask. They are timed apart because the fastest differs (at BERT-large 128 x 384 on an
-        H200 our kernel led with the bias, cuDNN without a mask: docs/attention-h200.md)."""
-        from plugins.attention import CANDIDATE_CONFIGS
+        """Layer 0's attention at batch b, length s as the forward runs it (random FP16 QKV output, or under -imh
+        random codes), one zero-argument call per implementation (SDPA and the fused kernel's configurations, or
+        the INT8 kernel's reference and its configurations) for build-time timing, in one of the two cases the
+        engine's graphs hold: a quarter of every sequence padded (the key bias), or no padding and no mask. They
+        are timed apart because the fastest differs (at BERT-large 128 x 384 on an H200 our kernel led with the
+        bias, cuDNN without a mask: docs/attention-h200.md)."""
+        from plugins.attention import CANDIDATE_CONFIGS, INT8_CANDIDATE_CONFIGS
 
-        if not self.use_triton or self.policy.imh or self.dtype != torch.float16:
+        if not self.use_triton or self.dtype != torch.float16:  # (an FP32 key bias is -inf in the log2 domain)
             return None
         cfg = self.cfg
         gen = torch.Generator(device=self.device).manual_seed(b * s)
-        qkv = torch.randn(b * s, 3 * cfg.hidden_size, generator=gen, device=self.device).to(self.dtype)
+        if self.policy.imh:
+            qkv = torch.randint(-127, 128, (b * s, 3 * cfg.hidden_size), generator=gen, device=self.device,
+                                dtype=torch.int8)
+        else:
+            qkv = torch.randn(b * s, 3 * cfg.hidden_size, generator=gen, device=self.device).to(self.dtype)
         bias = None
         if padded:
             mask = torch.ones(b, s, device=self.device)
             mask[:, s - s // 4:] = 0.0
             bias = self._key_bias(mask)
         int8 = self.gemms["layers.0.attn_out"].int8
-        problem = GemmProblem("attention", b * s, cfg.hidden_size, s, "float16",
+        problem = GemmProblem("attention", b * s, cfg.hidden_size, s, "int8" if self.policy.imh else "float16",
                               # (timing-cache keys: "+padded" once named the two cases timed together)
                               ("softmax+bias->" if padded else "softmax->") + ("int8" if int8 else "float16"))
-        impls = [LIBRARY] + [c.name for c in CANDIDATE_CONFIGS]
+        configs = INT8_CANDIDATE_CONFIGS if self.policy.imh else CANDIDATE_CONFIGS
+        impls = [LIBRARY] + [c.name for c in configs]
         return problem, {impl: (lambda impl=impl: self._attend(0, qkv, b, s, bias, impl)) for impl in impls}, 1
 
     def gemm_candidates(self, kind: str, m: int) -> tuple[GemmProblem, dict[str, callable], int] | None:
@@ -306,7 +348,11 @@ class Engine(torch.nn.Module):
         layers = [i for i in range(self.cfg.num_layers) if self.gemms[f"layers.{i}.{kind}"].int8]
         if not layers:
             return None
-        out_site = (lambda i: f"layer{i}.fc2_in" if kind == "fc1" and f"layer{i}.fc2_in" in self.scale else None)
+        def out_site(i: int) -> str | None:  # where the GEMM writes codes: FC1 (FC2's input), QKV under -imh
+            if kind == "fc1" and f"layer{i}.fc2_in" in self.scale:
+                return f"layer{i}.fc2_in"
+            return f"layer{i}.qkv" if kind == "qkv" and self.policy.imh else None
+
         layers = [i for i in layers if (out_site(i) is None) == (out_site(layers[0]) is None)]
         if m > ROTATE_WEIGHTS_UP_TO_ROWS:
             layers = layers[:1]
@@ -314,10 +360,15 @@ class Engine(torch.nn.Module):
         n, k = g.weight.shape
         gen = torch.Generator(device=self.device).manual_seed(m)
         a = torch.randint(-127, 128, (m, k), generator=gen, device=self.device, dtype=torch.int8)
-        residual = torch.randn(m, n, generator=gen, device=self.device).to(self.dtype) \
-            if kind in ("attn_out", "fc2") else None
+        residual = None
+        if kind in ("attn_out", "fc2"):  # the residual as the forward carries it (codes alone under -iln)
+            site = self.policy.gemm_input_site(layers[0], "qkv" if kind == "attn_out" else "fc1")
+            residual = Activation(None, torch.randint(-127, 128, (m, n), generator=gen, device=self.device,
+                                                      dtype=torch.int8), site) if site in self.produced_int8 \
+                else Activation(torch.randn(m, n, generator=gen, device=self.device).to(self.dtype), None, site)
         gelu = kind == "fc1"
-        epilogue = "bias" + ("+gelu" if gelu else "") + ("+residual" if residual is not None else "") + \
+        epilogue = "bias" + ("+gelu" if gelu else "") + \
+            ("" if residual is None else "+residual" if residual.fp is not None else "+residual8") + \
             ("->int8" if out_site(layers[0]) else f"->{str(self.dtype).removeprefix('torch.')}")
         problem = GemmProblem(kind, m, n, k, "int8", epilogue)
 

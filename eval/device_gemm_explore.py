@@ -9,6 +9,7 @@ Shapes are MODEL-ROWS-KIND: BERT-large (hidden 1024, intermediate 4096) or -base
 (GELU, INT8 codes out), as the engine launches them. fp16-MODEL-ROWS-KIND: the same GEMM with FP16 operands,
 bias (+ GELU for fc1) to FP16, as FP16 engines run them on cuBLASLt (the residual is the LayerNorm's), against
 the TMA configurations of plugins.int8_linear.fp16_linear and FP16_TILES: an experiment, not an engine path.
+iln-MODEL-ROWS-KIND (attn_out, fc2): the residual read as INT8 codes with their scale, as -iln engines run them.
 Each candidate's output is checked against int8_linear_reference first (bit for bit without GELU; codes at most
 1 apart with it; FP16 GEMMs within 2e-3 of float32 math) and again after timing.
 Times are those the engine builder takes (engines.tuning.time_ms): one call captured in a CUDA graph, median
@@ -52,6 +53,7 @@ class Shape:
     n: int
     k: int
     fp16: bool = False
+    residual_codes: bool = False  # -iln: the residual is INT8 codes
 
     @property
     def gelu(self) -> bool:  # fc1: GELU, INT8 codes out (they are fc2's input)
@@ -65,7 +67,8 @@ class Shape:
     def epilogue(self) -> str:
         if self.fp16:
             return "fp16: bias" + ("+gelu" if self.gelu else "") + "->fp16"
-        return "bias" + ("+gelu->int8" if self.gelu else "+residual->fp16" if self.residual else "->fp16")
+        residual = "+residual8->fp16" if self.residual_codes else "+residual->fp16"
+        return "bias" + ("+gelu->int8" if self.gelu else residual if self.residual else "->fp16")
 
 
 # FP16 operands take twice the shared memory of INT8 ones per K element: 64-deep K steps, as FP16 GEMMs on
@@ -85,6 +88,8 @@ def all_shapes() -> list[Shape]:
             nk = {"qkv": (3 * h, h), "attn_out": (h, h), "fc1": (i, h), "fc2": (h, i)}
             out += [Shape(f"{model}-{rows}-{kind}", kind, m, *nk[kind]) for kind in KINDS]
             out += [Shape(f"fp16-{model}-{rows}-{kind}", kind, m, *nk[kind], fp16=True) for kind in KINDS]
+            out += [Shape(f"iln-{model}-{rows}-{kind}", kind, m, *nk[kind], residual_codes=True)
+                    for kind in ("attn_out", "fc2")]
     return out
 
 
@@ -122,6 +127,9 @@ def problem(shape: Shape, device: torch.device, seed: int = 0):
     bias = torch.randn(shape.n, generator=g, device=device) * 0.5
     res = (torch.randn(shape.m, shape.n, generator=g, device=device) * 2).half() if shape.residual else None
     args, kw = (a, w, 0.05, w_scale, bias), dict(residual=res, gelu=shape.gelu, out_dtype=torch.float16)
+    if shape.residual_codes:
+        kw.update(residual=torch.randint(-127, 128, (shape.m, shape.n), generator=g, device=device,
+                                         dtype=torch.int8), residual_scale=0.02)
     if shape.gelu:  # an output scale that clips the top 20% of |y|, as calibration would
         y = int8_linear_reference(*args, **{**kw, "out_dtype": torch.float32})
         kw["out_recip"] = out_recip(0.8 * float(y.abs().max()) / 127)

@@ -21,6 +21,24 @@ The kernel computes softmax with exp2 and the running maximum (flash attention's
 FP16 before the p.v product, as every flash kernel and SDPA's do; so its context differs from the float32
 reference by about 1e-3 relative, and an INT8 code by 1 where the context sits near a rounding boundary. The
 codes come from the float32 context, with no FP16 rounding in between (one rounding fewer than SDPA + quantize).
+
+INT8 attention (-imh: Q, K, V, the probabilities and the context INT8 where they are produced), one launch,
+fused_attention_int8 (attention_int8_reference defines it). The QKV GEMM writes Q, K and V as codes with scales
+s_q, s_k, s_v; the probabilities are quantized with the calibrated s_p after they are normalized:
+
+    scores[i, j] = float32(qc_i . kc_j) * float32(s_q * s_k / sqrt(D)) + bias[b, j]    exact integer dot
+    p[i, :]      = softmax(scores[i, :])                                            float32
+    pc[i, j]     = codes(p[i, j], 1 / s_p)
+    ctx[i]       = float32(sum_j pc[i, j] * vc_j) * float32(s_p * s_v)                 exact integer dot
+    out          = codes(ctx) with out_recip, else ctx.to(out_dtype)
+
+Normalizing before the rounding needs each row's maximum and sum first, so the kernel walks the keys twice: once
+for the online maximum and sum, once for the probabilities' codes and their product with V (q.k again: an INT8
+dot is cheap beside the softmax). Both integer dots are exact (|sums| < 2**24 for S <= 1040), through INT8
+tensor cores for q.k and FP16 ones for pc.v (INT8 ones want V's tile transposed; integers below 2**11 are exact
+in FP16 and their sums in the float32 accumulator). The softmax runs in the log2 domain with exp2 and one
+reciprocal of the sum per row, so a probability's code can differ from the reference's by 1 where it sits on a
+rounding boundary, and the context's codes rarely.
 """
 from __future__ import annotations
 
@@ -47,6 +65,7 @@ class AttentionConfig:
     # Q, K and V tiles through Hopper's TMA (descriptors over the QKV output) where every block lies inside one
     # sequence (S a multiple of both block sizes); pointer loads otherwise, with the same math.
     tma: bool = False
+    int8: bool = False  # the -imh kernel (fused_attention_int8), pointer loads only
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -55,21 +74,37 @@ class AttentionConfig:
                 raise ValueError(f"AttentionConfig.{name} must be a power of two >= 16, got {v}")
         if self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"AttentionConfig: num_warps and num_stages must be positive: {self}")
+        if self.int8 and self.tma:
+            raise ValueError("AttentionConfig: the INT8 kernel has no TMA loads")
 
     @property
     def name(self) -> str:
         tma = "+tma" if self.tma else ""
-        return f"fused-attention:{self.block_m}x{self.block_n}-w{self.num_warps}-s{self.num_stages}{tma}"
+        kind = "int8-attention" if self.int8 else "fused-attention"
+        return f"{kind}:{self.block_m}x{self.block_n}-w{self.num_warps}-s{self.num_stages}{tma}"
 
     @staticmethod
     def parse(name: str) -> "AttentionConfig":
         """Inverse of .name."""
-        body, plus, tma = name.removeprefix("fused-attention:").partition("+")
-        if plus and tma != "tma":
-            raise ValueError(f"not an attention configuration: {name!r}")
-        tiles, w, s = body.split("-")
-        bm, bn = map(int, tiles.split("x"))
-        return AttentionConfig(bm, bn, int(w[1:]), int(s[1:]), tma=bool(plus))
+        kind, _, rest = name.partition(":")
+        body, plus, tma = rest.partition("+")
+        try:
+            if kind not in ("fused-attention", "int8-attention") or (plus and tma != "tma"):
+                raise ValueError
+            tiles, w, s = body.split("-")
+            bm, bn = map(int, tiles.split("x"))
+            return AttentionConfig(bm, bn, int(w[1:]), int(s[1:]), tma=bool(plus), int8=kind == "int8-attention")
+        except ValueError:
+            raise ValueError(f"not an attention configuration: {name!r}") from None
+
+
+@dataclass(frozen=True)
+class AttentionScales:
+    """The -imh scales of one layer's attention: Q, K, V (the QKV GEMM's codes) and the probabilities."""
+    q: float
+    k: float
+    v: float
+    probs: float
 
 
 # Small query blocks give batch 1 (16 heads x 128 tokens) enough programs for the SMs; 128-query blocks are the
@@ -84,6 +119,15 @@ CANDIDATE_CONFIGS: tuple[AttentionConfig, ...] = (
     AttentionConfig(64, 128, 4, 2, tma=True),
     AttentionConfig(128, 64, 4, 3, tma=True),
     AttentionConfig(128, 64, 8, 3, tma=True),
+)
+
+# The -imh kernel's candidates, not yet timed on a GPU: the FP16 kernel's best block shapes, pointer loads.
+INT8_CANDIDATE_CONFIGS: tuple[AttentionConfig, ...] = (
+    AttentionConfig(16, 64, 4, 2, int8=True),
+    AttentionConfig(64, 64, 4, 2, int8=True),
+    AttentionConfig(64, 128, 4, 2, int8=True),
+    AttentionConfig(128, 64, 4, 3, int8=True),
+    AttentionConfig(128, 64, 8, 3, int8=True),
 )
 
 
@@ -158,9 +202,82 @@ def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale,
         tl.store(out_ptrs, ctx.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
-def _check(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.Tensor | None):
-    if qkv.dim() != 2 or qkv.dtype not in (torch.float16, torch.bfloat16) or qkv.stride(1) != 1:
-        raise ValueError(f"fused_attention: qkv must be 2-D FP16/BF16 with unit column stride, got {qkv.dtype} "
+@triton.jit
+def _int8_scores(q, qkv_ptr, bias_ptr, b, col, start, offs_n, offs_d, S, stride_qkv, qk_scale,
+                 HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, I8_DOT: tl.constexpr):
+    """Scores of a block of query codes against keys [start, start + BLOCK_N) of sequence b (K's columns start at
+    col), log2 domain: the exact integer q.k times qk_scale (which holds log2 e), plus the key bias times log2 e;
+    keys past S at -inf. I8_DOT: on INT8 tensor cores (K = D of at least 32), else FP16 ones (exact too)."""
+    keys = start + offs_n
+    n_ok = keys < S
+    k = _load(qkv_ptr + (b * S + keys).to(tl.int64)[None, :] * stride_qkv + col + offs_d[:, None], n_ok[None, :],
+              EVEN)  # [D, BLOCK_N]
+    if I8_DOT:
+        dot = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32)
+    else:
+        dot = tl.dot(q.to(tl.float16), k.to(tl.float16), out_dtype=tl.float32)
+    s = dot * qk_scale
+    if HAS_BIAS:
+        s += _load(bias_ptr + b * S + keys, n_ok, EVEN).to(tl.float32)[None, :] * 1.4426950408889634
+    if not EVEN:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _attention_int8_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, p_recip, pv_scale,
+                           stride_qkv, stride_out, HAS_BIAS: tl.constexpr, INT8_OUT: tl.constexpr,
+                           RECIP_PER_CHANNEL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
+    # Program (query block, sequence * HEADS + head), the layout of _attention_kernel with qkv holding codes.
+    # Pass 1: each row's maximum m and sum l of exp2(s - m), online; pass 2: p = exp2(s - m) / l, its codes, and
+    # their product with V's codes.
+    b = tl.program_id(1) // HEADS
+    h = tl.program_id(1) % HEADS
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    m_ok = offs_m < S
+    rows = (b * S + offs_m).to(tl.int64)
+    hidden = HEADS * D
+    i8_dot: tl.constexpr = D >= 32
+    await_inputs(PDL)
+    q = _load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :], m_ok[:, None], EVEN)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+    for start in range(0, S, BLOCK_N):
+        s = _int8_scores(q, qkv_ptr, bias_ptr, b, hidden + h * D, start, offs_n, offs_d, S, stride_qkv, qk_scale,
+                         HAS_BIAS, EVEN, i8_dot)
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, max_op))  # finite: every block has a key, padding bias is finite
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.reduce(tl.exp2(s - m_new[:, None]), 1, sum_op)
+        m_i = m_new
+    inv_l = tl.fdiv(tl.full((BLOCK_M,), 1.0, tl.float32), l_i)
+    acc = tl.full((BLOCK_M, D), 0.0, tl.float32)
+    for start in range(0, S, BLOCK_N):
+        s = _int8_scores(q, qkv_ptr, bias_ptr, b, hidden + h * D, start, offs_n, offs_d, S, stride_qkv, qk_scale,
+                         HAS_BIAS, EVEN, i8_dot)
+        pc = int8_codes(tl.exp2(s - m_i[:, None]) * inv_l[:, None], p_recip)
+        keys = start + offs_n
+        v = _load(qkv_ptr + (b * S + keys).to(tl.int64)[:, None] * stride_qkv + 2 * hidden + h * D
+                  + offs_d[None, :], (keys < S)[:, None], EVEN)
+        acc = tl.dot(pc.to(tl.float16), v.to(tl.float16), acc, out_dtype=tl.float32)  # exact: integers < 2**24
+    ctx = acc * pv_scale
+    out_ptrs = out_ptr + rows[:, None] * stride_out + h * D + offs_d[None, :]
+    if INT8_OUT:
+        if RECIP_PER_CHANNEL:  # out_recip points at float32 [HEADS * D]
+            recip = tl.load(out_recip + h * D + offs_d)[None, :]
+        else:
+            recip = out_recip
+        tl.store(out_ptrs, int8_codes(ctx, recip), mask=m_ok[:, None])
+    else:
+        tl.store(out_ptrs, ctx.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+
+def _check(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.Tensor | None,
+           dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)):
+    if qkv.dim() != 2 or qkv.dtype not in dtypes or qkv.stride(1) != 1:
+        kind = "INT8 codes" if dtypes == (torch.int8,) else "FP16/BF16"
+        raise ValueError(f"fused_attention: qkv must be 2-D {kind} with unit column stride, got {qkv.dtype} "
                          f"{tuple(qkv.shape)}")
     tokens, width = qkv.shape
     if batch < 1 or tokens % batch or width % (3 * heads):
@@ -184,11 +301,7 @@ def fused_attention(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.T
     float32 [heads * D] vector) makes the output INT8 codes. See the module docstring."""
     s, d = _check(qkv, batch, heads, key_bias)
     hidden = heads * d
-    per_channel = isinstance(out_recip, torch.Tensor)
-    if per_channel and (out_recip.shape != (hidden,) or out_recip.dtype != torch.float32
-                        or not out_recip.is_contiguous() or out_recip.device != qkv.device):
-        raise ValueError(f"fused_attention: a per-channel out_recip must be a contiguous float32 [{hidden}] on "
-                         f"{qkv.device}, got {out_recip.dtype} {tuple(out_recip.shape)} on {out_recip.device}")
+    per_channel = _check_recip(out_recip, hidden, qkv.device)
     out = _common.empty((batch * s, hidden), torch.int8 if out_recip is not None else out_dtype, qkv.device)
     if s == 0:
         return out
@@ -221,6 +334,80 @@ def attention_reference(qkv: torch.Tensor, batch: int, heads: int, key_bias: tor
     if key_bias is not None:
         scores = scores + key_bias.float()[:, None, None, :]
     ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch * s, heads * d)
+    if out_recip is not None:
+        return codes_reference(ctx, out_recip)
+    return ctx.to(out_dtype)
+
+
+def _check_recip(out_recip, hidden: int, device: torch.device) -> bool:
+    """Whether out_recip is per channel (after checking that such a vector fits)."""
+    per_channel = isinstance(out_recip, torch.Tensor)
+    if per_channel and (out_recip.shape != (hidden,) or out_recip.dtype != torch.float32
+                        or not out_recip.is_contiguous() or out_recip.device != device):
+        raise ValueError(f"fused_attention: a per-channel out_recip must be a contiguous float32 [{hidden}] on "
+                         f"{device}, got {out_recip.dtype} {tuple(out_recip.shape)} on {out_recip.device}")
+    return per_channel
+
+
+MAX_INT8_LENGTH = 1040  # 127 * 127 * S < 2**24: the integer dots stay exact in a float32 accumulator
+
+
+def _check_int8(codes: torch.Tensor, batch: int, heads: int, key_bias: torch.Tensor | None) -> tuple[int, int]:
+    s, d = _check(codes, batch, heads, key_bias, dtypes=(torch.int8,))
+    if s > MAX_INT8_LENGTH:
+        raise ValueError(f"fused_attention_int8: sequences of {s} tokens exceed {MAX_INT8_LENGTH}, where the "
+                         f"integer dot products stop being exact in float32")
+    return s, d
+
+
+def fused_attention_int8(codes: torch.Tensor, batch: int, heads: int, scales: AttentionScales,
+                         key_bias: torch.Tensor | None = None, *, out_recip: float | torch.Tensor | None = None,
+                         out_dtype: torch.dtype = torch.float16,
+                         config: AttentionConfig | None = None) -> torch.Tensor:
+    """-imh attention: context [batch * S, heads * D] of `codes` [batch * S, 3 * heads * D] (Q, K, V's INT8
+    codes as the QKV GEMM writes them, with `scales`); key_bias and out_recip as in fused_attention. See the
+    module docstring for the math."""
+    s, d = _check_int8(codes, batch, heads, key_bias)
+    hidden = heads * d
+    per_channel = _check_recip(out_recip, hidden, codes.device)
+    out = _common.empty((batch * s, hidden), torch.int8 if out_recip is not None else out_dtype, codes.device)
+    if s == 0:
+        return out
+    cfg = config or INT8_CANDIDATE_CONFIGS[0]
+    if not cfg.int8:
+        raise ValueError(f"fused_attention_int8: {cfg.name} is not an INT8 attention configuration")
+    recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
+    use_pdl = _common.pdl(codes.device)
+    qk, pv = _int8_scales(scales, d)
+    grid = (triton.cdiv(s, cfg.block_m), batch * heads)
+    _attention_int8_kernel[grid](
+        codes, key_bias if key_bias is not None else codes, out, recip, s, heads, qk * LOG2E,
+        _common.out_recip(scales.probs), pv, codes.stride(0), out.stride(0),
+        HAS_BIAS=key_bias is not None, INT8_OUT=out_recip is not None, RECIP_PER_CHANNEL=per_channel, D=d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=s % cfg.block_m == 0 and s % cfg.block_n == 0, PDL=use_pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
+    return out
+
+
+def _int8_scales(scales: AttentionScales, d: int) -> tuple[float, float]:
+    """float32(s_q * s_k / sqrt(d)) and float32(s_p * s_v), each product rounded once."""
+    f32 = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731
+    return f32(scales.q * scales.k / math.sqrt(d)), f32(scales.probs * scales.v)
+
+
+def attention_int8_reference(codes: torch.Tensor, batch: int, heads: int, scales: AttentionScales,
+                             key_bias: torch.Tensor | None = None, *, out_recip: float | torch.Tensor | None = None,
+                             out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The definition of fused_attention_int8's output in torch ops (module docstring): the integer dots exact
+    (float64), the rest float32."""
+    s, d = _check_int8(codes, batch, heads, key_bias)
+    qk, pv = _int8_scales(scales, d)
+    q, k, v = codes.double().view(batch, s, 3, heads, d).permute(2, 0, 3, 1, 4)  # each [batch, heads, S, D]
+    scores = (q @ k.transpose(-1, -2)).float() * qk
+    if key_bias is not None:
+        scores = scores + key_bias.float()[:, None, None, :]
+    pc = codes_reference(scores.softmax(-1), _common.out_recip(scales.probs))
+    ctx = ((pc.double() @ v).float() * pv).transpose(1, 2).reshape(batch * s, heads * d)
     if out_recip is not None:
         return codes_reference(ctx, out_recip)
     return ctx.to(out_dtype)

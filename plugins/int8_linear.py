@@ -12,7 +12,8 @@ The math (int8_linear_reference defines it; float32 throughout the epilogue):
     s[n]      = float32(w_scale[n] * float32(a_scale))           one rounding
     y         = float32(acc) * s[n] + bias[n]
     y         = gelu_tanh(y)                                     if gelu (model.bert.gelu_tanh)
-    y         = y + float32(residual[m, n])                      if residual is given
+    y         = y + float32(residual[m, n])                      if residual is given (FP)
+    y         = y + float32(residual[m, n]) * res_scale[n]       if it is given as INT8 codes (-iln)
     out       = codes(y) if out_recip is given else y.to(out_dtype)
 
 codes(y) = clamp(round_half_even(y * out_recip), -127, 127), with out_recip a float32 number or one per output
@@ -222,10 +223,11 @@ def _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, steps, K, stride_
 
 @triton.jit
 def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
-                        M, N, K, a_scale, out_recip,
+                        M, N, K, a_scale, out_recip, res_scale,
                         stride_am, stride_wn, stride_rm, stride_om,
                         HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
-                        RECIP_PER_CHANNEL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                        RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr,
+                        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
                         PREFETCH: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -242,14 +244,16 @@ def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
     mask = m_ok[:, None] & n_ok[None, :]
     rows = offs_m.to(tl.int64)[:, None]
     _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
-              stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL)
+              res_scale, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL, RES_CODES,
+              RES_PER_CHANNEL)
 
 
 @triton.jit
 def _int8_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
-                            M, N, K, a_scale, out_recip, stride_rm, stride_om,
+                            M, N, K, a_scale, out_recip, res_scale, stride_rm, stride_om,
                             HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
-                            RECIP_PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr,
+                            RES_PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
                             PDL: tl.constexpr, res_desc=None, out_desc=None, FLOAT_IN: tl.constexpr = False):
     """_int8_linear_kernel with operand tiles fetched by TMA (host-made descriptors; the copy engine zero-fills
@@ -276,15 +280,16 @@ def _int8_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_
         if out_desc is not None:
             y = _epilogue_math(acc, offs_n, n_ok, w_scale_ptr, bias_ptr, a_scale, GELU)
             if HAS_RESIDUAL:
-                y = y + res_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]).to(tl.float32)
+                y = y + _residual(res_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]), offs_n, n_ok, res_scale,
+                                  RES_CODES, RES_PER_CHANNEL)
             out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N],
                            _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT, RECIP_PER_CHANNEL))
         else:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             mask = (offs_m < M)[:, None] & n_ok[None, :]
             _epilogue(acc, offs_n, n_ok, offs_m.to(tl.int64)[:, None], mask, w_scale_ptr, bias_ptr, res_ptr,
-                      out_ptr, a_scale, out_recip, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT,
-                      RECIP_PER_CHANNEL)
+                      out_ptr, a_scale, out_recip, res_scale, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT,
+                      RECIP_PER_CHANNEL, RES_CODES, RES_PER_CHANNEL)
 
 
 @triton.jit
@@ -313,8 +318,9 @@ def _int8_partial_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_slice, stride_am, st
 
 @triton.jit
 def _splitk_epilogue_kernel(part_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, a_scale, out_recip,
-                            stride_rm, stride_om, stride_part, SPLIT_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                            GELU: tl.constexpr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
+                            res_scale, stride_rm, stride_om, stride_part, SPLIT_K: tl.constexpr,
+                            HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
+                            RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Split K, step 2: the exact int32 sum of the slices' partials, then the one epilogue."""
     await_inputs(PDL)
@@ -329,7 +335,8 @@ def _splitk_epilogue_kernel(part_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M
         acc += tl.load(part_ptrs, mask=mask, other=0)
         part_ptrs += stride_part
     _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
-              stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL)
+              res_scale, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL, RES_CODES,
+              RES_PER_CHANNEL)
 
 
 # GELU's tanh through the GPU's tanh instruction: one special-function op per element, where the exp form below
@@ -387,18 +394,32 @@ def _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT: tl.constexpr, RECIP_P
 
 
 @triton.jit
+def _residual(r, offs_n, n_ok, res_scale, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr):
+    """A residual tile in float32: as stored, or INT8 codes times their scale (-iln's residual stream; res_scale
+    a float32 number, or with RES_PER_CHANNEL a pointer to float32 [N])."""
+    r = r.to(tl.float32)
+    if RES_CODES:
+        if RES_PER_CHANNEL:
+            r = r * tl.load(res_scale + offs_n, mask=n_ok, other=0.0)[None, :]
+        else:
+            r = r * res_scale
+    return r
+
+
+@triton.jit
 def _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
-              stride_rm, stride_om, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
-              RECIP_PER_CHANNEL: tl.constexpr):
+              res_scale, stride_rm, stride_om, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
+              INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr,
+              RES_PER_CHANNEL: tl.constexpr):
     y = _epilogue_math(acc, offs_n, n_ok, w_scale_ptr, bias_ptr, a_scale, GELU)
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-        y = y + r.to(tl.float32)
+        r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0)
+        y = y + _residual(r, offs_n, n_ok, res_scale, RES_CODES, RES_PER_CHANNEL)
     tl.store(out_ptr + rows * stride_om + offs_n[None, :],
              _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT, RECIP_PER_CHANNEL), mask=mask)
 
 
-def _check(a_q, w_q, w_scale, bias, residual, out_dtype):
+def _check(a_q, w_q, w_scale, bias, residual, residual_scale, out_dtype):
     if a_q.dtype != torch.int8 or w_q.dtype != torch.int8 or a_q.dim() != 2 or w_q.dim() != 2:
         raise ValueError(f"int8_linear: a_q and w_q must be 2-D int8, got {a_q.dtype} {tuple(a_q.shape)} and "
                          f"{w_q.dtype} {tuple(w_q.shape)}")
@@ -411,10 +432,19 @@ def _check(a_q, w_q, w_scale, bias, residual, out_dtype):
         if t.dtype != torch.float32 or t.shape != (n,) or not t.is_contiguous():
             raise ValueError(f"int8_linear: {name} must be a contiguous float32 [{n}], got {t.dtype} "
                              f"{tuple(t.shape)}")
+    codes = residual is not None and residual.dtype == torch.int8
     if residual is not None and (residual.shape != (m, n) or residual.stride(1) != 1
-                                 or not residual.dtype.is_floating_point):
-        raise ValueError(f"int8_linear: residual must be floating [{m}, {n}] with unit stride along N, got "
+                                 or not (residual.dtype.is_floating_point or codes)):
+        raise ValueError(f"int8_linear: residual must be floating or int8 [{m}, {n}] with unit stride along N, got "
                          f"{residual.dtype} {tuple(residual.shape)}")
+    if codes != (residual_scale is not None):
+        raise ValueError("int8_linear: an int8 residual (codes) needs its residual_scale, and only it takes one")
+    if isinstance(residual_scale, torch.Tensor) and (residual_scale.shape != (n,) or not residual_scale.is_contiguous()
+                                                     or residual_scale.dtype != torch.float32
+                                                     or residual_scale.device != a_q.device):
+        raise ValueError(f"int8_linear: a per-channel residual_scale must be a contiguous float32 [{n}] on "
+                         f"{a_q.device}, got {residual_scale.dtype} {tuple(residual_scale.shape)} on "
+                         f"{residual_scale.device}")
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"int8_linear: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     devices = {t.device for t in (a_q, w_q, w_scale, bias) + ((residual,) if residual is not None else ())}
@@ -423,19 +453,21 @@ def _check(a_q, w_q, w_scale, bias, residual, out_dtype):
 
 
 def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: torch.Tensor,
-                bias: torch.Tensor, *, residual: torch.Tensor | None = None, gelu: bool = False,
+                bias: torch.Tensor, *, residual: torch.Tensor | None = None,
+                residual_scale: float | torch.Tensor | None = None, gelu: bool = False,
                 out_recip: float | torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
                 config: GemmConfig | None = None) -> torch.Tensor:
     """a_q int8 [M, K] (per-tensor `a_scale`) times w_q int8 [N, K] (per-row `w_scale` float32 [N]), plus
     float32 `bias` [N]; see the module docstring for the epilogue. Returns [M, N]: int8 codes when `out_recip`
     (a float32 reciprocal of the output scale, plugins._common.out_recip, or a contiguous float32 [N] tensor of
-    them, one per channel) is given, else `out_dtype`.
+    them, one per channel) is given, else `out_dtype`. `residual` is FP, or INT8 codes with their
+    `residual_scale` (a float, or a contiguous float32 [N] tensor): -iln's residual stream, read as 1 byte.
 
     `a_scale` is multiplied into w_scale inside the kernel, in float32 exactly as the reference does on the
     host, so calls need no extra launch and capture into CUDA graphs as they are. `config` picks the tiles
     (default_config when None).
     """
-    _check(a_q, w_q, w_scale, bias, residual, out_dtype)
+    _check(a_q, w_q, w_scale, bias, residual, residual_scale, out_dtype)
     m, k = a_q.shape
     n = w_q.shape[0]
     per_channel = isinstance(out_recip, torch.Tensor)
@@ -451,15 +483,18 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
     cfg = config or default_config(m, n, a_q.device)
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is off
     recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
-    flags = _flags(cfg, residual is not None, gelu, out_recip is not None, per_channel, a_q.device)
+    res_per_channel = isinstance(residual_scale, torch.Tensor)
+    res_scale = residual_scale if res_per_channel else float(residual_scale) if residual_scale is not None else 1.0
+    flags = _flags(cfg, residual is not None, gelu, out_recip is not None, per_channel, a_q.device,
+                   residual_scale is not None, res_per_channel)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if cfg.tma and tma_ok(a_q) and tma_ok(w_q):
-        _launch_tma(a_q, w_q, w_scale, bias, residual, out, float(a_scale), recip, cfg, flags)
+        _launch_tma(a_q, w_q, w_scale, bias, residual, out, float(a_scale), recip, res_scale, cfg, flags)
         return out
     if cfg.split_k > 1:
-        return _split_k(a_q, w_q, w_scale, bias, res, out, float(a_scale), recip, cfg, flags)
+        return _split_k(a_q, w_q, w_scale, bias, res, out, float(a_scale), recip, res_scale, cfg, flags)
     _int8_linear_kernel[(tiles,)](
-        a_q, w_q, w_scale, bias, res, out, m, n, k, float(a_scale), recip,
+        a_q, w_q, w_scale, bias, res, out, m, n, k, float(a_scale), recip, res_scale,
         a_q.stride(0), w_q.stride(0), res.stride(0), out.stride(0), EVEN_K=k % cfg.block_k == 0,
         PREFETCH=cfg.prefetch and flags["PDL"], **flags)
     return out
@@ -474,21 +509,23 @@ def fp16_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, residua
         raise ValueError("fp16_linear: FP16 operands with 16-byte-aligned rows and a TMA configuration only")
     out = _common.empty((a.shape[0], w.shape[0]), torch.float16, a.device)
     flags = _flags(config, residual is not None, gelu, False, False, a.device)
-    _launch_tma(a, w, None, bias, residual, out, 1.0, 1.0, config, {**flags, "FLOAT_IN": True})
+    _launch_tma(a, w, None, bias, residual, out, 1.0, 1.0, 1.0, config, {**flags, "FLOAT_IN": True})
     return out
 
 
 def _flags(cfg: GemmConfig, residual: bool, gelu: bool, int8_out: bool, per_channel: bool,
-           device: torch.device) -> dict:
+           device: torch.device, res_codes: bool = False, res_per_channel: bool = False) -> dict:
     """The GEMM kernels' compile-time switches and launch options for one call."""
     use_pdl = pdl(device)
     return dict(HAS_RESIDUAL=residual, GELU=bool(gelu), INT8_OUT=int8_out, RECIP_PER_CHANNEL=per_channel,
+                RES_CODES=res_codes, RES_PER_CHANNEL=res_per_channel,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False, PDL=use_pdl,
                 launch_pdl=use_pdl)
 
 
-def _launch_tma(a, w, w_scale, bias, residual, out, a_scale: float, recip, cfg: GemmConfig, flags: dict) -> None:
+def _launch_tma(a, w, w_scale, bias, residual, out, a_scale: float, recip, res_scale, cfg: GemmConfig,
+                flags: dict) -> None:
     """One launch of the TMA kernel (operand descriptors made here; the epilogue's too with cfg.tma_store, where
     the output and residual meet TMA's alignment rules)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -502,7 +539,8 @@ def _launch_tma(a, w, w_scale, bias, residual, out, a_scale: float, recip, cfg: 
     _int8_linear_tma_kernel[(min(tiles, _sm_count(a.device)) if persistent else tiles,)](
         TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k]),
         TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]),
-        w_scale, bias, res, out, m, n, k, a_scale, recip, res.stride(0), out.stride(0), PERSISTENT=persistent,
+        w_scale, bias, res, out, m, n, k, a_scale, recip, res_scale, res.stride(0), out.stride(0),
+        PERSISTENT=persistent,
         res_desc=TensorDescriptor.from_tensor(residual, tile) if store and residual is not None else None,
         out_desc=TensorDescriptor.from_tensor(out, tile) if store else None, **flags)
 
@@ -510,7 +548,8 @@ def _launch_tma(a, w, w_scale, bias, residual, out, a_scale: float, recip, cfg: 
 _SPLITK_EPILOGUE_TILE = (16, 128)  # step 2 is a streaming pass: small tiles, many programs
 
 
-def _split_k(a_q, w_q, w_scale, bias, res, out, a_scale, recip, cfg: GemmConfig, flags: dict) -> torch.Tensor:
+def _split_k(a_q, w_q, w_scale, bias, res, out, a_scale, recip, res_scale, cfg: GemmConfig,
+             flags: dict) -> torch.Tensor:
     """The two launches of a split-K GEMM (GemmConfig.split_k); the partials live in a workspace of
     split_k x M x N int32 (2 MB for BERT-large's FC2 at batch 1 x 128, in L2)."""
     m, k = a_q.shape
@@ -524,10 +563,10 @@ def _split_k(a_q, w_q, w_scale, bias, res, out, a_scale, recip, cfg: GemmConfig,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         PDL=flags["PDL"], launch_pdl=flags["launch_pdl"], PREFETCH=cfg.prefetch and flags["PDL"])
     bm, bn = _SPLITK_EPILOGUE_TILE
-    epilogue_flags = {key: flags[key] for key in ("HAS_RESIDUAL", "GELU", "INT8_OUT", "RECIP_PER_CHANNEL", "PDL",
-                                                   "launch_pdl")}
+    epilogue_flags = {key: flags[key] for key in ("HAS_RESIDUAL", "GELU", "INT8_OUT", "RECIP_PER_CHANNEL",
+                                                   "RES_CODES", "RES_PER_CHANNEL", "PDL", "launch_pdl")}
     _splitk_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        part, w_scale, bias, res, out, m, n, a_scale, recip, res.stride(0), out.stride(0), part.stride(0),
+        part, w_scale, bias, res, out, m, n, a_scale, recip, res_scale, res.stride(0), out.stride(0), part.stride(0),
         SPLIT_K=cfg.split_k, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, enable_fp_fusion=False, **epilogue_flags)
     return out
 
@@ -553,17 +592,29 @@ def int32_matmul(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
 
 
 def int8_linear_reference(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: torch.Tensor,
-                          bias: torch.Tensor, *, residual: torch.Tensor | None = None, gelu: bool = False,
+                          bias: torch.Tensor, *, residual: torch.Tensor | None = None,
+                          residual_scale: float | torch.Tensor | None = None, gelu: bool = False,
                           out_recip: float | torch.Tensor | None = None,
                           out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The definition of int8_linear's output, one float32 op at a time (module docstring)."""
+    if (residual is not None and residual.dtype == torch.int8) != (residual_scale is not None):
+        raise ValueError("int8_linear_reference: an int8 residual (codes) needs its residual_scale, and only it "
+                         "takes one")
     acc = int32_matmul(a_q, w_q)
     s = w_scale.float() * float(a_scale)  # a Python float meets a float32 tensor as float32(a_scale)
     y = acc.float() * s + bias.float()
     if gelu:
         y = gelu_tanh(y)
-    if residual is not None:
+    if residual_scale is not None:
+        y = y + residual_codes_value(residual, residual_scale)
+    elif residual is not None:
         y = y + residual.float()
     if out_recip is not None:
         return codes_reference(y, out_recip)
     return y.to(out_dtype)
+
+
+def residual_codes_value(codes: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """float32(codes) * float32(scale): the residual the epilogue adds when it is given as INT8 codes (a Python
+    float meets a float32 tensor as float32(scale); a per-channel scale broadcasts over rows)."""
+    return codes.float() * (scale.float() if isinstance(scale, torch.Tensor) else float(scale))

@@ -1,7 +1,11 @@
 """LayerNorm over the last dimension that can also write the INT8 codes of its output in the same pass.
 
-With -iln the engine rounds every skip-LayerNorm output to INT8 and the next GEMM quantizes it again; here one
-read of x gives both the x.dtype output (the residual stream) and the codes (the next GEMM's input).
+Under --int8 a LayerNorm's output is both the residual stream and the next GEMM's input: one read of x gives
+the x.dtype output and the codes. -iln rounds the output to INT8 where it is produced, so `codes_only` writes the
+codes alone: the engine's residual stream is then the codes themselves, which the next GEMMs read as input and
+as residual (plugins/int8_linear.py), 1 byte a value where an FP16 stream beside the codes took 3. Where an FP
+consumer needs the rounded value itself (the QA head after the last LayerNorm), `round_scale` writes it, the
+codes dequantized, in the same pass.
 
 The math (layernorm_quant_reference defines it), per row of H values, statistics in float32:
 
@@ -34,7 +38,7 @@ from plugins._common import await_inputs, codes_reference, int8_codes, sum_op
 def _layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, R, H, eps, out_recip, out_scale,
                       stride_x, stride_y, stride_q,
                       QUANT: tl.constexpr, ROUND: tl.constexpr, PER_CHANNEL: tl.constexpr, ROWS: tl.constexpr,
-                      BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+                      BLOCK_H: tl.constexpr, PDL: tl.constexpr, STORE_Y: tl.constexpr):
     # PER_CHANNEL: out_recip and out_scale are pointers to [H] float32 vectors, else float32 scalars.
     # ROWS rows per program, a whole row (H <= BLOCK_H) in registers: one read of x, one write per output.
     await_inputs(PDL)
@@ -54,7 +58,7 @@ def _layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, R, H, eps, out_recip, o
     rstd = tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.sqrt_rn(var + eps))
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = (d * rstd[:, None] * w[None, :] + b[None, :]).to(y_ptr.dtype.element_ty)
+    y = (d * rstd[:, None] * w[None, :] + b[None, :]).to(x_ptr.dtype.element_ty)  # y_ptr is q_ptr without STORE_Y
     if QUANT:
         if PER_CHANNEL:
             recip = tl.load(out_recip + cols, mask=col_ok, other=0.0)[None, :]
@@ -68,7 +72,8 @@ def _layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, R, H, eps, out_recip, o
             else:
                 scale = out_scale
             y = (q.to(tl.float32) * scale).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + rows64 * stride_y + cols[None, :], y, mask=mask)
+    if STORE_Y:
+        tl.store(y_ptr + rows64 * stride_y + cols[None, :], y, mask=mask)
 
 
 def _rows_per_program(h: int) -> int:
@@ -87,22 +92,30 @@ def _launch(r: int, h: int) -> tuple[int, int]:
     return (1, 8) if r <= FEW_ROWS else (_rows_per_program(h), 4)
 
 
+def _check_outputs(out_recip, round_scale, codes_only: bool) -> None:
+    if round_scale is not None and out_recip is None:
+        raise ValueError("layernorm_quant: round_scale needs out_recip")
+    if codes_only and (out_recip is None or round_scale is not None):
+        raise ValueError("layernorm_quant: codes_only needs out_recip and writes no FP output to round")
+
+
 def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                     out_recip: float | torch.Tensor | None = None,
-                    round_scale: float | torch.Tensor | None = None, *, rows_per_program: int | None = None,
-                    num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    round_scale: float | torch.Tensor | None = None, *, codes_only: bool = False,
+                    rows_per_program: int | None = None,
+                    num_warps: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """LayerNorm of x [..., H] (float16/bfloat16/float32) -> (y in x.dtype, int8 codes of y or None).
 
     Codes are written only when `out_recip` (float32 reciprocal of the output scale) is given; they are the
     codes of y as rounded to x.dtype (module docstring). With `round_scale` (the scale itself; needs
     out_recip), y is returned as those codes dequantized, in the same pass: -iln's INT8 residual stream.
-    Both are Python floats, or both contiguous float32 [H] tensors on x's device (per channel).
+    Both are Python floats, or both contiguous float32 [H] tensors on x's device (per channel). `codes_only`
+    (needs out_recip, not round_scale): write the codes alone and return (None, codes).
     Outputs are contiguous, shaped like x. `rows_per_program` and `num_warps` (powers of two; defaults by
     _launch) are launch parameters (eval/device_layernorm_explore times them), not math: the sums' order follows
     them, so an output may move by its last bit.
     """
-    if round_scale is not None and out_recip is None:
-        raise ValueError("layernorm_quant: round_scale needs out_recip")
+    _check_outputs(out_recip, round_scale, codes_only)
     h = x.shape[-1]
     per_channel = isinstance(out_recip, torch.Tensor)
     for name, v in (("out_recip", out_recip), ("round_scale", round_scale)):
@@ -121,7 +134,7 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     r = rows.shape[0]
-    y = _common.empty(x.shape, x.dtype, x.device)
+    y = None if codes_only else _common.empty(x.shape, x.dtype, x.device)
     q = _common.empty(x.shape, torch.int8, x.device) if out_recip is not None else None
     if r == 0 or h == 0:
         return y, q
@@ -130,8 +143,8 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     if per < 1 or num_warps < 1 or per & (per - 1) or num_warps & (num_warps - 1):
         raise ValueError(f"layernorm_quant: rows_per_program and num_warps must be powers of two, got {per}, "
                          f"{num_warps}")
-    y2 = y.view(r, h)
-    q2 = q.view(r, h) if q is not None else y2
+    q2 = q.view(r, h) if q is not None else y.view(r, h)
+    y2 = y.view(r, h) if y is not None else q2  # codes_only: y2 is never written
     if per_channel:
         recip, scale = out_recip, round_scale if round_scale is not None else out_recip  # unread without ROUND
     else:
@@ -141,7 +154,8 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     _layernorm_kernel[(triton.cdiv(r, per),)](
         rows, weight.contiguous(), bias.contiguous(), y2, q2, r, h, float(eps), recip, scale,
         rows.stride(0), y2.stride(0), q2.stride(0),
-        QUANT=out_recip is not None, ROUND=round_scale is not None, PER_CHANNEL=per_channel, ROWS=per,
+        QUANT=out_recip is not None, ROUND=round_scale is not None, STORE_Y=not codes_only,
+        PER_CHANNEL=per_channel, ROWS=per,
         BLOCK_H=triton.next_power_of_2(h), num_warps=num_warps, enable_fp_fusion=False, PDL=use_pdl,
         launch_pdl=use_pdl)
     return y, q
@@ -149,9 +163,10 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
 
 def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                               out_recip: float | torch.Tensor | None = None,
-                              round_scale: float | torch.Tensor | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                              round_scale: float | torch.Tensor | None = None, *, codes_only: bool = False
+                              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The definition of layernorm_quant's outputs in plain float32 torch ops (module docstring)."""
+    _check_outputs(out_recip, round_scale, codes_only)
     xf = x.float()
     mean = xf.mean(dim=-1, keepdim=True)
     d = xf - mean
@@ -160,6 +175,8 @@ def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
     if out_recip is None:
         return y, None
     q = codes_reference(y, out_recip)
+    if codes_only:
+        return None, q
     if round_scale is not None:
         scale = round_scale if isinstance(round_scale, torch.Tensor) else float(round_scale)
         y = (q.float() * scale).to(x.dtype)  # = calib.quantizer.dequantize(q, scale, x.dtype)

@@ -139,3 +139,85 @@ def test_cuda_bert_shapes(config, batch, s, poison):
     assert_attention_codes(A.fused_attention(qkv, batch, 16, bias, out_recip=r, config=cfg),
                            A.attention_reference(qkv, batch, 16, bias, out_recip=r))
     assert math.isfinite(float(out.float().sum()))
+
+
+# ------------------------------------------------------------------------------------------- -imh: INT8 attention
+
+
+def problem_int8(batch, s, heads, d, seed, padded=True, device=DEVICE):
+    """Q, K, V codes and scales that give BERT-like scores (std about 3), with the padding of `problem`."""
+    g = gen(seed)
+    codes = torch.randint(-127, 128, (batch * s, 3 * heads * d), dtype=torch.int8, generator=g)
+    sqk = (3 / (127 * 127 / 3)) ** 0.5  # s_q = s_k: q.k has std 127**2 / 3 * sqrt(d), over sqrt(d)
+    scales = A.AttentionScales(q=sqk, k=sqk * 1.1, v=0.02, probs=0.9 / 127)  # probabilities above 0.9 clamp
+    _, bias = problem(batch, s, 1, 16, seed, padded, device)
+    return codes.to(device), scales, bias
+
+
+def test_int8_reference_is_the_fake_quant_function():
+    """attention_int8_reference = the -imh fake-quant attention (codes dequantized, float64 math, probabilities
+    rounded with s_p after the softmax, context rounded): only rounding-boundary cases may move a code by 1."""
+    from calib.quantizer import quantize
+
+    batch, s, heads, d = 2, 24, 3, 16
+    codes, sc, bias = problem_int8(batch, s, heads, d, seed=31, device="cpu")
+    q, k, v = codes.double().view(batch, s, 3, heads, d).permute(2, 0, 3, 1, 4)
+    q, k, v = q * sc.q, k * sc.k, v * sc.v
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d) + bias.double()[:, None, None, :]
+    p = quantize(scores.softmax(-1), sc.probs).double() * sc.probs
+    ctx = (p @ v).transpose(1, 2).reshape(batch * s, heads * d)
+    got = A.attention_int8_reference(codes, batch, heads, sc, bias, out_dtype=torch.float32)
+    assert rel(got, ctx) < 1e-3
+    r = recips(ctx, per_channel=False)
+    assert_attention_codes(A.attention_int8_reference(codes, batch, heads, sc, bias, out_recip=r),
+                           quantize(ctx, 1 / r))
+
+
+INT8_CONFIGS = {c.name: c for c in (A.AttentionConfig(16, 16, int8=True), A.AttentionConfig(32, 64, int8=True))}
+
+
+@pytest.mark.parametrize("config", list(INT8_CONFIGS))
+@pytest.mark.parametrize("s,d", [(40, 16), (32, 32)], ids=["ragged-fp16dot", "even-int8dot"])
+def test_int8_kernel_matches_reference(config, s, d, poison):
+    """Ragged (masked) and whole blocks, q.k on FP16 (D = 16) and INT8 (D = 32) tensor cores, with and without
+    padding; FP16 out and codes (one scale, one per channel)."""
+    cfg = INT8_CONFIGS[config]
+    for padded in (False, True):
+        codes, sc, bias = problem_int8(2, s, 2, d, seed=s + d + padded, padded=padded)
+        ref32 = A.attention_int8_reference(codes, 2, 2, sc, bias, out_dtype=torch.float32)
+        out = A.fused_attention_int8(codes, 2, 2, sc, bias, config=cfg)
+        assert out.dtype == torch.float16 and rel(out, ref32) < 2e-3
+        for per_channel in (False, True):
+            r = recips(ref32, per_channel)
+            r = r.to(codes.device) if per_channel else r
+            assert_attention_codes(A.fused_attention_int8(codes, 2, 2, sc, bias, out_recip=r, config=cfg),
+                                   A.attention_int8_reference(codes, 2, 2, sc, bias, out_recip=r))
+
+
+def test_int8_bad_inputs_say_what_is_wrong():
+    codes, sc, _ = problem_int8(2, 16, 2, 16, seed=6)
+    with pytest.raises(ValueError, match="INT8 codes"):
+        A.fused_attention_int8(codes.half(), 2, 2, sc)
+    with pytest.raises(ValueError, match="not an INT8 attention configuration"):
+        A.fused_attention_int8(codes, 2, 2, sc, config=A.AttentionConfig(16, 16))
+    long = torch.zeros(A.MAX_INT8_LENGTH + 16, 96, dtype=torch.int8)
+    with pytest.raises(ValueError, match="exceed"):
+        A.attention_int8_reference(long, 1, 2, sc)
+    with pytest.raises(ValueError, match="no TMA"):
+        A.AttentionConfig(16, 16, tma=True, int8=True)
+    for c in A.INT8_CANDIDATE_CONFIGS:
+        assert c.int8 and A.AttentionConfig.parse(c.name) == c
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", [c.name for c in A.INT8_CANDIDATE_CONFIGS])
+@pytest.mark.parametrize("batch,s", [(1, 128), (3, 384)])
+def test_cuda_int8_bert_shapes(config, batch, s, poison):
+    """BERT-large's heads (16 x 64) at batch 1 x 128 and a padded 3 x 384, against the reference."""
+    cfg = A.AttentionConfig.parse(config)
+    codes, sc, bias = problem_int8(batch, s, 16, 64, seed=batch * s)
+    ref32 = A.attention_int8_reference(codes, batch, 16, sc, bias, out_dtype=torch.float32)
+    assert rel(A.fused_attention_int8(codes, batch, 16, sc, bias, config=cfg), ref32) < 2e-3
+    r = recips(ref32, per_channel=False)
+    assert_attention_codes(A.fused_attention_int8(codes, batch, 16, sc, bias, out_recip=r, config=cfg),
+                           A.attention_int8_reference(codes, batch, 16, sc, bias, out_recip=r))

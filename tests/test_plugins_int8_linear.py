@@ -27,6 +27,8 @@ EPILOGUES = {
     "residual+int8/channel": dict(residual=torch.float16, int8=True, per_channel=True),
     "residual32+fp32": dict(residual=torch.float32, out_dtype=torch.float32),
     "gelu+residual+fp32": dict(gelu=True, residual=torch.float16, out_dtype=torch.float32),
+    "residual8": dict(residual=torch.int8),                                  # -iln: the residual as codes
+    "residual8/channel+int8": dict(residual=torch.int8, res_per_channel=True, int8=True),  # ... of a smoothed site
 }
 
 
@@ -38,15 +40,24 @@ def problem(m, n, k, seed, device=DEVICE, residual=None):
     w_scale = torch.rand(n, generator=g) * 0.004 + 0.001
     bias = torch.randn(n, generator=g) * 0.5
     a_scale = 0.05 * (1 + float(torch.rand((), generator=g)))
-    res = (torch.randn(m, n, generator=g) * 2).to(residual) if residual is not None else None
+    if residual == torch.int8:
+        res = torch.randint(-127, 128, (m, n), dtype=torch.int8, generator=g)
+    else:
+        res = (torch.randn(m, n, generator=g) * 2).to(residual) if residual is not None else None
     t = [x.to(device) if x is not None else None for x in (a, w, w_scale, bias, res)]
     return t[0], t[1], a_scale, t[2], t[3], t[4]
 
 
 def kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res):
-    """Keyword arguments of one epilogue; an int8 output's scale clips the top 20% of |y| (clamping tested)."""
+    """Keyword arguments of one epilogue; an int8 output's scale clips the top 20% of |y| (clamping tested). An
+    epilogue with an INT8 residual takes `res` as codes (an FP one is rounded to codes) with a residual scale."""
     e = EPILOGUES[epilogue]
     kw = dict(gelu=e.get("gelu", False), residual=res, out_dtype=e.get("out_dtype", torch.float16))
+    if e.get("residual") == torch.int8 and res is not None:
+        if res.dtype != torch.int8:
+            kw["residual"] = torch.clamp(torch.round(res.float() * 30), -127, 127).to(torch.int8)
+        scales = torch.rand(res.shape[1], generator=gen(res.shape[1])) * 0.03 + 0.01
+        kw["residual_scale"] = scales.to(res.device).contiguous() if e.get("res_per_channel") else 1 / 57.3
     if e.get("int8"):
         y = L.int8_linear_reference(a, w, a_scale, w_scale, bias, **{**kw, "out_dtype": torch.float32})
         if e.get("per_channel"):  # each channel's own range, clipped by 20% (clamping tested per channel too)
@@ -72,7 +83,7 @@ def check(out, ref, exact):
 # --------------------------------------------------------------------------- the reference is the definition
 
 
-def float64_definition(a, w, a_scale, w_scale, bias, residual, gelu, recip):
+def float64_definition(a, w, a_scale, w_scale, bias, residual, gelu, recip, residual_scale=None):
     """The module docstring's math in numpy float64, rounding only where it says float32."""
     acc = a.cpu().numpy().astype(np.int64) @ w.cpu().numpy().astype(np.int64).T
     s = (w_scale.cpu().numpy().astype(np.float32) * np.float32(a_scale)).astype(np.float64)
@@ -83,6 +94,9 @@ def float64_definition(a, w, a_scale, w_scale, bias, residual, gelu, recip):
     mag = np.abs(acc * s) + np.abs(bias.cpu().numpy()) + np.abs(y)
     if residual is not None:
         r = residual.cpu().numpy().astype(np.float64)
+        if residual_scale is not None:  # codes times their scale, one float32 product
+            rs = residual_scale.cpu().numpy() if isinstance(residual_scale, torch.Tensor) else residual_scale
+            r = (r.astype(np.float32) * np.float32(rs)).astype(np.float64)
         y, mag = y + r, mag + np.abs(r)
     if isinstance(recip, torch.Tensor):
         recip = recip.cpu().numpy().astype(np.float64)[None, :]  # already float32 values
@@ -102,7 +116,8 @@ def test_reference_is_the_defined_math(epilogue):
     assert acc.dtype == torch.int32
     assert np.array_equal(acc.numpy(), a.numpy().astype(np.int64) @ w.numpy().astype(np.int64).T)
     ref = L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw)
-    exact = float64_definition(a, w, a_scale, w_scale, bias, res, kw["gelu"], kw.get("out_recip"))
+    exact = float64_definition(a, w, a_scale, w_scale, bias, kw["residual"], kw["gelu"], kw.get("out_recip"),
+                               kw.get("residual_scale"))
     y, mag, codes, t = exact
     if ref.dtype == torch.int8:
         diff = np.abs(ref.numpy().astype(np.int64) - codes)
@@ -155,7 +170,7 @@ def test_every_config(config, poison):
     cfg = CONFIGS[config]
     a, w, a_scale, w_scale, bias, res = problem(130, 96, 160, seed=7 + list(CONFIGS).index(config),
                                                 residual=torch.float16)
-    for epilogue in ("gelu+int8", "residual"):
+    for epilogue in ("gelu+int8", "residual", "residual8/channel+int8"):
         kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res if "residual" in epilogue else None)
         check(L.int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **kw),
               L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw), exact=not kw["gelu"])
@@ -210,7 +225,7 @@ def test_split_k_slices_add_up_exactly(k, split, poison):
     that start past K (96 in 4: two slices sum nothing); the int32 partials add up to the exact accumulator."""
     a, w, a_scale, w_scale, bias, res = problem(33, 96, k, seed=23 + k, residual=torch.float16)
     cfg = L.GemmConfig(16, 32, 64, group_m=2, num_warps=4, num_stages=2, split_k=split)
-    for epilogue in ("residual", "gelu+int8"):
+    for epilogue in ("residual", "gelu+int8", "residual8"):
         kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res if "residual" in epilogue else None)
         check(L.int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **kw),
               L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw), exact=not kw["gelu"])
@@ -276,6 +291,11 @@ def test_bad_arguments_are_refused():
         L.int8_linear(a, w, a_scale, w_scale.double(), bias)
     with pytest.raises(ValueError, match="residual"):
         L.int8_linear(a, w, a_scale, w_scale, bias, residual=torch.ones(4, 31, device=a.device))
+    codes = torch.zeros(4, 32, dtype=torch.int8, device=a.device)
+    for bad in (dict(residual=codes), dict(residual=codes.half(), residual_scale=0.1),
+                dict(residual=codes, residual_scale=torch.ones(31, device=a.device))):
+        with pytest.raises(ValueError, match="residual_scale"):
+            L.int8_linear(a, w, a_scale, w_scale, bias, **bad)
     assert L.int8_linear(a[:0], w, a_scale, w_scale, bias).shape == (0, 32)
 
 
@@ -290,7 +310,7 @@ def test_cuda_large_every_config(n, k, config, poison):
     if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA loads need sm_90 or newer")
     a, w, a_scale, w_scale, bias, res = problem(4096, n, k, seed=n + k + config, residual=torch.float16)
-    for epilogue in ("fp16", "gelu+int8", "residual"):
+    for epilogue in ("fp16", "gelu+int8", "residual", "residual8"):
         kw = kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res if "residual" in epilogue else None)
         check(L.int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **kw),
               L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw), exact=not kw["gelu"])

@@ -136,6 +136,25 @@ def test_round_scale_outputs_the_dequantized_codes(case, poison):
 
 
 @pytest.mark.parametrize("case", ["fp16-384", "fp16-ragged-100", "fp32-1024"])
+def test_codes_only_writes_the_same_codes_and_nothing_else(case, poison):
+    """-iln: with codes_only the codes are the one output, the same codes as with the FP output beside them."""
+    shape, dtype, pdtype = CASES[case]
+    x, w, b = inputs(shape, dtype, seed=78, param_dtype=pdtype)
+    recip = common.out_recip(scale_for(LN.layernorm_quant_reference(x, w, b, 1e-12)[0]))
+    y, q = LN.layernorm_quant(x, w, b, 1e-12, recip, codes_only=True)
+    ref_y, ref_q = LN.layernorm_quant_reference(x, w, b, 1e-12, recip, codes_only=True)
+    assert y is None and ref_y is None and q.shape == x.shape
+    assert torch.equal(q, LN.layernorm_quant(x, w, b, 1e-12, recip)[1])
+    assert torch.equal(ref_q, LN.layernorm_quant_reference(x, w, b, 1e-12, recip)[1])
+    assert_codes_close(q, ref_q)
+    for f in (LN.layernorm_quant, LN.layernorm_quant_reference):
+        with pytest.raises(ValueError, match="codes_only needs out_recip"):
+            f(x, w, b, 1e-12, None, codes_only=True)
+        with pytest.raises(ValueError, match="codes_only needs out_recip"):
+            f(x, w, b, 1e-12, recip, 0.1, codes_only=True)
+
+
+@pytest.mark.parametrize("case", ["fp16-384", "fp16-ragged-100", "fp32-1024"])
 @pytest.mark.parametrize("iln", [False, True], ids=["codes", "codes+round"])
 def test_per_channel_scales(case, iln, poison):
     """Smoothed sites (calib/smoothing.py): one scale per channel, codes = quantize(y, scale * s)."""
