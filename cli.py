@@ -766,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-iln", "--int8-layernorm", dest="iln", action="store_true",
                    help="analyse builds with -iln (INT8 skip-LayerNorm outputs, in every variant)")
     p.add_argument("-imh", "--int8-mha", dest="imh", action="store_true",
-                   help="analyse builds with -imh (INT8 attention numerics, in every variant)")
+                   help="analyse builds with -imh (INT8 attention, in every variant)")
     p.add_argument("--options", nargs="+", metavar="OPTIONS",
                    help="the same as option sets of `cli.py sweep`: plain, iln, imh, iln-imh (or --options=-iln)")
     p.add_argument("--layers", metavar="LIST",
@@ -844,7 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-iln", "--int8-layernorm", dest="iln", action="store_true",
                    help="INT8 skip-LayerNorm outputs (the residual stream is INT8)")
     p.add_argument("-imh", "--int8-mha", dest="imh", action="store_true",
-                   help="INT8 multi-head attention numerics (Q, K, V, probabilities, context)")
+                   help="INT8 multi-head attention (Q, K, V, probabilities, context), one INT8 kernel")
     p.add_argument("-g", "--force-fc2-gemm", dest="g", action="store_true",
                    help="FC2 on the plain library GEMM (cuBLASLt), not the fused Triton kernel")
     p.add_argument("-b", "--batch-size", type=int, action="append", metavar="B",

@@ -24,7 +24,7 @@ from common.errors import WorkbenchError
 from data.tokenizer import WordPiece, wordpiece_from_str
 from engines.engine_file import EngineHeader, Profile, load_engine, this_gpu
 from engines.runtime import Engine, engine_tensors
-from engines.tuning import LIBRARY, TimingCache, attention_agrees, attention_key, choose, kernel_key, machine_key
+from engines.tuning import LIBRARY, TimingCache, attention_key, choose, kernel_key, machine_key
 from model.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,9 @@ def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.
         if found is None:
             continue
         problem, candidates, calls = found
-        best, times = choose(problem, candidates, cache, machine, calls, attention_agrees)
+        best, times = choose(problem, candidates, cache, machine, calls, engine.attention_agreement())
         chosen[attention_key(b, s, padded)] = best
-        log.info("attention %dx%d %s: %s %.3f ms (sdpa %.3f ms)", b, s, "padded" if padded else "dense", best,
+        log.info("attention %dx%d %s: %s %.3f ms (library %.3f ms)", b, s, "padded" if padded else "dense", best,
                  times[best], times[LIBRARY])
     cache.save()
     log.info("%s", cache.summary())

@@ -23,7 +23,9 @@ calibrated scale, the context written as codes.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ from calib.policy import GEMMS, PrecisionPolicy
 from calib.quantizer import _reciprocal, dequantize, quantize
 from calib.smoothing import channel_scales, smoothed_weight
 from engines.engine_file import EngineHeader
-from engines.tuning import LIBRARY, GemmProblem, attention_key, kernel_key
+from engines.tuning import LIBRARY, GemmProblem, agrees, attention_agrees, attention_key, kernel_key
 from model.config import BertConfig
 
 TRITON = "triton"
@@ -252,15 +254,18 @@ class Engine(torch.nn.Module):
             return self._codes(context, site).view(b * s, cfg.hidden_size)
         return context.reshape(b * s, cfg.hidden_size)
 
+    def _attention_scales(self, i: int):
+        from plugins.attention import AttentionScales
+        return AttentionScales(*(self.scale[f"layer{i}.{n}"] for n in ("q", "k", "v", "probs")))
+
     def _attend_int8(self, i: int, codes: torch.Tensor, b: int, key_bias: torch.Tensor | None, impl: str,
                      int8_out: bool) -> torch.Tensor:
         """-imh attention from the QKV GEMM's codes: the context's codes (rounded where produced), dequantized
         where the attention-output GEMM stays FP."""
-        from plugins.attention import AttentionConfig, AttentionScales, attention_int8_reference, fused_attention_int8
+        from plugins.attention import AttentionConfig, attention_int8_reference, fused_attention_int8
 
         site = f"layer{i}.context"
-        scales = AttentionScales(*(self.scale[f"layer{i}.{n}"] for n in ("q", "k", "v", "probs")))
-        args = (codes, b, self.cfg.num_heads, scales, key_bias)
+        args = (codes, b, self.cfg.num_heads, self._attention_scales(i), key_bias)
         if impl == LIBRARY:
             context = attention_int8_reference(*args, out_recip=self._recip(site))
         else:
@@ -336,6 +341,17 @@ class Engine(torch.nn.Module):
         impls = [LIBRARY] + [c.name for c in configs]
         return problem, {impl: (lambda impl=impl: self._attend(0, qkv, b, s, bias, impl)) for impl in impls}, 1
 
+    def attention_agreement(self) -> Callable[[torch.Tensor, torch.Tensor], bool]:
+        """How the build holds an attention candidate to the library path's output: tuning.attention_agrees
+        against SDPA; under -imh against the INT8 reference, whose context codes a candidate may miss by
+        plugins.attention.context_code_step (layer 0's, the layer timed) in under 1 place in 1,000."""
+        if not self.policy.imh:
+            return attention_agrees
+        from plugins.attention import context_code_step
+
+        step = context_code_step(self._attention_scales(0), self._recip("layer0.context"))
+        return functools.partial(agrees, max_step=step)
+
     def gemm_candidates(self, kind: str, m: int) -> tuple[GemmProblem, dict[str, callable], int] | None:
         """The INT8 `kind` GEMM at m rows as the forward launches it (random input codes, each layer's weights
         and epilogue), one zero-argument call per implementation for build-time timing, and how many GEMMs one
@@ -348,6 +364,7 @@ class Engine(torch.nn.Module):
         layers = [i for i in range(self.cfg.num_layers) if self.gemms[f"layers.{i}.{kind}"].int8]
         if not layers:
             return None
+
         def out_site(i: int) -> str | None:  # where the GEMM writes codes: FC1 (FC2's input), QKV under -imh
             if kind == "fc1" and f"layer{i}.fc2_in" in self.scale:
                 return f"layer{i}.fc2_in"

@@ -140,15 +140,15 @@ def time_ms(fn: Callable[[], object], calls: int = 1, rep: int = 50) -> float:
         return float("inf")
 
 
-def agrees(out: torch.Tensor, ref: torch.Tensor, codes_off: float = 1e-3) -> bool:
+def agrees(out: torch.Tensor, ref: torch.Tensor, codes_off: float = 1e-3, max_step: int = 1) -> bool:
     """Whether a candidate computed the library's function: FP outputs within 1e-3 relative error; INT8 codes
-    within 1 and differing in under `codes_off` of places (GELU's hardware tanh, rounding at .5 boundaries), as
-    the plugin tests allow."""
+    within `max_step` and differing in under `codes_off` of places (GELU's hardware tanh, rounding at .5
+    boundaries), as the plugin tests allow."""
     if out.shape != ref.shape or out.dtype != ref.dtype:
         return False
     if ref.dtype == torch.int8:
         diff = (out.int() - ref.int()).abs()
-        return int(diff.max()) <= 1 and float((diff > 0).float().mean()) < codes_off
+        return int(diff.max()) <= max_step and float((diff > 0).float().mean()) < codes_off
     out, ref = out.float(), ref.float()
     return bool(torch.isfinite(out).all()) and float((out - ref).norm() / ref.norm().clamp_min(1e-30)) < 1e-3
 

@@ -13,7 +13,9 @@ where the QKV GEMM wrote them. Timed as the engine runs it (engines.tuning.time_
 checked against float32 attention with the mask, on real query rows. Our own kernel (plugins/attention.py) runs
 in each of its configurations, with the padding bias and without a mask, reading Q, K, V from the QKV output as
 the engine does; its kernels are compiled first, each configuration in its own process, `--jobs` at a time
-(Triton's disk cache passes them on), so the timing loop does not compile one after another.
+(Triton's disk cache passes them on), so the timing loop does not compile one after another. The -imh kernel's
+configurations ("int8-attention:...") read Q, K and V quantized to INT8 (each section's max as its range) and
+write an FP16 context, so their error column is INT8 attention's against float32, not a kernel's mistake.
 """
 from __future__ import annotations
 
@@ -44,15 +46,25 @@ def split_offsets(lengths: torch.Tensor, s: int) -> torch.Tensor:
 
 def our_configs(spec: str | None):
     """Our kernel's candidates whose name contains one of the comma-separated parts of `spec` (all without)."""
-    from plugins.attention import CANDIDATE_CONFIGS
+    from plugins.attention import CANDIDATE_CONFIGS, INT8_CANDIDATE_CONFIGS
 
     tokens = [t.strip() for t in (spec or "").split(",") if t.strip()]
-    return [c for c in CANDIDATE_CONFIGS if not tokens or any(t in c.name for t in tokens)]
+    return [c for c in CANDIDATE_CONFIGS + INT8_CANDIDATE_CONFIGS if not tokens or any(t in c.name for t in tokens)]
+
+
+def int8_inputs(qkv: torch.Tensor):
+    """-imh inputs: Q, K, V codes [rows, 3 * h * D] (each section quantized with its max as range) and scales."""
+    from calib.quantizer import quantize
+    from plugins.attention import AttentionScales
+
+    scales = [float(qkv[:, i].abs().max()) / 127 for i in range(3)]
+    codes = torch.stack([quantize(qkv[:, i], sc) for i, sc in enumerate(scales)], 1)
+    return codes.view(qkv.shape[0], -1), AttentionScales(*scales, probs=1 / 127)
 
 
 def variants(qkv, lengths, b, s, h, configs):
     """name -> zero-argument call returning [b*s, h, D] (qkv: [b*s, 3, h, D], the QKV output)."""
-    from plugins.attention import fused_attention
+    from plugins.attention import fused_attention, fused_attention_int8
 
     q, k, v = qkv.unbind(1)
     scale = D ** -0.5
@@ -82,11 +94,16 @@ def variants(qkv, lengths, b, s, h, configs):
     }
     rows = qkv.view(b * s, 3 * h * D)
     key_bias = bias.view(b, s).contiguous()
+    codes, scales = int8_inputs(qkv)
+
+    def ours(c, key_bias):
+        if c.int8:
+            return lambda: fused_attention_int8(codes, b, h, scales, key_bias, config=c).view(b * s, h, D)
+        return lambda: fused_attention(rows, b, h, key_bias, config=c).view(b * s, h, D)
+
     for c in configs:
-        out[f"ours {c.name}, float bias"] = lambda c=c: fused_attention(rows, b, h, key_bias, config=c).view(b * s,
-                                                                                                          h, D)
-        out[f"ours {c.name}, no mask (ignores padding)"] = lambda c=c: fused_attention(rows, b, h, config=c).view(
-            b * s, h, D)
+        out[f"ours {c.name}, float bias"] = ours(c, key_bias)
+        out[f"ours {c.name}, no mask (ignores padding)"] = ours(c, None)
     return out, mask
 
 
@@ -129,12 +146,17 @@ def _compile(name: str) -> None:
     """Child process: compile configuration `name` of our kernel, with and without the padding bias, into
     Triton's disk cache (every shape in SHAPES specializes alike: S, heads x D and the strides are multiples
     of 16, and S of every block size)."""
-    from plugins.attention import AttentionConfig, fused_attention
+    from plugins.attention import AttentionConfig, fused_attention, fused_attention_int8
 
-    qkv = torch.randn(128, 3 * 16 * D, device="cuda").half()
+    qkv = torch.randn(128, 3, 16, D, device="cuda").half()
+    codes, scales = int8_inputs(qkv)
     bias = torch.zeros(1, 128, device="cuda", dtype=torch.float16)
+    config = AttentionConfig.parse(name)
     for key_bias in (None, bias):
-        fused_attention(qkv, 1, 16, key_bias, config=AttentionConfig.parse(name))
+        if config.int8:
+            fused_attention_int8(codes, 1, 16, scales, key_bias, config=config)
+        else:
+            fused_attention(qkv.view(128, -1), 1, 16, key_bias, config=config)
     torch.cuda.synchronize()
 
 

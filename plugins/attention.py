@@ -38,7 +38,8 @@ dot is cheap beside the softmax). Both integer dots are exact (|sums| < 2**24 fo
 tensor cores for q.k and FP16 ones for pc.v (INT8 ones want V's tile transposed; integers below 2**11 are exact
 in FP16 and their sums in the float32 accumulator). The softmax runs in the log2 domain with exp2 and one
 reciprocal of the sum per row, so a probability's code can differ from the reference's by 1 where it sits on a
-rounding boundary, and the context's codes rarely.
+rounding boundary, which moves that query's context codes by up to context_code_step (rarely: 32 of 1,179,648
+at BERT-large's heads, 3 x 384, in a CPU emulation of the kernel's float math).
 """
 from __future__ import annotations
 
@@ -121,7 +122,10 @@ CANDIDATE_CONFIGS: tuple[AttentionConfig, ...] = (
     AttentionConfig(128, 64, 8, 3, tma=True),
 )
 
-# The -imh kernel's candidates, not yet timed on a GPU: the FP16 kernel's best block shapes, pointer loads.
+# The -imh kernel's candidates: the FP16 kernel's block shapes, pointer loads. On an H200 (BENCHMARKS.md, call R7)
+# 16x64 led at BERT-large 1 x 128 (10.0 us a layer; the FP16 kernel 8.1) and 128x64 with 8 warps at 128 x 384
+# (516 us; the FP16 kernel 260, cuDNN 211): two passes over the keys, each with the softmax's exp2, make it bound
+# by that arithmetic, not by the tensor cores.
 INT8_CANDIDATE_CONFIGS: tuple[AttentionConfig, ...] = (
     AttentionConfig(16, 64, 4, 2, int8=True),
     AttentionConfig(64, 64, 4, 2, int8=True),
@@ -347,6 +351,15 @@ def _check_recip(out_recip, hidden: int, device: torch.device) -> bool:
         raise ValueError(f"fused_attention: a per-channel out_recip must be a contiguous float32 [{hidden}] on "
                          f"{device}, got {out_recip.dtype} {tuple(out_recip.shape)} on {out_recip.device}")
     return per_channel
+
+
+def context_code_step(scales: AttentionScales, out_recip: float | torch.Tensor) -> int:
+    """The most a context code moves when one probability's code moves by 1: s_p * s_v * 127 in the context's
+    units (the largest of per-channel reciprocals), plus 1 for the rounding. The INT8 kernel's exp2 and
+    reciprocal round a probability the other way from the reference now and then, so builds and tests hold its
+    codes to the reference within this step, in few places, not within 1."""
+    r = float(out_recip.max()) if isinstance(out_recip, torch.Tensor) else float(out_recip)
+    return math.ceil(scales.probs * scales.v * 127 * r) + 1
 
 
 MAX_INT8_LENGTH = 1040  # 127 * 127 * S < 2**24: the integer dots stay exact in a float32 accumulator

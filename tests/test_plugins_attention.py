@@ -154,6 +154,15 @@ def problem_int8(batch, s, heads, d, seed, padded=True, device=DEVICE):
     return codes.to(device), scales, bias
 
 
+def assert_int8_attention_codes(q, ref, scales, r):
+    """The INT8 kernel's context codes against the reference's: a probability code rounded the other way moves a
+    context code by up to plugins.attention.context_code_step, in few places (the builder's check, the same)."""
+    from engines.tuning import agrees
+
+    assert q.dtype == torch.int8 and int(q.min()) >= -127
+    assert agrees(q.cpu(), ref.cpu(), codes_off=1e-3, max_step=A.context_code_step(scales, r))
+
+
 def test_int8_reference_is_the_fake_quant_function():
     """attention_int8_reference = the -imh fake-quant attention (codes dequantized, float64 math, probabilities
     rounded with s_p after the softmax, context rounded): only rounding-boundary cases may move a code by 1."""
@@ -169,8 +178,8 @@ def test_int8_reference_is_the_fake_quant_function():
     got = A.attention_int8_reference(codes, batch, heads, sc, bias, out_dtype=torch.float32)
     assert rel(got, ctx) < 1e-3
     r = recips(ctx, per_channel=False)
-    assert_attention_codes(A.attention_int8_reference(codes, batch, heads, sc, bias, out_recip=r),
-                           quantize(ctx, 1 / r))
+    assert_int8_attention_codes(A.attention_int8_reference(codes, batch, heads, sc, bias, out_recip=r),
+                                quantize(ctx, 1 / r), sc, r)
 
 
 INT8_CONFIGS = {c.name: c for c in (A.AttentionConfig(16, 16, int8=True), A.AttentionConfig(32, 64, int8=True))}
@@ -190,8 +199,17 @@ def test_int8_kernel_matches_reference(config, s, d, poison):
         for per_channel in (False, True):
             r = recips(ref32, per_channel)
             r = r.to(codes.device) if per_channel else r
-            assert_attention_codes(A.fused_attention_int8(codes, 2, 2, sc, bias, out_recip=r, config=cfg),
-                                   A.attention_int8_reference(codes, 2, 2, sc, bias, out_recip=r))
+            assert_int8_attention_codes(A.fused_attention_int8(codes, 2, 2, sc, bias, out_recip=r, config=cfg),
+                                        A.attention_int8_reference(codes, 2, 2, sc, bias, out_recip=r), sc, r)
+
+
+def test_context_code_step_bounds_one_flipped_probability():
+    """One probability code off by 1 moves ctx by s_p * s_v * v_code: the step covers the largest V code."""
+    sc = A.AttentionScales(q=0.1, k=0.1, v=0.02, probs=1 / 127)
+    r = 127 / 0.5  # context amax 0.5
+    step = A.context_code_step(sc, r)
+    assert step == math.ceil(sc.probs * sc.v * 127 * r) + 1 == 7
+    assert A.context_code_step(sc, torch.tensor([r / 2, r])) == step  # per channel: the finest scale counts
 
 
 def test_int8_bad_inputs_say_what_is_wrong():
@@ -219,5 +237,5 @@ def test_cuda_int8_bert_shapes(config, batch, s, poison):
     ref32 = A.attention_int8_reference(codes, batch, 16, sc, bias, out_dtype=torch.float32)
     assert rel(A.fused_attention_int8(codes, batch, 16, sc, bias, config=cfg), ref32) < 2e-3
     r = recips(ref32, per_channel=False)
-    assert_attention_codes(A.fused_attention_int8(codes, batch, 16, sc, bias, out_recip=r, config=cfg),
-                           A.attention_int8_reference(codes, batch, 16, sc, bias, out_recip=r))
+    assert_int8_attention_codes(A.fused_attention_int8(codes, batch, 16, sc, bias, out_recip=r, config=cfg),
+                                A.attention_int8_reference(codes, batch, 16, sc, bias, out_recip=r), sc, r)
