@@ -396,8 +396,15 @@ def _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT: tl.constexpr, RECIP_P
 @triton.jit
 def _residual(r, offs_n, n_ok, res_scale, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr):
     """A residual tile in float32: as stored, or INT8 codes times their scale (-iln's residual stream; res_scale
-    a float32 number, or with RES_PER_CHANNEL a pointer to float32 [N])."""
-    r = r.to(tl.float32)
+    a float32 number, or with RES_PER_CHANNEL a pointer to float32 [N]).
+
+    Codes go through FP16 (exact for |code| <= 127) on their way to float32: Triton loads the tile in a blocked
+    layout and moves it into the accumulator's through shared memory, and it does so at the last type before the
+    arithmetic. Straight to float32, that move carried 32-bit values, the FP16 residual's 16-bit ones: compiled
+    for sm_90 (triton 3.9, on the CPU) the 128x128 epilogue had 30 barriers against the FP16 residual's 22, and
+    22 with this step; on an H200 the INT8 residual made attention-out and FC2 1.5-1.8% slower before it
+    (BENCHMARKS.md, call R4; not yet re-timed)."""
+    r = r.to(tl.float16).to(tl.float32) if RES_CODES else r.to(tl.float32)
     if RES_CODES:
         if RES_PER_CHANNEL:
             r = r * tl.load(res_scale + offs_n, mask=n_ok, other=0.0)[None, :]

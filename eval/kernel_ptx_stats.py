@@ -1,0 +1,65 @@
+"""What the INT8 GEMM's epilogue compiles to, without a GPU: memory instructions and barriers in its PTX.
+
+    python3 -m eval.kernel_ptx_stats [--tiles 128x128x128-w4-s3 64x64x128-w4-s4] [--arch 90]
+
+Triton compiles for a target GPU on any machine (ptxas ships with it), so the code a kernel variant becomes can be
+compared where no GPU is lent: per tile, the pointer kernel (plugins.int8_linear._int8_linear_kernel) with a
+residual in FP16, as INT8 codes with one scale, and as codes with one scale per channel (-iln's residual stream,
+smoothed sites). Counts are of static instructions in the PTX (a loop body counts once), not of executed ones:
+a way to see an extra trip through shared memory (st.shared + bar.sync), not a timing.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from plugins.int8_linear import _int8_linear_kernel
+
+RESIDUALS = {"fp16": (False, False), "int8": (True, False), "int8-channel": (True, True)}
+COUNTED = re.compile(r"(ld|st)\.(global|shared)[.a-z0-9]*|ldmatrix[.a-z0-9]*|bar\.sync")
+
+
+def compile_ptx(block_m: int, block_n: int, block_k: int, warps: int, stages: int, residual: str,
+                arch: int) -> str:
+    codes, per_channel = RESIDUALS[residual]
+    signature = {"a_ptr": "*i8", "w_ptr": "*i8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                 "res_ptr": "*i8" if codes else "*fp16", "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
+                 "a_scale": "fp32", "out_recip": "fp32", "res_scale": "*fp32" if per_channel else "fp32",
+                 "stride_am": "i32", "stride_wn": "i32", "stride_rm": "i32", "stride_om": "i32"}
+    constants = dict(HAS_RESIDUAL=True, GELU=False, INT8_OUT=False, RECIP_PER_CHANNEL=False, RES_CODES=codes,
+                     RES_PER_CHANNEL=per_channel, EVEN_K=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                     GROUP_M=8, PDL=arch >= 90, PREFETCH=False)
+    signature.update({name: "constexpr" for name in constants})
+    # what the JIT infers for BERT's shapes: pointers, sizes and strides all multiples of 16
+    aligned = [i for i, name in enumerate(signature) if name.endswith(("_ptr", "stride_am", "stride_wn", "stride_rm",
+                                                                        "stride_om")) or name in ("M", "N", "K")]
+    source = ASTSource(fn=_int8_linear_kernel, signature=signature, constexprs=constants,
+                       attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
+    return compiled.asm["ptx"]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiles", nargs="+", default=["128x128x128-w4-s3", "64x64x128-w4-s4", "32x64x128-w4-s4"],
+                    help="BMxBNxBK-wWARPS-sSTAGES")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
+    args = ap.parse_args(argv)
+    print(f"triton {triton.__version__}, sm_{args.arch}: static instruction counts in the PTX")
+    for tile in args.tiles:
+        dims, w, s = tile.split("-")
+        bm, bn, bk = map(int, dims.split("x"))
+        for residual in RESIDUALS:
+            ptx = compile_ptx(bm, bn, bk, int(w[1:]), int(s[1:]), residual, args.arch)
+            counts = collections.Counter(m.group(0) for m in COUNTED.finditer(ptx))
+            print(f"{tile} residual {residual}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+if __name__ == "__main__":
+    main()
