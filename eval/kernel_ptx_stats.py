@@ -1,12 +1,15 @@
-"""What the INT8 GEMM's epilogue compiles to, without a GPU: memory instructions and barriers in its PTX.
+"""What our kernels compile to, without a GPU: memory instructions, barriers and arithmetic in their PTX.
 
-    python3 -m eval.kernel_ptx_stats [--tiles 128x128x128-w4-s3 64x64x128-w4-s4] [--arch 90]
+    python3 -m eval.kernel_ptx_stats [--tiles 128x128x128-w4-s3 64x64x128-w4-s4] [--attention 128x64-w8-s3]
+                                     [--arch 90]
 
 Triton compiles for a target GPU on any machine (ptxas ships with it), so the code a kernel variant becomes can be
 compared where no GPU is lent: per tile, the pointer kernel (plugins.int8_linear._int8_linear_kernel) with a
 residual in FP16, as INT8 codes with one scale, and as codes with one scale per channel (-iln's residual stream,
 smoothed sites). Counts are of static instructions in the PTX (a loop body counts once), not of executed ones:
-a way to see an extra trip through shared memory (st.shared + bar.sync), not a timing.
+a way to see an extra trip through shared memory (st.shared + bar.sync), not a timing. With --attention, the
+FP16 attention kernel and the -imh INT8 one (plugins.attention) at BERT's head size, no mask, codes out, and
+their float32 arithmetic and exp2 counts beside the memory ones.
 """
 from __future__ import annotations
 
@@ -18,13 +21,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from plugins.attention import _attention_int8_kernel, _attention_kernel
 from plugins.int8_linear import _int8_linear_kernel
 
 RESIDUALS = {"fp16": (False, False), "int8": (True, False), "int8-channel": (True, True)}
 COUNTED = re.compile(r"(ld|st)\.(global|shared)[.a-z0-9]*|ldmatrix[.a-z0-9]*|bar\.sync")
+ARITHMETIC = re.compile(r"\b(ex2\.approx[.a-z0-9]*|(add|sub|mul|fma\.rn|max|min)\.f32)\b")
 
 
-def compile_ptx(block_m: int, block_n: int, block_k: int, warps: int, stages: int, residual: str,
+def gemm_ptx(block_m: int, block_n: int, block_k: int, warps: int, stages: int, residual: str,
                 arch: int) -> str:
     codes, per_channel = RESIDUALS[residual]
     signature = {"a_ptr": "*i8", "w_ptr": "*i8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
@@ -45,18 +50,49 @@ def compile_ptx(block_m: int, block_n: int, block_k: int, warps: int, stages: in
     return compiled.asm["ptx"]
 
 
+def attention_ptx(config: str, int8: bool, arch: int, d: int = 64) -> str:
+    """PTX of the FP16 or INT8 attention kernel at configuration BMxBN-wW-sS: no mask, whole blocks, codes out."""
+    dims, w, s = config.split("-")
+    bm, bn = map(int, dims.split("x"))
+    signature = {"qkv_ptr": "*i8" if int8 else "*fp16", "bias_ptr": "*fp16", "out_ptr": "*i8", "out_recip": "fp32",
+                 "S": "i32", "HEADS": "i32", "qk_scale": "fp32"}
+    if int8:
+        signature.update(p_recip="fp32", pv_scale="fp32")
+    signature.update(stride_qkv="i32", stride_out="i32")
+    constants = dict(HAS_BIAS=False, INT8_OUT=True, RECIP_PER_CHANNEL=False, D=d, BLOCK_M=bm, BLOCK_N=bn, EVEN=True,
+                     PDL=arch >= 90)
+    if not int8:
+        constants.update(q_desc=None, kv_desc=None)  # pointer loads
+    signature.update({name: "constexpr" for name in constants})
+    names = list(signature)
+    aligned = [names.index(n) for n in ("qkv_ptr", "bias_ptr", "out_ptr", "S", "stride_qkv", "stride_out")]
+    source = ASTSource(fn=_attention_int8_kernel if int8 else _attention_kernel, signature=signature,
+                       constexprs=constants, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": int(w[1:]), "num_stages": int(s[1:])}).asm["ptx"]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tiles", nargs="+", default=["128x128x128-w4-s3", "64x64x128-w4-s4", "32x64x128-w4-s4"],
+    ap.add_argument("--tiles", nargs="*", default=["128x128x128-w4-s3", "64x64x128-w4-s4", "32x64x128-w4-s4"],
                     help="BMxBNxBK-wWARPS-sSTAGES")
+    ap.add_argument("--attention", nargs="*", default=[], metavar="BMxBN-wW-sS",
+                    help="also the attention kernels at these configurations")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}: static instruction counts in the PTX")
+    for config in args.attention:
+        for int8 in (False, True):
+            ptx = attention_ptx(config, int8, args.arch)
+            counts = collections.Counter(m.group(0) for m in COUNTED.finditer(ptx))
+            counts.update(m.group(1) for m in ARITHMETIC.finditer(ptx))
+            print(f"attention {config} {'INT8 (-imh)' if int8 else 'FP16'}: "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for tile in args.tiles:
         dims, w, s = tile.split("-")
         bm, bn, bk = map(int, dims.split("x"))
         for residual in RESIDUALS:
-            ptx = compile_ptx(bm, bn, bk, int(w[1:]), int(s[1:]), residual, args.arch)
+            ptx = gemm_ptx(bm, bn, bk, int(w[1:]), int(s[1:]), residual, args.arch)
             counts = collections.Counter(m.group(0) for m in COUNTED.finditer(ptx))
             print(f"{tile} residual {residual}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
