@@ -108,7 +108,7 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
 
     Codes are written only when `out_recip` (float32 reciprocal of the output scale) is given; they are the
     codes of y as rounded to x.dtype (module docstring). With `round_scale` (the scale itself; needs
-    out_recip), y is returned as those codes dequantized, in the same pass: -iln's INT8 residual stream.
+    out_recip), y is returned as those codes dequantized, in the same pass (-iln's last LayerNorm, for the QA head).
     Both are Python floats, or both contiguous float32 [H] tensors on x's device (per channel). `codes_only`
     (needs out_recip, not round_scale): write the codes alone and return (None, codes).
     Outputs are contiguous, shaped like x. `rows_per_program` and `num_warps` (powers of two; defaults by
