@@ -145,6 +145,22 @@ def _load(ptrs, ok, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _store_context(ctx, out_ptr, out_recip, rows, cols, m_ok, stride_out, INT8_OUT: tl.constexpr,
+                   RECIP_PER_CHANNEL: tl.constexpr):
+    """A float32 context block into out[rows, cols] ([tokens, hidden]): its INT8 codes (out_recip a float32
+    number, or with RECIP_PER_CHANNEL a pointer to float32 [hidden]) or the values in out's dtype."""
+    out_ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
+    if INT8_OUT:
+        if RECIP_PER_CHANNEL:
+            recip = tl.load(out_recip + cols)[None, :]
+        else:
+            recip = out_recip
+        tl.store(out_ptrs, int8_codes(ctx, recip), mask=m_ok[:, None])
+    else:
+        tl.store(out_ptrs, ctx.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+
+@triton.jit
 def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, stride_qkv, stride_out,
                       HAS_BIAS: tl.constexpr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
@@ -195,15 +211,7 @@ def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale,
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=tl.float32)
         m_i = m_new
     ctx = acc / l_i[:, None]
-    out_ptrs = out_ptr + rows[:, None] * stride_out + h * D + offs_d[None, :]
-    if INT8_OUT:
-        if RECIP_PER_CHANNEL:  # out_recip points at float32 [HEADS * D]
-            recip = tl.load(out_recip + h * D + offs_d)[None, :]
-        else:
-            recip = out_recip
-        tl.store(out_ptrs, int8_codes(ctx, recip), mask=m_ok[:, None])
-    else:
-        tl.store(out_ptrs, ctx.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+    _store_context(ctx, out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, INT8_OUT, RECIP_PER_CHANNEL)
 
 
 @triton.jit
@@ -266,15 +274,7 @@ def _attention_int8_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_s
                   + offs_d[None, :], (keys < S)[:, None], EVEN)
         acc = tl.dot(pc.to(tl.float16), v.to(tl.float16), acc, out_dtype=tl.float32)  # exact: integers < 2**24
     ctx = acc * pv_scale
-    out_ptrs = out_ptr + rows[:, None] * stride_out + h * D + offs_d[None, :]
-    if INT8_OUT:
-        if RECIP_PER_CHANNEL:  # out_recip points at float32 [HEADS * D]
-            recip = tl.load(out_recip + h * D + offs_d)[None, :]
-        else:
-            recip = out_recip
-        tl.store(out_ptrs, int8_codes(ctx, recip), mask=m_ok[:, None])
-    else:
-        tl.store(out_ptrs, ctx.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+    _store_context(ctx, out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, INT8_OUT, RECIP_PER_CHANNEL)
 
 
 def _check(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.Tensor | None,
