@@ -45,11 +45,15 @@ def split_offsets(lengths: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def our_configs(spec: str | None):
-    """Our kernel's candidates whose name contains one of the comma-separated parts of `spec` (all without)."""
-    from plugins.attention import CANDIDATE_CONFIGS, INT8_CANDIDATE_CONFIGS
+    """Our kernel's candidates whose name contains one of the comma-separated parts of `spec` (all without), and
+    any part that is a whole configuration name (AttentionConfig.parse), candidate or not."""
+    from plugins.attention import CANDIDATE_CONFIGS, INT8_CANDIDATE_CONFIGS, AttentionConfig
 
     tokens = [t.strip() for t in (spec or "").split(",") if t.strip()]
-    return [c for c in CANDIDATE_CONFIGS + INT8_CANDIDATE_CONFIGS if not tokens or any(t in c.name for t in tokens)]
+    named = [AttentionConfig.parse(t) for t in tokens if ":" in t]
+    picked = [c for c in CANDIDATE_CONFIGS + INT8_CANDIDATE_CONFIGS
+              if not tokens or any(t in c.name for t in tokens if ":" not in t)]
+    return picked + [c for c in named if c not in picked]
 
 
 def int8_inputs(qkv: torch.Tensor):

@@ -3,7 +3,8 @@
 # MiniLM on the full dev set: the reference model in FP16 (BERT's erf GELU) against the FP16 engine and INT8 engines
 # (entropy, and entropy --smooth 0.8) calibrated on 100 questions of the vendored train subset, as the default sweep
 # and the sensitivity analysis calibrate (their earlier rows, with the erf GELU, are in BENCHMARKS.md).
-# OPTIONS="plain iln" builds each INT8 engine with the option sets named (plain: --int8 --fp16; iln: also -iln).
+# OPTIONS="plain iln" builds each INT8 engine with the option sets named (plain: --int8 --fp16; iln: also -iln;
+# imh: also -imh; iln-imh: both).
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 CAL=assets/squad/train-v1.1-calib-first-paragraphs.json.gz
@@ -15,7 +16,7 @@ for variant in "entropy" "entropy --smooth 0.8"; do
   python3 cli.py calibrate --squad $CAL --model $M --calib-num 100 --method $variant -o /tmp/c.$name.json \
     --no-progress 2>&1 | grep -iE "error" | head -1
   for opt in $OPTIONS; do
-    flags=""; [ "$opt" = iln ] && flags="-iln"; tag=$name; [ "$opt" = plain ] || tag=$name-$opt
+    flags=""; [ "$opt" = plain ] || flags="-${opt/-/ -}"; tag=$name; [ "$opt" = plain ] || tag=$name-$opt
     python3 cli.py build --model $M --int8 --fp16 $flags -b 64 -s 384 --calib-cache /tmp/c.$name.json \
       -o /tmp/eng/int8-$tag.engine 2>&1 | grep -iE "error" | head -2
     names+=(int8-$tag)

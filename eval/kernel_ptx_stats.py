@@ -9,13 +9,19 @@ residual in FP16, as INT8 codes with one scale, and as codes with one scale per 
 smoothed sites). Counts are of static instructions in the PTX (a loop body counts once), not of executed ones:
 a way to see an extra trip through shared memory (st.shared + bar.sync), not a timing. With --attention, the
 FP16 attention kernel and the -imh INT8 one (plugins.attention) at BERT's head size, no mask, codes out, and
-their float32 arithmetic and exp2 counts beside the memory ones.
+their float32 arithmetic and exp2 counts beside the memory ones. With --sass, each GEMM's machine code too
+(ptxas's cubin through nvdisasm, both shipped with Triton), with FC1's epilogue (GELU, INT8 codes out) beside
+the residual variants: how many instructions go to the quarter-rate conversion and special-function pipe
+(I2F, F2I, F2F, MUFU), which a GEMM epilogue can be bound by.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -25,18 +31,26 @@ from plugins.attention import _attention_int8_kernel, _attention_kernel
 from plugins.int8_linear import _int8_linear_kernel
 
 RESIDUALS = {"fp16": (False, False), "int8": (True, False), "int8-channel": (True, True)}
+# fc1: GELU, INT8 codes out with a scale GELU's floor cannot push below -127 (no clamp there), no residual
+EPILOGUES = tuple(f"residual {r}" for r in RESIDUALS) + ("fc1",)
+SASS_OP = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", re.M)
+SASS_COUNTED = ("I2F", "I2FP", "F2I", "F2F", "F2FP", "MUFU", "BAR", "STS", "FMUL", "FFMA", "FADD", "FMNMX", "HADD2",
+                "PRMT")
 COUNTED = re.compile(r"(ld|st)\.(global|shared)[.a-z0-9]*|ldmatrix[.a-z0-9]*|bar\.sync")
 ARITHMETIC = re.compile(r"\b(ex2\.approx[.a-z0-9]*|(add|sub|mul|fma\.rn|max|min)\.f32)\b")
 
 
-def gemm_ptx(block_m: int, block_n: int, block_k: int, warps: int, stages: int, residual: str,
-                arch: int) -> str:
-    codes, per_channel = RESIDUALS[residual]
+def gemm_compiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int, epilogue: str, arch: int):
+    """The pointer-epilogue GEMM compiled for sm_<arch>, with one of EPILOGUES."""
+    fc1 = epilogue == "fc1"
+    codes, per_channel = (False, False) if fc1 else RESIDUALS[epilogue.removeprefix("residual ")]
     signature = {"a_ptr": "*i8", "w_ptr": "*i8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
-                 "res_ptr": "*i8" if codes else "*fp16", "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
-                 "a_scale": "fp32", "out_recip": "fp32", "res_scale": "*fp32" if per_channel else "fp32",
+                 "res_ptr": "*i8" if codes else "*fp16", "out_ptr": "*i8" if fc1 else "*fp16", "M": "i32",
+                 "N": "i32", "K": "i32", "a_scale": "fp32", "out_recip": "fp32",
+                 "res_scale": "*fp32" if per_channel else "fp32",
                  "stride_am": "i32", "stride_wn": "i32", "stride_rm": "i32", "stride_om": "i32"}
-    constants = dict(HAS_RESIDUAL=True, GELU=False, INT8_OUT=False, RECIP_PER_CHANNEL=False, RES_CODES=codes,
+    constants = dict(HAS_RESIDUAL=not fc1, GELU=fc1, INT8_OUT=fc1, RECIP_PER_CHANNEL=False, RES_CODES=codes,
+                     CLAMP_LOW=not fc1,
                      RES_PER_CHANNEL=per_channel, EVEN_K=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                      GROUP_M=8, PDL=arch >= 90, PREFETCH=False)
     signature.update({name: "constexpr" for name in constants})
@@ -45,9 +59,18 @@ def gemm_ptx(block_m: int, block_n: int, block_k: int, warps: int, stages: int, 
                                                                         "stride_om")) or name in ("M", "N", "K")]
     source = ASTSource(fn=_int8_linear_kernel, signature=signature, constexprs=constants,
                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
-    return compiled.asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),  # as plugins.int8_linear launches it
+                          options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
+
+
+def sass_counts(cubin: bytes) -> collections.Counter:
+    """Opcodes (without modifiers) of the SASS in `cubin`, counted, for those in SASS_COUNTED."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return collections.Counter(op for op in SASS_OP.findall(sass) if op in SASS_COUNTED)
 
 
 def attention_ptx(config: str, int8: bool, arch: int, d: int = 64) -> str:
@@ -79,6 +102,7 @@ def main(argv=None) -> None:
     ap.add_argument("--attention", nargs="*", default=[], metavar="BMxBN-wW-sS",
                     help="also the attention kernels at these configurations")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
+    ap.add_argument("--sass", action="store_true", help="also count the GEMMs' SASS instructions (nvdisasm)")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}: static instruction counts in the PTX")
     for config in args.attention:
@@ -91,10 +115,13 @@ def main(argv=None) -> None:
     for tile in args.tiles:
         dims, w, s = tile.split("-")
         bm, bn, bk = map(int, dims.split("x"))
-        for residual in RESIDUALS:
-            ptx = gemm_ptx(bm, bn, bk, int(w[1:]), int(s[1:]), residual, args.arch)
-            counts = collections.Counter(m.group(0) for m in COUNTED.finditer(ptx))
-            print(f"{tile} residual {residual}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        for epilogue in EPILOGUES:
+            compiled = gemm_compiled(bm, bn, bk, int(w[1:]), int(s[1:]), epilogue, args.arch)
+            counts = collections.Counter(m.group(0) for m in COUNTED.finditer(compiled.asm["ptx"]))
+            print(f"{tile} {epilogue}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+            if args.sass:
+                counts = sass_counts(compiled.asm["cubin"])
+                print(f"{tile} {epilogue} SASS: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
 if __name__ == "__main__":

@@ -86,17 +86,21 @@ def codes_reference(y: torch.Tensor, recip: float | torch.Tensor) -> torch.Tenso
 
 
 @triton.jit
-def int8_codes(y, recip):
-    """Device twin of codes_reference for an fp32 block `y` and an fp32 scalar `recip`.
+def int8_codes(y, recip, CLAMP_LOW: tl.constexpr = True):
+    """Device twin of codes_reference for an fp32 block `y` and an fp32 scalar `recip`. CLAMP_LOW=False leaves
+    out the clamp at -127, for callers whose y * recip cannot fall below -127.5 (the clamp is a half-rate op).
 
     Rounding half to even, portably: tl.math has no rint that lowers everywhere (libdevice's rint is CUDA-only
     and does not run in the interpreter), and a float->int cast truncates. Adding 1.5 * 2**23 to an fp32 value
     with |y| < 2**22 lands in [2**23, 2**24), where the fp32 spacing is exactly 1, so the add itself rounds y to
-    an integer with the FPU's round-to-nearest-even; subtracting the constant back is exact. Clamping first keeps
-    |y| <= 127 (and gives the same result as clamping after rounding, since the bounds are integers). Neither
-    Triton nor LLVM reassociates floating-point adds by default, so the pair is not folded away.
+    an integer c with the FPU's round-to-nearest-even. Clamping first keeps |y| <= 127 (the same result as
+    clamping after rounding, since the bounds are integers). The sum's bit pattern is then 0x4B400000 + c, whose
+    low byte is c in two's complement: the code is that byte, taken with integer ops. Converting the float back
+    to an integer instead (cvt.rzi) runs on the GPU's quarter-rate conversion pipe, beside the tanh and the
+    accumulator's int-to-float in a GEMM epilogue; this way costs one add and a truncation.
     """
     y = y * recip
-    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-    y = (y + 12582912.0) - 12582912.0
-    return y.to(tl.int8)
+    if CLAMP_LOW:
+        y = tl.maximum(y, -127.0)
+    y = tl.minimum(y, 127.0)
+    return (y + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)

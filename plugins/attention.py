@@ -194,13 +194,18 @@ def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale,
         else:
             k = _load(qkv_ptr + key_rows[None, :] * stride_qkv + hidden + h * D + offs_d[:, None], n_ok[None, :],
                       EVEN)  # [D, BLOCK_N]
-        s = tl.dot(q, k, out_dtype=tl.float32) * qk_scale  # log2 domain: exp2(s) = exp(score)
-        if HAS_BIAS:  # into the log2 domain too: times log2(e), LOG2E
-            s += _load(bias_ptr + b * S + keys, n_ok, EVEN).to(tl.float32)[None, :] * 1.4426950408889634
-        if not EVEN:
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, max_op))  # finite: every block has a key, padding bias is finite
-        p = tl.exp2(s - m_new[:, None])
+        s = tl.dot(q, k, out_dtype=tl.float32)
+        if HAS_BIAS or not EVEN:  # into the log2 domain (exp2(s) = exp(score)), the bias times log2(e) too
+            s = s * qk_scale
+            if HAS_BIAS:
+                s += _load(bias_ptr + b * S + keys, n_ok, EVEN).to(tl.float32)[None, :] * 1.4426950408889634
+            if not EVEN:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, max_op))  # finite: every block has a key, the bias is finite
+            p = tl.exp2(s - m_new[:, None])
+        else:  # no mask: the scale (> 0) taken after the maximum, into one multiply-add per score
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, max_op) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.reduce(p, 1, sum_op)
         if kv_desc is not None:
@@ -268,7 +273,7 @@ def _attention_int8_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_s
     for start in range(0, S, BLOCK_N):
         s = _int8_scores(q, qkv_ptr, bias_ptr, b, hidden + h * D, start, offs_n, offs_d, S, stride_qkv, qk_scale,
                          HAS_BIAS, EVEN, i8_dot)
-        pc = int8_codes(tl.exp2(s - m_i[:, None]) * inv_l[:, None], p_recip)
+        pc = int8_codes(tl.exp2(s - m_i[:, None]) * inv_l[:, None], p_recip, False)  # p >= 0: no clamp at -127
         keys = start + offs_n
         v = _load(qkv_ptr + (b * S + keys).to(tl.int64)[:, None] * stride_qkv + 2 * hidden + h * D
                   + offs_d[None, :], (keys < S)[:, None], EVEN)

@@ -19,12 +19,18 @@ The math (int8_linear_reference defines it; float32 throughout the epilogue):
 codes(y) = clamp(round_half_even(y * out_recip), -127, 127), with out_recip a float32 number or one per output
 channel (a float32 [N] vector: a site calibrated with smoothing, calib/smoothing.py), is taken from the float32
 `y` itself, with no FP16 rounding in between: a deliberate change from the engine's unfused path (which rounds to
-FP16 first), one rounding fewer. The kernel is compiled without FP contraction (enable_fp_fusion=False), so `acc * s + bias`
-rounds twice, as the reference's separate torch ops do: without GELU its outputs equal the reference bit for
-bit. The GELU is the tanh form (model.bert.gelu_tanh): BERT's exact-erf GELU made FC1 at 128 x 384 1.58x
-slower (docs/gelu-h200.md: the epilogue runs after the tensor-core work, not beside it). On the GPU its tanh is
-the hardware's approximation (_gelu), so a value may differ from the reference by about 2**-11 relative, and an
-INT8 code by 1 where y * out_recip sits near a .5 boundary.
+FP16 first), one rounding fewer. The kernel is compiled without FP contraction (enable_fp_fusion=False), so
+`acc * s + bias` rounds twice, as the reference's separate torch ops do: without GELU its outputs equal the
+reference bit for bit. The GELU is the tanh form (model.bert.gelu_tanh): BERT's exact-erf GELU made FC1 at
+128 x 384 1.58x slower (docs/gelu-h200.md: the epilogue runs after the tensor-core work, not beside it). On the
+GPU its tanh is the hardware's approximation (_gelu), so a value may differ from the reference by about 2**-11
+relative, and an INT8 code by 1 where y * out_recip sits near a .5 boundary; under GELU, `acc * s + bias` is
+one multiply-add (one rounding) and the codes skip the clamp at -127 where GELU's floor cannot reach it.
+
+FC1's epilogue (GELU, codes of 200 M values at BERT-large 128 x 384) runs after its tile's tensor-core work, so
+its instruction count shows in the GEMM's time: codes taken from the float's bits (no float-to-int conversion,
+int8_codes), GELU in five multiplies and multiply-adds, no clamp at -127 took FC1 from 456 to 404 us on an H200
+(BENCHMARKS.md, call T5).
 """
 from __future__ import annotations
 
@@ -227,7 +233,7 @@ def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
                         stride_am, stride_wn, stride_rm, stride_om,
                         HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
                         RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr,
-                        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                        CLAMP_LOW: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
                         PREFETCH: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -245,7 +251,7 @@ def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
     rows = offs_m.to(tl.int64)[:, None]
     _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
               res_scale, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL, RES_CODES,
-              RES_PER_CHANNEL)
+              RES_PER_CHANNEL, CLAMP_LOW)
 
 
 @triton.jit
@@ -253,7 +259,8 @@ def _int8_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_
                             M, N, K, a_scale, out_recip, res_scale, stride_rm, stride_om,
                             HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
                             RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr,
-                            RES_PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            RES_PER_CHANNEL: tl.constexpr, CLAMP_LOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
                             PDL: tl.constexpr, res_desc=None, out_desc=None, FLOAT_IN: tl.constexpr = False):
     """_int8_linear_kernel with operand tiles fetched by TMA (host-made descriptors; the copy engine zero-fills
@@ -283,13 +290,13 @@ def _int8_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_
                 y = y + _residual(res_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]), offs_n, n_ok, res_scale,
                                   RES_CODES, RES_PER_CHANNEL)
             out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N],
-                           _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT, RECIP_PER_CHANNEL))
+                           _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT, RECIP_PER_CHANNEL, CLAMP_LOW))
         else:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             mask = (offs_m < M)[:, None] & n_ok[None, :]
             _epilogue(acc, offs_n, n_ok, offs_m.to(tl.int64)[:, None], mask, w_scale_ptr, bias_ptr, res_ptr,
                       out_ptr, a_scale, out_recip, res_scale, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT,
-                      RECIP_PER_CHANNEL, RES_CODES, RES_PER_CHANNEL)
+                      RECIP_PER_CHANNEL, RES_CODES, RES_PER_CHANNEL, CLAMP_LOW)
 
 
 @triton.jit
@@ -321,7 +328,8 @@ def _splitk_epilogue_kernel(part_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M
                             res_scale, stride_rm, stride_om, stride_part, SPLIT_K: tl.constexpr,
                             HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
                             RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                            CLAMP_LOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            PDL: tl.constexpr):
     """Split K, step 2: the exact int32 sum of the slices' partials, then the one epilogue."""
     await_inputs(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -336,7 +344,7 @@ def _splitk_epilogue_kernel(part_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M
         part_ptrs += stride_part
     _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
               res_scale, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL, RES_CODES,
-              RES_PER_CHANNEL)
+              RES_PER_CHANNEL, CLAMP_LOW)
 
 
 # GELU's tanh through the GPU's tanh instruction: one special-function op per element, where the exp form below
@@ -345,6 +353,8 @@ def _splitk_epilogue_kernel(part_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M
 # is at most about 2**-11, so a code can differ from the reference by 1 near a .5 boundary. The interpreter (CPU
 # tests) has no such instruction and computes the exp form, the reference's own.
 _HW_TANH = tl.constexpr(not interpreted())
+# The tanh-form GELU's minimum is -0.16997 (at y = -0.7518); with margin for the tanh instruction's error.
+GELU_FLOOR = -0.1705
 
 
 @triton.jit
@@ -357,11 +367,12 @@ def _gelu_tanh_exp(y):
 @triton.jit
 def _gelu(y):
     """model.bert.gelu_tanh of a float32 block."""
-    if _HW_TANH:
-        u = 0.7978845608028654 * (y + 0.044715 * (y * y * y))
+    if _HW_TANH:  # u = sqrt(2/pi) (y + 0.044715 y^3), then 0.5 y (1 + tanh u): 3 multiplies, 2 multiply-adds
+        u = y * tl.fma(y * y, 0.035677408136300125, 0.7978845608028654)  # sqrt(2/pi) * 0.044715, sqrt(2/pi)
         t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True,
                                       pack=1)
-        return 0.5 * y * (1.0 + t)
+        h = 0.5 * y
+        return tl.fma(h, t, h)
     else:
         return _gelu_tanh_exp(y)
 
@@ -375,22 +386,35 @@ def _epilogue_math(acc, offs_n, n_ok, w_scale_ptr, bias_ptr, a_scale, GELU: tl.c
         y = acc + bias[None, :]
     else:
         scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0) * a_scale
-        y = acc.to(tl.float32) * scale[None, :] + bias[None, :]
+        if GELU:  # one rounding fewer than the reference's: GELU's approximations are larger
+            y = tl.fma(acc.to(tl.float32), scale[None, :], bias[None, :])
+        else:
+            y = acc.to(tl.float32) * scale[None, :] + bias[None, :]
     if GELU:
         y = _gelu(y)
     return y
 
 
 @triton.jit
-def _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr):
-    """What is stored: y's INT8 codes, or y in the output's dtype."""
+def _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
+            CLAMP_LOW: tl.constexpr):
+    """What is stored: y's INT8 codes (without the clamp at -127 unless CLAMP_LOW), or y in the output's
+    dtype."""
     if INT8_OUT:
         if RECIP_PER_CHANNEL:  # out_recip points at float32 [N]
             recip = tl.load(out_recip + offs_n, mask=n_ok, other=0.0)[None, :]
         else:
             recip = out_recip
-        return int8_codes(y, recip)
+        return int8_codes(y, recip, CLAMP_LOW)
     return y.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _codes_to_float(c):
+    """INT8 codes as float32, exactly, with integer and float adds: 0x4B400000 + c is the bit pattern of
+    1.5 * 2**23 + c, and subtracting 1.5 * 2**23 leaves c. A conversion instruction (I2F) runs on the GPU's
+    quarter-rate pipe, which the epilogue's other conversions keep busy."""
+    return (c.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
 @triton.jit
@@ -398,13 +422,13 @@ def _residual(r, offs_n, n_ok, res_scale, RES_CODES: tl.constexpr, RES_PER_CHANN
     """A residual tile in float32: as stored, or INT8 codes times their scale (-iln's residual stream; res_scale
     a float32 number, or with RES_PER_CHANNEL a pointer to float32 [N]).
 
-    Codes go through FP16 (exact for |code| <= 127) on their way to float32: Triton loads the tile in a blocked
-    layout and moves it into the accumulator's through shared memory, and it does so at the last type before the
-    arithmetic. Straight to float32, that move carried 32-bit values, the FP16 residual's 16-bit ones: compiled
-    for sm_90 (triton 3.9, on the CPU) the 128x128 epilogue had 30 barriers against the FP16 residual's 22, and
-    22 with this step; on an H200 the INT8 residual made attention-out and FC2 1.5-1.8% slower before it
-    (BENCHMARKS.md, call R4; not yet re-timed)."""
-    r = r.to(tl.float16).to(tl.float32) if RES_CODES else r.to(tl.float32)
+    Codes become floats through _codes_to_float, with no conversion instruction: cast to FP16 and then to
+    float32 (an earlier form), each code took an I2F on the quarter-rate pipe, and Triton moved the tile into
+    the accumulator's layout as 16-bit values; a plain cast to float32 moved 32-bit ones (30 barriers in the
+    128x128 epilogue against the FP16 residual's 22). Compiled for sm_90 on the CPU (triton 3.9, SASS through
+    nvdisasm: `python3 -m eval.kernel_ptx_stats --sass`), this form has no I2F, 18 barriers and 24 shared-memory
+    stores against 22 and 32 for the FP16 residual."""
+    r = _codes_to_float(r) if RES_CODES else r.to(tl.float32)
     if RES_CODES:
         if RES_PER_CHANNEL:
             r = r * tl.load(res_scale + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -417,13 +441,13 @@ def _residual(r, offs_n, n_ok, res_scale, RES_CODES: tl.constexpr, RES_PER_CHANN
 def _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
               res_scale, stride_rm, stride_om, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
               INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr,
-              RES_PER_CHANNEL: tl.constexpr):
+              RES_PER_CHANNEL: tl.constexpr, CLAMP_LOW: tl.constexpr):
     y = _epilogue_math(acc, offs_n, n_ok, w_scale_ptr, bias_ptr, a_scale, GELU)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0)
         y = y + _residual(r, offs_n, n_ok, res_scale, RES_CODES, RES_PER_CHANNEL)
     tl.store(out_ptr + rows * stride_om + offs_n[None, :],
-             _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT, RECIP_PER_CHANNEL), mask=mask)
+             _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT, RECIP_PER_CHANNEL, CLAMP_LOW), mask=mask)
 
 
 def _check(a_q, w_q, w_scale, bias, residual, residual_scale, out_dtype):
@@ -493,7 +517,7 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
     res_per_channel = isinstance(residual_scale, torch.Tensor)
     res_scale = residual_scale if res_per_channel else float(residual_scale) if residual_scale is not None else 1.0
     flags = _flags(cfg, residual is not None, gelu, out_recip is not None, per_channel, a_q.device,
-                   residual_scale is not None, res_per_channel)
+                   residual_scale is not None, res_per_channel, recip)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if cfg.tma and tma_ok(a_q) and tma_ok(w_q):
         _launch_tma(a_q, w_q, w_scale, bias, residual, out, float(a_scale), recip, res_scale, cfg, flags)
@@ -521,11 +545,15 @@ def fp16_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, residua
 
 
 def _flags(cfg: GemmConfig, residual: bool, gelu: bool, int8_out: bool, per_channel: bool,
-           device: torch.device, res_codes: bool = False, res_per_channel: bool = False) -> dict:
+           device: torch.device, res_codes: bool = False, res_per_channel: bool = False,
+           recip: float | torch.Tensor = 1.0) -> dict:
     """The GEMM kernels' compile-time switches and launch options for one call."""
     use_pdl = pdl(device)
+    # GELU's output is at least GELU_FLOOR, so its codes need no clamp at -127 while GELU_FLOOR * recip rounds
+    # to -127 or above; a per-channel recip (a device tensor, not read here) keeps the clamp.
+    floor_free = gelu and int8_out and not per_channel and GELU_FLOOR * float(recip) > -127.5
     return dict(HAS_RESIDUAL=residual, GELU=bool(gelu), INT8_OUT=int8_out, RECIP_PER_CHANNEL=per_channel,
-                RES_CODES=res_codes, RES_PER_CHANNEL=res_per_channel,
+                RES_CODES=res_codes, RES_PER_CHANNEL=res_per_channel, CLAMP_LOW=not floor_free,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False, PDL=use_pdl,
                 launch_pdl=use_pdl)
@@ -571,7 +599,8 @@ def _split_k(a_q, w_q, w_scale, bias, res, out, a_scale, recip, res_scale, cfg: 
         PDL=flags["PDL"], launch_pdl=flags["launch_pdl"], PREFETCH=cfg.prefetch and flags["PDL"])
     bm, bn = _SPLITK_EPILOGUE_TILE
     epilogue_flags = {key: flags[key] for key in ("HAS_RESIDUAL", "GELU", "INT8_OUT", "RECIP_PER_CHANNEL",
-                                                   "RES_CODES", "RES_PER_CHANNEL", "PDL", "launch_pdl")}
+                                                   "RES_CODES", "RES_PER_CHANNEL", "CLAMP_LOW", "PDL",
+                                                   "launch_pdl")}
     _splitk_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         part, w_scale, bias, res, out, m, n, a_scale, recip, res_scale, res.stride(0), out.stride(0), part.stride(0),
         SPLIT_K=cfg.split_k, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, enable_fp_fusion=False, **epilogue_flags)

@@ -70,7 +70,8 @@ def kwargs_for(epilogue, a, w, a_scale, w_scale, bias, res):
 
 def check(out, ref, exact):
     """Without GELU the kernel does the reference's float32 ops in the same order (no FMA contraction): it must
-    agree bit for bit; GELU's exp is the device's fast one, so it may differ in the last bits and a code by 1."""
+    agree bit for bit; under GELU (the device's fast exp or tanh, the dequantization in one multiply-add) it may
+    differ in the last bits and a code by 1."""
     assert out.shape == ref.shape and out.dtype == ref.dtype
     if exact:
         assert torch.equal(out.cpu(), ref.cpu()), f"{int((out.cpu() != ref.cpu()).sum())} elements differ"
@@ -158,6 +159,18 @@ def test_kernel_matches_reference(m, n, k, epilogue, poison):
     cfg = L.GemmConfig(16, 32, 32, group_m=2, num_warps=4, num_stages=1)
     check(L.int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **kw),
           L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw), exact=not kw["gelu"])
+
+
+@pytest.mark.parametrize("recip", [30.0, 1000.0], ids=["floor-free", "floor-reached"])
+def test_gelu_codes_clamp_at_minus_127_only_where_the_floor_reaches(recip, poison):
+    """GELU's codes skip the clamp at -127 while GELU's floor (-0.17) times out_recip stays above it; at a
+    reciprocal that puts the floor at -170 the clamp must stay, or those codes would wrap around."""
+    a, w, a_scale, w_scale, bias, _ = problem(130, 96, 160, seed=55)
+    kw = dict(gelu=True, out_recip=recip)
+    ref = L.int8_linear_reference(a, w, a_scale, w_scale, bias, **kw)
+    assert bool((ref == -127).any()) == (recip > 127.5 / 0.1705)
+    check(L.int8_linear(a, w, a_scale, w_scale, bias, config=L.GemmConfig(16, 32, 32, group_m=2, num_warps=4,
+                                                                           num_stages=1), **kw), ref, exact=False)
 
 
 CONFIGS = {"uneven-k": L.GemmConfig(32, 64, 64, group_m=4, num_warps=4, num_stages=2), "default": None,
