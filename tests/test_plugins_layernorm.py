@@ -46,6 +46,7 @@ CASES = {  # name: (shape, dtype, parameter dtype)
     "fp32-1024": ((5, 1024), torch.float32, None),
     "fp16-ragged-100": ((2, 3, 100), torch.float16, None),
     "one-row": ((1, 384), torch.float16, None),
+    "fp16-even-256": ((4, 4, 256), torch.float16, None),  # H a power of two, whole programs: no masks (EVEN)
 }
 
 
