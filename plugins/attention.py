@@ -145,6 +145,16 @@ def _load(ptrs, ok, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _program_block(S, HEADS, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (query block, sequence * HEADS + head)'s sequence b, head h, query, key and head-dimension
+    offsets, which queries are real (< S), and their token rows."""
+    b = tl.program_id(1) // HEADS
+    h = tl.program_id(1) % HEADS
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return b, h, offs_m, tl.arange(0, BLOCK_N), tl.arange(0, D), offs_m < S, (b * S + offs_m).to(tl.int64)
+
+
+@triton.jit
 def _store_context(ctx, out_ptr, out_recip, rows, cols, m_ok, stride_out, INT8_OUT: tl.constexpr,
                    RECIP_PER_CHANNEL: tl.constexpr):
     """A float32 context block into out[rows, cols] ([tokens, hidden]): its INT8 codes (out_recip a float32
@@ -169,13 +179,7 @@ def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale,
     # at columns h * D; the context of token r, head h goes to out[r, h * D:(h + 1) * D]. EVEN: S is a multiple of
     # both block sizes, so no block needs a mask. q_desc / kv_desc (TMA descriptors over qkv, blocks of BLOCK_M
     # and BLOCK_N rows by D columns; only with EVEN): the tiles come through TMA instead of pointer loads.
-    b = tl.program_id(1) // HEADS
-    h = tl.program_id(1) % HEADS
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    m_ok = offs_m < S
-    rows = (b * S + offs_m).to(tl.int64)
+    b, h, offs_m, offs_n, offs_d, m_ok, rows = _program_block(S, HEADS, D, BLOCK_M, BLOCK_N)
     hidden = HEADS * D
     await_inputs(PDL)
     if q_desc is not None:
@@ -249,13 +253,7 @@ def _attention_int8_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_s
     # Program (query block, sequence * HEADS + head), the layout of _attention_kernel with qkv holding codes.
     # Pass 1: each row's maximum m and sum l of exp2(s - m), online; pass 2: p = exp2(s - m) / l, its codes, and
     # their product with V's codes.
-    b = tl.program_id(1) // HEADS
-    h = tl.program_id(1) % HEADS
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    m_ok = offs_m < S
-    rows = (b * S + offs_m).to(tl.int64)
+    b, h, offs_m, offs_n, offs_d, m_ok, rows = _program_block(S, HEADS, D, BLOCK_M, BLOCK_N)
     hidden = HEADS * D
     i8_dot: tl.constexpr = D >= 32
     await_inputs(PDL)
