@@ -531,6 +531,7 @@ def cmd_bench(args) -> int:
     from engines.engine_file import Profile
     from engines.graphs import GraphRunner
     from eval.benchmark import Latency, random_inputs, time_compute, time_end_to_end, time_pipelined
+    from eval.gpu_state import GpuMonitor
     from model.runner import pick_device
 
     if args.iterations < 1 or args.warmup < 0:
@@ -551,12 +552,15 @@ def cmd_bench(args) -> int:
           f"median of {args.iterations} after {args.warmup} warm-up; {padding}")
     for shape in shapes:
         x = random_inputs(shape.batch, shape.seq_len, engine.cfg.vocab_size, device, padded=args.padded)
-        compute = Latency.from_samples(shape.batch, shape.seq_len,
-                                       time_compute(runner, x, args.iterations, args.warmup, device))
+        with GpuMonitor(device) as gpu:
+            compute = Latency.from_samples(shape.batch, shape.seq_len,
+                                           time_compute(runner, x, args.iterations, args.warmup, device))
         e2e = Latency.from_samples(shape.batch, shape.seq_len,
                                    time_end_to_end(runner, x, args.iterations, args.warmup, device))
         piped = time_pipelined(runner, x, args.iterations, args.warmup)
-        print(f"compute     {compute.row()}\nend-to-end  {e2e.row()}\n"
+        print(f"compute     {compute.row()}\n"
+              + (f"  GPU while timing compute: {gpu.summary()}\n" if device.type == "cuda" else "")
+              + f"end-to-end  {e2e.row()}\n"
               f"pipelined   {shape.batch:>5} x {shape.seq_len:<4}  mean   {piped:8.3f} ms per batch with copies "
               f"overlapping compute  {shape.batch / piped * 1e3:10,.0f} seq/s")
     return 0
@@ -860,7 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "times nothing (default: timing.json in the workbench cache directory)")
     p.set_defaults(func=cmd_build)
 
-    p = verb("bench", "time an engine: median/p95/p99 latency and throughput")
+    p = verb("bench", "time an engine: median/p95/p99 latency and throughput, and the GPU's power and clock "
+                      "while it ran")
     p.add_argument("-e", "--engine", required=True, metavar="ENGINE", help="engine file")
     p.add_argument("-b", "--batch-size", type=int, action="append", metavar="B", help="default: each profile")
     p.add_argument("-s", "--seq-length", type=int, action="append", metavar="S", help="default: each profile")

@@ -21,6 +21,7 @@ from engines.graphs import GraphRunner
 from engines.runtime import Engine
 from engines.tuning import TimingCache
 from eval.benchmark import Latency, padding_stated, random_inputs, time_compute
+from eval.gpu_state import GpuMonitor
 from model.checkpoint import load_model
 
 VARIANTS = {
@@ -54,32 +55,30 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--presets", nargs="+", default=["bert-base", "bert-large"])
-    ap.add_argument("--shapes", nargs="+", default=["1x128", "128x384"])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                    help="names from VARIANTS; a ' fused' suffix compiles that variant (TorchInductor) before capture")
-    ap.add_argument("--fuse", choices=("off", "on", "both"), default="both")
-    ap.add_argument("--iterations", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--baselines", nargs="*", default=["hf-eager", "hf-compile"])
-    ap.add_argument("--out", default="bench_engines.md")
-    ap.add_argument("--timing-cache", default=None, help="engines.tuning timing cache file (default: none kept)")
-    args = ap.parse_args(argv)
-    timing = TimingCache(args.timing_cache)
+def bench(args, gpu: GpuMonitor) -> list[str]:
+    """The table's lines: every preset, baseline and variant at every shape, timed while `gpu` samples."""
     device = torch.device("cuda")
+    timing = TimingCache(args.timing_cache)
     shapes = [Profile(*map(int, s.split("x"))) for s in args.shapes]
     rows = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; random-weight timings; "
-            f"median of {args.iterations} (CUDA events, compute only, inputs on the device)", "",
-            "| model | variant | shape | median ms | p95 ms | p99 ms | seq/s | vs HF eager | start logits vs FP16 reference (rel.) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            f"median of {args.iterations} (CUDA events, compute only, inputs on the device); power and SM clock: "
+            f"medians of nvidia-smi samples during the timed runs", "",
+            "| model | variant | shape | median ms | p95 ms | p99 ms | seq/s | vs HF eager | power, SM clock "
+            "| start logits vs FP16 reference (rel.) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def timed(name, shape, fn, x):
+        gpu.phase = f"{name} {shape}"
+        try:
+            return time_compute(fn, x, args.iterations, args.warmup, device)
+        finally:
+            gpu.phase = None
 
     def record(preset, name, shape, samples, base, err):
         lat = Latency.from_samples(shape.batch, shape.seq_len, samples)
         speedup = f"{base[shape] / lat.median_ms:.2f}x" if shape in base else "-"
         rows.append(f"| {preset} | {name} | {shape} | {lat.median_ms:.3f} | {lat.p95_ms:.3f} | {lat.p99_ms:.3f} | "
-                    f"{lat.sequences_per_s:,.0f} | {speedup} | {err} |")
+                    f"{lat.sequences_per_s:,.0f} | {speedup} | {gpu.brief(f'{name} {shape}')} | {err} |")
         print(rows[-1], flush=True)
         return lat
 
@@ -101,14 +100,13 @@ def main(argv=None) -> None:
                 x = random_inputs(shape.batch, shape.seq_len, vocab, device)
                 if "hf-eager" in args.baselines:
                     base[shape] = record(preset, "HF eager fp16 (sdpa)", shape,
-                                         time_compute(call(hf), x, args.iterations, args.warmup, device), {}, "-").median_ms
+                                         timed("HF eager fp16 (sdpa)", shape, call(hf), x), {}, "-").median_ms
                 if "hf-compile" in args.baselines:
                     t0 = time.perf_counter()
                     compiled = torch.compile(hf, mode="reduce-overhead", dynamic=False)
                     time_compute(call(compiled), x, 3, 0, device)
-                    note = f"compile {time.perf_counter() - t0:.0f} s"
-                    record(preset, f"HF torch.compile reduce-overhead ({note})", shape,
-                           time_compute(call(compiled), x, args.iterations, args.warmup, device), base, "-")
+                    name = f"HF torch.compile reduce-overhead (compile {time.perf_counter() - t0:.0f} s)"
+                    record(preset, name, shape, timed(name, shape, call(compiled), x), base, "-")
             del hf
             torch.cuda.empty_cache()
         calib = max_ranges(loaded, device)
@@ -136,12 +134,29 @@ def main(argv=None) -> None:
                         want = reference(*x)[0]
                     setup = time.perf_counter() - t0
                     label = f"{name.removesuffix(' fused')}{' fused' if fuse else ''} (graph; setup {setup:.0f} s)"
-                    record(preset, label, shape, time_compute(runner, x, args.iterations, args.warmup, device), base,
-                           f"{rel_error(got, want):.1e}")
+                    record(preset, label, shape, timed(label, shape, runner, x), base, f"{rel_error(got, want):.1e}")
             del engine, runner
             torch.cuda.empty_cache()
         del reference
         loaded.model = None
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["bert-base", "bert-large"])
+    ap.add_argument("--shapes", nargs="+", default=["1x128", "128x384"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                    help="names from VARIANTS; a ' fused' suffix compiles that variant (TorchInductor) before capture")
+    ap.add_argument("--fuse", choices=("off", "on", "both"), default="both")
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--baselines", nargs="*", default=["hf-eager", "hf-compile"])
+    ap.add_argument("--out", default="bench_engines.md")
+    ap.add_argument("--timing-cache", default=None, help="engines.tuning timing cache file (default: none kept)")
+    args = ap.parse_args(argv)
+    with GpuMonitor("cuda") as gpu:
+        rows = bench(args, gpu)
     from common.files import atomic_write_text
     atomic_write_text(args.out, "\n".join(rows) + "\n")
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from eval.gpu_state import GpuMonitor
 
 MATMUL = torch.backends.cuda.matmul
 
@@ -59,36 +59,6 @@ def gemms(layers: list[Layer], x: torch.Tensor, ctx: torch.Tensor) -> torch.Tens
     return y
 
 
-class PowerLog:
-    """nvidia-smi samples (power W, SM MHz) tagged with the phase current when each arrived."""
-
-    def __init__(self, period_ms: int = 100):
-        self.phase = "-"
-        self.samples: list[tuple[str, float, float]] = []
-        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=power.draw,clocks.sm",
-                                      "--format=csv,noheader,nounits", f"-lms={period_ms}"],
-                                     stdout=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            try:
-                watts, mhz = (float(v) for v in line.split(","))
-            except ValueError:
-                continue
-            self.samples.append((self.phase, watts, mhz))
-
-    def summary(self, phase: str) -> str:
-        got = [(w, c) for p, w, c in self.samples if p == phase]
-        if not got:
-            return "no samples"
-        return (f"{statistics.median(w for w, _ in got):.0f} W, {statistics.median(c for _, c in got):.0f} MHz "
-                f"(median of {len(got)} samples)")
-
-    def stop(self):
-        self.proc.terminate()
-
-
 def capture(fn, fp16_acc: bool) -> torch.cuda.CUDAGraph:
     MATMUL.allow_fp16_accumulation = fp16_acc
     try:
@@ -106,7 +76,7 @@ def capture(fn, fp16_acc: bool) -> torch.cuda.CUDAGraph:
         MATMUL.allow_fp16_accumulation = False
 
 
-def time_modes(graphs: dict[str, torch.cuda.CUDAGraph], power: PowerLog, rounds: int, block: int,
+def time_modes(graphs: dict[str, torch.cuda.CUDAGraph], power: GpuMonitor, rounds: int, block: int,
                tag: str) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {m: [] for m in graphs}
     for g in graphs.values():
@@ -122,7 +92,7 @@ def time_modes(graphs: dict[str, torch.cuda.CUDAGraph], power: PowerLog, rounds:
                 end.record()
                 end.synchronize()
                 times[mode].append(start.elapsed_time(end))
-            power.phase = "-"
+            power.phase = None
     return times
 
 
@@ -158,12 +128,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     layers = make_layers(args.layers, args.hidden, args.intermediate, gen)
-    power = PowerLog()
     lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.layers} layers of "
              f"H={args.hidden}, I={args.intermediate}; random weights", "",
              "| M | FP32 acc. ms | FP16 acc. ms | ratio | power / clock, FP32 acc. | power / clock, FP16 acc. |",
              "| --- | --- | --- | --- | --- | --- |"]
-    try:
+    with GpuMonitor("cuda") as power:
         for m in args.rows:
             x = torch.randn(m, args.hidden, device="cuda", generator=gen).half()
             ctx = torch.randn(m, args.hidden, device="cuda", generator=gen).half()
@@ -177,8 +146,6 @@ def main(argv=None) -> None:
             del graphs
             torch.cuda.empty_cache()
             time.sleep(0.5)
-    finally:
-        power.stop()
     lines += ["", "Relative error against FP64 (M = 4096, layer 0's weights):", "",
               "| GEMM | K | FP32 acc. | FP16 acc. | ratio |", "| --- | --- | --- | --- | --- |"]
     lines += errors(layers[0], 4096, gen)
