@@ -68,11 +68,7 @@ def bench(args, gpu: GpuMonitor) -> list[str]:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def timed(name, shape, fn, x):
-        gpu.phase = f"{name} {shape}"
-        try:
-            return time_compute(fn, x, args.iterations, args.warmup, device)
-        finally:
-            gpu.phase = None
+        return time_compute(fn, x, args.iterations, args.warmup, device, gpu, phase=f"{name} {shape}")
 
     def record(preset, name, shape, samples, base, err):
         lat = Latency.from_samples(shape.batch, shape.seq_len, samples)

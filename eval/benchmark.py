@@ -67,8 +67,10 @@ def padding_stated(fn, inputs):
     return fn
 
 
-def time_compute(fn, inputs, iterations: int, warmup: int, device: torch.device) -> list[float]:
-    """Per-call times in ms of fn(*inputs)."""
+def time_compute(fn, inputs, iterations: int, warmup: int, device: torch.device, gpu=None,
+                 phase: str = "compute") -> list[float]:
+    """Per-call times in ms of fn(*inputs). `gpu` (an eval.gpu_state.GpuMonitor): its samples taken during the
+    timed calls, not the warm-up (which may capture graphs or compile), are tagged `phase`."""
     fn = padding_stated(fn, inputs)
     with torch.inference_mode():
         for _ in range(warmup):
@@ -76,6 +78,8 @@ def time_compute(fn, inputs, iterations: int, warmup: int, device: torch.device)
         samples = []
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            if gpu is not None:
+                gpu.phase = phase
             for _ in range(iterations):
                 start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -83,6 +87,8 @@ def time_compute(fn, inputs, iterations: int, warmup: int, device: torch.device)
                 stop.record()
                 stop.synchronize()
                 samples.append(start.elapsed_time(stop))
+            if gpu is not None:
+                gpu.phase = None
         else:
             for _ in range(iterations):
                 t0 = time.perf_counter()
