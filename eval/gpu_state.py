@@ -109,7 +109,7 @@ class GpuMonitor:
         """Medians over the samples of `phase` (all samples when None), in words."""
         got = self._of(phase)
         if not got:
-            return ("no samples (nvidia-smi not found, or the run was shorter than its "
+            return ("no samples (no nvidia-smi, it could not read this GPU, or the timed run was shorter than its "
                     f"{self.period_ms} ms period)")
         med = lambda f: statistics.median(f(s) for s in got)  # noqa: E731
         capped = sum(s.power_capped for s in got)
