@@ -5,7 +5,9 @@ A long forward can hold a GPU at its power limit: BERT-large's FP16 GEMMs at 128
 with the SM clock at 1,515 of 1,980 MHz (BENCHMARKS.md, call V1), so their time is set by the board's power, and
 two calls on two machines differ by a few percent. Benchmarks print this beside their figures, so that a reader
 can tell a slower kernel from a board that ran slower. Sampled with `nvidia-smi`, which comes with the driver
-wherever a GPU is; where it is missing or cannot read the GPU there is simply no readout.
+wherever a GPU is, rather than NVML's Python bindings (nvidia-ml-py), which a GPU machine's Python need not carry
+(the device machines run their image's packages, not requirements.txt); where it is missing or cannot read the GPU
+there is simply no readout.
 """
 from __future__ import annotations
 
