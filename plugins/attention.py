@@ -307,13 +307,10 @@ def fused_attention(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.T
     [batch, S] is added to every query's scores (padding), `out_recip` (a float32 number, or a contiguous
     float32 [heads * D] vector) makes the output INT8 codes. See the module docstring."""
     s, d = _check(qkv, batch, heads, key_bias)
-    hidden = heads * d
-    per_channel = _check_recip(out_recip, hidden, qkv.device)
-    out = _common.empty((batch * s, hidden), torch.int8 if out_recip is not None else out_dtype, qkv.device)
+    out, per_channel, recip = _context_out(batch * s, heads * d, out_recip, out_dtype, qkv.device)
     if s == 0:
         return out
     cfg = config or CANDIDATE_CONFIGS[0]
-    recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
     use_pdl = _common.pdl(qkv.device)
     even = s % cfg.block_m == 0 and s % cfg.block_n == 0
     descs = {}
@@ -346,14 +343,18 @@ def attention_reference(qkv: torch.Tensor, batch: int, heads: int, key_bias: tor
     return ctx.to(out_dtype)
 
 
-def _check_recip(out_recip, hidden: int, device: torch.device) -> bool:
-    """Whether out_recip is per channel (after checking that such a vector fits)."""
+def _context_out(rows: int, hidden: int, out_recip: float | torch.Tensor | None, out_dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, bool, float | torch.Tensor]:
+    """Both kernels' context output [rows, hidden] (INT8 codes when out_recip is given), whether out_recip is
+    per channel (after checking that such a vector fits), and out_recip as the kernels take it."""
     per_channel = isinstance(out_recip, torch.Tensor)
     if per_channel and (out_recip.shape != (hidden,) or out_recip.dtype != torch.float32
                         or not out_recip.is_contiguous() or out_recip.device != device):
         raise ValueError(f"fused_attention: a per-channel out_recip must be a contiguous float32 [{hidden}] on "
                          f"{device}, got {out_recip.dtype} {tuple(out_recip.shape)} on {out_recip.device}")
-    return per_channel
+    out = _common.empty((rows, hidden), torch.int8 if out_recip is not None else out_dtype, device)
+    recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
+    return out, per_channel, recip
 
 
 def context_code_step(scales: AttentionScales, out_recip: float | torch.Tensor) -> int:
@@ -384,15 +385,12 @@ def fused_attention_int8(codes: torch.Tensor, batch: int, heads: int, scales: At
     codes as the QKV GEMM writes them, with `scales`); key_bias and out_recip as in fused_attention. See the
     module docstring for the math."""
     s, d = _check_int8(codes, batch, heads, key_bias)
-    hidden = heads * d
-    per_channel = _check_recip(out_recip, hidden, codes.device)
-    out = _common.empty((batch * s, hidden), torch.int8 if out_recip is not None else out_dtype, codes.device)
+    out, per_channel, recip = _context_out(batch * s, heads * d, out_recip, out_dtype, codes.device)
     if s == 0:
         return out
     cfg = config or INT8_CANDIDATE_CONFIGS[0]
     if not cfg.int8:
         raise ValueError(f"fused_attention_int8: {cfg.name} is not an INT8 attention configuration")
-    recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
     use_pdl = _common.pdl(codes.device)
     qk, pv = _int8_scales(scales, d)
     grid = (triton.cdiv(s, cfg.block_m), batch * heads)

@@ -354,6 +354,18 @@ def test_triton_kernels_agree_with_library_kernels(name):
     assert LIBRARY == "library"
 
 
+def on_attention_kernel(policy, seed, input_seed, config, monkeypatch):
+    """A CPU engine for `policy`, inputs with padding, the logits of its reference attention, and the engine
+    then set to run attention configuration `config` (Triton's interpreter, as the caller imported it)."""
+    loaded = loaded_model(seed=seed)
+    engine = build(loaded, policy, max_calibration(loaded))
+    x = inputs(seed=input_seed)
+    with torch.no_grad():
+        want = engine(*x)
+    monkeypatch.setattr(engine, "attention_impl", lambda b, s, padded: config)
+    return engine, x, want
+
+
 @pytest.mark.parametrize("name", ["int8", "int8 --keep-fp16 attn_out,layer0.fc2"])
 def test_fused_attention_in_the_engine_matches_sdpa(name, monkeypatch):
     """The engine's fused-attention path (QKV output -> the context's codes, or FP16 context where attention-out
@@ -363,13 +375,8 @@ def test_fused_attention_in_the_engine_matches_sdpa(name, monkeypatch):
 
     attention = kernels("attention")  # the interpreter's module, which the engine's import then finds
     policy = PrecisionPolicy(**{**POLICIES[name].__dict__, "fp16": True})
-    loaded = loaded_model(seed=12)
-    engine = build(loaded, policy, max_calibration(loaded))
-    x = inputs(seed=5)
+    engine, x, want = on_attention_kernel(policy, 12, 5, attention.AttentionConfig(16, 16).name, monkeypatch)
     with torch.no_grad():
-        want = engine(*x)
-        monkeypatch.setattr(engine, "attention_impl",
-                            lambda b, s, padded: attention.AttentionConfig(16, 16).name)
         got = engine(*x)
     for g, w in zip(got, want):
         assert rel(valid(g, x[2]).float(), valid(w, x[2]).float()) < 3e-3  # about 4e-4 seen
@@ -384,13 +391,9 @@ def test_int8_attention_in_the_engine_matches_its_reference(keep, monkeypatch):
 
     attention = kernels("attention")
     policy = PrecisionPolicy(int8=True, fp16=True, imh=True, fp16_gemms=keep)
-    loaded = loaded_model(seed=13)
-    engine = build(loaded, policy, max_calibration(loaded))
-    x = inputs(seed=6)
+    engine, x, want = on_attention_kernel(policy, 13, 6, attention.AttentionConfig(16, 16, int8=True).name,
+                                          monkeypatch)
     with torch.no_grad():
-        want = engine(*x)
-        monkeypatch.setattr(engine, "attention_impl",
-                            lambda b, s, padded: attention.AttentionConfig(16, 16, int8=True).name)
         calls = []
         kernel = attention.fused_attention_int8
         monkeypatch.setattr(attention, "fused_attention_int8", lambda *a, **k: calls.append(1) or kernel(*a, **k))
