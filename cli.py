@@ -493,7 +493,7 @@ def cmd_build(args) -> int:
     import time
 
     from calib.cache import load_cache
-    from calib.policy import PrecisionPolicy, parse_gemm_list
+    from quant.policy import PrecisionPolicy, parse_gemm_list
     from common.files import cache_root
     from data.tokenizer import load_wordpiece
     from engines.build import build_engine, kernel_choices

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from calib.quantizer import QMAX
+from quant.quantizer import QMAX
 from common.errors import WorkbenchError
 from common.files import atomic_write_json, cache_root, read_bytes, sha256_bytes
 
@@ -33,7 +33,7 @@ class CacheError(WorkbenchError):
 
 @dataclass(frozen=True)
 class TensorRange:
-    """amax of the site's tensor; with `smooth` (calib/smoothing.py), amax of x / smooth, channel by channel."""
+    """amax of the site's tensor; with `smooth` (quant/smoothing.py), amax of x / smooth, channel by channel."""
 
     amax: float
     smooth: tuple[float, ...] | None = None

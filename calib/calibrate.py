@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from calib.cache import CalibrationCache, TensorRange, cache_key, find_reusable, save_cache
 from calib.calibrators import ALGORITHM_VERSION, HistogramCollector, MaxCalibrator, make_calibrator
-from calib.policy import calibration_method, calibration_sites
-from calib.smoothing import check_alpha, smoothable_sites, smoothing_factors
+from quant.policy import calibration_method, calibration_sites
+from quant.smoothing import check_alpha, smoothable_sites, smoothing_factors
 from common.errors import WorkbenchError
 from common.version import __version__
 from data.features import FEATURIZER_VERSION, Features, FeatureSettings, featurize
@@ -52,7 +52,7 @@ class CalibrationSpec:
     percentile: float = 99.99     # used by the percentile method only
     num_bins: int = 2048          # histogram methods only
     features: FeatureSettings = FeatureSettings()
-    smooth: float | None = None   # --smooth ALPHA for the QKV, FC1 and FC2 inputs (calib/smoothing.py); None: off
+    smooth: float | None = None   # --smooth ALPHA for the QKV, FC1 and FC2 inputs (quant/smoothing.py); None: off
 
     def __post_init__(self) -> None:
         if self.calib_num < 1:
@@ -174,7 +174,7 @@ def collect_ranges(model: torch.nn.Module, features: Features, sites: Sequence[s
                    percentile: float = 99.99, num_bins: int = 2048, device: torch.device, batch_size: int = 32,
                    progress: bool = True, smooth: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
     """amax per site over the real tokens of every feature; `model` is already on `device` in its final dtype.
-    Sites in `smooth` are calibrated as x / s (calib/smoothing.py)."""
+    Sites in `smooth` are calibrated as x / s (quant/smoothing.py)."""
     calibrators = {site: make_calibrator(calibration_method(site, method), percentile=percentile, num_bins=num_bins)
                    for site in sites}
     divide = {site: v.to(device=device, dtype=torch.float32) for site, v in (smooth or {}).items()}

@@ -34,7 +34,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from calib.quantizer import QMAX  # symmetric INT8: levels -127..127
+from quant.quantizer import QMAX  # symmetric INT8: levels -127..127
 from common.errors import WorkbenchError
 
 METHODS = ("max", "percentile", "mse", "entropy")

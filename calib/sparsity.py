@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from calib.policy import GEMMS
+from quant.policy import GEMMS
 
 
 def is_2to4_sparse(weight: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ import re
 import struct
 from typing import Mapping
 
-from calib.quantizer import QMAX
+from quant.quantizer import QMAX
 from common.errors import WorkbenchError
 from common.files import atomic_write_text, read_bytes
 

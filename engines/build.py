@@ -1,6 +1,6 @@
 """Build an engine: a model plus (for --int8) a calibration cache, turned into one engine file.
 
-The INT8 weights are rounded per output channel by calib.quantizer, activation scales come from the cache for
+The INT8 weights are rounded per output channel by quant.quantizer, activation scales come from the cache for
 exactly the sites the precision policy quantizes, and the engine carries its tokenizer so that `eval` and `infer`
 need nothing but the engine file.
 """
@@ -17,9 +17,9 @@ import torch
 
 import common.version
 from calib.cache import CalibrationCache
-from calib.policy import GEMMS, PrecisionPolicy
-from calib.quantizer import scale_from_amax
-from calib.smoothing import check_vectors
+from quant.policy import GEMMS, PrecisionPolicy
+from quant.quantizer import scale_from_amax
+from quant.smoothing import check_vectors
 from common.errors import WorkbenchError
 from data.tokenizer import WordPiece, wordpiece_from_str
 from engines.engine_file import EngineHeader, Profile, load_engine, this_gpu

@@ -30,15 +30,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from calib.policy import GEMMS, PrecisionPolicy
-from calib.quantizer import _reciprocal, dequantize, quantize
-from calib.smoothing import channel_scales, smoothed_weight
+from quant.policy import GEMMS, PrecisionPolicy
+from quant.quantizer import reciprocal, dequantize, quantize
+from quant.smoothing import channel_scales, smoothed_weight
 from engines.engine_file import EngineHeader
+from engines.backends import parse_triton_impl, triton_impl  # noqa: F401 (moving)
 from engines.tuning import LIBRARY, GemmProblem, agrees, attention_agrees, attention_key, kernel_key
 from model.config import BertConfig
 
-TRITON = "triton"
-SMOOTH_PREFIX = "smooth."  # engine tensors "smooth.SITE": a smoothed site's vector s (calib/smoothing.py)
+SMOOTH_PREFIX = "smooth."  # engine tensors "smooth.SITE": a smoothed site's vector s (quant/smoothing.py)
 ROTATE_WEIGHTS_UP_TO_ROWS = 2048  # build-time timing runs every layer's weights up to this M (gemm_candidates)
 
 
@@ -76,28 +76,6 @@ def linear_gelu_tanh(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> to
     return F.gelu(F.linear(a, w, bias), approximate="tanh")
 
 
-def triton_impl(config) -> str:
-    c = config
-    split = f"-k{c.split_k}" if c.split_k > 1 else ""
-    prefetch = "-pf" if c.prefetch else ""
-    store = "-st" if c.tma_store else ""
-    loads = "" if c.loads == "ptr" else f"+{c.loads}"
-    return (f"{TRITON}:{c.block_m}x{c.block_n}x{c.block_k}-g{c.group_m}-w{c.num_warps}-s{c.num_stages}"
-            f"{split}{prefetch}{store}{loads}")
-
-
-def parse_triton_impl(impl: str):
-    """The GemmConfig an implementation name stands for (inverse of triton_impl)."""
-    from plugins.int8_linear import GemmConfig
-
-    body, _, loads = impl.removeprefix(f"{TRITON}:").partition("+")
-    tiles, g, w, s, *options = body.split("-")
-    bm, bn, bk = map(int, tiles.split("x"))
-    split = [int(o[1:]) for o in options if o.startswith("k")]
-    return GemmConfig(bm, bn, bk, int(g[1:]), int(w[1:]), int(s[1:]), loads or "ptr", split[0] if split else 1,
-                      prefetch="pf" in options, tma_store="st" in options)
-
-
 def _triton_usable(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
@@ -116,16 +94,16 @@ class Engine(torch.nn.Module):
         self.t = {k: v.to(self.device) for k, v in tensors.items()}
         self.scale = dict(header.act_scales)
         self.produced_int8 = {s for s in self.scale if self.policy.rounded_where_produced(s)}
-        # Smoothed sites (calib/smoothing.py) are quantized per channel: their scales and reciprocals, made once.
+        # Smoothed sites (quant/smoothing.py) are quantized per channel: their scales and reciprocals, made once.
         smooth = {k.removeprefix(SMOOTH_PREFIX): v for k, v in self.t.items() if k.startswith(SMOOTH_PREFIX)}
         self.channel_scale = {site: channel_scales(self.scale[site], v).contiguous()
                               for site, v in smooth.items() if site in self.scale}
-        self.channel_recip = {site: _reciprocal(v, self.device).contiguous() for site, v in self.channel_scale.items()}
+        self.channel_recip = {site: reciprocal(v, self.device).contiguous() for site, v in self.channel_scale.items()}
         if self.policy.imh:  # the QKV GEMM writes Q, K, V codes: one scale per section of its output
             for i in range(self.cfg.num_layers):
                 sections = [torch.full((self.cfg.hidden_size,), self.scale[f"layer{i}.{n}"]) for n in "qkv"]
                 self.channel_scale[f"layer{i}.qkv"] = torch.cat(sections).to(self.device).contiguous()
-                self.channel_recip[f"layer{i}.qkv"] = _reciprocal(self.channel_scale[f"layer{i}.qkv"], self.device)
+                self.channel_recip[f"layer{i}.qkv"] = reciprocal(self.channel_scale[f"layer{i}.qkv"], self.device)
         self.use_triton = _triton_usable(self.device)
         self.kernels = dict(header.kernels)
         self.gemms = {f"layers.{i}.{g}": self._gemm_of(i, g) for i in range(self.cfg.num_layers) for g in GEMMS}
@@ -169,7 +147,7 @@ class Engine(torch.nn.Module):
         keeps in FP."""
         if site in self.channel_recip:
             return self.channel_recip[site]
-        return _reciprocal(self.scale[site], self.device) if site in self.scale else None
+        return reciprocal(self.scale[site], self.device) if site in self.scale else None
 
     def _site_scale(self, site: str) -> float | torch.Tensor:
         """A quantized site's scale: a number, or a float32 vector per channel where smoothed."""
@@ -402,7 +380,7 @@ def engine_tensors(model, policy: PrecisionPolicy,
                    smooth: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The engine's weights from a reference BertQA: INT8 rows + per-channel scales for quantized GEMMs (rows of
     W * s where the GEMM's input site is smoothed), and the vectors s of the smoothed sites the build quantizes."""
-    from calib.quantizer import weight_scales
+    from quant.quantizer import weight_scales
 
     dtype = torch.float16 if policy.fp16 else torch.float32
     out: dict[str, torch.Tensor] = {}

@@ -22,7 +22,7 @@ from statistics import median
 import torch
 
 from calib.calibrate import check_fits, collect_ranges, load_calibration_model, select_questions
-from calib.policy import calibration_sites
+from quant.policy import calibration_sites
 from common.errors import WorkbenchError
 from common.files import atomic_write_text
 from data.features import FeatureSettings, featurize

@@ -14,7 +14,7 @@ import time
 import torch
 
 from calib.cache import CalibrationCache, TensorRange
-from calib.policy import PrecisionPolicy, calibration_sites
+from quant.policy import PrecisionPolicy, calibration_sites
 from engines.build import build_engine, kernel_choices
 from engines.engine_file import Profile
 from engines.graphs import GraphRunner

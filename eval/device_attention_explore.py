@@ -58,7 +58,7 @@ def our_configs(spec: str | None):
 
 def int8_inputs(qkv: torch.Tensor):
     """-imh inputs: Q, K, V codes [rows, 3 * h * D] (each section quantized with its max as range) and scales."""
-    from calib.quantizer import quantize
+    from quant.quantizer import quantize
     from plugins.attention import AttentionScales
 
     scales = [float(qkv[:, i].abs().max()) / 127 for i in range(3)]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU call: what the engines' tanh-form GELU (calib.policy.PrecisionPolicy.gelu_tanh) does to accuracy. The vendored
+# GPU call: what the engines' tanh-form GELU (quant.policy.PrecisionPolicy.gelu_tanh) does to accuracy. The vendored
 # MiniLM on the full dev set: the reference model in FP16 (BERT's erf GELU) against the FP16 engine and INT8 engines
 # (entropy, and entropy --smooth 0.8) calibrated on 100 questions of the vendored train subset, as the default sweep
 # and the sensitivity analysis calibrate (their earlier rows, with the erf GELU, are in BENCHMARKS.md).

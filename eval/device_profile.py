@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from calib.policy import PrecisionPolicy
+from quant.policy import PrecisionPolicy
 from engines.build import build_engine
 from engines.engine_file import Profile
 from engines.graphs import GraphRunner

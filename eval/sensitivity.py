@@ -2,7 +2,7 @@
 that keeps the worst of them out of INT8, measured like any other build.
 
 The unit is the policy's unit of mixed precision, one encoder GEMM ("layer3.fc2": its input site and its weights,
-`calib.policy.PrecisionPolicy.fp16_gemms`). Every variant is a real engine (engines.build.build_engine +
+`quant.policy.PrecisionPolicy.fp16_gemms`). Every variant is a real engine (engines.build.build_engine +
 engines.runtime.Engine, a GraphRunner on CUDA) evaluated on the same featurized questions (featurized once):
 
     baseline        the build without INT8 at the same precision (FP16 on CUDA, FP32 on the CPU)
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from calib.policy import GEMMS, PrecisionPolicy
+from quant.policy import GEMMS, PrecisionPolicy
 from common.errors import WorkbenchError
 from common.files import atomic_write_json, atomic_write_text, read_json
 from common.version import __version__

@@ -51,12 +51,12 @@ DEFAULT_CALIB_SQUAD = ASSETS / "squad" / "train-v1.1-calib-first-paragraphs.json
 DEFAULT_EVAL_SQUAD = ASSETS / "squad" / "dev-v1.1.json.gz"
 DEFAULT_REPORT_DIR = "sweep-report"
 
-SMOOTH_ALPHA = 0.8  # the default grid's smoothing strength: calib.smoothing.DEFAULT_ALPHA (a test holds them equal)
+SMOOTH_ALPHA = 0.8  # the default grid's smoothing strength: quant.smoothing.DEFAULT_ALPHA (a test holds them equal)
 ROW_FORMAT = "bert-int8-workbench sweep row"
 ROW_FORMAT_VERSION = 1
 
 # Calibration methods of the default grid: tag (used in row names and --methods) -> (method, percentile, smooth
-# alpha). The smoothed entropy row is the workbench's own accuracy tool (calib/smoothing.py), beside TensorRT's.
+# alpha). The smoothed entropy row is the workbench's own accuracy tool (quant/smoothing.py), beside TensorRT's.
 METHODS: dict[str, tuple[str, float | None, float | None]] = {
     "entropy": ("entropy", None, None),
     "entropy-sm": ("entropy", None, SMOOTH_ALPHA),
@@ -136,7 +136,7 @@ class GridRow:
         elif self.percentile is not None:
             raise WorkbenchError(f"{where}: percentile applies to method percentile only")
         if self.smooth is not None:
-            from calib.smoothing import check_alpha
+            from quant.smoothing import check_alpha
             try:
                 object.__setattr__(self, "smooth", check_alpha(self.smooth))
             except WorkbenchError as e:
@@ -154,7 +154,7 @@ class GridRow:
         return "-".join(t for t, on in (("iln", self.iln), ("imh", self.imh)) if on) or "plain"
 
     def policy(self, half: bool):
-        from calib.policy import PrecisionPolicy
+        from quant.policy import PrecisionPolicy
 
         kwargs: dict[str, Any] = dict(int8=self.int8, fp16=half if self.fp16 is None else self.fp16, iln=self.iln,
                                       imh=self.imh, fc2_library_gemm=self.fc2_library_gemm)

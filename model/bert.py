@@ -2,7 +2,7 @@
 
 Plain PyTorch, one page. Every tensor that an INT8 build may quantize passes through `tap(name, x)`: identity by
 default; calibration installs a tap that records ranges, and the fake-quant reference one that quantizes. The site
-names are the vocabulary of the precision policy (calib/policy.py):
+names are the vocabulary of the precision policy (quant/policy.py):
 
     embeddings.ln_out                    embedding LayerNorm output = layer 0's QKV GEMM input
     layer{i}.q / .k / .v                 per-head query, key, value (after the QKV GEMM and bias)
@@ -32,7 +32,7 @@ def no_tap(name: str, x: torch.Tensor) -> torch.Tensor:
 
 def gelu_tanh(y: torch.Tensor) -> torch.Tensor:
     """GELU's tanh form, 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))), written as y * sigmoid(2u): the GELU of
-    FP16 and INT8 engines (calib.policy.PrecisionPolicy.gelu_tanh), as TensorRT's BERT plugins compute it. It
+    FP16 and INT8 engines (quant.policy.PrecisionPolicy.gelu_tanh), as TensorRT's BERT plugins compute it. It
     fuses into GEMM epilogues cheaply: BERT's erf GELU made our INT8 FC1 at 128 x 384 1.58x slower on an H200
     (docs/gelu-h200.md), and cuBLASLt's fused GELU is this form. The two differ by less than 5e-4. In float32;
     plugins/int8_linear.py computes it with the GPU's tanh instruction.
@@ -78,7 +78,7 @@ class EncoderLayer(nn.Module):
         self.fc1 = nn.Linear(h, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, h)
         self.ln2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.act: Callable[[torch.Tensor], torch.Tensor] = F.gelu  # gelu_tanh in fake-quant copies (calib/fakequant.py)
+        self.act: Callable[[torch.Tensor], torch.Tensor] = F.gelu  # gelu_tanh in fake-quant copies (quant/fakequant.py)
 
     def forward(self, x: torch.Tensor, mask_bias: torch.Tensor, tap: Tap, name: str) -> torch.Tensor:
         b, s, h = x.shape

@@ -2,7 +2,7 @@
 
 Each module holds one kernel, the wrapper that allocates its outputs and launches it, and a `*_reference`
 function in plain PyTorch that *defines* its math (it runs on the CPU and CUDA): tests hold every kernel to its
-reference, and the reference to calib.quantizer, so the INT8 math still lives in one place.
+reference, and the reference to quant.quantizer, so the INT8 math still lives in one place.
 
 - int8_linear: INT8 GEMM (int32 accumulation) + dequantize + bias [+ GELU] [+ residual] -> FP16/FP32 or INT8
 - layernorm:   LayerNorm -> x.dtype output and, optionally, its INT8 codes in the same pass

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from calib.quantizer import QMAX, _reciprocal
+from quant.quantizer import QMAX, reciprocal
 from plugins import interpreted
 
 # Tests set this to fill every output with a value no kernel writes (int8 -128, float NaN) before the launch,
@@ -72,14 +72,14 @@ def tma_ok(t: torch.Tensor) -> bool:
 
 
 def out_recip(scale: float) -> float:
-    """The float32 reciprocal of an output scale, as calib.quantizer.quantize multiplies by it."""
-    return _reciprocal(float(scale), torch.device("cpu"))
+    """The float32 reciprocal of an output scale, as quant.quantizer.quantize multiplies by it."""
+    return reciprocal(float(scale), torch.device("cpu"))
 
 
 def codes_reference(y: torch.Tensor, recip: float | torch.Tensor) -> torch.Tensor:
     """clamp(round_half_even(float32(y) * recip), -127, 127) as int8.
 
-    calib.quantizer.quantize(y, scale) is exactly this with recip = out_recip(scale) (a test holds them equal);
+    quant.quantizer.quantize(y, scale) is exactly this with recip = out_recip(scale) (a test holds them equal);
     the kernels take the reciprocal itself so that no division happens on the device.
     """
     return torch.clamp(torch.round(y.float() * recip), -QMAX, QMAX).to(torch.int8)

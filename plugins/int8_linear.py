@@ -17,7 +17,7 @@ The math (int8_linear_reference defines it; float32 throughout the epilogue):
     out       = codes(y) if out_recip is given else y.to(out_dtype)
 
 codes(y) = clamp(round_half_even(y * out_recip), -127, 127), with out_recip a float32 number or one per output
-channel (a float32 [N] vector: a site calibrated with smoothing, calib/smoothing.py), is taken from the float32
+channel (a float32 [N] vector: a site calibrated with smoothing, quant/smoothing.py), is taken from the float32
 `y` itself, with no FP16 rounding in between: a deliberate change from the engine's unfused path (which rounds to
 FP16 first), one rounding fewer. The kernel is compiled without FP contraction (enable_fp_fusion=False), so
 `acc * s + bias` rounds twice, as the reference's separate torch ops do: without GELU its outputs equal the

@@ -16,7 +16,7 @@ The math (layernorm_quant_reference defines it), per row of H values, statistics
     codes = clamp(round_half_even(float32(out) * out_recip), -127, 127)
 
 `out_recip` (and -iln's `round_scale`) is one float32 number, or a float32 vector [H], one per channel, for sites
-calibrated with smoothing (calib/smoothing.py).
+calibrated with smoothing (quant/smoothing.py).
 
 The codes are taken from the x.dtype-rounded output, not from the float32 y: that is what the engine's
 separate `quantize(layer_norm(x))` on its FP16 tensor gives, so fusing changes nothing downstream, and the
@@ -197,5 +197,5 @@ def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
         return None, q
     if round_scale is not None:
         scale = round_scale if isinstance(round_scale, torch.Tensor) else float(round_scale)
-        y = (q.float() * scale).to(x.dtype)  # = calib.quantizer.dequantize(q, scale, x.dtype)
+        y = (q.float() * scale).to(x.dtype)  # = quant.quantizer.dequantize(q, scale, x.dtype)
     return y, q

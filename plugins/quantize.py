@@ -4,7 +4,7 @@ The attention context leaves SDPA as [B, heads, S, D] and the next GEMM wants [B
 `transpose(1, 2).reshape(...)` copies it in FP16 and then quantizes that copy. quantize_rows reads the
 transposed view directly and writes its codes in the view's logical (row-major) order.
 
-codes = clamp(round_half_even(float32(x) * recip), -127, 127), as calib.quantizer.quantize (recip is the
+codes = clamp(round_half_even(float32(x) * recip), -127, 127), as quant.quantizer.quantize (recip is the
 float32 reciprocal of the scale). No arithmetic beyond that one product, so codes equal the reference exactly.
 """
 from __future__ import annotations
@@ -74,5 +74,5 @@ def quantize_rows(x: torch.Tensor, recip: float) -> torch.Tensor:
 
 
 def quantize_rows_reference(x: torch.Tensor, recip: float) -> torch.Tensor:
-    """The definition: calib.quantizer's formula with the reciprocal given, laid out contiguously."""
+    """The definition: quant.quantizer's formula with the reciprocal given, laid out contiguously."""
     return codes_reference(x, recip).contiguous()

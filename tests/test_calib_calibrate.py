@@ -22,7 +22,7 @@ from calib.calibrate import (
 )
 from calib.cache import cache_key, load_cache
 from calib.calibrators import METHODS
-from calib.policy import calibration_sites
+from quant.policy import calibration_sites
 from common.errors import WorkbenchError
 from common.version import __version__
 from data.features import Features, FeatureSettings, featurize
@@ -332,7 +332,7 @@ def test_smoothing_vectors_and_smoothed_ranges(tiny, tmp_path):
     """--smooth: s from the real tokens' per-channel maxima and the reading GEMM's weight; max method's amax is
     then exactly max |x / s| over real tokens; the other sites are untouched, and the cache keys on alpha."""
     from calib.calibrate import smoothing_vectors
-    from calib.smoothing import smoothable_sites, smoothing_factors
+    from quant.smoothing import smoothable_sites, smoothing_factors
 
     loaded, wordpiece, squad, features = tiny
     model = loaded.model.eval()

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from calib.cache import CalibrationCache, TensorRange
-from calib.fakequant import fake_quant_model
-from calib.policy import PrecisionPolicy, calibration_sites
+from quant.fakequant import fake_quant_model
+from quant.policy import PrecisionPolicy, calibration_sites
 from common.errors import WorkbenchError
 from engines.build import build_engine, kernel_choices, load_runnable
 from engines.engine_file import Profile, save_engine
@@ -144,7 +144,7 @@ def test_policy_sites():
 def test_attention_probabilities_are_max_calibrated():
     """Entropy would clip softmax outputs at 1/16 of their range; the policy keeps their peaks."""
     from calib.calibrate import collect_ranges
-    from calib.policy import calibration_method
+    from quant.policy import calibration_method
     from data.features import Features
 
     assert calibration_method("layer0.probs", "entropy") == "max"
@@ -495,7 +495,7 @@ def test_pipelined_batches_give_the_same_logits_in_order():
 
 def smoothed_max_calibration(loaded: LoadedModel, alpha: float = 0.5) -> CalibrationCache:
     """Max calibration with smoothing: per-channel maxima give s, then amax of x / s at the smoothed sites."""
-    from calib.smoothing import smoothable_sites, smoothing_factors
+    from quant.smoothing import smoothable_sites, smoothing_factors
 
     sites = smoothable_sites(CFG.num_layers)
     chmax: dict[str, torch.Tensor] = {}

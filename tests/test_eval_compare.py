@@ -20,7 +20,7 @@ def builds(tmp_path_factory):
     `cli.py sweep` keeps them (so the table can name the method)."""
     from calib.cache import default_cache_path, save_cache
     from calib.calibrate import CalibrationSpec, calibrate, load_calibration_model
-    from calib.policy import PrecisionPolicy
+    from quant.policy import PrecisionPolicy
     from data.features import FeatureSettings
     from data.squad import load_squad
     from engines.build import build_engine

@@ -166,7 +166,7 @@ def assert_int8_attention_codes(q, ref, scales, r):
 def test_int8_reference_is_the_fake_quant_function():
     """attention_int8_reference = the -imh fake-quant attention (codes dequantized, float64 math, probabilities
     rounded with s_p after the softmax, context rounded): only rounding-boundary cases may move a code by 1."""
-    from calib.quantizer import quantize
+    from quant.quantizer import quantize
 
     batch, s, heads, d = 2, 24, 3, 16
     codes, sc, bias = problem_int8(batch, s, heads, d, seed=31, device="cpu")

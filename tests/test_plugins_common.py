@@ -1,4 +1,4 @@
-"""plugins' shared INT8 rounding step against calib.quantizer, and the helpers the plugins tests share.
+"""plugins' shared INT8 rounding step against quant.quantizer, and the helpers the plugins tests share.
 
 The kernel tests run on CUDA with compiled kernels where there is a GPU, and elsewhere on CPU tensors in
 Triton's interpreter. Triton picks the mode when it decorates a kernel, i.e. when a plugins module is imported,
@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from calib.quantizer import _reciprocal, quantize
+from quant.quantizer import reciprocal, quantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -86,7 +86,7 @@ def test_codes_reference_is_calib_quantizer():
         for dtype in (torch.float16, torch.float32):
             x = (torch.randn(64, 96, generator=g) * 60 * scale).to(dtype)
             recip = common.out_recip(scale)
-            assert recip == _reciprocal(scale, torch.device("cpu"))
+            assert recip == reciprocal(scale, torch.device("cpu"))
             assert torch.equal(common.codes_reference(x, recip), quantize(x, scale))
 
 

@@ -1,11 +1,11 @@
-"""plugins.layernorm: the reference against torch's LayerNorm and calib.quantizer, the kernel against the reference."""
+"""plugins.layernorm: the reference against torch's LayerNorm and quant.quantizer, the kernel against the reference."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from calib.quantizer import quantize
+from quant.quantizer import quantize
 from tests.test_plugins_common import DEVICE, assert_codes_close, gen, kernels, poison, rel  # noqa: F401
 
 LN = kernels("layernorm")
@@ -120,8 +120,8 @@ def test_cuda_large(h, dtype, poison):
 
 @pytest.mark.parametrize("case", ["fp16-384", "fp32-1024"])
 def test_round_scale_outputs_the_dequantized_codes(case, poison):
-    """-iln: with round_scale the FP output is the INT8 value itself, i.e. calib.quantizer.dequantize(codes)."""
-    from calib.quantizer import dequantize
+    """-iln: with round_scale the FP output is the INT8 value itself, i.e. quant.quantizer.dequantize(codes)."""
+    from quant.quantizer import dequantize
 
     shape, dtype, pdtype = CASES[case]
     x, w, b = inputs(shape, dtype, seed=77, param_dtype=pdtype)
@@ -158,9 +158,9 @@ def test_codes_only_writes_the_same_codes_and_nothing_else(case, poison):
 @pytest.mark.parametrize("case", ["fp16-384", "fp16-ragged-100", "fp32-1024"])
 @pytest.mark.parametrize("iln", [False, True], ids=["codes", "codes+round"])
 def test_per_channel_scales(case, iln, poison):
-    """Smoothed sites (calib/smoothing.py): one scale per channel, codes = quantize(y, scale * s)."""
-    from calib.quantizer import dequantize
-    from calib.smoothing import channel_scales
+    """Smoothed sites (quant/smoothing.py): one scale per channel, codes = quantize(y, scale * s)."""
+    from quant.quantizer import dequantize
+    from quant.smoothing import channel_scales
 
     shape, dtype, pdtype = CASES[case]
     x, w, b = inputs(shape, dtype, seed=91, param_dtype=pdtype)

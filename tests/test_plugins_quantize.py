@@ -1,10 +1,10 @@
-"""plugins.quantize: codes of strided views equal calib.quantizer's, laid out contiguously, to the last bit."""
+"""plugins.quantize: codes of strided views equal quant.quantizer's, laid out contiguously, to the last bit."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from calib.quantizer import quantize
+from quant.quantizer import quantize
 from tests.test_plugins_common import DEVICE, gen, kernels, poison  # noqa: F401
 
 Q = kernels("quantize")

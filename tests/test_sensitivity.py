@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from calib.calibrate import CalibrationSpec, calibrate, load_calibration_model
-from calib.policy import GEMMS, PrecisionPolicy
+from quant.policy import GEMMS, PrecisionPolicy
 from common.errors import WorkbenchError
 from data.answers import AnswerSettings
 from data.features import FeatureSettings

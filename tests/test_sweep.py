@@ -47,7 +47,7 @@ def test_default_grid_is_the_standard_grid():
     assert "int8-p99.9-iln" in names and "int8-p99.99" in names and "int8-max-iln-imh" in names
     p999 = next(r for r in dense if r.name == "int8-p99.9")
     assert p999.method == "percentile" and p999.percentile == 99.9 and p999.smooth is None
-    from calib.smoothing import DEFAULT_ALPHA
+    from quant.smoothing import DEFAULT_ALPHA
     assert SMOOTH_ALPHA == DEFAULT_ALPHA
     smoothed = next(r for r in dense if r.name == "int8-entropy-sm-iln")
     assert smoothed.method == "entropy" and smoothed.smooth == SMOOTH_ALPHA and smoothed.iln

@@ -1,12 +1,12 @@
 """The fake-quant reference: the INT8 build's function computed in floating point, for checking engines.
 
 A copy of the reference BertQA where every GEMM the policy quantizes sees its input and its weights rounded
-through calib.quantizer (per-tensor activation scales, per-output-channel weight scales), the -iln/-imh sites
+through quant.quantizer (per-tensor activation scales, per-output-channel weight scales), the -iln/-imh sites
 are rounded where the tap meets them, and GELU is the engine's (PrecisionPolicy.gelu_tanh). An INT8 engine with
 the same scales must compute the same function: its integer GEMMs accumulate exactly, so only floating-point
 rounding separates the two.
 
-With smoothing (calib/smoothing.py) a smoothed site is quantized per channel with scale * s, the GEMM reads those
+With smoothing (quant/smoothing.py) a smoothed site is quantized per channel with scale * s, the GEMM reads those
 codes times the per-tensor scale (x / s, rounded) and its weights are W * s rounded per row: the engine's order.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Mapping
 
 import torch
 
-from calib.policy import GEMMS, PrecisionPolicy
-from calib.quantizer import dequantize, fake_quantize, quantize, weight_scales
-from calib.smoothing import channel_scales, smoothed_weight
+from quant.policy import GEMMS, PrecisionPolicy
+from quant.quantizer import dequantize, fake_quantize, quantize, weight_scales
+from quant.smoothing import channel_scales, smoothed_weight
 from model.bert import BertQA, gelu_tanh
 
 

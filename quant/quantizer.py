@@ -29,7 +29,7 @@ def _on(scale: torch.Tensor | float, device: torch.device) -> torch.Tensor | flo
     return torch.as_tensor(scale, dtype=torch.float32, device=device)
 
 
-def _reciprocal(scale: torch.Tensor | float, device: torch.device) -> torch.Tensor | float:
+def reciprocal(scale: torch.Tensor | float, device: torch.device) -> torch.Tensor | float:
     """1 / scale rounded to float32 (a Python float is rounded to float32 first, as a float32 tensor would be)."""
     if isinstance(scale, (int, float)):
         return float(np.float32(1.0) / np.float32(scale))
@@ -38,7 +38,7 @@ def _reciprocal(scale: torch.Tensor | float, device: torch.device) -> torch.Tens
 
 def quantize(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """x -> int8 codes; `scale` is a scalar or broadcasts against x (per-channel scales along dim 0)."""
-    return torch.clamp(torch.round(x.float() * _reciprocal(scale, x.device)), -QMAX, QMAX).to(torch.int8)
+    return torch.clamp(torch.round(x.float() * reciprocal(scale, x.device)), -QMAX, QMAX).to(torch.int8)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,0 +1,277 @@
+"""Kernel backends: every implementation the engine can run for an encoder GEMM or an attention, by family.
+
+A family declares its name, the input format it takes, its candidate configurations for a problem, and how to
+run one; each format has one reference family ("library": plain torch ops and cuBLASLt) that defines the math,
+and every other candidate must reproduce the reference's output before the build times it (engines/tuning.py).
+An implementation is named "FAMILY" or "FAMILY:CONFIG" (e.g. "triton:128x128x128-g8-w4-s3"); engine headers and
+the timing cache store those names. The runtime looks a name up here and runs it, so a new family (2:4-sparse,
+FP8) is a `register_gemm` call beside its kernel, with no edit to the runtime or the build.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from common.errors import WorkbenchError
+from engines.tuning import GemmProblem
+
+LIBRARY = "library"
+# Configurations meant for a few rows (split K, weight prefetch: batch 1) are timed up to this many rows.
+SMALL_M_ROWS = 2048
+
+
+class GemmRun(Protocol):
+    def __call__(self, config: str, a: torch.Tensor, w: torch.Tensor, a_scale: float | None,
+                 w_scale: torch.Tensor | None, bias: torch.Tensor, *, residual: torch.Tensor | None = None,
+                 residual_scale: float | torch.Tensor | None = None, gelu: bool = False,
+                 gelu_tanh: bool = True, out_recip: float | torch.Tensor | None = None,
+                 out_dtype: torch.dtype = torch.float16) -> torch.Tensor: ...
+
+
+class AttentionRun(Protocol):
+    def __call__(self, config: str, qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.Tensor | None, *,
+                 scales=None, out_recip: float | torch.Tensor | None = None,
+                 out_dtype: torch.dtype = torch.float16, gpu_kernels: bool = False) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class GemmBackend:
+    """One GEMM family. `run(config, a, w, a_scale, w_scale, bias, ...)` computes
+    [GELU](a @ w.T * scales + bias) [+ residual], as codes when `out_recip` is given; FP families ignore the
+    scales. `gpu_kernels`: the family launches our Triton kernels, so it runs only where they can."""
+
+    family: str
+    format: str                                         # the input format it takes: "int8", "fp"
+    configs: Callable[[GemmProblem], Sequence[str]]     # candidate configurations for a problem ("" = no config)
+    run: GemmRun
+    gpu_kernels: bool = False
+
+    def impls(self, problem: GemmProblem) -> list[str]:
+        return [implementation(self.family, c) for c in self.configs(problem)]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One attention family: softmax(Q K^T / sqrt(d) + key bias) V from the QKV GEMM's output [b*s, 3H] to the
+    context [b*s, H] (its codes when `out_recip` is given). `format`: "fp" takes the FP QKV output, "int8" the
+    -imh codes with their AttentionScales."""
+
+    family: str
+    format: str
+    configs: Callable[[int, int], Sequence[str]]        # (batch, seq_len) -> candidate configurations
+    run: AttentionRun
+    gpu_kernels: bool = False
+
+    def impls(self, batch: int, seq_len: int) -> list[str]:
+        return [implementation(self.family, c) for c in self.configs(batch, seq_len)]
+
+
+_GEMMS: dict[tuple[str, str], GemmBackend] = {}
+_ATTENTIONS: dict[tuple[str, str], AttentionBackend] = {}
+
+
+def implementation(family: str, config: str) -> str:
+    return f"{family}:{config}" if config else family
+
+
+def split(impl: str) -> tuple[str, str]:
+    """"triton:128x..." -> ("triton", "128x..."); "library" -> ("library", "")."""
+    family, _, config = impl.partition(":")
+    return family, config
+
+
+def register_gemm(backend: GemmBackend) -> GemmBackend:
+    """Add a GEMM family (replacing one of the same family and format)."""
+    _GEMMS[backend.family, backend.format] = backend
+    return backend
+
+
+def register_attention(backend: AttentionBackend) -> AttentionBackend:
+    _ATTENTIONS[backend.family, backend.format] = backend
+    return backend
+
+
+def unregister(family: str, format: str) -> None:
+    """Remove a family (tests register toy ones)."""
+    _GEMMS.pop((family, format), None)
+    _ATTENTIONS.pop((family, format), None)
+
+
+def gemm_backend(impl: str, format: str) -> GemmBackend:
+    found = _GEMMS.get((split(impl)[0], format))
+    if found is None:
+        raise WorkbenchError(f"no {format} GEMM implementation {impl!r} is registered in this workbench: rebuild "
+                             "the engine here")
+    return found
+
+
+def attention_backend(impl: str, format: str) -> AttentionBackend:
+    found = _ATTENTIONS.get((split(impl)[0], format))
+    if found is None:
+        raise WorkbenchError(f"no {format} attention implementation {impl!r} is registered in this workbench: "
+                             "rebuild the engine here")
+    return found
+
+
+def runnable(impl: str, format: str, gpu_kernels: bool, attention: bool = False) -> bool:
+    """Whether `impl` is registered for `format` and can run where our GPU kernels can (`gpu_kernels`) or not."""
+    table = _ATTENTIONS if attention else _GEMMS
+    found = table.get((split(impl)[0], format))
+    return found is not None and (gpu_kernels or not found.gpu_kernels)
+
+
+def gemm_candidates(problem: GemmProblem, format: str, gpu_kernels: bool) -> list[str]:
+    """Every registered implementation of a `format` GEMM for `problem`, the reference (LIBRARY) first."""
+    families = sorted((b for (_, f), b in _GEMMS.items() if f == format and (gpu_kernels or not b.gpu_kernels)),
+                      key=lambda b: b.family != LIBRARY)
+    return [impl for b in families for impl in b.impls(problem)]
+
+
+def attention_candidates(batch: int, seq_len: int, format: str, gpu_kernels: bool) -> list[str]:
+    families = sorted((b for (_, f), b in _ATTENTIONS.items() if f == format and (gpu_kernels or not b.gpu_kernels)),
+                      key=lambda b: b.family != LIBRARY)
+    return [impl for b in families for impl in b.impls(batch, seq_len)]
+
+
+# ---------------------------------------------------------------- the Triton INT8 GEMM's configuration names
+
+def triton_impl(config) -> str:
+    """The implementation name of a plugins.int8_linear.GemmConfig, e.g. "triton:128x128x128-g8-w4-s3-st+tma"."""
+    c = config
+    split_k = f"-k{c.split_k}" if c.split_k > 1 else ""
+    prefetch = "-pf" if c.prefetch else ""
+    store = "-st" if c.tma_store else ""
+    loads = "" if c.loads == "ptr" else f"+{c.loads}"
+    return (f"{TRITON}:{c.block_m}x{c.block_n}x{c.block_k}-g{c.group_m}-w{c.num_warps}-s{c.num_stages}"
+            f"{split_k}{prefetch}{store}{loads}")
+
+
+def parse_triton_impl(impl: str):
+    """The GemmConfig an implementation name stands for (inverse of triton_impl)."""
+    from plugins.int8_linear import GemmConfig
+
+    body, _, loads = impl.removeprefix(f"{TRITON}:").partition("+")
+    tiles, g, w, s, *options = body.split("-")
+    bm, bn, bk = map(int, tiles.split("x"))
+    split_k = [int(o[1:]) for o in options if o.startswith("k")]
+    return GemmConfig(bm, bn, bk, int(g[1:]), int(w[1:]), int(s[1:]), loads or "ptr", split_k[0] if split_k else 1,
+                      prefetch="pf" in options, tma_store="st" in options)
+
+
+TRITON = "triton"
+
+
+# ---------------------------------------------------------------- the built-in families
+
+def _int8_library(config, a, w, a_scale, w_scale, bias, *, gelu_tanh=True, **kw):
+    from plugins.int8_linear import int8_linear_reference
+
+    return int8_linear_reference(a, w, a_scale, w_scale, bias, **kw)
+
+
+def _int8_triton(config, a, w, a_scale, w_scale, bias, *, gelu_tanh=True, **kw):
+    from plugins.int8_linear import int8_linear
+
+    return int8_linear(a, w, a_scale, w_scale, bias, config=parse_triton_impl(implementation(TRITON, config)), **kw)
+
+
+def _triton_configs(problem: GemmProblem) -> list[str]:
+    from plugins.int8_linear import CANDIDATE_CONFIGS
+
+    return [split(triton_impl(c))[1] for c in CANDIDATE_CONFIGS if problem.m <= SMALL_M_ROWS or not c.small_m]
+
+
+def linear_gelu_tanh(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(a @ w.T + bias), tanh form: on CUDA one cuBLASLt GEMM with its GELU_BIAS epilogue (torch's
+    _addmm_activation), instead of a GEMM and a pass over its output (BERT-large FC1 at 128 x 384: 400 MB read
+    and written again per layer); elsewhere the same function in two ops."""
+    if a.is_cuda:
+        return torch._addmm_activation(bias, a, w.t(), use_gelu=True)
+    return F.gelu(F.linear(a, w, bias), approximate="tanh")
+
+
+def _fp_library(config, a, w, a_scale, w_scale, bias, *, residual=None, residual_scale=None, gelu=False,
+                gelu_tanh=True, out_recip=None, out_dtype=torch.float16):
+    """An FP GEMM (F.linear; cuBLASLt's GELU epilogue for the tanh GELU); a residual carried as codes is
+    dequantized first; the output quantized where `out_recip` is given."""
+    from plugins._common import codes_reference
+    from plugins.int8_linear import residual_codes_value
+
+    if gelu and gelu_tanh:
+        y = linear_gelu_tanh(a, w, bias)
+    else:
+        y = F.linear(a, w, bias)
+        y = F.gelu(y) if gelu else y
+    if residual_scale is not None:
+        y = y + residual_codes_value(residual, residual_scale).to(y.dtype)
+    elif residual is not None:
+        y = y + residual
+    return codes_reference(y, out_recip) if out_recip is not None else y
+
+
+def _sdpa(config, qkv, batch, heads, key_bias, *, scales=None, out_recip=None, out_dtype=torch.float16,
+          gpu_kernels=False):
+    """PyTorch's fused SDPA, then (where the next GEMM is INT8) the context's codes in one pass on CUDA."""
+    s = qkv.shape[0] // batch
+    d = qkv.shape[1] // (3 * heads)
+    q, k, v = qkv.view(batch, s, 3, heads, d).permute(2, 0, 3, 1, 4)
+    mask_bias = None if key_bias is None else key_bias.view(batch, 1, 1, s)
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias).transpose(1, 2)  # [b, s, h, d]
+    if out_recip is None:
+        return context.reshape(batch * s, heads * d)
+    if gpu_kernels:
+        from plugins.quantize import quantize_rows
+        codes = quantize_rows(context, out_recip)
+    else:
+        from plugins.quantize import quantize_rows_reference
+        codes = quantize_rows_reference(context, out_recip)
+    return codes.view(batch * s, heads * d)
+
+
+def _fused_attention(config, qkv, batch, heads, key_bias, *, scales=None, out_recip=None, out_dtype=torch.float16,
+                     gpu_kernels=True):
+    from plugins.attention import AttentionConfig, fused_attention
+
+    return fused_attention(qkv, batch, heads, key_bias, out_recip=out_recip, out_dtype=out_dtype,
+                           config=AttentionConfig.parse(implementation("fused-attention", config)))
+
+
+def _int8_attention_library(config, codes, batch, heads, key_bias, *, scales=None, out_recip=None,
+                            out_dtype=torch.float16, gpu_kernels=False):
+    from plugins.attention import attention_int8_reference
+
+    return attention_int8_reference(codes, batch, heads, scales, key_bias, out_recip=out_recip, out_dtype=out_dtype)
+
+
+def _int8_attention(config, codes, batch, heads, key_bias, *, scales=None, out_recip=None, out_dtype=torch.float16,
+                    gpu_kernels=True):
+    from plugins.attention import AttentionConfig, fused_attention_int8
+
+    return fused_attention_int8(codes, batch, heads, scales, key_bias, out_recip=out_recip, out_dtype=out_dtype,
+                                config=AttentionConfig.parse(implementation("int8-attention", config)))
+
+
+def _attention_configs(int8: bool) -> Callable[[int, int], list[str]]:
+    def configs(batch: int, seq_len: int) -> list[str]:
+        from plugins.attention import CANDIDATE_CONFIGS, INT8_CANDIDATE_CONFIGS
+
+        return [split(c.name)[1] for c in (INT8_CANDIDATE_CONFIGS if int8 else CANDIDATE_CONFIGS)]
+    return configs
+
+
+def _reference_only(*_args) -> list[str]:
+    return [""]
+
+
+register_gemm(GemmBackend(LIBRARY, "int8", _reference_only, _int8_library))
+register_gemm(GemmBackend(TRITON, "int8", _triton_configs, _int8_triton, gpu_kernels=True))
+register_gemm(GemmBackend(LIBRARY, "fp", _reference_only, _fp_library))
+register_attention(AttentionBackend(LIBRARY, "fp", _reference_only, _sdpa))
+register_attention(AttentionBackend("fused-attention", "fp", _attention_configs(False), _fused_attention,
+                                    gpu_kernels=True))
+register_attention(AttentionBackend(LIBRARY, "int8", _reference_only, _int8_attention_library))
+register_attention(AttentionBackend("int8-attention", "int8", _attention_configs(True), _int8_attention,
+                                    gpu_kernels=True))
