@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import WorkbenchError
-from engines.tuning import GemmProblem
+from engines.tuning import LIBRARY, GemmProblem  # LIBRARY: the reference family of every format
 
-LIBRARY = "library"
 # Configurations meant for a few rows (split K, weight prefetch: batch 1) are timed up to this many rows.
 SMALL_M_ROWS = 2048
 
@@ -100,20 +99,20 @@ def unregister(family: str, format: str) -> None:
     _ATTENTIONS.pop((family, format), None)
 
 
-def gemm_backend(impl: str, format: str) -> GemmBackend:
-    found = _GEMMS.get((split(impl)[0], format))
+def _lookup(table: dict, impl: str, format: str, what: str):
+    found = table.get((split(impl)[0], format))
     if found is None:
-        raise WorkbenchError(f"no {format} GEMM implementation {impl!r} is registered in this workbench: rebuild "
-                             "the engine here")
+        raise WorkbenchError(f"no {format} {what} implementation {impl!r} is registered in this workbench: "
+                             "rebuild the engine here")
     return found
+
+
+def gemm_backend(impl: str, format: str) -> GemmBackend:
+    return _lookup(_GEMMS, impl, format, "GEMM")
 
 
 def attention_backend(impl: str, format: str) -> AttentionBackend:
-    found = _ATTENTIONS.get((split(impl)[0], format))
-    if found is None:
-        raise WorkbenchError(f"no {format} attention implementation {impl!r} is registered in this workbench: "
-                             "rebuild the engine here")
-    return found
+    return _lookup(_ATTENTIONS, impl, format, "attention")
 
 
 def runnable(impl: str, format: str, gpu_kernels: bool, attention: bool = False) -> bool:
@@ -123,17 +122,19 @@ def runnable(impl: str, format: str, gpu_kernels: bool, attention: bool = False)
     return found is not None and (gpu_kernels or not found.gpu_kernels)
 
 
+def _families(table: dict, format: str, gpu_kernels: bool) -> list:
+    """The families registered for `format` that can run here, the reference (LIBRARY) first."""
+    return sorted((b for (_, f), b in table.items() if f == format and (gpu_kernels or not b.gpu_kernels)),
+                  key=lambda b: b.family != LIBRARY)
+
+
 def gemm_candidates(problem: GemmProblem, format: str, gpu_kernels: bool) -> list[str]:
-    """Every registered implementation of a `format` GEMM for `problem`, the reference (LIBRARY) first."""
-    families = sorted((b for (_, f), b in _GEMMS.items() if f == format and (gpu_kernels or not b.gpu_kernels)),
-                      key=lambda b: b.family != LIBRARY)
-    return [impl for b in families for impl in b.impls(problem)]
+    """Every registered implementation of a `format` GEMM for `problem`, the reference first."""
+    return [impl for b in _families(_GEMMS, format, gpu_kernels) for impl in b.impls(problem)]
 
 
 def attention_candidates(batch: int, seq_len: int, format: str, gpu_kernels: bool) -> list[str]:
-    families = sorted((b for (_, f), b in _ATTENTIONS.items() if f == format and (gpu_kernels or not b.gpu_kernels)),
-                      key=lambda b: b.family != LIBRARY)
-    return [impl for b in families for impl in b.impls(batch, seq_len)]
+    return [impl for b in _families(_ATTENTIONS, format, gpu_kernels) for impl in b.impls(batch, seq_len)]
 
 
 # ---------------------------------------------------------------- the Triton INT8 GEMM's configuration names
@@ -197,7 +198,7 @@ def _fp_library(config, a, w, a_scale, w_scale, bias, *, residual=None, residual
                 gelu_tanh=True, out_recip=None, out_dtype=torch.float16):
     """An FP GEMM (F.linear; cuBLASLt's GELU epilogue for the tanh GELU); a residual carried as codes is
     dequantized first; the output quantized where `out_recip` is given."""
-    from plugins._common import codes_reference
+    from plugins.common import codes_reference
     from plugins.int8_linear import residual_codes_value
 
     if gelu and gelu_tanh:

@@ -18,8 +18,8 @@ import torch
 import common.version
 from calib.cache import CalibrationCache
 from quant.policy import GEMMS, PrecisionPolicy
-from quant.quantizer import scale_from_amax
 from quant.smoothing import check_vectors
+from quant.spec import QuantSpec, ScaleSource
 from common.errors import WorkbenchError
 from data.tokenizer import WordPiece, wordpiece_from_str
 from engines.engine_file import EngineHeader, Profile, load_engine, this_gpu
@@ -47,7 +47,7 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
         if p.seq_len > cfg.max_position_embeddings:
             raise WorkbenchError(f"profile {p}: sequence length exceeds the model's max_position_embeddings "
                                  f"{cfg.max_position_embeddings}")
-    act_scales = _activation_scales(loaded, policy, calib)
+    spec = quant_spec(loaded, policy, calib)
     smooth = {site: torch.tensor(r.smooth, dtype=torch.float32) for site, r in calib.ranges.items()
               if r.smooth is not None} if calib is not None and policy.int8 else {}
     check_vectors(smooth, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, "the calibration cache")
@@ -57,7 +57,7 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
                                                      dtype=torch.uint8)
     gpu = this_gpu() if device.type == "cuda" else None
     header = EngineHeader(
-        model_config=cfg.to_json(), policy=_policy_json(policy), profiles=tuple(profiles), act_scales=act_scales,
+        model_config=cfg.to_json(), policy=_policy_json(policy), profiles=tuple(profiles), quant=spec.to_json(),
         model_digest=loaded.digest, calib_digest=calib.key() if calib is not None and policy.int8 else None,
         device=device.type, gpu_name=gpu[0] if gpu else None, compute_capability=gpu[1] if gpu else None,
         versions=_versions(), kernels=_kernels(cfg.num_layers, policy, device),
@@ -122,10 +122,11 @@ def kernel_choices(header: EngineHeader) -> list[str]:
     return lines
 
 
-def _activation_scales(loaded: LoadedModel, policy: PrecisionPolicy,
-                       calib: CalibrationCache | None) -> dict[str, float]:
-    if not policy.int8:
-        return {}
+def quant_spec(loaded: LoadedModel, policy: PrecisionPolicy, calib: CalibrationCache | None) -> QuantSpec:
+    """The build flags compiled with the calibration cache's ranges (PrecisionPolicy.spec), after checking that
+    the cache belongs to this model and covers every site the flags quantize."""
+    if policy.format is None:
+        return QuantSpec()
     if calib is None:
         raise WorkbenchError("--int8 needs activation scales: make a calibration cache with "
                              "`cli.py calibrate --squad train.json --model DIR -o calib.json` and pass "
@@ -138,7 +139,9 @@ def _activation_scales(loaded: LoadedModel, policy: PrecisionPolicy,
     if missing:
         raise WorkbenchError(f"the calibration cache has no range for {missing[0]} "
                              f"({len(missing)} sites missing): recalibrate with this workbench")
-    return {s: float(scale_from_amax(calib.ranges[s].amax)) for s in sites}
+    source = ScaleSource("calibration", calib.method, calib.settings.get("smooth_alpha"))
+    return policy.spec(loaded.config.num_layers, {s: r.amax for s, r in calib.ranges.items()}, source,
+                       {s for s, r in calib.ranges.items() if r.smooth is not None})
 
 
 def _policy_json(policy: PrecisionPolicy) -> dict:

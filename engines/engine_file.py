@@ -25,9 +25,12 @@ from safetensors.torch import save_file
 
 from common.errors import WorkbenchError
 from common.files import atomic_path, sha256_bytes
+from quant.spec import QuantSpec
 
 FORMAT = "bert-int8-workbench/engine"
-FORMAT_VERSION = 1
+# 2: each quantized site's format, granularity, scale source and amax (quant.spec.QuantSpec) in place of
+# version 1's bare INT8 activation scales.
+FORMAT_VERSION = 2
 
 # Weights, scales and parameters; uint8 for opaque bytes stored alongside them (e.g. the embedded tokenizer).
 DTYPES = (torch.int8, torch.float16, torch.float32, torch.bfloat16, torch.uint8)
@@ -49,7 +52,7 @@ class EngineHeader:
     model_config: dict            # BertConfig.to_json()
     policy: dict                  # dataclasses.asdict(PrecisionPolicy)
     profiles: tuple[Profile, ...]
-    act_scales: dict[str, float]  # quantization site -> scale (empty for non-INT8 builds)
+    quant: dict                   # quant.spec.QuantSpec.to_json(): each quantized site's format and amax
     model_digest: str
     calib_digest: str | None      # the calibration cache's key; None without INT8
     device: str                   # "cuda" or "cpu": where it was built to run
@@ -61,6 +64,10 @@ class EngineHeader:
     created: str                  # ISO-8601 UTC
     source: str = ""              # model folder or preset name, for reports
     calibration: str = ""         # the calibration cache described ("entropy +smooth 0.8 (100 q)"), for reports
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec.from_json(self.quant)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
@@ -88,8 +95,8 @@ class EngineHeader:
             model_config=dict(get("model_config", lambda v: _is_map(v, lambda x: True), "an object")),
             policy=dict(get("policy", lambda v: _is_map(v, lambda x: True), "an object")),
             profiles=tuple(Profile(p["batch"], p["seq_len"]) for p in profiles),
-            act_scales={k: float(v) for k, v in get(
-                "act_scales", lambda v: _is_map(v, _is_number), "an object of site -> finite number >= 0").items()},
+            quant=_quant(get("quant", _is_spec, "a quantization spec {weight_format, sites: {site: {format, "
+                             "amax, granularity, source}}}"), path),
             model_digest=get("model_digest", _is_str, "a string"),
             calib_digest=get("calib_digest", _opt_str, "a string or null"),
             device=device,
@@ -191,6 +198,9 @@ def _check_format(d: Any, path: str | os.PathLike) -> None:
     if version > FORMAT_VERSION:
         raise WorkbenchError(f"{path}: built by a newer workbench: format version {version}, this one reads "
                              f"{FORMAT_VERSION}; upgrade the workbench or rebuild the engine with this one")
+    if version < FORMAT_VERSION:
+        raise WorkbenchError(f"{path}: built by an older workbench (engine format {version}, this one reads "
+                             f"{FORMAT_VERSION}): rebuild it with `cli.py build`")
 
 
 def _check_runs_here(header: EngineHeader, target: torch.device, path: Path) -> None:
@@ -323,6 +333,17 @@ def _is_number(v: Any) -> bool:
 
 def _is_map(v: Any, ok: Callable[[Any], bool]) -> bool:
     return isinstance(v, dict) and all(isinstance(k, str) and ok(x) for k, x in v.items())
+
+
+def _is_spec(v: Any) -> bool:
+    return isinstance(v, dict) and _is_map(v.get("sites"), lambda site: isinstance(site, dict) and _is_number(
+        site.get("amax")) and _is_str(site.get("format"))) and _is_str(v.get("weight_format", ""))
+
+
+def _quant(d: dict, path: str | os.PathLike) -> dict:
+    """The spec as stored, once it parses (known formats, granularities and sources)."""
+    QuantSpec.from_json(d, f"{path}: engine header field 'quant'")
+    return d
 
 
 def _is_profile(p: Any) -> bool:

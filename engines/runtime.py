@@ -8,10 +8,12 @@ what TensorRT's INT8 BERT keeps between its plugins, and each tensor is read and
 residual stream is INT8 where the LayerNorms produce it, so it is carried as the codes alone (1 byte a value):
 the next GEMMs read them as their input and, dequantized in their epilogue, as their residual.
 
-Each op has two implementations that compute the same function: the reference (plain torch ops; cuBLASLt's INT8
-GEMM through `torch._int_mm` on CUDA; all of it on the CPU, which is how CI runs engines) and the Triton kernels
-(CUDA). `build` times the GEMM implementations per profile and records the fastest in the engine header
-(engines/tuning.py); a CPU engine, and anything the header does not name, runs the reference.
+Which site is quantized, in which format and with which scale is the header's quantization spec (quant/spec.py);
+which kernel runs a GEMM or an attention is a name from the registry of kernel families (engines/backends.py):
+the reference of each format (plain torch ops; cuBLASLt's INT8 GEMM through `torch._int_mm` on CUDA; all of it on
+the CPU, which is how CI runs engines) and the families of Triton kernels (CUDA). `build` times the registered
+candidates per profile and records the fastest in the engine header (engines/tuning.py); a CPU engine, and
+anything the header does not name or this workbench cannot run, runs the reference.
 
 Attention without -imh runs PyTorch's fused SDPA, or where the build timed it faster (INT8 builds on CUDA),
 plugins/attention.py's kernel, which reads Q, K, V from the QKV output and writes the context as the next GEMM
@@ -30,16 +32,18 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from quant.policy import GEMMS, PrecisionPolicy
-from quant.quantizer import reciprocal, dequantize, quantize
-from quant.smoothing import channel_scales, smoothed_weight
+from common.errors import WorkbenchError
+from engines import backends
 from engines.engine_file import EngineHeader
-from engines.backends import parse_triton_impl, triton_impl  # noqa: F401 (moving)
 from engines.tuning import LIBRARY, GemmProblem, agrees, attention_agrees, attention_key, kernel_key
 from model.config import BertConfig
+from quant.formats import QuantFormat
+from quant.policy import GEMMS, PrecisionPolicy
+from quant.quantizer import dequantize, quantize, reciprocal, weight_scales
+from quant.smoothing import channel_scales, smoothed_weight
 
 SMOOTH_PREFIX = "smooth."  # engine tensors "smooth.SITE": a smoothed site's vector s (quant/smoothing.py)
-ROTATE_WEIGHTS_UP_TO_ROWS = 2048  # build-time timing runs every layer's weights up to this M (gemm_candidates)
+ROTATE_WEIGHTS_UP_TO_ROWS = backends.SMALL_M_ROWS  # build-time timing runs every layer's weights up to this M
 
 
 @dataclass(frozen=True)
@@ -54,26 +58,23 @@ class Activation:
 
 @dataclass(frozen=True)
 class Gemm:
-    """One encoder GEMM as the engine runs it: INT8 (codes in, per-channel weight scales) or FP."""
+    """One encoder GEMM as the engine runs it: quantized (codes in, per-channel weight scales) or FP."""
 
     kind: str                         # qkv, attn_out, fc1, fc2
-    weight: torch.Tensor              # int8 [N, K], or FP16/FP32
-    bias: torch.Tensor                # float32 for INT8 GEMMs, else the engine's dtype
-    weight_scale: torch.Tensor | None  # float32 [N] for INT8 GEMMs
-    input_scale: float | None         # per-tensor scale of the INT8 input codes
+    weight: torch.Tensor              # codes [N, K] in `format`, or FP16/FP32
+    bias: torch.Tensor                # float32 for quantized GEMMs, else the engine's dtype
+    weight_scale: torch.Tensor | None  # float32 [N] for quantized GEMMs
+    input_scale: float | None         # per-tensor scale of the input codes
+    format: QuantFormat | None = None  # the spec's format of input and weights; None: floating point
 
     @property
-    def int8(self) -> bool:
-        return self.weight.dtype == torch.int8
+    def quantized(self) -> bool:
+        return self.format is not None
 
-
-def linear_gelu_tanh(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """GELU(a @ w.T + bias), tanh form: on CUDA one cuBLASLt GEMM with its GELU_BIAS epilogue (torch's
-    _addmm_activation), instead of a GEMM and a pass over its output (BERT-large FC1 at 128 x 384: 400 MB read
-    and written again per layer); elsewhere the same function in two ops."""
-    if a.is_cuda:
-        return torch._addmm_activation(bias, a, w.t(), use_gelu=True)
-    return F.gelu(F.linear(a, w, bias), approximate="tanh")
+    @property
+    def backend_format(self) -> str:
+        """The format whose kernel families run it (engines/backends.py)."""
+        return self.format.name if self.format is not None else "fp"
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -92,7 +93,8 @@ class Engine(torch.nn.Module):
         self.dtype = torch.float16 if self.policy.fp16 else torch.float32
         self.device = torch.device(device)
         self.t = {k: v.to(self.device) for k, v in tensors.items()}
-        self.scale = dict(header.act_scales)
+        self.spec = header.spec
+        self.scale = self.spec.scales()
         self.produced_int8 = {s for s in self.scale if self.policy.rounded_where_produced(s)}
         # Smoothed sites (quant/smoothing.py) are quantized per channel: their scales and reciprocals, made once.
         smooth = {k.removeprefix(SMOOTH_PREFIX): v for k, v in self.t.items() if k.startswith(SMOOTH_PREFIX)}
@@ -111,17 +113,22 @@ class Engine(torch.nn.Module):
     def _gemm_of(self, i: int, kind: str) -> Gemm:
         p = f"layers.{i}.{kind}"
         w = self.t[f"{p}.weight"]
-        if w.dtype != torch.int8:
+        fmt = self.policy.gemm_format(i, kind)
+        if fmt is None:
             return Gemm(kind, w, self.t[f"{p}.bias"], None, None)
+        if w.dtype != fmt.dtype or f"{p}.weight_scale" not in self.t:
+            raise WorkbenchError(f"engine tensors do not match its header: {p}.weight is {w.dtype}, the spec says "
+                                 f"{fmt.name} with per-channel scales; rebuild the engine")
         return Gemm(kind, w, self.t[f"{p}.bias"].float().contiguous(), self.t[f"{p}.weight_scale"].float(),
-                    self.scale[self.policy.gemm_input_site(i, kind)])
+                    self.scale[self.policy.gemm_input_site(i, kind)], fmt)
 
     # ------------------------------------------------------------ kernel choice
 
-    def impl(self, kind: str, m: int) -> str:
-        """The implementation of an INT8 GEMM kind at m rows: the header's choice for this m, else the choice
-        for the nearest larger m it has, else the reference."""
-        if not self.use_triton or (kind == "fc2" and self.policy.fc2_library_gemm):
+    def impl(self, kind: str, m: int, format: str = "int8") -> str:
+        """The implementation of a quantized GEMM kind at m rows: the header's choice for this m, else the choice
+        for the nearest larger m it has, else the reference; the reference too where the choice cannot run here
+        (a family of GPU kernels on the CPU, or one this workbench has not registered)."""
+        if kind == "fc2" and self.policy.fc2_library_gemm:
             return LIBRARY
         chosen = self.kernels.get(kernel_key(kind, m))
         if chosen is None:
@@ -129,16 +136,20 @@ class Engine(torch.nn.Module):
                            if k.startswith(f"gemm.{kind}.m"))
             larger = [v for km, v in known if km >= m]
             chosen = larger[0] if larger else (known[-1][1] if known else LIBRARY)
-        return chosen
+        return chosen if backends.runnable(chosen, format, self.use_triton) else LIBRARY
 
     def attention_impl(self, b: int, s: int, padded: bool) -> str:
         """The attention implementation at batch b, length s, with the padding bias or without a mask: the
         header's choice for that case (the builder times the fused kernel against SDPA, or under -imh the INT8
         kernel against its reference, for each), else the library path. Engines built before the two cases were
         timed apart hold one choice per shape, for both."""
-        if not self.use_triton:
-            return LIBRARY
-        return self.kernels.get(attention_key(b, s, padded), self.kernels.get(attention_key(b, s), LIBRARY))
+        chosen = self.kernels.get(attention_key(b, s, padded), self.kernels.get(attention_key(b, s), LIBRARY))
+        return chosen if backends.runnable(chosen, self._attention_format, self.use_triton, attention=True) \
+            else LIBRARY
+
+    @property
+    def _attention_format(self) -> str:
+        return "int8" if self.policy.imh else "fp"
 
     # ------------------------------------------------------------ ops
 
@@ -159,7 +170,7 @@ class Engine(torch.nn.Module):
 
     def _input(self, name: str, x: Activation) -> torch.Tensor:
         """What GEMM `name` reads of x: the codes where it is INT8, else the FP value."""
-        return x.codes if self.gemms[name].int8 else self._fp(x)
+        return x.codes if self.gemms[name].quantized else self._fp(x)
 
     def _linear(self, name: str, a: torch.Tensor, *, residual: Activation | None = None, gelu: bool = False,
                 out_site: str | None = None, impl: str | None = None) -> torch.Tensor:
@@ -167,28 +178,15 @@ class Engine(torch.nn.Module):
         INT8 GEMM reads a residual carried as codes alone as they are, and dequantizes them in its epilogue."""
         g = self.gemms[name]
         recip = self._recip(out_site) if out_site else None
-        if not g.int8:
-            if gelu and self.policy.gelu_tanh:
-                y = linear_gelu_tanh(a, g.weight, g.bias)
-            else:
-                y = F.linear(a, g.weight, g.bias)
-                y = F.gelu(y) if gelu else y
-            if residual is not None:
-                y = y + self._fp(residual)
-            return quantize(y, self._site_scale(out_site)) if recip is not None else y
         res = {}
         if residual is not None:
             res = dict(residual=residual.fp) if residual.fp is not None else \
                 dict(residual=residual.codes, residual_scale=self._site_scale(residual.site))
-        impl = impl or self.impl(g.kind, a.shape[0])
-        if impl == LIBRARY:
-            from plugins.int8_linear import int8_linear_reference as run
-            config = {}
-        else:
-            from plugins.int8_linear import int8_linear as run
-            config = {"config": parse_triton_impl(impl)}
-        return run(a, g.weight, g.input_scale, g.weight_scale, g.bias, gelu=gelu, out_recip=recip,
-                   out_dtype=self.dtype, **res, **config)
+        if g.quantized:
+            impl = impl or self.impl(g.kind, a.shape[0], g.backend_format)
+        run = backends.gemm_backend(impl or LIBRARY, g.backend_format).run
+        return run(backends.split(impl or LIBRARY)[1], a, g.weight, g.input_scale, g.weight_scale, g.bias,
+                   gelu=gelu, gelu_tanh=self.policy.gelu_tanh, out_recip=recip, out_dtype=self.dtype, **res)
 
     def _ln(self, name: str, x: torch.Tensor, site: str, fp_out: bool = False) -> Activation:
         """LayerNorm of x as an Activation at `site`: FP, with its codes where the site is quantized. -iln sites
@@ -205,50 +203,26 @@ class Engine(torch.nn.Module):
             from plugins.layernorm import layernorm_quant_reference as run
         return Activation(*run(*args, codes_only=rounded and not fp_out), site)
 
-    def _codes(self, x: torch.Tensor, site: str) -> torch.Tensor:
-        """INT8 codes of x (any strides) in row-major order: one pass on CUDA (quantize + make contiguous)."""
-        if self.use_triton:
-            from plugins.quantize import quantize_rows
-            return quantize_rows(x, self._recip(site))
-        return quantize(x.contiguous(), self.scale[site])
-
     def _attend(self, i: int, qkv: torch.Tensor, b: int, s: int, key_bias: torch.Tensor | None,
                 impl: str) -> torch.Tensor:
-        """Layer i's attention from its QKV output [b*s, 3H] to the attention-output GEMM's input [b*s, H]: the
-        context's codes where that GEMM is INT8, else the context. key_bias [b, s]: padding, or None."""
-        cfg = self.cfg
-        int8 = self.gemms[f"layers.{i}.attn_out"].int8
+        """Layer i's attention from its QKV output [b*s, 3H] (under -imh its Q, K, V codes) to the
+        attention-output GEMM's input [b*s, H]: the context's codes where that GEMM is quantized (under -imh
+        always: rounded where produced), else the context. key_bias [b, s]: padding, or None."""
+        quantized_out = self.gemms[f"layers.{i}.attn_out"].quantized
         site = f"layer{i}.context"
-        if self.policy.imh:
-            return self._attend_int8(i, qkv, b, key_bias, impl, int8)
-        if impl != LIBRARY:
-            from plugins.attention import AttentionConfig, fused_attention
-            return fused_attention(qkv, b, cfg.num_heads, key_bias, out_recip=self._recip(site) if int8 else None,
-                                   out_dtype=self.dtype, config=AttentionConfig.parse(impl))
-        q, k, v = qkv.view(b, s, 3, cfg.num_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
-        mask_bias = None if key_bias is None else key_bias.view(b, 1, 1, s)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias).transpose(1, 2)  # [b, s, h, d]
-        if int8:
-            return self._codes(context, site).view(b * s, cfg.hidden_size)
-        return context.reshape(b * s, cfg.hidden_size)
+        imh = self.policy.imh
+        run = backends.attention_backend(impl, self._attention_format).run
+        context = run(backends.split(impl)[1], qkv, b, self.cfg.num_heads, key_bias,
+                      scales=self._attention_scales(i) if imh else None,
+                      out_recip=self._recip(site) if quantized_out or imh else None, out_dtype=self.dtype,
+                      gpu_kernels=self.use_triton)
+        if imh and not quantized_out:
+            return dequantize(context, self._site_scale(site), self.dtype)
+        return context
 
     def _attention_scales(self, i: int):
         from plugins.attention import AttentionScales
         return AttentionScales(*(self.scale[f"layer{i}.{n}"] for n in ("q", "k", "v", "probs")))
-
-    def _attend_int8(self, i: int, codes: torch.Tensor, b: int, key_bias: torch.Tensor | None, impl: str,
-                     int8_out: bool) -> torch.Tensor:
-        """-imh attention from the QKV GEMM's codes: the context's codes (rounded where produced), dequantized
-        where the attention-output GEMM stays FP."""
-        from plugins.attention import AttentionConfig, attention_int8_reference, fused_attention_int8
-
-        site = f"layer{i}.context"
-        args = (codes, b, self.cfg.num_heads, self._attention_scales(i), key_bias)
-        if impl == LIBRARY:
-            context = attention_int8_reference(*args, out_recip=self._recip(site))
-        else:
-            context = fused_attention_int8(*args, out_recip=self._recip(site), config=AttentionConfig.parse(impl))
-        return context if int8_out else dequantize(context, self._site_scale(site), self.dtype)
 
     # ------------------------------------------------------------ forward
 
@@ -295,8 +269,6 @@ class Engine(torch.nn.Module):
         engine's graphs hold: a quarter of every sequence padded (the key bias), or no padding and no mask. They
         are timed apart because the fastest differs (at BERT-large 128 x 384 on an H200 our kernel led with the
         bias, cuDNN without a mask: docs/attention-h200.md)."""
-        from plugins.attention import CANDIDATE_CONFIGS, INT8_CANDIDATE_CONFIGS
-
         if not self.use_triton or self.dtype != torch.float16:  # (an FP32 key bias is -inf in the log2 domain)
             return None
         cfg = self.cfg
@@ -311,12 +283,11 @@ class Engine(torch.nn.Module):
             mask = torch.ones(b, s, device=self.device)
             mask[:, s - s // 4:] = 0.0
             bias = self._key_bias(mask)
-        int8 = self.gemms["layers.0.attn_out"].int8
+        int8 = self.gemms["layers.0.attn_out"].quantized
         problem = GemmProblem("attention", b * s, cfg.hidden_size, s, "int8" if self.policy.imh else "float16",
                               # (timing-cache keys: "+padded" once named the two cases timed together)
                               ("softmax+bias->" if padded else "softmax->") + ("int8" if int8 else "float16"))
-        configs = INT8_CANDIDATE_CONFIGS if self.policy.imh else CANDIDATE_CONFIGS
-        impls = [LIBRARY] + [c.name for c in configs]
+        impls = backends.attention_candidates(b, s, self._attention_format, self.use_triton)
         return problem, {impl: (lambda impl=impl: self._attend(0, qkv, b, s, bias, impl)) for impl in impls}, 1
 
     def attention_agreement(self) -> Callable[[torch.Tensor, torch.Tensor], bool]:
@@ -337,9 +308,7 @@ class Engine(torch.nn.Module):
         of this kind with the same epilogue, each with its own weights, as a forward does (one layer's weights
         would sit in L2 and time too fast); at many rows it runs the first such layer only. Calls return the
         first layer's output, which the candidates must agree on."""
-        from plugins.int8_linear import CANDIDATE_CONFIGS
-
-        layers = [i for i in range(self.cfg.num_layers) if self.gemms[f"layers.{i}.{kind}"].int8]
+        layers = [i for i in range(self.cfg.num_layers) if self.gemms[f"layers.{i}.{kind}"].quantized]
         if not layers:
             return None
 
@@ -365,23 +334,22 @@ class Engine(torch.nn.Module):
         epilogue = "bias" + ("+gelu" if gelu else "") + \
             ("" if residual is None else "+residual" if residual.fp is not None else "+residual8") + \
             ("->int8" if out_site(layers[0]) else f"->{str(self.dtype).removeprefix('torch.')}")
-        problem = GemmProblem(kind, m, n, k, "int8", epilogue)
+        problem = GemmProblem(kind, m, n, k, g.backend_format, epilogue)
 
         def call(impl: str) -> torch.Tensor:
             return [self._linear(f"layers.{i}.{kind}", a, residual=residual, gelu=gelu, out_site=out_site(i),
                                  impl=impl) for i in layers][0]
 
-        impls = [LIBRARY] + [triton_impl(c) for c in CANDIDATE_CONFIGS
-                             if m <= ROTATE_WEIGHTS_UP_TO_ROWS or not c.small_m]
+        impls = backends.gemm_candidates(problem, g.backend_format, gpu_kernels=True)  # timed on CUDA only
         return problem, {impl: (lambda impl=impl: call(impl)) for impl in impls}, len(layers)
 
 
 def engine_tensors(model, policy: PrecisionPolicy,
                    smooth: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The engine's weights from a reference BertQA: INT8 rows + per-channel scales for quantized GEMMs (rows of
-    W * s where the GEMM's input site is smoothed), and the vectors s of the smoothed sites the build quantizes."""
-    from quant.quantizer import weight_scales
-
+    """The engine's weights from a reference BertQA: codes (the policy's format) + per-channel scales for
+    quantized GEMMs (rows of W * s where the GEMM's input site is smoothed), and the vectors s of the smoothed
+    sites the build quantizes."""
+    fmt = policy.format
     dtype = torch.float16 if policy.fp16 else torch.float32
     out: dict[str, torch.Tensor] = {}
     num_layers = model.config.num_layers
@@ -395,8 +363,8 @@ def engine_tensors(model, policy: PrecisionPolicy,
         p = p.detach().float().cpu()
         if name in quantized:
             p = smoothed_weight(p, smooth.get(quantized[name]))
-            scales = weight_scales(p)
-            out[name] = quantize(p, scales).contiguous()
+            scales = weight_scales(p, fmt)
+            out[name] = quantize(p, scales, fmt).contiguous()
             out[name.replace(".weight", ".weight_scale")] = scales.view(-1).contiguous()
         elif name.replace(".bias", ".weight") in quantized:
             out[name] = p.contiguous()  # FP32: added to the FP32 dequantized accumulator

@@ -45,10 +45,10 @@ class GemmProblem:
 
 def machine_key() -> str:
     """GPU, compute capability, the versions whose kernels we time, how we time, and whether kernels launch
-    with programmatic dependent launch (plugins._common.pdl): a timing holds only for all of them."""
+    with programmatic dependent launch (plugins.common.pdl): a timing holds only for all of them."""
     import triton
 
-    from plugins._common import pdl
+    from plugins.common import pdl
 
     major, minor = torch.cuda.get_device_capability()
     launch = " pdl" if pdl(torch.device("cuda", torch.cuda.current_device())) else ""

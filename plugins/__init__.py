@@ -10,7 +10,7 @@ reference, and the reference to quant.quantizer, so the INT8 math still lives in
 - attention:   softmax(QK^T)V from the QKV GEMM's output -> the context in the next GEMM's layout, FP or INT8
 
 On Hopper and later GPUs every kernel launches with programmatic dependent launch and waits for the kernel before
-it (plugins._common.await_inputs) before touching a tensor: batch-1 forwards are chains of short kernels, and PDL
+it (plugins.common.await_inputs) before touching a tensor: batch-1 forwards are chains of short kernels, and PDL
 took 14% off BERT-large INT8 at 1 x 128 (BENCHMARKS.md). The math and the memory order stay those of stream order.
 
 Kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter when TRITON_INTERPRET=1 was set

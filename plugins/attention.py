@@ -5,7 +5,7 @@ attention-output GEMM, a pass that quantizes the transposed context (plugins/qua
 in one launch, the way TensorRT's fused multi-head attention plugin does: each program takes BLOCK_M queries of
 one (sequence, head), walks the keys in BLOCK_N blocks with an online softmax, and writes its context rows
 straight into the [tokens, hidden] layout, as FP16/FP32 or as INT8 codes. At batch 1 that is one kernel fewer
-per layer and one that takes part in programmatic dependent launch (plugins/_common.await_inputs), which SDPA's
+per layer and one that takes part in programmatic dependent launch (plugins/common.await_inputs), which SDPA's
 kernels do not; at large batch it saves the context's extra read and write. Whether it is faster than SDPA on a
 given GPU and shape is for the builder's timing to say (engines/runtime.py: attention_candidates).
 
@@ -50,8 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins import _common
-from plugins._common import await_inputs, codes_reference, int8_codes, max_op, sum_op, tma_ok
+from plugins import common
+from plugins.common import await_inputs, codes_reference, int8_codes, max_op, sum_op, tma_ok
 
 LOG2E = 1.4426950408889634
 
@@ -171,10 +171,10 @@ def _store_context(ctx, out_ptr, out_recip, rows, cols, m_ok, stride_out, INT8_O
 
 
 @triton.jit
-def _attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, stride_qkv, stride_out,
-                      HAS_BIAS: tl.constexpr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
-                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
-                      PDL: tl.constexpr, q_desc=None, kv_desc=None):
+def attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, stride_qkv, stride_out,
+                     HAS_BIAS: tl.constexpr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
+                     PDL: tl.constexpr, q_desc=None, kv_desc=None):
     # Program (query block, sequence * HEADS + head). Row r of qkv holds [q | k | v], each HEADS * D wide, head h
     # at columns h * D; the context of token r, head h goes to out[r, h * D:(h + 1) * D]. EVEN: S is a multiple of
     # both block sizes, so no block needs a mask. q_desc / kv_desc (TMA descriptors over qkv, blocks of BLOCK_M
@@ -246,11 +246,11 @@ def _int8_scores(q, qkv_ptr, bias_ptr, b, col, start, offs_n, offs_d, S, stride_
 
 
 @triton.jit
-def _attention_int8_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, p_recip, pv_scale,
-                           stride_qkv, stride_out, HAS_BIAS: tl.constexpr, INT8_OUT: tl.constexpr,
-                           RECIP_PER_CHANNEL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
-    # Program (query block, sequence * HEADS + head), the layout of _attention_kernel with qkv holding codes.
+def attention_int8_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, p_recip, pv_scale,
+                          stride_qkv, stride_out, HAS_BIAS: tl.constexpr, INT8_OUT: tl.constexpr,
+                          RECIP_PER_CHANNEL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
+    # Program (query block, sequence * HEADS + head), the layout of attention_kernel with qkv holding codes.
     # Pass 1: each row's maximum m and sum l of exp2(s - m), online; pass 2: p = exp2(s - m) / l, its codes, and
     # their product with V's codes.
     b, h, offs_m, offs_n, offs_d, m_ok, rows = _program_block(S, HEADS, D, BLOCK_M, BLOCK_N)
@@ -311,7 +311,7 @@ def fused_attention(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.T
     if s == 0:
         return out
     cfg = config or CANDIDATE_CONFIGS[0]
-    use_pdl = _common.pdl(qkv.device)
+    use_pdl = common.pdl(qkv.device)
     even = s % cfg.block_m == 0 and s % cfg.block_n == 0
     descs = {}
     if cfg.tma and even and tma_ok(qkv):
@@ -320,7 +320,7 @@ def fused_attention(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.T
         descs = dict(q_desc=TensorDescriptor.from_tensor(qkv, [cfg.block_m, d]),
                      kv_desc=TensorDescriptor.from_tensor(qkv, [cfg.block_n, d]))
     grid = (triton.cdiv(s, cfg.block_m), batch * heads)
-    _attention_kernel[grid](
+    attention_kernel[grid](
         qkv, key_bias if key_bias is not None else qkv, out, recip, s, heads, LOG2E / math.sqrt(d),
         qkv.stride(0), out.stride(0), HAS_BIAS=key_bias is not None, INT8_OUT=out_recip is not None,
         RECIP_PER_CHANNEL=per_channel, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=even, PDL=use_pdl,
@@ -352,7 +352,7 @@ def _context_out(rows: int, hidden: int, out_recip: float | torch.Tensor | None,
                         or not out_recip.is_contiguous() or out_recip.device != device):
         raise ValueError(f"fused_attention: a per-channel out_recip must be a contiguous float32 [{hidden}] on "
                          f"{device}, got {out_recip.dtype} {tuple(out_recip.shape)} on {out_recip.device}")
-    out = _common.empty((rows, hidden), torch.int8 if out_recip is not None else out_dtype, device)
+    out = common.empty((rows, hidden), torch.int8 if out_recip is not None else out_dtype, device)
     recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
     return out, per_channel, recip
 
@@ -391,12 +391,12 @@ def fused_attention_int8(codes: torch.Tensor, batch: int, heads: int, scales: At
     cfg = config or INT8_CANDIDATE_CONFIGS[0]
     if not cfg.int8:
         raise ValueError(f"fused_attention_int8: {cfg.name} is not an INT8 attention configuration")
-    use_pdl = _common.pdl(codes.device)
+    use_pdl = common.pdl(codes.device)
     qk, pv = _int8_scales(scales, d)
     grid = (triton.cdiv(s, cfg.block_m), batch * heads)
-    _attention_int8_kernel[grid](
+    attention_int8_kernel[grid](
         codes, key_bias if key_bias is not None else codes, out, recip, s, heads, qk * LOG2E,
-        _common.out_recip(scales.probs), pv, codes.stride(0), out.stride(0),
+        common.out_recip(scales.probs), pv, codes.stride(0), out.stride(0),
         HAS_BIAS=key_bias is not None, INT8_OUT=out_recip is not None, RECIP_PER_CHANNEL=per_channel, D=d,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=s % cfg.block_m == 0 and s % cfg.block_n == 0, PDL=use_pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
@@ -420,7 +420,7 @@ def attention_int8_reference(codes: torch.Tensor, batch: int, heads: int, scales
     scores = (q @ k.transpose(-1, -2)).float() * qk
     if key_bias is not None:
         scores = scores + key_bias.float()[:, None, None, :]
-    pc = codes_reference(scores.softmax(-1), _common.out_recip(scales.probs))
+    pc = codes_reference(scores.softmax(-1), common.out_recip(scales.probs))
     ctx = ((pc.double() @ v).float() * pv).transpose(1, 2).reshape(batch * s, heads * d)
     if out_recip is not None:
         return codes_reference(ctx, out_recip)

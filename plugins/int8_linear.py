@@ -23,7 +23,7 @@ FP16 first), one rounding fewer. The kernel is compiled without FP contraction (
 `acc * s + bias` rounds twice, as the reference's separate torch ops do: without GELU its outputs equal the
 reference bit for bit. The GELU is the tanh form (model.bert.gelu_tanh): BERT's exact-erf GELU made FC1 at
 128 x 384 1.58x slower (docs/gelu-h200.md: the epilogue runs after the tensor-core work, not beside it). On the
-GPU its tanh is the hardware's approximation (_gelu), so a value may differ from the reference by about 2**-11
+GPU its tanh is the hardware's approximation (epilogue_gelu), so a value may differ from the reference by about 2**-11
 relative, and an INT8 code by 1 where y * out_recip sits near a .5 boundary; under GELU, `acc * s + bias` is
 one multiply-add (one rounding) and the codes skip the clamp at -127 where GELU's floor cannot reach it.
 
@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from model.bert import gelu_tanh
-from plugins import _common, interpreted
-from plugins._common import await_inputs, codes_reference, int8_codes, pdl, tma_ok
+from plugins import common, interpreted
+from plugins.common import await_inputs, codes_reference, int8_codes, pdl, tma_ok
 
 LOADS = ("ptr", "tma", "tma-persistent")
 
@@ -66,7 +66,7 @@ class GemmConfig:
     # int32 partial sums, and a second kernel adds them (exactly) and runs the epilogue. More programs for the
     # few output tiles of a small-M GEMM with a long K (FC2 at batch 1: 16 tiles of 64 x 64 for 132 SMs).
     split_k: int = 1
-    # prefetch (pointer loads only): under programmatic dependent launch (plugins._common.await_inputs) a program
+    # prefetch (pointer loads only): under programmatic dependent launch (plugins.common.await_inputs) a program
     # starts while the kernel before it still runs; it first asks L2 for its own weight panel, which depends on
     # no earlier kernel, and only then waits for its inputs. At batch 1 the weights are most of a GEMM's bytes.
     prefetch: bool = False
@@ -228,14 +228,14 @@ def _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, steps, K, stride_
 
 
 @triton.jit
-def _int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
-                        M, N, K, a_scale, out_recip, res_scale,
-                        stride_am, stride_wn, stride_rm, stride_om,
-                        HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
-                        RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr,
-                        CLAMP_LOW: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
-                        PREFETCH: tl.constexpr):
+def int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+                       M, N, K, a_scale, out_recip, res_scale,
+                       stride_am, stride_wn, stride_rm, stride_om,
+                       HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
+                       RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr,
+                       CLAMP_LOW: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
+                       PREFETCH: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -263,7 +263,7 @@ def _int8_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_
                             BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
                             PDL: tl.constexpr, res_desc=None, out_desc=None, FLOAT_IN: tl.constexpr = False):
-    """_int8_linear_kernel with operand tiles fetched by TMA (host-made descriptors; the copy engine zero-fills
+    """int8_linear_kernel with operand tiles fetched by TMA (host-made descriptors; the copy engine zero-fills
     past the edges, so no masks and no K-tail branch). PERSISTENT: the grid is at most one program per SM and
     each walks tiles pid, pid + grid, ...; the flattened loop lets the compiler's pipeliner issue the next
     tile's loads while this tile's epilogue runs. out_desc (and res_desc with a residual): the epilogue's tiles
@@ -358,14 +358,14 @@ GELU_FLOOR = -0.1705
 
 
 @triton.jit
-def _gelu_tanh_exp(y):
+def gelu_tanh_exp(y):
     """model.bert.gelu_tanh op for op: y / (1 + exp(-2u))."""
     u = y + 0.044715 * (y * y * y)
     return tl.fdiv(y, 1.0 + tl.exp(-1.5957691216057308 * u))
 
 
 @triton.jit
-def _gelu(y):
+def epilogue_gelu(y):
     """model.bert.gelu_tanh of a float32 block."""
     if _HW_TANH:  # u = sqrt(2/pi) (y + 0.044715 y^3), then 0.5 y (1 + tanh u): 3 multiplies, 2 multiply-adds
         u = y * tl.fma(y * y, 0.035677408136300125, 0.7978845608028654)  # sqrt(2/pi) * 0.044715, sqrt(2/pi)
@@ -374,7 +374,7 @@ def _gelu(y):
         h = 0.5 * y
         return tl.fma(h, t, h)
     else:
-        return _gelu_tanh_exp(y)
+        return gelu_tanh_exp(y)
 
 
 @triton.jit
@@ -391,7 +391,7 @@ def _epilogue_math(acc, offs_n, n_ok, w_scale_ptr, bias_ptr, a_scale, GELU: tl.c
         else:
             y = acc.to(tl.float32) * scale[None, :] + bias[None, :]
     if GELU:
-        y = _gelu(y)
+        y = epilogue_gelu(y)
     return y
 
 
@@ -426,7 +426,7 @@ def _residual(r, offs_n, n_ok, res_scale, RES_CODES: tl.constexpr, RES_PER_CHANN
     float32 (an earlier form), each code took an I2F on the quarter-rate pipe, and Triton moved the tile into
     the accumulator's layout as 16-bit values; a plain cast to float32 moved 32-bit ones (30 barriers in the
     128x128 epilogue against the FP16 residual's 22). Compiled for sm_90 on the CPU (triton 3.9, SASS through
-    nvdisasm: `python3 -m eval.kernel_ptx_stats --sass`), this form has no I2F, 18 barriers and 24 shared-memory
+    nvdisasm: `python3 -m benchmarks.kernel_ptx_stats --sass`), this form has no I2F, 18 barriers and 24 shared-memory
     stores against 22 and 32 for the FP16 residual."""
     r = _codes_to_float(r) if RES_CODES else r.to(tl.float32)
     if RES_CODES:
@@ -490,7 +490,7 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
                 config: GemmConfig | None = None) -> torch.Tensor:
     """a_q int8 [M, K] (per-tensor `a_scale`) times w_q int8 [N, K] (per-row `w_scale` float32 [N]), plus
     float32 `bias` [N]; see the module docstring for the epilogue. Returns [M, N]: int8 codes when `out_recip`
-    (a float32 reciprocal of the output scale, plugins._common.out_recip, or a contiguous float32 [N] tensor of
+    (a float32 reciprocal of the output scale, plugins.common.out_recip, or a contiguous float32 [N] tensor of
     them, one per channel) is given, else `out_dtype`. `residual` is FP, or INT8 codes with their
     `residual_scale` (a float, or a contiguous float32 [N] tensor): -iln's residual stream, read as 1 byte.
 
@@ -506,7 +506,7 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
                         or not out_recip.is_contiguous() or out_recip.device != a_q.device):
         raise ValueError(f"int8_linear: a per-channel out_recip must be a contiguous float32 [{n}] on "
                          f"{a_q.device}, got {out_recip.dtype} {tuple(out_recip.shape)} on {out_recip.device}")
-    out = _common.empty((m, n), torch.int8 if out_recip is not None else out_dtype, a_q.device)
+    out = common.empty((m, n), torch.int8 if out_recip is not None else out_dtype, a_q.device)
     if m == 0 or n == 0:
         return out
     if k == 0:
@@ -524,7 +524,7 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
         return out
     if cfg.split_k > 1:
         return _split_k(a_q, w_q, w_scale, bias, res, out, float(a_scale), recip, res_scale, cfg, flags)
-    _int8_linear_kernel[(tiles,)](
+    int8_linear_kernel[(tiles,)](
         a_q, w_q, w_scale, bias, res, out, m, n, k, float(a_scale), recip, res_scale,
         a_q.stride(0), w_q.stride(0), res.stride(0), out.stride(0), EVEN_K=k % cfg.block_k == 0,
         PREFETCH=cfg.prefetch and flags["PDL"], **flags)
@@ -534,11 +534,11 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
 def fp16_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, residual: torch.Tensor | None = None,
                 gelu: bool = False, config: GemmConfig) -> torch.Tensor:
     """FP16 a [M, K] @ w [N, K].T in float32, + float32 bias [N], [GELU], [+ residual], to FP16: the INT8 TMA
-    kernel with FP16 operands and no dequantization (an experiment against cuBLASLt, eval/device_gemm_explore;
+    kernel with FP16 operands and no dequantization (an experiment against cuBLASLt, benchmarks/device_gemm_explore;
     the engine does not use it). TMA configurations and aligned operands only."""
     if not (config.tma and a.dtype == w.dtype == torch.float16 and tma_ok(a) and tma_ok(w) and w.is_contiguous()):
         raise ValueError("fp16_linear: FP16 operands with 16-byte-aligned rows and a TMA configuration only")
-    out = _common.empty((a.shape[0], w.shape[0]), torch.float16, a.device)
+    out = common.empty((a.shape[0], w.shape[0]), torch.float16, a.device)
     flags = _flags(config, residual is not None, gelu, False, False, a.device)
     _launch_tma(a, w, None, bias, residual, out, 1.0, 1.0, 1.0, config, {**flags, "FLOAT_IN": True})
     return out

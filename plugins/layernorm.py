@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins import _common
-from plugins._common import await_inputs, codes_reference, int8_codes, sum_op
+from plugins import common
+from plugins.common import await_inputs, codes_reference, int8_codes, sum_op
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def _rows_per_program(h: int) -> int:
 FEW_ROWS = 1024
 
 
-def _launch(r: int, h: int) -> tuple[int, int]:
+def default_launch(r: int, h: int) -> tuple[int, int]:
     """Default (rows per program, warps) for r rows of width h."""
     return (1, 8) if r <= FEW_ROWS else (_rows_per_program(h), 4)
 
@@ -130,8 +130,8 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     Both are Python floats, or both contiguous float32 [H] tensors on x's device (per channel). `codes_only`
     (needs out_recip, not round_scale): write the codes alone and return (None, codes).
     Outputs are contiguous, shaped like x. `rows_per_program` and `num_warps` (powers of two; defaults by
-    _launch) are launch parameters (eval/device_layernorm_explore times them), not math: the sums' order follows
-    them, so an output may move by its last bit.
+    default_launch) are launch parameters (benchmarks/device_layernorm_explore times them), not math: the sums'
+    order follows them, so an output may move by its last bit.
     """
     _check_outputs(out_recip, round_scale, codes_only)
     h = x.shape[-1]
@@ -152,11 +152,11 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     r = rows.shape[0]
-    y = None if codes_only else _common.empty(x.shape, x.dtype, x.device)
-    q = _common.empty(x.shape, torch.int8, x.device) if out_recip is not None else None
+    y = None if codes_only else common.empty(x.shape, x.dtype, x.device)
+    q = common.empty(x.shape, torch.int8, x.device) if out_recip is not None else None
     if r == 0 or h == 0:
         return y, q
-    per, warps = _launch(r, h)
+    per, warps = default_launch(r, h)
     per, num_warps = rows_per_program or per, num_warps or warps
     if per < 1 or num_warps < 1 or per & (per - 1) or num_warps & (num_warps - 1):
         raise ValueError(f"layernorm_quant: rows_per_program and num_warps must be powers of two, got {per}, "
@@ -168,7 +168,7 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     else:
         recip = float(out_recip) if out_recip is not None else 1.0
         scale = float(round_scale) if round_scale is not None else 1.0
-    use_pdl = _common.pdl(x.device)
+    use_pdl = common.pdl(x.device)
     _layernorm_kernel[(triton.cdiv(r, per),)](
         rows, weight.contiguous(), bias.contiguous(), y2, q2, r, h, float(eps), recip, scale,
         rows.stride(0), y2.stride(0), q2.stride(0),

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins import _common
-from plugins._common import await_inputs, codes_reference, int8_codes
+from plugins import common
+from plugins.common import await_inputs, codes_reference, int8_codes
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def quantize_rows(x: torch.Tensor, recip: float) -> torch.Tensor:
     `.view(-1, H)` gives the GEMM's rows. `recip` is the float32 reciprocal of the scale."""
     if not x.dtype.is_floating_point:
         raise ValueError(f"quantize_rows: x must be floating, got {x.dtype}")
-    q = _common.empty(x.shape, torch.int8, x.device)
+    q = common.empty(x.shape, torch.int8, x.device)
     if x.numel() == 0:
         return q
     view = x if x.dim() > 0 else x.reshape(1)
@@ -67,7 +67,7 @@ def quantize_rows(x: torch.Tensor, recip: float) -> torch.Tensor:
     block_c = min(triton.next_power_of_2(c), 1024)
     rows = min(max(1, 4096 // block_c), triton.next_power_of_2(r))
     grid = (triton.cdiv(r, rows), triton.cdiv(c, block_c))
-    use_pdl = _common.pdl(x.device)
+    use_pdl = common.pdl(x.device)
     _quantize_kernel[grid](view, q, float(recip), r, c, s1, s2, st0, st1, st2, view.stride(-1),
                            ROWS=rows, BLOCK_C=block_c, num_warps=4, PDL=use_pdl, launch_pdl=use_pdl)
     return q

@@ -19,19 +19,22 @@ import torch
 from quant.policy import GEMMS, PrecisionPolicy
 from quant.quantizer import dequantize, fake_quantize, quantize, weight_scales
 from quant.smoothing import channel_scales, smoothed_weight
+from quant.spec import QuantSpec
 from model.bert import BertQA, gelu_tanh
 
 
-def fake_quant_model(model: BertQA, policy: PrecisionPolicy, act_scales: Mapping[str, float],
+def fake_quant_model(model: BertQA, policy: PrecisionPolicy, spec: QuantSpec,
                      smooth: Mapping[str, torch.Tensor] | None = None) -> BertQA:
-    """`act_scales` maps each site in policy.quantized_sites(...) to its scale (amax / 127); `smooth` the smoothed
-    sites to their vectors s."""
+    """`spec` (PrecisionPolicy.spec) holds each site in policy.quantized_sites(...) with its format and amax;
+    `smooth` maps the smoothed sites to their vectors s."""
     smooth = smooth or {}
     layers = model.config.num_layers
     sites = policy.quantized_sites(layers)
-    missing = [s for s in sites if s not in act_scales]
+    missing = [s for s in sites if s not in spec.sites]
     if missing:
         raise KeyError(f"no scale for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    act_scales = spec.scales()
+    fmt = {site: spec.sites[site].format for site in sites}
     fq = copy.deepcopy(model).eval()
     if policy.gelu_tanh:
         for layer in fq.layers:
@@ -46,15 +49,16 @@ def fake_quant_model(model: BertQA, policy: PrecisionPolicy, act_scales: Mapping
                 s = smooth.get(site)
                 with torch.no_grad():
                     w = smoothed_weight(linear.weight, s)
-                    linear.weight.copy_(fake_quantize(w, weight_scales(w)))
+                    linear.weight.copy_(fake_quantize(w, weight_scales(w, spec.weight_format), spec.weight_format))
                 scale = act_scales[site]
                 codes_scale = channel_scales(scale, s)
                 linear.register_forward_pre_hook(
-                    lambda _m, args, a=scale, c=codes_scale: (dequantize(quantize(args[0], c), a, args[0].dtype),))
+                    lambda _m, args, a=scale, c=codes_scale, f=fmt[site]:
+                    (dequantize(quantize(args[0], c, f), a, args[0].dtype),))
     # -iln / -imh sites are rounded where they are produced (the residual stream and attention see them too).
     # Quantizing an already-quantized tensor with the same scale is exact, so a GEMM input that is also such a
     # site is not changed by its pre-hook.
     tap_sites = {s: channel_scales(act_scales[s], smooth.get(s)) for s in sites if policy.rounded_where_produced(s)}
-    fq.tap = lambda name, x: fake_quantize(x, tap_sites[name]) if name in tap_sites else x
+    fq.tap = lambda name, x: fake_quantize(x, tap_sites[name], fmt[name]) if name in tap_sites else x
     return fq
 

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Container, Mapping
 
 from common.errors import WorkbenchError
 from model.bert import all_sites
+from quant.formats import INT8, QuantFormat
+from quant.spec import PER_CHANNEL, PER_TENSOR, QuantSpec, ScaleSource, SiteSpec
 
 GEMMS = ("qkv", "attn_out", "fc1", "fc2")
 _GEMM_NAME = re.compile(rf"(layer\d+\.)?({'|'.join(GEMMS)})")
@@ -90,6 +93,30 @@ class PrecisionPolicy:
         kind = site.rsplit(".", 1)[1]
         return (self.imh and kind in ("q", "k", "v", "probs", "context")) or \
             (self.iln and kind in ("ln_out", "attn_ln_out", "ffn_ln_out"))
+
+    @property
+    def format(self) -> QuantFormat | None:
+        """The format of every site and GEMM weight these flags quantize (None: nothing is quantized)."""
+        return INT8 if self.int8 else None
+
+    def gemm_format(self, layer: int, gemm: str) -> QuantFormat | None:
+        """The format this GEMM's input and weights run in; None: floating point."""
+        return self.format if self.quantizes_gemm(layer, gemm) else None
+
+    def spec(self, num_layers: int, amax: Mapping[str, float], source: ScaleSource = ScaleSource(),
+             smoothed: Container[str] = ()) -> QuantSpec:
+        """The flags compiled to a quantization spec: every site they quantize, with its format, its amax from
+        `amax` (a calibration cache's or QAT's ranges), and per-channel granularity where smoothed. The one
+        place build flags become formats and scales."""
+        fmt = self.format
+        if fmt is None:
+            return QuantSpec()
+        sites = self.quantized_sites(num_layers)
+        missing = [s for s in sites if s not in amax]
+        if missing:
+            raise WorkbenchError(f"no range for {missing[0]} ({len(missing)} sites missing)")
+        return QuantSpec({s: SiteSpec(fmt, float(amax[s]), PER_CHANNEL if s in smoothed else PER_TENSOR, source)
+                          for s in sites}, fmt)
 
     def describe(self) -> str:
         flags = [f for f, on in (("--int8", self.int8), ("--fp16", self.fp16), ("-iln", self.iln),

@@ -1,24 +1,27 @@
-"""The one INT8 quantizer definition: symmetric, zero point 0, range [-127, 127], round half to even.
+"""The one quantizer definition: symmetric, zero point 0, codes of a quant.formats format (INT8 by default:
+[-127, 127], round half to even).
 
 Codes are round(x * (1 / scale)): a multiplication is correctly rounded in every backend (eager CPU and CUDA,
 Triton kernels from torch.compile), where a division may be approximated, so every path gets the same codes.
 
-Activations: one scale per tensor (amax / 127) from calibration or QAT. Weights: one scale per output channel
-(row max |w| / 127). Engines, QAT and the fake-quant reference all call these functions, so the INT8 math exists
-in one place.
+Activations: one scale per tensor (amax / qmax) from calibration or QAT. Weights: one scale per output channel
+(row max |w| / qmax). Engines, QAT and the fake-quant reference all call these functions, so the quantized math
+exists in one place.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-QMAX = 127
+from quant.formats import INT8, QuantFormat
+
+QMAX = int(INT8.qmax)  # INT8's largest code, for the INT8-only calibrators and TensorRT's cache
 
 
-def scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
-    """amax / 127, with a zero range mapped to scale 1 (every value then quantizes to 0 exactly)."""
+def scale_from_amax(amax: torch.Tensor | float, fmt: QuantFormat = INT8) -> torch.Tensor:
+    """amax / qmax in float32, with a zero range mapped to scale 1 (every value then quantizes to 0 exactly)."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    return torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    return torch.where(amax > 0, amax / fmt.qmax, torch.ones_like(amax))
 
 
 def _on(scale: torch.Tensor | float, device: torch.device) -> torch.Tensor | float:
@@ -36,20 +39,20 @@ def reciprocal(scale: torch.Tensor | float, device: torch.device) -> torch.Tenso
     return 1.0 / torch.as_tensor(scale, dtype=torch.float32, device=device)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """x -> int8 codes; `scale` is a scalar or broadcasts against x (per-channel scales along dim 0)."""
-    return torch.clamp(torch.round(x.float() * reciprocal(scale, x.device)), -QMAX, QMAX).to(torch.int8)
+def quantize(x: torch.Tensor, scale: torch.Tensor | float, fmt: QuantFormat = INT8) -> torch.Tensor:
+    """x -> codes; `scale` is a scalar or broadcasts against x (per-channel scales along dim 0)."""
+    return fmt.codes(x.float() * reciprocal(scale, x.device))
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.float() * _on(scale, q.device)).to(dtype)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """quantize then dequantize, in x's dtype: what an INT8 kernel's input looks like to FP math."""
-    return dequantize(quantize(x, scale), scale, x.dtype)
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, fmt: QuantFormat = INT8) -> torch.Tensor:
+    """quantize then dequantize, in x's dtype: what a quantized kernel's input looks like to FP math."""
+    return dequantize(quantize(x, scale, fmt), scale, x.dtype)
 
 
-def weight_scales(w: torch.Tensor) -> torch.Tensor:
+def weight_scales(w: torch.Tensor, fmt: QuantFormat = INT8) -> torch.Tensor:
     """Per-output-channel scales [out, 1] of a Linear weight [out, in]."""
-    return scale_from_amax(w.detach().abs().amax(dim=1, keepdim=True).float())
+    return scale_from_amax(w.detach().abs().amax(dim=1, keepdim=True).float(), fmt)

@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import pickle
+import re
 import struct
 
 import pytest
@@ -14,6 +15,8 @@ from safetensors.torch import load_file, save_file
 
 import engines.engine_file as ef
 from common.errors import WorkbenchError
+from quant.formats import INT8
+from quant.spec import QuantSpec, ScaleSource, SiteSpec
 from engines.engine_file import (
     FORMAT,
     FORMAT_VERSION,
@@ -30,13 +33,18 @@ H100 = ("NVIDIA H100 80GB HBM3", "9.0")
 A100 = ("NVIDIA A100-SXM4-80GB", "8.0")
 
 
+def _spec(amax: dict[str, float]) -> dict:
+    return QuantSpec({site: SiteSpec(INT8, a, source=ScaleSource("calibration", "entropy")) for site, a in amax.items()}
+                     ).to_json()
+
+
 def _header(**over) -> EngineHeader:
     fields = dict(
         model_config={"vocab_size": 30522, "hidden_size": 384, "num_layers": 6, "num_heads": 12,
                       "intermediate_size": 1536, "layer_norm_eps": 1e-12, "hidden_act": "gelu"},
         policy={"int8": True, "fp16": True, "iln": False, "imh": True, "strict": False, "fc2_library_gemm": False},
         profiles=(Profile(1, 128), Profile(8, 384)),
-        act_scales={"embeddings.ln_out": 0.0312, "layer0.fc2_in": 0.1 + 0.2, "layer0.probs": 1 / 127},
+        quant=_spec({"embeddings.ln_out": 3.9624, "layer0.fc2_in": 0.1 + 0.2, "layer0.probs": 1.0}),
         model_digest="a" * 64,
         calib_digest="c" * 64,
         device="cpu",
@@ -209,7 +217,7 @@ def test_flipped_tensor_byte_is_a_checksum_mismatch(engine):
 
 
 def _double_a_scale(d):
-    d["act_scales"]["layer0.fc2_in"] *= 2
+    d["quant"]["sites"]["layer0.fc2_in"]["amax"] *= 2
 
 
 def test_edited_header_is_a_checksum_mismatch(engine):
@@ -221,7 +229,7 @@ def test_edited_header_is_a_checksum_mismatch(engine):
 
 def test_edited_header_with_forged_header_checksum_still_fails_to_load(engine):
     _rewrite(engine, _double_a_scale, fix_header_checksum=True)
-    assert read_header(engine).act_scales["layer0.fc2_in"] == 2 * (0.1 + 0.2)  # header alone looks consistent
+    assert read_header(engine).spec.sites["layer0.fc2_in"].amax == 2 * (0.1 + 0.2)  # header alone looks consistent
     with pytest.raises(WorkbenchError, match="checksum mismatch"):
         load_engine(engine)
 
@@ -260,6 +268,30 @@ def test_future_version(engine):
         load_engine(engine)
 
 
+def test_older_version_is_refused_in_one_line_saying_to_rebuild(engine):
+    _rewrite(engine, lambda d: d.update(format_version=1))
+    for fn in (load_engine, read_header):
+        with pytest.raises(WorkbenchError, match=rf"^{re.escape(str(engine))}: built by an older workbench \(engine "
+                                                 rf"format 1, this one reads {FORMAT_VERSION}\): rebuild it"):
+            fn(engine)
+
+
+def test_unknown_format_or_granularity_in_the_spec_is_refused():
+    for site, message in (({"format": "int3", "amax": 1.0}, "unknown quantization format 'int3'"),
+                          ({"format": "int8", "amax": 1.0, "granularity": "per_row"}, "unknown granularity"),
+                          ({"format": "int8", "amax": 1.0, "source": "guess"}, "unknown scale source")):
+        d = {**_header().to_json(), "quant": {"sites": {"layer0.q": site}}}
+        with pytest.raises(WorkbenchError, match=message):
+            EngineHeader.from_json(d, "x.engine")
+
+
+def test_spec_round_trips_through_the_header():
+    header = _header()
+    spec = EngineHeader.from_json(json.loads(json.dumps(header.to_json())), "x.engine").spec
+    assert spec == header.spec and spec.sites["layer0.fc2_in"].format is INT8
+    assert spec.scales()["layer0.probs"] == float(torch.tensor(1.0) / 127)
+
+
 @pytest.mark.parametrize("version", [0, "1", None, True])
 def test_invalid_version(engine, version):
     _rewrite(engine, lambda d: d.update(format_version=version))
@@ -271,9 +303,10 @@ def test_invalid_version(engine, version):
     ("profiles", [], "'profiles' must be a non-empty list"),
     ("profiles", [{"batch": 0, "seq_len": 128}], "'profiles' must be"),
     ("profiles", [[1, 128]], "'profiles' must be"),
-    ("act_scales", {"x": "0.5"}, "'act_scales' must be"),
-    ("act_scales", {"x": -1.0}, "'act_scales' must be"),
-    ("act_scales", [0.5], "'act_scales' must be"),
+    ("quant", {"sites": {"x": {"format": "int8", "amax": "0.5"}}}, "'quant' must be"),
+    ("quant", {"sites": {"x": {"format": "int8", "amax": -1.0}}}, "'quant' must be"),
+    ("quant", {"sites": {"x": {"amax": 1.0}}}, "'quant' must be"),
+    ("quant", [0.5], "'quant' must be"),
     ("device", "tpu", "'device' must be"),
     ("model_config", None, "'model_config' must be an object"),
     ("calib_digest", 7, "'calib_digest' must be a string or null"),
@@ -414,7 +447,7 @@ def test_bad_tensors_leave_nothing_behind(tmp_path, tensors, message):
 
 
 @pytest.mark.parametrize("over,message", [
-    ({"act_scales": {"x": float("nan")}}, "not plain JSON"),
+    ({"quant": {"sites": {"x": {"format": "int8", "amax": float("nan")}}}}, "not plain JSON"),
     ({"kernels": {"fc2": object()}}, "not plain JSON"),
     ({"profiles": ()}, "'profiles' must be"),
     ({"device": "cuda"}, "'gpu_name' must be a string for a cuda engine"),

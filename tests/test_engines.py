@@ -107,7 +107,7 @@ def assert_matches_fake_quant(loaded: LoadedModel, policy: PrecisionPolicy, cali
     function, and far closer to it than quantization moves the output away from FP32."""
     engine = build(loaded, policy, calib)
     smooth = {k: torch.tensor(r.smooth) for k, r in calib.ranges.items() if r.smooth is not None}
-    fq = fake_quant_model(loaded.model, policy, engine.scale, smooth)
+    fq = fake_quant_model(loaded.model, policy, engine.spec, smooth)
     x = inputs(seed=11)  # fresh inputs, not the calibration ones
     with torch.no_grad():
         ref = loaded.model(*x)
@@ -293,7 +293,7 @@ def test_gelu_of_engines():
     assert 1e-4 < (tanh_form - torch.nn.functional.gelu(y)).abs().max() < 5e-4
     loaded = loaded_model()
     policy = PrecisionPolicy(int8=True)
-    fq = fake_quant_model(loaded.model, policy, build(loaded, policy, max_calibration(loaded)).scale)
+    fq = fake_quant_model(loaded.model, policy, build(loaded, policy, max_calibration(loaded)).spec)
     assert all(layer.act is gelu_tanh for layer in fq.layers)
     assert all(layer.act is torch.nn.functional.gelu for layer in loaded.model.layers)  # the reference: erf
 
@@ -326,7 +326,7 @@ def test_keep_fp16_names_are_checked():
 def test_triton_kernels_agree_with_library_kernels(name):
     """Every Triton tile configuration against the reference ops on CUDA: same engine, same inputs."""
     import plugins.attention as A
-    from engines.runtime import LIBRARY, triton_impl
+    from engines.backends import LIBRARY, triton_impl
     from plugins.int8_linear import CANDIDATE_CONFIGS
 
     policy = PrecisionPolicy(**{**POLICIES[name].__dict__, "fp16": True})
@@ -338,7 +338,7 @@ def test_triton_kernels_agree_with_library_kernels(name):
         want = engine(*x)[0]
         engine.use_triton = True
         for config in CANDIDATE_CONFIGS:
-            engine.impl = lambda kind, m, c=config: triton_impl(c)
+            engine.impl = lambda kind, m, fmt="int8", c=config: triton_impl(c)
             got = engine(*x)[0]
             assert rel(valid(got, x[2]).float(), valid(want, x[2]).float()) < 2e-3, config
         # The fused attention kernel (under -imh the INT8 one), each configuration (the GEMMs stay on the last

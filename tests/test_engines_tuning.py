@@ -74,7 +74,7 @@ def test_nothing_timed_writes_nothing(tmp_path):
 
 def test_triton_implementation_names_round_trip():
     pytest.importorskip("triton")
-    from engines.runtime import parse_triton_impl, triton_impl
+    from engines.backends import parse_triton_impl, triton_impl
     from plugins.int8_linear import CANDIDATE_CONFIGS
 
     names = {triton_impl(c) for c in CANDIDATE_CONFIGS}

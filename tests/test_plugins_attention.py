@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tests.test_plugins_common import DEVICE, gen, kernels, poison, rel  # noqa: F401
 
 A = kernels("attention")
-out_recip = kernels("_common").out_recip
+out_recip = kernels("common").out_recip
 
 
 def problem(batch, s, heads, d, seed, padded=True, device=DEVICE):

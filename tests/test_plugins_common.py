@@ -33,7 +33,7 @@ def kernels(name: str):
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        common = importlib.import_module("plugins._common")
+        common = importlib.import_module("plugins.common")
         reload = _has_compiled_kernels(common)
         if reload:
             importlib.reload(common)
@@ -51,7 +51,7 @@ def kernels(name: str):
 @pytest.fixture
 def poison(monkeypatch):
     """Outputs start as int8 -128 / NaN, values no kernel writes, so an element left unwritten fails."""
-    monkeypatch.setattr(sys.modules["plugins._common"], "POISON", True)
+    monkeypatch.setattr(sys.modules["plugins.common"], "POISON", True)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -80,7 +80,7 @@ def assert_codes_close(q: torch.Tensor, ref: torch.Tensor):
 
 
 def test_codes_reference_is_calib_quantizer():
-    common = kernels("_common")
+    common = kernels("common")
     g = gen(11)
     for scale in (0.013, 0.5, 1.0 / 127, 3.7):
         for dtype in (torch.float16, torch.float32):
@@ -91,7 +91,7 @@ def test_codes_reference_is_calib_quantizer():
 
 
 def test_codes_reference_rounds_half_to_even_and_clamps():
-    common = kernels("_common")
+    common = kernels("common")
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.5, -127.5, 1e10, -1e10, float("inf")])
     assert common.codes_reference(x, 1.0).tolist() == [0, 2, 2, 0, -2, -2, 126, 127, -127, 127, -127, 127]
 
@@ -110,7 +110,7 @@ def test_programmatic_dependent_launch_only_on_hopper_cuda_compiled(monkeypatch)
     """PDL where it exists (CUDA, sm_90+, compiled kernels) unless BERTQA_PDL=0 turned it off; never on the CPU
     or in the interpreter, whose kernels have no grid-dependency instructions."""
     pytest.importorskip("triton")
-    common = importlib.import_module("plugins._common")
+    common = importlib.import_module("plugins.common")
     cuda = torch.device("cuda", 0)
     assert not common.pdl(torch.device("cpu"))
     monkeypatch.setattr(common, "_pdl_capable", lambda device: True)

@@ -14,7 +14,7 @@ import torch
 from tests.test_plugins_common import DEVICE, assert_codes_close, gen, kernels, poison, rel  # noqa: F401
 
 L = kernels("int8_linear")
-out_recip = kernels("_common").out_recip
+out_recip = kernels("common").out_recip
 
 EPILOGUES = {
     "fp16": dict(),
@@ -374,7 +374,7 @@ def test_cuda_pdl_chain_in_a_graph_matches_stream_order(monkeypatch):
     for bit what it gives launched in plain stream order."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
-    from plugins import _common
+    from plugins import common
     from plugins.layernorm import layernorm_quant
     from plugins.quantize import quantize_rows
 
@@ -396,8 +396,8 @@ def test_cuda_pdl_chain_in_a_graph_matches_stream_order(monkeypatch):
 
     outputs = {}
     for launch in (False, True):
-        monkeypatch.setattr(_common, "PDL_ENABLED", launch)
-        assert _common.pdl(a.device) is launch
+        monkeypatch.setattr(common, "PDL_ENABLED", launch)
+        assert common.pdl(a.device) is launch
         a.copy_(torch.randint(-127, 128, a.shape, dtype=torch.int8, generator=gen(36)).cuda())
         chain()  # compile outside the capture
         torch.cuda.synchronize()
@@ -429,9 +429,10 @@ def test_prefetch_and_split_k_are_small_m_options():
 
 
 def test_gemm_exploration_plan_names_every_candidate(capsys):
-    """eval/device_gemm_explore's plan (its --dry-run needs no GPU): BERT-large's batch-1 shapes, every candidate."""
+    """benchmarks/device_gemm_explore's plan (its --dry-run needs no GPU): BERT-large's batch-1 shapes, every
+    candidate."""
     pytest.importorskip("triton")
-    from eval.device_gemm_explore import main
+    from benchmarks.device_gemm_explore import main
 
     main(["--dry-run", "--shapes", "large-small"])
     out = capsys.readouterr().out.splitlines()
@@ -446,7 +447,7 @@ def test_gemm_exploration_survives_a_crashing_compiler(monkeypatch, capsys):
     pytest.importorskip("triton")
     import subprocess
 
-    import eval.device_gemm_explore as X
+    import benchmarks.device_gemm_explore as X
 
     shape = X.select(X.all_shapes(), "large-small-fc2")[0]
     picked = X.plan(shape, torch.device("cpu"), "-k4,+tma-persistent")

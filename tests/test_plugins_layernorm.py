@@ -9,7 +9,7 @@ from quant.quantizer import quantize
 from tests.test_plugins_common import DEVICE, assert_codes_close, gen, kernels, poison, rel  # noqa: F401
 
 LN = kernels("layernorm")
-common = kernels("_common")
+common = kernels("common")
 
 
 def inputs(shape, dtype, seed, device=DEVICE, param_dtype=None):
@@ -79,7 +79,7 @@ def test_launch_parameters_change_no_math(rows, warps, poison):
     y, q = LN.layernorm_quant(x, w, b, 1e-12, recip, rows_per_program=rows, num_warps=warps)
     assert rel(y, ref_y) < 1e-3 and torch.equal(q, common.codes_reference(y, recip))
     assert_codes_close(q, LN.layernorm_quant_reference(x, w, b, 1e-12, recip)[1])
-    assert LN._launch(37, 384) == (1, 8) and LN._launch(LN.FEW_ROWS + 1, 1024) == (4, 4)
+    assert LN.default_launch(37, 384) == (1, 8) and LN.default_launch(LN.FEW_ROWS + 1, 1024) == (4, 4)
     with pytest.raises(ValueError, match="powers of two"):
         LN.layernorm_quant(x, w, b, 1e-12, recip, rows_per_program=3)
 

@@ -8,7 +8,7 @@ from quant.quantizer import quantize
 from tests.test_plugins_common import DEVICE, gen, kernels, poison  # noqa: F401
 
 Q = kernels("quantize")
-common = kernels("_common")
+common = kernels("common")
 
 
 def views(seed, dtype):

@@ -14,7 +14,7 @@ python3 cli.py eval --squad $DEV --model $M --precision fp16 -o $OUT/pred_fp16.j
 
 if [ "${SKIP_CALIB_BENCH:-0}" != 1 ]; then
   step "calibration benchmark"
-  timeout 300 python3 -m eval.bench_calibration --squad $TRAIN --model $M --out $OUT/calibration.md
+  timeout 300 python3 -m benchmarks.bench_calibration --squad $TRAIN --model $M --out $OUT/calibration.md
 fi
 
 step "INT8 engines: calibrate (entropy, 500 train questions), build, evaluate on the full dev set"

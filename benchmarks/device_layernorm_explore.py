@@ -1,7 +1,7 @@
 """LayerNorm + INT8 codes (plugins/layernorm.py) at BERT's large-batch shapes: rows per program and warps per
 program against the device's copy bandwidth. A measuring script for the device machine, not a test.
 
-    python3 -m eval.device_layernorm_explore [--shapes large-128x384 ...] [--codes-only] [--out layernorm.md]
+    python3 -m benchmarks.device_layernorm_explore [--shapes large-128x384 ...] [--codes-only] [--out layernorm.md]
 
 The INT8 engines run this kernel twice per layer (the residual stream in FP16 and the next GEMM's codes from one
 read); at BERT-large 128 x 384 each call moves 250 MB (read 100, write 100 + 50); with --codes-only the codes
@@ -20,8 +20,8 @@ import triton
 
 from common.files import atomic_write_text
 from engines.tuning import time_ms
-from plugins._common import out_recip
-from plugins.layernorm import _launch, layernorm_quant
+from plugins.common import out_recip
+from plugins.layernorm import default_launch, layernorm_quant
 
 SHAPES = {"large-128x384": (128 * 384, 1024), "base-128x384": (128 * 384, 768), "large-1x128": (128, 1024)}
 ROWS = (1, 2, 4, 8, 16)
@@ -62,7 +62,7 @@ def explore(name: str, r: int, h: int, codes_only: bool = False) -> list[str]:
                 lines.append(f"| {rows} | {warps} | failed: {type(e).__name__} | | | |")
                 continue
             results.append((us, rows, warps, same))
-    default = next(us for us, rows, warps, _ in results if (rows, warps) == _launch(r, h))
+    default = next(us for us, rows, warps, _ in results if (rows, warps) == default_launch(r, h))
     for us, rows, warps, same in sorted(results):
         lines.append(f"| {rows} | {warps} | {us:.1f} | {moved / us / 1e3:.0f} | {default / us:.2f}x | "
                      f"{same} |")

@@ -1,8 +1,8 @@
 """Every INT8 GEMM tile configuration timed at BERT's GEMM shapes against the library path:
 which wins, by how much, and whether each one is right. A measuring script for the device machine, not a test.
 
-    python3 -m eval.device_gemm_explore [--shapes large-small,base-big-fc2] [--configs=-pf,+tma] [--rep 20]
-                                        [--dry-run]
+    python3 -m benchmarks.device_gemm_explore [--shapes large-small,base-big-fc2] [--configs=-pf,+tma] [--rep 20]
+                                              [--dry-run]
 
 Shapes are MODEL-ROWS-KIND: BERT-large (hidden 1024, intermediate 4096) or -base (768, 3072); M = 128 rows
 (batch 1 x 128 tokens, "small") or 128 x 384 ("big"); qkv (FP16 out), attn_out and fc2 (+ FP16 residual), fc1
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engines.runtime import parse_triton_impl, triton_impl
+from engines.backends import parse_triton_impl, triton_impl
 from model.bert import gelu_tanh
 from plugins.int8_linear import CANDIDATE_CONFIGS, GemmConfig, fp16_linear, int8_linear, int8_linear_reference
 
@@ -114,7 +114,7 @@ def plan(shape: Shape, device: torch.device, spec: str | None = None) -> list[Ge
 
 def problem(shape: Shape, device: torch.device, seed: int = 0):
     """Random operands with realistic scales (|y| of a few tens) and the int8_linear (fp16_linear) arguments."""
-    from plugins._common import out_recip
+    from plugins.common import out_recip
 
     g = torch.Generator(device=device).manual_seed(seed)
     if shape.fp16:
@@ -212,7 +212,7 @@ def precompile(work: list[tuple[Shape, GemmConfig]], jobs: int) -> tuple[list[st
     def child(item):
         shape, c = item
         try:
-            run = subprocess.run([sys.executable, "-m", "eval.device_gemm_explore", "--compile-one", shape.name,
+            run = subprocess.run([sys.executable, "-m", "benchmarks.device_gemm_explore", "--compile-one", shape.name,
                                   triton_impl(c)], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
             code, last = run.returncode, (run.stderr.strip().splitlines() or [""])[-1][:200]
         except subprocess.TimeoutExpired:  # killed; the timing loop must not try it in its own process either

@@ -2,7 +2,7 @@
 against FP32 accumulation: the time and power of BERT-large's 96 encoder GEMMs replayed as one CUDA graph, and
 the error each adds. A measuring script for the device machine, not a test.
 
-    python -m eval.device_fp16_accumulate --out fp16acc.md
+    python -m benchmarks.device_fp16_accumulate --out fp16acc.md
 
 Why: a 128 x 384 FP16 forward is back-to-back GEMMs that run at the board's power limit (the SM clock drops;
 they take 1.2x their isolated time inside the forward), so a GEMM that moves fewer accumulator bits per

@@ -1,4 +1,4 @@
-# Sourced by the eval/device_*.sh scripts: environment, inputs unpacked, and where results go.
+# Sourced by the benchmarks/device_*.sh scripts: environment, inputs unpacked, and where results go.
 # The MiniLM and the dev set travel in assets/ (vendored); the full train file is carried as .carry/squad/train.json.gz.
 export PYTHONUNBUFFERED=1 WORKBENCH_CACHE_DIR=/tmp/wbc
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/sq /tmp/eng

@@ -23,9 +23,9 @@ for spec in "entropy" "percentile 99.99" "percentile 99.999" "mse" "max"; do
 done
 
 echo "=== engine latency, random weights"
-timeout 240 python3 -m eval.bench_engines --presets bert-base bert-large --shapes 1x128 128x384 \
+timeout 240 python3 -m benchmarks.bench_engines --presets bert-base bert-large --shapes 1x128 128x384 \
   --variants fp16 int8 "int8 -iln" --fuse off --iterations 100 --warmup 10 --out $OUT/engines.md 2>&1 | grep "^|"
 echo "=== fused (TorchInductor) engines"
-timeout 200 python3 -m eval.bench_engines --presets bert-base bert-large --shapes 1x128 128x384 --baselines \
+timeout 200 python3 -m benchmarks.bench_engines --presets bert-base bert-large --shapes 1x128 128x384 --baselines \
   --variants fp16 int8 --fuse on --iterations 100 --warmup 10 --out $OUT/engines_fused.md 2>&1 | grep -E "^\||Error"
 date -u

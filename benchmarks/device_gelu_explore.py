@@ -1,11 +1,11 @@
 """What FC1's GELU costs inside the INT8 GEMM epilogue, and what cheaper GELUs would save. A measuring script for
 the device machine, not a test.
 
-    python3 -m eval.device_gelu_explore [--out gelu.md]
+    python3 -m benchmarks.device_gelu_explore [--out gelu.md]
 
 FC1 at 128 x 384 (GELU, INT8 codes out) runs at ~570 TOP/s where the QKV GEMM with the same K runs at ~970: the
 epilogue is not overlapped with the tensor-core work, and exact-erf GELU costs tens of instructions per element.
-Each variant of the epilogue's `_gelu` (plugins/int8_linear.py) runs in its own process (Triton caches compiled
+Each variant of the epilogue's `epilogue_gelu` (plugins/int8_linear.py) runs in its own process (Triton caches compiled
 kernels by source, so a patched helper compiles afresh): the module's own (the tanh form on the hardware tanh
 instruction), the tanh form as y * sigmoid(2u) (one exp and one division), BERT's erf GELU through the device
 library's erf and through Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), and no GELU at all (the floor). Codes
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins.int8_linear import GemmConfig, _gelu_tanh_exp
+from plugins.int8_linear import GemmConfig, gelu_tanh_exp
 
 VARIANTS = ("tanh-hw (module)", "tanh-exp", "erf-libdevice", "erf-as7126", "none")
 SHAPES = ("large-big-fc1", "base-big-fc1", "large-small-fc1")
@@ -65,16 +65,16 @@ def _gelu_none(y):
 def _patch(variant: str) -> None:
     import plugins.int8_linear as m
     if variant != VARIANTS[0]:
-        m._gelu = {"erf-libdevice": _gelu_erf_libdevice, "erf-as7126": _gelu_as7126, "tanh-exp": _gelu_tanh_exp,
-                   "none": _gelu_none}[variant]
+        m.epilogue_gelu = {"erf-libdevice": _gelu_erf_libdevice, "erf-as7126": _gelu_as7126,
+                           "tanh-exp": gelu_tanh_exp, "none": _gelu_none}[variant]
 
 
 def run_variant(variant: str, compile_only: bool) -> list[str]:
     """Rows `| variant | shape | config | us | TOP/s | codes != reference |` for one GELU variant."""
     _patch(variant)
-    from engines.runtime import triton_impl
+    from engines.backends import triton_impl
     from engines.tuning import time_ms
-    from eval.device_gemm_explore import all_shapes, problem
+    from benchmarks.device_gemm_explore import all_shapes, problem
     from plugins.int8_linear import int8_linear, int8_linear_reference
 
     rows = []
@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     if args.variant:
         print("\n".join(run_variant(args.variant, args.compile_only)), flush=True)
         return
-    me = [sys.executable, "-m", "eval.device_gelu_explore"]
+    me = [sys.executable, "-m", "benchmarks.device_gelu_explore"]
     # compile every variant in parallel processes, then time one process at a time on a quiet GPU
     for p in [subprocess.Popen(me + ["--variant", v, "--compile-only"]) for v in VARIANTS]:
         p.wait()

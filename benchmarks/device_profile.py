@@ -1,7 +1,7 @@
 """Where the engine's time goes on the GPU: ceilings, per-op timings at BERT's GEMM and attention shapes, and a
 kernel profile of whole engines. A measuring script for the device machine, not a test.
 
-    python -m eval.device_profile --out profile.md
+    python -m benchmarks.device_profile --out profile.md
 
 Random weights and inputs (latency does not depend on values); every figure is the median of repeated runs timed
 with CUDA events (triton.testing.do_bench).
@@ -20,7 +20,7 @@ from engines.build import build_engine
 from engines.engine_file import Profile
 from engines.graphs import GraphRunner
 from engines.runtime import Engine
-from eval.bench_engines import max_ranges
+from benchmarks.bench_engines import max_ranges
 from engines.tuning import TimingCache
 from eval.benchmark import padding_stated, random_inputs
 from model.checkpoint import load_model

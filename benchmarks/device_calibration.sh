@@ -3,7 +3,7 @@
 # and question count, then INT8 engines (one per method, 500 train questions) on the full dev set, FP16 engine beside.
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
-timeout 240 python3 -m eval.bench_calibration --squad $TRAIN --model $M --out $OUT/calibration.md 2>&1 | grep -v "it/s\|q/s"
+timeout 240 python3 -m benchmarks.bench_calibration --squad $TRAIN --model $M --out $OUT/calibration.md 2>&1 | grep -v "it/s\|q/s"
 ev() { python3 cli.py eval --squad $DEV --no-progress -o /tmp/pred.json --metrics-json $OUT/m_$1.json "${@:2}" 2>&1 | grep -E "^EM"; }
 python3 cli.py build --model $M --fp16 -b 64 -s 384 -o /tmp/eng/fp16.engine >/dev/null
 echo "--- fp16 engine"; ev fp16 /tmp/eng/fp16.engine

@@ -1,10 +1,10 @@
 """What our kernels compile to, without a GPU: memory instructions, barriers and arithmetic in their PTX.
 
-    python3 -m eval.kernel_ptx_stats [--tiles 128x128x128-w4-s3 64x64x128-w4-s4] [--attention 128x64-w8-s3]
-                                     [--arch 90]
+    python3 -m benchmarks.kernel_ptx_stats [--tiles 128x128x128-w4-s3 64x64x128-w4-s4] [--attention 128x64-w8-s3]
+                                           [--arch 90]
 
 Triton compiles for a target GPU on any machine (ptxas ships with it), so the code a kernel variant becomes can be
-compared where no GPU is lent: per tile, the pointer kernel (plugins.int8_linear._int8_linear_kernel) with a
+compared where no GPU is lent: per tile, the pointer kernel (plugins.int8_linear.int8_linear_kernel) with a
 residual in FP16, as INT8 codes with one scale, and as codes with one scale per channel (-iln's residual stream,
 smoothed sites). Counts are of static instructions in the PTX (a loop body counts once), not of executed ones:
 a way to see an extra trip through shared memory (st.shared + bar.sync), not a timing. With --attention, the
@@ -27,8 +27,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from plugins.attention import _attention_int8_kernel, _attention_kernel
-from plugins.int8_linear import _int8_linear_kernel
+from plugins.attention import attention_int8_kernel, attention_kernel
+from plugins.int8_linear import int8_linear_kernel
 
 RESIDUALS = {"fp16": (False, False), "int8": (True, False), "int8-channel": (True, True)}
 # fc1: GELU, INT8 codes out with a scale GELU's floor cannot push below -127 (no clamp there), no residual
@@ -57,7 +57,7 @@ def gemm_compiled(block_m: int, block_n: int, block_k: int, warps: int, stages: 
     # what the JIT infers for BERT's shapes: pointers, sizes and strides all multiples of 16
     aligned = [i for i, name in enumerate(signature) if name.endswith(("_ptr", "stride_am", "stride_wn", "stride_rm",
                                                                         "stride_om")) or name in ("M", "N", "K")]
-    source = ASTSource(fn=_int8_linear_kernel, signature=signature, constexprs=constants,
+    source = ASTSource(fn=int8_linear_kernel, signature=signature, constexprs=constants,
                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),  # as plugins.int8_linear launches it
                           options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
@@ -89,7 +89,7 @@ def attention_ptx(config: str, int8: bool, arch: int, d: int = 64) -> str:
     signature.update({name: "constexpr" for name in constants})
     names = list(signature)
     aligned = [names.index(n) for n in ("qkv_ptr", "bias_ptr", "out_ptr", "S", "stride_qkv", "stride_out")]
-    source = ASTSource(fn=_attention_int8_kernel if int8 else _attention_kernel, signature=signature,
+    source = ASTSource(fn=attention_int8_kernel if int8 else attention_kernel, signature=signature,
                        constexprs=constants, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": int(w[1:]), "num_stages": int(s[1:])}).asm["ptx"]

@@ -2,8 +2,8 @@
 how fast they are against SDPA with the bias, and whether they are right. A measuring script for the device
 machine, not a test.
 
-    python3 -m eval.device_attention_explore [--shapes large-128x384,...] [--configs +tma,128x] [--jobs 8]
-                                             [--out attention.md]
+    python3 -m benchmarks.device_attention_explore [--shapes large-128x384,...] [--configs +tma,128x] [--jobs 8]
+                                                   [--out attention.md]
 
 The engine pads every batch to its profile's shape; a key at a padded position must get no weight. SDPA takes
 that as a float bias added to the scores, which keeps it off the fastest kernels. The variable-length kernels
@@ -167,7 +167,7 @@ def _compile(name: str) -> None:
 def precompile(configs, jobs: int) -> None:
     def child(c):
         try:
-            run = subprocess.run([sys.executable, "-m", "eval.device_attention_explore", "--compile-one", c.name],
+            run = subprocess.run([sys.executable, "-m", "benchmarks.device_attention_explore", "--compile-one", c.name],
                                  capture_output=True, text=True, timeout=300)
             ok = run.returncode == 0 or (run.stderr.strip().splitlines() or ["failed"])[-1][:200]
         except subprocess.TimeoutExpired:

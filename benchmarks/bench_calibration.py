@@ -1,6 +1,6 @@
 """Calibration cost and stability: wall time per method and question count, and how far amax moves with more data.
 
-    python -m eval.bench_calibration --squad TRAIN --model DIR --out FILE.md [--counts 100 500 2000]
+    python -m benchmarks.bench_calibration --squad TRAIN --model DIR --out FILE.md [--counts 100 500 2000]
         [--methods entropy percentile mse max] [--timing-count 1000]
 
 Every point is computed (no calibration cache, no feature cache), through the calib.calibrate functions the CLI
@@ -127,7 +127,7 @@ def _report(args, device, batch_size, loaded, squad, rows, drift) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.bench_calibration",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_calibration",
                                 description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--squad", required=True, metavar="FILE", help="SQuAD file to draw questions from (train)")

@@ -1,6 +1,6 @@
 """Engine latency on random-weight BERT-base/large, against HF transformers eager FP16 and torch.compile, one run.
 
-    python -m eval.bench_engines --presets bert-base bert-large --shapes 1x128 128x384 --out engines.md
+    python -m benchmarks.bench_engines --presets bert-base bert-large --shapes 1x128 128x384 --out engines.md
 
 Random weights are honest for latency (it does not depend on weight values); the INT8 scales come from a max
 calibration of the same random model on random tokens. Each variant is also checked against its reference on
