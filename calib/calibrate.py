@@ -320,3 +320,39 @@ def summary_lines(run: CalibrationRun, extremes: int = 5) -> list[str]:
     lines += [f"  {k:<{w}}  {min(v):>10.5g}  {median(v):>11.5g}  {max(v):>10.5g}  {len(v):>5}"
               for k, v in kinds.items()]
     return lines
+
+
+def calibrate_from_flags(flags, say=print) -> str:
+    """`cli.py calibrate`: its flags (squad, model, trust_pickle, device, batch_size, calib_num, seed, method,
+    percentile, smooth, output, trt_cache, force, eval_squad, max_seq_length, doc_stride, max_query_length,
+    no_progress) checked, the cache made or reused, the TensorRT cache written; `say` gets what was reused and
+    written, the returned text is the summary table."""
+    from calib.trt_cache import write_trt_cache
+    from data.squad import load_squad
+    from model.runner import pick_device
+
+    for bad, why in ((flags.calib_num < 1, f"--calib-num must be at least 1, got {flags.calib_num}"),
+                     (flags.batch_size is not None and flags.batch_size < 1,
+                      f"--batch-size must be at least 1, got {flags.batch_size}"),
+                     (flags.seed < 0, f"--seed must be >= 0, got {flags.seed}"),
+                     (flags.trt_cache and Path(flags.trt_cache).is_dir(),
+                      f"{flags.trt_cache}: is a directory, expected a TensorRT calibration cache file name"),
+                     (flags.trt_cache and flags.smooth is not None, "--trt-cache: TensorRT's calibration cache holds "
+                      "one scale per tensor and cannot express --smooth (per-channel input scales folded into the "
+                      "weights); calibrate without --smooth for TensorRT")):
+        if bad:
+            raise WorkbenchError(why)
+    spec = CalibrationSpec(flags.method, flags.calib_num, flags.seed, flags.percentile, smooth=flags.smooth,
+                           features=FeatureSettings(flags.max_seq_length, flags.doc_stride, flags.max_query_length))
+    device, squad = pick_device(flags.device), load_squad(flags.squad)
+    eval_squad = load_squad(flags.eval_squad) if flags.eval_squad else None
+    loaded, wordpiece = load_calibration_model(flags.model, trust_pickle=flags.trust_pickle)
+    run = calibrate(squad, loaded, wordpiece, spec, device=device, output=flags.output, force=flags.force,
+                    batch_size=flags.batch_size or (64 if device.type == "cuda" else 16), eval_squad=eval_squad,
+                    progress=not flags.no_progress)
+    if run.reused:
+        say(f"reused calibration cache {flags.output} ({run.cache.method}, {run.cache.num_samples} questions)")
+    if flags.trt_cache:
+        write_trt_cache(flags.trt_cache, run.cache.ranges, run.cache.method)
+        say(f"wrote TensorRT calibration cache {flags.trt_cache}")
+    return "\n".join(summary_lines(run))

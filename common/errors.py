@@ -1,9 +1,25 @@
-"""One exception type for problems with the user's input.
+"""One exception type for problems with the user's input, and library warnings shown as one line each.
 
 The CLI prints its message on one line and exits with status 2, so every module raises it with a message
 that names the file (or argument) and the problem instead of letting a deep traceback escape.
 """
+import logging
+import sys
 
 
 class WorkbenchError(Exception):
     """A problem the user can fix (bad file, bad flag, mismatched model); never a bug in the workbench."""
+
+
+class _StderrWarnings(logging.Handler):
+    """Library warnings (damaged caches, questions beyond the data, overlaps) as one `warning: ...` line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"warning: {record.getMessage()}", file=sys.stderr)
+
+
+def warnings_to_stderr(*loggers: str) -> None:
+    """Show the WARNING records of these loggers (calib, data, engines, qat, ...) on stderr, once each."""
+    for logger in map(logging.getLogger, loggers):
+        if not any(isinstance(h, _StderrWarnings) for h in logger.handlers):
+            logger.addHandler(_StderrWarnings(logging.WARNING))

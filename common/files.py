@@ -100,3 +100,18 @@ def cache_root() -> Path:
     """Where reusable caches live: $WORKBENCH_CACHE_DIR, else ~/.cache/bert-int8-workbench."""
     root = os.environ.get(CACHE_ENV)
     return Path(root) if root else Path.home() / ".cache" / "bert-int8-workbench"
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Make the folder (and its parents) and prove a file can be created in it, before any long work: an
+    unwritable output is a one-line error up front rather than a failure at the end."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise WorkbenchError(f"{folder}: the {what} is a file, expected a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise WorkbenchError(f"{folder}: cannot write the {what} there ({e.strerror or e})") from None
+    return folder

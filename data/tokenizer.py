@@ -16,6 +16,10 @@ from common.errors import WorkbenchError
 from common.files import parse_json, read_bytes, read_json, sha256_bytes
 
 SPECIALS = ("[CLS]", "[SEP]", "[PAD]", "[UNK]")
+# A model's embedding table may have a few more rows than its vocabulary (padded to a multiple of 8 or 64 for the
+# tensor cores: 30,522 tokens in 30,528 rows); a vocabulary this many tokens short is another model's, whose ids
+# would index the wrong rows and answer garbage.
+EMBEDDING_PADDING = 128
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ def load_wordpiece(model_dir: str | Path, vocab_size: int | None = None) -> Word
     missing = [name for name, i in ids.items() if i is None]
     if missing:
         raise WorkbenchError(f"{source}: vocabulary lacks {', '.join(missing)} (not a BERT WordPiece vocabulary)")
-    if vocab_size is not None and size > vocab_size:
+    if vocab_size is not None and (size > vocab_size or vocab_size - size >= EMBEDDING_PADDING):
         raise WorkbenchError(f"{source.name} has {size} tokens but the model's config.json says vocab_size "
                              f"{vocab_size}: the vocabulary does not belong to this model")
     flags = json.dumps(settings, sort_keys=True).encode()

@@ -17,15 +17,16 @@ import torch
 
 import common.version
 from calib.cache import CalibrationCache
+from calib.spec import spec_from_cache
 from quant.policy import GEMMS, PrecisionPolicy
-from quant.smoothing import check_vectors
-from quant.spec import QuantSpec, ScaleSource
+from quant.spec import QuantSpec
 from common.errors import WorkbenchError
 from data.tokenizer import WordPiece, wordpiece_from_str
 from engines.engine_file import EngineHeader, Profile, load_engine, this_gpu
 from engines.runtime import Engine, engine_tensors
 from engines.tuning import LIBRARY, TimingCache, attention_key, choose, kernel_key, machine_key
 from model.checkpoint import LoadedModel
+from qat.folder import QatScales
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,10 @@ TOKENIZER_TENSOR = "tokenizer.json"  # the serialized tokenizer, as UTF-8 bytes 
 
 
 def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequence[Profile],
-                 calib: CalibrationCache | None, device: torch.device, wordpiece: WordPiece | None,
+                 calib: CalibrationCache | QatScales | None, device: torch.device, wordpiece: WordPiece | None,
                  timing_cache: TimingCache | None = None) -> tuple[EngineHeader, dict[str, torch.Tensor]]:
-    """The engine's header and tensors; on CUDA, GEMM implementations are timed per profile (`timing_cache`
+    """The engine's header and tensors. `calib`: where the ranges come from, a calibration cache or the learned
+    scales of a QAT folder (qat/folder.py). On CUDA, kernel implementations are timed per profile (`timing_cache`
     keeps those timings for later builds; None times without keeping them)."""
     t0 = time.perf_counter()
     cfg = loaded.config
@@ -47,10 +49,7 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
         if p.seq_len > cfg.max_position_embeddings:
             raise WorkbenchError(f"profile {p}: sequence length exceeds the model's max_position_embeddings "
                                  f"{cfg.max_position_embeddings}")
-    spec = quant_spec(loaded, policy, calib)
-    smooth = {site: torch.tensor(r.smooth, dtype=torch.float32) for site, r in calib.ranges.items()
-              if r.smooth is not None} if calib is not None and policy.int8 else {}
-    check_vectors(smooth, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, "the calibration cache")
+    spec, smooth = quant_spec(loaded, policy, calib)
     tensors = engine_tensors(loaded.model, policy, smooth)
     if wordpiece is not None:
         tensors[TOKENIZER_TENSOR] = torch.frombuffer(bytearray(wordpiece.tokenizer.to_str().encode()),
@@ -58,7 +57,8 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
     gpu = this_gpu() if device.type == "cuda" else None
     header = EngineHeader(
         model_config=cfg.to_json(), policy=_policy_json(policy), profiles=tuple(profiles), quant=spec.to_json(),
-        model_digest=loaded.digest, calib_digest=calib.key() if calib is not None and policy.int8 else None,
+        model_digest=loaded.digest,
+        calib_digest=calib.key() if isinstance(calib, CalibrationCache) and policy.int8 else None,
         device=device.type, gpu_name=gpu[0] if gpu else None, compute_capability=gpu[1] if gpu else None,
         versions=_versions(), kernels=_kernels(cfg.num_layers, policy, device),
         build_seconds=0.0, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=loaded.source,
@@ -122,26 +122,19 @@ def kernel_choices(header: EngineHeader) -> list[str]:
     return lines
 
 
-def quant_spec(loaded: LoadedModel, policy: PrecisionPolicy, calib: CalibrationCache | None) -> QuantSpec:
-    """The build flags compiled with the calibration cache's ranges (PrecisionPolicy.spec), after checking that
-    the cache belongs to this model and covers every site the flags quantize."""
+def quant_spec(loaded: LoadedModel, policy: PrecisionPolicy, calib: CalibrationCache | QatScales | None
+               ) -> tuple[QuantSpec, dict[str, torch.Tensor]]:
+    """The build flags compiled with the ranges of a calibration cache (calib.spec.spec_from_cache) or of a QAT
+    folder (QatScales.spec_for), and the smoothing vectors of the sites it quantizes per channel."""
     if policy.format is None:
-        return QuantSpec()
+        return QuantSpec(), {}
     if calib is None:
         raise WorkbenchError("--int8 needs activation scales: make a calibration cache with "
                              "`cli.py calibrate --squad train.json --model DIR -o calib.json` and pass "
-                             "--calib-cache calib.json")
-    if calib.model_digest != loaded.digest:
-        raise WorkbenchError(f"the calibration cache was made for another model (weights digest "
-                             f"{calib.model_digest[:12]}, this model {loaded.digest[:12]}): recalibrate")
-    sites = policy.quantized_sites(loaded.config.num_layers)
-    missing = [s for s in sites if s not in calib.ranges]
-    if missing:
-        raise WorkbenchError(f"the calibration cache has no range for {missing[0]} "
-                             f"({len(missing)} sites missing): recalibrate with this workbench")
-    source = ScaleSource("calibration", calib.method, calib.settings.get("smooth_alpha"))
-    return policy.spec(loaded.config.num_layers, {s: r.amax for s, r in calib.ranges.items()}, source,
-                       {s for s, r in calib.ranges.items() if r.smooth is not None})
+                             "--calib-cache calib.json, or build from a `cli.py qat` model folder")
+    if isinstance(calib, QatScales):
+        return calib.spec_for(policy, loaded.config.num_layers, f"the QAT scales of {loaded.source}")
+    return spec_from_cache(calib, policy, loaded.config, loaded.digest)
 
 
 def _policy_json(policy: PrecisionPolicy) -> dict:

@@ -125,3 +125,69 @@ def time_pipelined(runner, inputs, iterations: int, warmup: int) -> float:
         for _ in runner.pipelined(host for _ in range(iterations)):
             pass
         return (time.perf_counter() - t0) * 1e3 / iterations
+
+
+# ------------------------------------------------------------------------------------------------ cli.py bench
+
+EXAMPLES = """examples:
+  python cli.py bench -e engines/int8.engine                  # every profile of the engine
+  python cli.py bench -e engines/int8.engine -b 1 -s 128 --iterations 1000 --fuse
+  python cli.py bench -e engines/int8.engine -b 64 -s 384 --padded 0.3   # 30% padding: the general graph"""
+
+
+def check_counts(iterations: int, warmup: int) -> None:
+    if iterations < 1 or warmup < 0:
+        raise WorkbenchError("--iterations must be at least 1 and --warmup at least 0")
+
+
+def bench_shapes(profiles, batches=None, seq_lens=None) -> list:
+    """The shapes `cli.py bench` times: every profile, or each -b x -s given (what is not given: the profiles')."""
+    from engines.engine_file import Profile
+
+    if not batches and not seq_lens:
+        return list(profiles)
+    return [Profile(b, s) for b in batches or sorted({p.batch for p in profiles})
+            for s in seq_lens or sorted({p.seq_len for p in profiles})]
+
+
+def bench_engine_file(path, *, device: str | None = None, batches=None, seq_lens=None, iterations: int = 200,
+                      warmup: int = 20, padded: float = 0.0, fuse: bool = False):
+    """`cli.py bench`: the engine file loaded (checked) on `device` and timed at its profiles (or the -b x -s
+    shapes given); its report a line (or block) at a time, as `bench_lines`."""
+    from engines.build import load_runnable
+    from engines.graphs import GraphRunner
+    from model.runner import pick_device
+
+    check_counts(iterations, warmup)
+    dev = pick_device(device)
+    engine, _ = load_runnable(path, dev)
+    shapes = bench_shapes(engine.header.profiles, batches, seq_lens)
+    yield from bench_lines(engine, GraphRunner(engine, str(path), fuse=fuse), dev, shapes, iterations, warmup, padded,
+                           name=str(path))
+
+
+def bench_lines(engine, runner, device: torch.device, shapes, iterations: int, warmup: int, padded: float = 0.0,
+                name: str = "engine"):
+    """`cli.py bench`'s report, a line (or block) at a time as each shape is timed: the settings, then per shape
+    compute latency (with the GPU's power and clock on CUDA), end to end, and pipelined throughput."""
+    from eval.gpu_state import GpuMonitor
+
+    check_counts(iterations, warmup)
+    padding = f"{padded:.0%} of each sequence padded" if padded else \
+        "no padding (the graph whose attention takes no mask; --padded times the general one)"
+    gpu_name = engine.header.gpu_name
+    yield (f"{name}: {engine.policy.describe()} on {device.type}{' (' + gpu_name + ')' if gpu_name else ''}; "
+           f"median of {iterations} after {warmup} warm-up; {padding}")
+    with GpuMonitor(device) as gpu:  # sampling from the start; only the timed calls are read
+        for shape in shapes:
+            x = random_inputs(shape.batch, shape.seq_len, engine.cfg.vocab_size, device, padded=padded)
+            compute = Latency.from_samples(shape.batch, shape.seq_len, time_compute(
+                runner, x, iterations, warmup, device, gpu, phase=str(shape)))
+            e2e = Latency.from_samples(shape.batch, shape.seq_len,
+                                       time_end_to_end(runner, x, iterations, warmup, device))
+            piped = time_pipelined(runner, x, iterations, warmup)
+            yield (f"compute     {compute.row()}\n"
+                   + (f"  GPU while timing compute: {gpu.summary(str(shape))}\n" if device.type == "cuda" else "")
+                   + f"end-to-end  {e2e.row()}\n"
+                   f"pipelined   {shape.batch:>5} x {shape.seq_len:<4}  mean   {piped:8.3f} ms per batch with copies "
+                   f"overlapping compute  {shape.batch / piped * 1e3:10,.0f} seq/s")

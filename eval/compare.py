@@ -1,13 +1,17 @@
-"""Measuring builds for the comparison report: latency at each profile, and one `BuildResult` per build.
+"""Comparing builds: latency at each profile, the report's columns, and `cli.py eval` with several builds.
 
-Shared by `cli.py eval` (several builds given on the command line) and `cli.py sweep` (the grid), so a row means
-the same in both: EM/F1 on the same questions, median/p99 compute latency (eval.benchmark.time_compute on random
-tokens of the profile's full shape) and throughput at each profile, engine size and build time from the engine
-file.
+Shared by `cli.py eval` (several builds given on the command line) and `cli.py sweep` (the grid) through
+eval.measure, so a row means the same in both: EM/F1 on the same questions, median/p99 compute latency
+(eval.benchmark.time_compute on random tokens of the profile's full shape) and throughput at each profile, engine
+size and build time from the engine file. `ComparisonPlan` and `evaluate_builds` are `cli.py eval`'s: the baseline
+and profiles of the builds given, each build measured, one table against the baseline.
 """
 from __future__ import annotations
 
+import math
 import re
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from common.errors import WorkbenchError
@@ -17,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from calib.cache import CalibrationCache
+    from eval.measure import Build, Measured, Questions
 
 # Timed runs per profile: a few on the CPU (CI, laptops: each forward takes a fraction of a second), enough on CUDA
 # for a stable median and a meaningful p99.
@@ -100,5 +105,194 @@ def unique_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-__all__ = ["BENCH_DEFAULTS", "bench_defaults", "calibration_of_engine", "check_name", "describe_calibration",
-           "latency_line", "time_profiles", "unique_names"]
+# ------------------------------------------------------------------------------------------ cli.py eval
+
+EXAMPLES = """examples:
+  python cli.py eval --squad ../shared/data/squad/dev-v1.1.json --model ../shared/models/minilm-l6-h384-squad11 \\
+      --precision fp16 -o predictions.json --metrics-json metrics.json
+  python cli.py eval --squad dev.json --model DIR --limit 50 --device cpu
+  python cli.py eval --squad dev.json --model DIR engines/int8.engine engines/int8-iln.engine \\
+      --max-f1-drop 1.0 --report-dir report/          # the FP16 model is the baseline: table, files, plot
+  python cli.py eval --squad dev.json engines/fp16.engine engines/int8.engine --profile 64x384"""
+COMPARING_HELP = (
+    "With several builds (or any of these flags) eval also times each build at each of its engine profiles (the "
+    "model at the profiles the engines have) and prints one table: options, calibration, EM, F1, ΔEM/ΔF1 against "
+    "the baseline, median/p99 latency, throughput and speed-up per profile, engine size, build time; the chosen "
+    "build is the fastest at the selection profile whose F1 is within --max-f1-drop of the baseline.")
+BASELINE_HELP = (
+    "what the others are compared with. fp16: --model evaluated in FP16 (--precision must be fp16 or unset), or "
+    "without --model the one engine built with --fp16 and without --int8; model: --model at its --precision; "
+    "ENGINE: one of the engine files given. Default: model when --model is given (FP16 on CUDA), else fp16")
+
+
+def wants_comparison(n_builds: int, *flags) -> bool:
+    """`eval` compares with several builds, or when any comparison flag is given (not None)."""
+    return n_builds > 1 or any(v is not None for v in flags)
+
+
+class ComparisonPlan:
+    """`eval` with several builds (or --report-dir/--baseline/--max-f1-drop/--profile): time each build at its
+    profiles, then one comparison table against the baseline (eval.report), optionally written to --report-dir.
+
+    Made from the flags before anything slow runs (their errors come first); `model_precision` is what --model is
+    loaded at (FP16 when it is the FP16 baseline)."""
+
+    def __init__(self, *, max_f1_drop: float | None = None, profile: str | None = None,
+                 report_dir: str | None = None, baseline: str | None = None, model: str | None = None,
+                 precision: str | None = None):
+        from eval.report import DEFAULT_MAX_F1_DROP, parse_profile
+
+        self.max_f1_drop = DEFAULT_MAX_F1_DROP if max_f1_drop is None else max_f1_drop
+        if not (math.isfinite(self.max_f1_drop) and self.max_f1_drop >= 0):
+            raise WorkbenchError(f"--max-f1-drop {max_f1_drop!r}: must be a finite number of F1 points >= 0")
+        self.profile = parse_profile(profile) if profile else None
+        if report_dir and Path(report_dir).exists() and not Path(report_dir).is_dir():
+            raise WorkbenchError(f"{report_dir}: --report-dir is a file, expected a directory")
+        self.report_dir, self.has_model = report_dir, bool(model)
+        self.choice = baseline or ("model" if model else "fp16")
+        if self.choice == "model" and not model:
+            raise WorkbenchError("--baseline model needs --model DIR")
+        self.model_precision = precision
+        if self.choice == "fp16" and model:  # the FP16 baseline is the model run in FP16
+            if precision not in (None, "fp16"):
+                raise WorkbenchError(f"--baseline fp16 evaluates --model in FP16: drop --precision {precision}, "
+                                     "or use --baseline model to compare against the model at its --precision")
+            self.model_precision = "fp16"
+        self.rows: list = []
+
+    def resolve(self, builds: Sequence[Build], max_seq_length: int, iterations: int | None,
+                warmup: int | None) -> None:
+        """Row names, the baseline, the profiles each build is timed at, and the timing settings."""
+        from eval.runnables import engine_profiles
+
+        self.names = unique_names([b.name for b in builds])
+        self.baseline = self._baseline(builds)
+        engines = [b for b in builds if b.kind == "engine"]
+        shared = sorted({p for b in engines for p in engine_profiles(b)})
+        model_profiles = shared or [self.profile or (1, max_seq_length)]
+        self.profiles = [model_profiles if b.kind == "model" else engine_profiles(b) for b in builds]
+        if self.profile is not None:
+            missing = [self.names[i] for i, ps in enumerate(self.profiles) if self.profile not in ps]
+            if missing:
+                raise WorkbenchError(f"--profile {self.profile[0]}x{self.profile[1]}: not a profile of "
+                                     f"{', '.join(missing)}")
+        self.iterations, self.warmup = bench_defaults(builds[0].device, iterations, warmup)
+
+    def _baseline(self, builds: Sequence[Build]) -> int:
+        engines = [i for i, b in enumerate(builds) if b.kind == "engine"]
+        if self.choice in ("fp16", "model") and self.has_model:
+            return 0
+        if self.choice == "fp16":
+            fp16 = [i for i in engines if builds[i].engine.policy.fp16 and not builds[i].engine.policy.int8]
+            if not fp16:
+                raise WorkbenchError("no FP16 baseline: give --model DIR (evaluated in FP16 as the baseline), an "
+                                     "engine built with --fp16 and without --int8, or --baseline ENGINE")
+            if len(fp16) > 1:
+                raise WorkbenchError(f"several FP16 engines without INT8 ({', '.join(self.names[i] for i in fp16)}): "
+                                     "pick the baseline with --baseline ENGINE")
+            return fp16[0]
+        wanted = Path(self.choice)
+        match = [i for i in engines if Path(builds[i].path).resolve() == wanted.resolve()
+                 or self.names[i] == self.choice]
+        if not match:
+            raise WorkbenchError(f"--baseline {self.choice}: not one of the engine files given (or fp16, model)")
+        return match[0]
+
+    def measure(self, i: int, build: Build, questions: Questions) -> Measured:
+        """Evaluate and time build `i`, keep its row (its predictions go to --report-dir/predictions/NAME.json)."""
+        from dataclasses import replace
+
+        from eval.measure import measure
+
+        m = measure(replace(build, name=self.names[i]), questions, self.profiles[i], iterations=self.iterations,
+                    warmup=self.warmup, is_baseline=i == self.baseline, report_dir=self.report_dir or None)
+        print(f"{self.names[i]}: {latency_line(m.result.latency)} (median of {self.iterations} after {self.warmup} "
+              "warm-up)", file=sys.stderr)
+        self.rows.append(m.result)
+        return m
+
+    def finish(self) -> None:
+        from eval.report import build_report, render_text, write_report_dir
+
+        report = build_report(self.rows, self.max_f1_drop, self.profile)
+        print()
+        print(render_text(report), end="")
+        if self.report_dir:
+            files = write_report_dir(report, self.report_dir)
+            print(f"wrote {', '.join(str(p) for p in files.values())} and the predictions in "
+                  f"{Path(self.report_dir) / 'predictions'}", file=sys.stderr)
+
+
+def evaluate_from_flags(flags) -> None:
+    """`cli.py eval`: its parsed flags (argparse.Namespace) run; the comparison (a plan) with several builds or any
+    comparison flag, made first so that its flags are checked before anything slow runs."""
+    from data.squad import load_squad
+    from eval.measure import Questions, settings_from_flags
+    from eval.runnables import load_builds
+
+    if flags.limit is not None and flags.limit < 1:
+        raise WorkbenchError(f"--limit must be at least 1, got {flags.limit}")
+    plan = None
+    if wants_comparison((1 if flags.model else 0) + len(flags.engines), flags.report_dir, flags.baseline,
+                        flags.max_f1_drop, flags.profile):
+        plan = ComparisonPlan(max_f1_drop=flags.max_f1_drop, profile=flags.profile, report_dir=flags.report_dir,
+                              baseline=flags.baseline, model=flags.model, precision=flags.precision)
+    squad = load_squad(flags.squad, limit=flags.limit)
+    fs, answer_settings = settings_from_flags(flags, version_2=squad.version.startswith("2"))
+    builds = load_builds(model=flags.model, engines=flags.engines, device=flags.device,
+                         precision=plan.model_precision if plan else flags.precision, trust_pickle=flags.trust_pickle,
+                         batch_size=flags.batch_size, max_seq_length=fs.max_seq_length, fuse=flags.fuse)
+    questions = Questions(squad.examples, squad.version, fs, answer_settings, cache=not flags.no_cache,
+                          progress=not flags.no_progress)
+    evaluate_builds(builds, questions, plan, squad_path=flags.squad, output=flags.output,
+                    metrics_json=flags.metrics_json, iterations=flags.bench_iterations, warmup=flags.bench_warmup)
+
+
+def evaluate_builds(builds: Sequence[Build], questions: Questions, plan: ComparisonPlan | None, *, squad_path: str,
+                    output: str | None = None, metrics_json: str | None = None, iterations: int | None = None,
+                    warmup: int | None = None) -> None:
+    """`cli.py eval`: each build's EM/F1 (one line each on stdout), its predictions (-o: FILE, or FILE.BUILD.json
+    per build when several; default predictions.json unless --report-dir), the metrics JSON, and with a plan the
+    comparison table."""
+    from common.files import atomic_write_json
+    from data.answers import write_predictions
+    from eval.measure import measure
+
+    if plan is not None:
+        plan.resolve(builds, questions.feature_settings.max_seq_length, iterations, warmup)
+    results = {}
+    for i, b in enumerate(builds):
+        print(f"evaluating {b.label} on {len(questions.examples)} questions of {squad_path} "
+              f"(SQuAD v{questions.version})", file=sys.stderr)
+        m = plan.measure(i, b, questions) if plan is not None else measure(b, questions)
+        for line in m.timings.lines():
+            print(line, file=sys.stderr)
+        if output is not None or plan is None or not plan.report_dir:  # -o: one predictions file per build
+            out = Path(output or "predictions.json")
+            if len(builds) > 1:  # one predictions file per model/engine, named after it
+                out = out.with_name(f"{out.stem}.{b.label.split(' ')[0].removesuffix('.engine')}{out.suffix}")
+            nbest = out.with_name(out.stem + ".nbest" + out.suffix)
+            write_predictions(m.predictions, out, nbest)
+            print(f"wrote {out} and {nbest}", file=sys.stderr)
+        line = f"EM {m.score.exact_match:.2f}  F1 {m.score.f1:.2f}  ({m.score.n} questions)" + v2_breakdown(m.score)
+        print(line if len(builds) == 1 else f"{b.label}: {line}")
+        results[b.label] = m.score.to_json()
+    if metrics_json:
+        atomic_write_json(metrics_json, next(iter(results.values())) if len(results) == 1 else results)
+    if plan is not None:
+        plan.finish()
+
+
+def v2_breakdown(score) -> str:
+    """SQuAD v2.0's HasAns/NoAns scores, "" under v1.1."""
+    parts = []
+    if score.has_ans_n:
+        parts.append(f"HasAns EM {score.has_ans_exact:.2f} F1 {score.has_ans_f1:.2f} ({score.has_ans_n})")
+    if score.no_ans_n:
+        parts.append(f"NoAns EM {score.no_ans_exact:.2f} F1 {score.no_ans_f1:.2f} ({score.no_ans_n})")
+    return "  |  " + "  |  ".join(parts) if parts else ""
+
+
+__all__ = ["BASELINE_HELP", "BENCH_DEFAULTS", "COMPARING_HELP", "ComparisonPlan", "EXAMPLES", "bench_defaults",
+           "calibration_of_engine", "check_name", "describe_calibration", "evaluate_builds", "evaluate_from_flags",
+           "latency_line", "time_profiles", "unique_names", "v2_breakdown", "wants_comparison"]

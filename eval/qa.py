@@ -1,4 +1,9 @@
-"""SQuAD prediction and evaluation for any forward (reference model now, engines later): one path for all."""
+"""SQuAD prediction and evaluation for any forward (a model or an engine): one path for all.
+
+`predict`/`evaluate` featurize and run; `predict_features` takes features made earlier (eval.measure featurizes a
+question set once and reuses it for every build) and `score` scores predictions. `infer_from_flags` is `cli.py infer`
+(with `answer_lines`, `answer_session`, `read_passage`, `read_questions` and `prompt`; EXAMPLES for its --help).
+"""
 from __future__ import annotations
 
 import time
@@ -7,8 +12,9 @@ from typing import Sequence
 
 import torch
 
+from common.errors import WorkbenchError
 from data.answers import AnswerSettings, Prediction, extract_answers
-from data.features import FeatureSettings, featurize
+from data.features import FeatureSettings, Features, featurize
 from data.squad import Example
 from data.tokenizer import WordPiece
 from eval.squad_metrics import SquadScore, score_squad
@@ -22,14 +28,31 @@ class Timings:
     answers_s: float
     num_questions: int
     num_features: int
+    features_reused: bool = False   # the features were made earlier (for another build): featurize_s is 0
 
     def lines(self) -> list[str]:
         q = self.num_questions
-        return [f"featurize: {q} questions -> {self.num_features} features in {self.featurize_s:.2f} s "
-                f"({q / max(self.featurize_s, 1e-9):,.0f} questions/s)",
+        featurized = (f"featurize: {q} questions -> {self.num_features} features, made earlier and reused"
+                      if self.features_reused else
+                      f"featurize: {q} questions -> {self.num_features} features in {self.featurize_s:.2f} s "
+                      f"({q / max(self.featurize_s, 1e-9):,.0f} questions/s)")
+        return [featurized,
                 f"model:     {self.num_features} features in {self.model_s:.2f} s "
                 f"({q / max(self.model_s, 1e-9):,.0f} questions/s)",
                 f"answers:   {self.answers_s:.2f} s"]
+
+
+def predict_features(examples: Sequence[Example], features: Features, forward: Forward, device: torch.device, *,
+                     answer_settings: AnswerSettings = AnswerSettings(), batch_size: int = 32,
+                     progress: bool = True) -> tuple[dict[str, Prediction], float, float]:
+    """Predictions from features made earlier, with the seconds spent in the forward and in answer extraction."""
+    t0 = time.perf_counter()
+    start, end = run_logits(forward, features, device, batch_size=batch_size, progress=progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
+    predictions = extract_answers(examples, features, start, end, answer_settings)
+    return predictions, t1 - t0, time.perf_counter() - t1
 
 
 def predict(examples: Sequence[Example], forward: Forward, wordpiece: WordPiece, device: torch.device, *,
@@ -37,18 +60,118 @@ def predict(examples: Sequence[Example], forward: Forward, wordpiece: WordPiece,
             batch_size: int = 32, cache: bool = True, progress: bool = True) -> tuple[dict[str, Prediction], Timings]:
     t0 = time.perf_counter()
     features = featurize(examples, wordpiece, feature_settings, cache=cache, progress=progress)
-    t1 = time.perf_counter()
-    start, end = run_logits(forward, features, device, batch_size=batch_size, progress=progress)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t2 = time.perf_counter()
-    predictions = extract_answers(examples, features, start, end, answer_settings)
-    t3 = time.perf_counter()
-    return predictions, Timings(t1 - t0, t2 - t1, t3 - t2, len(examples), len(features))
+    featurize_s = time.perf_counter() - t0
+    predictions, model_s, answers_s = predict_features(examples, features, forward, device,
+                                                       answer_settings=answer_settings, batch_size=batch_size,
+                                                       progress=progress)
+    return predictions, Timings(featurize_s, model_s, answers_s, len(examples), len(features))
+
+
+def score(examples: Sequence[Example], version: str, predictions: dict[str, Prediction]) -> SquadScore:
+    """The official metrics of predictions (their best answers' text)."""
+    return score_squad(examples, {q: p.text for q, p in predictions.items()}, version=version)
 
 
 def evaluate(examples: Sequence[Example], version: str, forward: Forward, wordpiece: WordPiece,
              device: torch.device, **kwargs) -> tuple[SquadScore, dict[str, Prediction], Timings]:
     predictions, timings = predict(examples, forward, wordpiece, device, **kwargs)
-    score = score_squad(examples, {q: p.text for q, p in predictions.items()}, version=version)
-    return score, predictions, timings
+    return score(examples, version, predictions), predictions, timings
+
+
+# ------------------------------------------------------------------------------------------------ cli.py infer
+
+EXAMPLES = """examples:
+  python cli.py infer --model ../shared/models/minilm-l6-h384-squad11 \\
+      -p "TensorRT is a high performance deep learning inference platform ..." -q "What is TensorRT?"
+  python cli.py infer --model DIR -pf passage.txt -qf questions.txt
+  python cli.py infer --model DIR            # interactive: asks for a passage, then questions"""
+
+
+def answer_lines(context: str, questions: Sequence[str], forward: Forward, wordpiece: WordPiece,
+                 device: torch.device, *, feature_settings: FeatureSettings, answer_settings: AnswerSettings,
+                 batch_size: int) -> list[str]:
+    """Each question about `context` answered: "Question: ..." and "Answer:   '...'  (probability, score)"."""
+    from data.squad import examples_from_pairs
+
+    examples = examples_from_pairs(context, questions)
+    preds, _ = predict(examples, forward, wordpiece, device, feature_settings=feature_settings,
+                       answer_settings=answer_settings, batch_size=batch_size, cache=False, progress=False)
+    out = []
+    for ex in examples:
+        p = preds[ex.qid]
+        best = p.nbest[0] if p.nbest else None
+        detail = (f"probability {best.probability:.3f}, score {best.start_logit + best.end_logit:.2f}"
+                  if best else "no answer found")
+        out.append(f"Question: {ex.question}\nAnswer:   {p.text!r}  ({detail})")
+    return out
+
+
+def infer_from_flags(flags) -> None:
+    """`cli.py infer`: its parsed flags (argparse.Namespace: passage, passage_file, question, question_file, model or
+    engine, device, precision, trust_pickle, batch_size, fuse, and the feature and answer flags) run: each question
+    answered on stdout."""
+    from eval.measure import settings_from_flags
+    from eval.runnables import load_builds
+
+    passage, questions = read_passage(flags.passage, flags.passage_file), read_questions(flags.question,
+                                                                                        flags.question_file)
+    fs, answer_settings = settings_from_flags(flags)
+    if flags.engine and flags.model:
+        raise WorkbenchError("give --model or -e/--engine, not both")
+    b = load_builds(model=flags.model, engines=[flags.engine] if flags.engine else [], device=flags.device,
+                    precision=flags.precision, trust_pickle=flags.trust_pickle, batch_size=flags.batch_size,
+                    max_seq_length=fs.max_seq_length, fuse=flags.fuse)[0]
+
+    def answer(context: str, qs: list[str]) -> None:
+        print("\n".join(answer_lines(context, qs, b.forward, b.wordpiece, b.device, feature_settings=fs,
+                                     answer_settings=answer_settings, batch_size=b.batch)))
+
+    answer_session(answer, passage, questions, b.label)
+
+
+def answer_session(answer, passage: str | None, questions: Sequence[str], label: str) -> None:
+    """`cli.py infer`: answer(passage, questions) at once when both are given; else ask for what is missing (the
+    passage, then questions one at a time until an empty line or the end of input)."""
+    import sys
+
+    if passage is not None and questions:
+        answer(passage, list(questions))
+        return
+    print(f"model: {label}. Empty question or Ctrl-D to quit.", file=sys.stderr)
+    if passage is None and not (passage := prompt("Passage: ")):
+        raise WorkbenchError("no passage given (use -p, -pf, or type one at the prompt)")
+    for q in questions:
+        answer(passage, [q])
+    while not questions and (q := prompt("Question: ")):
+        answer(passage, [q])
+
+
+def prompt(text: str) -> str:
+    """One line typed at the terminal, stripped; "" at the end of input."""
+    try:
+        return input(text).strip()
+    except EOFError:
+        return ""
+
+
+def read_passage(texts: Sequence[str] | None, path: str | None) -> str | None:
+    """-p words and the -pf file's text, joined with spaces; None when neither is given."""
+    parts = list(texts or [])
+    if path:
+        from common.files import read_bytes
+        parts.append(read_bytes(path, "passage file").decode("utf-8", errors="replace"))
+    return " ".join(p.strip() for p in parts) if parts else None
+
+
+def read_questions(texts: Sequence[str] | None, path: str | None) -> list[str]:
+    """-q questions, then the -qf file's non-empty lines; an empty -q question is an error."""
+    qs = list(texts or [])
+    if path:
+        from common.files import read_bytes
+        text = read_bytes(path, "question file").decode("utf-8", errors="replace")
+        qs += [line.strip() for line in text.splitlines() if line.strip()]
+    for i, q in enumerate(qs, 1):
+        if not q.strip():
+            raise WorkbenchError(f"question {i} is empty")
+    return qs
+

@@ -3,7 +3,7 @@ that keeps the worst of them out of INT8, measured like any other build.
 
 The unit is the policy's unit of mixed precision, one encoder GEMM ("layer3.fc2": its input site and its weights,
 `quant.policy.PrecisionPolicy.fp16_gemms`). Every variant is a real engine (engines.build.build_engine +
-engines.runtime.Engine, a GraphRunner on CUDA) evaluated on the same featurized questions (featurized once):
+engines.runtime.Engine, a GraphRunner on CUDA) evaluated by eval.measure on the same questions (featurized once):
 
     baseline        the build without INT8 at the same precision (FP16 on CUDA, FP32 on the CPU)
     all-int8        every GEMM INT8 (with -iln/-imh when asked)
@@ -60,6 +60,30 @@ FILES = {"markdown": "sensitivity.md", "json": "sensitivity.json", "heatmap": "s
          "leave_one_out": "leave-one-out.png"}
 OPTION_SETS: dict[str, tuple[bool, bool]] = {"plain": (False, False), "iln": (True, False), "imh": (False, True),
                                              "iln-imh": (True, True)}
+
+
+# `cli.py sensitivity --help` (cli.py imports this module only to show it)
+DESCRIPTION = (
+    "which INT8 GEMMs cost the most F1: quantize one GEMM at a time, show a layer x kind table and heat-map, and "
+    "suggest (then build and measure) a mixed-precision build. Every variant is an engine built in memory from "
+    "--model and --calib-cache and evaluated on the same questions (featurized once): the baseline without INT8 at "
+    "the same precision; all INT8; for each GEMM (layerN.qkv, attn_out, fc1, fc2) a build where only it is INT8 "
+    "(the others kept out, as --keep-fp16 does), whose F1 drop against the baseline is its sensitivity; each whole "
+    "layer and each GEMM kind as one group (--no-groups skips them); with --leave-one-out also all-INT8-but-one "
+    "builds (F1 recovered); with -iln/-imh those points stay INT8 in every variant and their own cost is measured "
+    "too. The suggestion keeps the GEMMs with the largest single-GEMM drops out of INT8 until the estimated drop "
+    "(the sum of the single-GEMM drops left in INT8) fits --max-f1-drop, then builds and evaluates it and reports "
+    "its measured F1 and the `cli.py build --keep-fp16 ...` command that reproduces it. On the CPU it evaluates "
+    "50 questions and runs the rest in FP32 unless told (it says so); on CUDA all questions in FP16. Writes "
+    "sensitivity.md, sensitivity.json, sensitivity.png (and leave-one-out.png) to --report-dir.")
+EXAMPLES = """examples:
+  python cli.py calibrate --squad assets/squad/train-v1.1-calib-first-paragraphs.json.gz \\
+      --model assets/minilm-l6-h384-squad11 -o calib.json
+  python cli.py sensitivity --calib-cache calib.json          # assets/ model and dev set; CUDA if present
+  python cli.py sensitivity --model DIR --calib-cache calib.json --squad dev.json --max-f1-drop 0.5 \\
+      --report-dir sens/                                      # the table, sensitivity.png, sensitivity.json
+  python cli.py sensitivity --calib-cache calib.json -iln --leave-one-out   # also all-but-one builds
+  python cli.py sensitivity --calib-cache calib.json --device cpu --limit 20 --layers 0,5"""
 
 
 # ------------------------------------------------------------------------------------------------ names
@@ -367,14 +391,13 @@ class SensitivityConfig:
 
 
 class _Evaluator:
-    """Builds each variant's engine in memory and scores it on features made once; a policy already measured is
-    not built again."""
+    """Builds each variant's engine in memory and measures it (eval.measure, accuracy only) on questions featurized
+    once; a policy already measured is not built again."""
 
-    def __init__(self, cfg: SensitivityConfig, loaded, calib, features, examples, version: str):
+    def __init__(self, cfg: SensitivityConfig, loaded, calib, questions):
         from engines.engine_file import Profile
 
-        self.cfg, self.loaded, self.calib = cfg, loaded, calib
-        self.features, self.examples, self.version = features, examples, version
+        self.cfg, self.loaded, self.calib, self.questions = cfg, loaded, calib, questions
         self.device = cfg.device
         self.batch = cfg.batch_size or (64 if self.device.type == "cuda" else 16)
         self.profiles = [Profile(self.batch, cfg.feature_settings.max_seq_length)]
@@ -391,14 +414,10 @@ class _Evaluator:
         return v.policy(self.loaded.config.num_layers, cfg.half, cfg.iln, cfg.imh)
 
     def measure(self, v: Variant) -> Measurement:
-        import torch
-
-        from data.answers import extract_answers
         from engines.build import build_engine
-        from engines.graphs import GraphRunner
         from engines.runtime import Engine
-        from eval.squad_metrics import score_squad
-        from model.runner import run_logits
+        from eval.measure import measure, release
+        from eval.runnables import engine_build
 
         policy = self.policy(v)
         n_int8 = len(v.int8_gemms) if v.int8_gemms is not None else 0
@@ -410,19 +429,61 @@ class _Evaluator:
         header, tensors = build_engine(self.loaded, policy, self.profiles, self.calib if policy.int8 else None,
                                        self.device, None, self.timing)
         engine = Engine(header, tensors, self.device).eval()
-        runner = GraphRunner(engine, v.name)
-        t1 = time.perf_counter()
-        start, end = run_logits(runner, self.features, self.device, batch_size=self.batch, progress=False)
-        predictions = extract_answers(self.examples, self.features, start, end, self.cfg.answer_settings)
-        score = score_squad(self.examples, {q: p.text for q, p in predictions.items()}, version=self.version)
-        t2 = time.perf_counter()
-        del runner, engine, tensors
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        build_s = time.perf_counter() - t0
+        build = engine_build(engine, v.name, batch=self.batch, build_s=build_s)
+        measured = measure(build, self.questions, progress=False)
+        del build, engine, tensors
+        release(self.device)
+        score = measured.score
         m = Measurement(v.name, v.method, v.target, describe(policy, self.loaded.config.num_layers), n_int8,
-                        score.exact_match, score.f1, score.n, round(t1 - t0, 3), round(t2 - t1, 3))
+                        score.exact_match, score.f1, score.n, round(build_s, 3), round(measured.eval_s, 3))
         self.seen[policy] = m
         return m
+
+
+def device_settings(device: torch.device, *, limit: str | int | None = None,
+                    precision: str | None = None) -> tuple[int | None, bool]:
+    """`cli.py sensitivity`'s --limit and --precision (None: not given) on `device`: (questions, half). The CPU
+    evaluates CPU_LIMIT questions in FP32 unless told; CUDA all of them in FP16."""
+    from data.squad import parse_question_limit
+
+    questions = ((CPU_LIMIT if device.type == "cpu" else None) if limit is None else parse_question_limit(limit))
+    return questions, device.type == "cuda" if precision is None else precision == "fp16"
+
+
+def cpu_notice(device: torch.device, limit: int | None, *, limit_given: bool, precision_given: bool,
+               device_given: bool = False) -> str | None:
+    """On the CPU, what the analysis does that a GPU run would not (for what the flags left to the defaults)."""
+    if device.type != "cpu" or (limit_given and precision_given):
+        return None
+    said = [f"the first {limit} questions (--limit; CUDA's default is all of them)" if not limit_given else None,
+            "FP32 for what is not INT8 (--precision; FP16 on CUDA)" if not precision_given else None]
+    coarse = (" F1 differences on so few questions are coarse: read the ranking, not the decimals."
+              if limit is not None and limit <= 500 else "")
+    return f"on the CPU{'' if device_given else ' (no CUDA GPU)'}: {'; '.join(s for s in said if s)}.{coarse}"
+
+
+def config_from_flags(flags, feature_settings, answer_settings) -> tuple[SensitivityConfig, str | None]:
+    """`cli.py sensitivity`'s parsed flags (an argparse.Namespace: model, calib_cache, squad, limit, iln, imh,
+    options, layers, leave_one_out, no_groups, max_f1_drop, refine, trim, report_dir, device, precision,
+    batch_size, no_cache, no_progress, trust_pickle) as a SensitivityConfig, and the notice of what a CPU run
+    does differently (None on CUDA, or when the flags said it all)."""
+    from model.runner import pick_device
+
+    device = pick_device(flags.device)
+    iln, imh = parse_options(flags.options)
+    limit, half = device_settings(device, limit=flags.limit, precision=flags.precision)
+    notice = cpu_notice(device, limit, limit_given=flags.limit is not None,
+                        precision_given=flags.precision is not None, device_given=bool(flags.device))
+    report_dir = Path(flags.report_dir)
+    if report_dir.exists() and not report_dir.is_dir():
+        raise WorkbenchError(f"{report_dir}: --report-dir is a file, expected a directory")
+    return SensitivityConfig(
+        model=flags.model, calib_cache=flags.calib_cache, squad=flags.squad, device=device, half=half, limit=limit,
+        feature_settings=feature_settings, answer_settings=answer_settings, iln=flags.iln or iln,
+        imh=flags.imh or imh, layers=flags.layers, groups=not flags.no_groups, leave_one_out=flags.leave_one_out,
+        max_f1_drop=flags.max_f1_drop, refine=flags.refine, trim=flags.trim, batch_size=flags.batch_size,
+        feature_cache=not flags.no_cache, progress=not flags.no_progress, trust_pickle=flags.trust_pickle), notice
 
 
 def describe(policy: PrecisionPolicy, num_layers: int) -> str:
@@ -440,17 +501,7 @@ def check_budget(max_f1_drop: float) -> float:
     return float(max_f1_drop)
 
 
-def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
-    """Measure every variant (see the module doc) and the suggestion; returns the numbers (write them with
-    `write_report`)."""
-    from tqdm import tqdm
-
-    from calib.cache import load_cache
-    from calib.calibrate import check_fits, load_calibration_model
-    from data.features import featurize
-    from data.squad import load_squad
-    from eval.compare import describe_calibration
-
+def _check_config(cfg: SensitivityConfig) -> None:
     check_budget(cfg.max_f1_drop)
     if cfg.limit is not None and cfg.limit < 1:
         raise WorkbenchError(f"--limit must be at least 1 (or all), got {cfg.limit}")
@@ -460,30 +511,11 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
         raise WorkbenchError(f"--trim must be at least 0, got {cfg.trim}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    calib = load_cache(cfg.calib_cache)
-    loaded, wordpiece = load_calibration_model(cfg.model, trust_pickle=cfg.trust_pickle)
-    check_fits(loaded, cfg.feature_settings)
-    num_layers = loaded.config.num_layers
-    layers = parse_layers(cfg.layers, num_layers)
-    squad = load_squad(cfg.squad, limit=cfg.limit)
-    version = squad.version
-    answer_settings = replace(cfg.answer_settings, version_2_with_negative=version.startswith("2"))
-    cfg = replace(cfg, answer_settings=answer_settings)
-    floor = cfg.iln or cfg.imh
-    variants = plan_variants(num_layers, layers, floor=floor, groups=cfg.groups, leave_one_out=cfg.leave_one_out)
-    _check_calibration(loaded, calib, variants[1].policy(num_layers, cfg.half, cfg.iln, cfg.imh),
-                       cfg.feature_settings.max_seq_length)
 
-    t_start = time.perf_counter()
-    features = featurize(squad.examples, wordpiece, cfg.feature_settings, cache=cfg.feature_cache,
-                         progress=cfg.progress)
-    ev = _Evaluator(cfg, loaded, calib, features, squad.examples, version)
-    precision = "fp16" if cfg.half else "fp32"
-    cfg.say(f"sensitivity: {len(variants)} builds of {loaded.source} ({num_layers} layers, layers "
-            f"{_layers_text(layers)} analysed) on {cfg.device.type} in {precision}"
-            f"{' with ' + ' '.join(f for f, on in (('-iln', cfg.iln), ('-imh', cfg.imh)) if on) if floor else ''}; "
-            f"{len(squad.examples):,} questions ({len(features):,} features) of {squad.path}; "
-            f"calibration {describe_calibration(calib)} from {cfg.calib_cache}")
+
+def _measure_all(cfg: SensitivityConfig, ev: _Evaluator, variants: Sequence[Variant]) -> dict[str, Measurement]:
+    """Every planned variant measured, one line each (under the progress bar when there is one)."""
+    from tqdm import tqdm
 
     measured: dict[str, Measurement] = {}
     with tqdm(variants, desc="sensitivity", unit="build", disable=not cfg.progress, file=sys.stderr,
@@ -500,6 +532,44 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
                 bar.write(line, file=sys.stderr)
             else:
                 cfg.say(line)
+    return measured
+
+
+def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
+    """Measure every variant (see the module doc) and the suggestion; returns the numbers (write them with
+    `write_report`)."""
+    from calib.cache import load_cache
+    from calib.calibrate import check_fits, load_calibration_model
+    from data.squad import load_squad
+    from eval.compare import describe_calibration
+    from eval.measure import Questions
+
+    _check_config(cfg)
+    calib = load_cache(cfg.calib_cache)
+    loaded, wordpiece = load_calibration_model(cfg.model, trust_pickle=cfg.trust_pickle)
+    check_fits(loaded, cfg.feature_settings)
+    num_layers = loaded.config.num_layers
+    layers = parse_layers(cfg.layers, num_layers)
+    squad = load_squad(cfg.squad, limit=cfg.limit)
+    cfg = replace(cfg, answer_settings=replace(cfg.answer_settings,
+                                               version_2_with_negative=squad.version.startswith("2")))
+    floor = cfg.iln or cfg.imh
+    variants = plan_variants(num_layers, layers, floor=floor, groups=cfg.groups, leave_one_out=cfg.leave_one_out)
+    _check_calibration(loaded, calib, variants[1].policy(num_layers, cfg.half, cfg.iln, cfg.imh),
+                       cfg.feature_settings.max_seq_length)
+
+    t_start = time.perf_counter()
+    questions = Questions(squad.examples, squad.version, cfg.feature_settings, cfg.answer_settings,
+                          wordpiece=wordpiece, cache=cfg.feature_cache, progress=cfg.progress)
+    features, _ = questions.featurized()
+    ev = _Evaluator(cfg, loaded, calib, questions)
+    precision = "fp16" if cfg.half else "fp32"
+    cfg.say(f"sensitivity: {len(variants)} builds of {loaded.source} ({num_layers} layers, layers "
+            f"{_layers_text(layers)} analysed) on {cfg.device.type} in {precision}"
+            f"{' with ' + ' '.join(f for f, on in (('-iln', cfg.iln), ('-imh', cfg.imh)) if on) if floor else ''}; "
+            f"{len(squad.examples):,} questions ({len(features):,} features) of {squad.path}; "
+            f"calibration {describe_calibration(calib)} from {cfg.calib_cache}")
+    measured = _measure_all(cfg, ev, variants)
 
     baseline, all_int8 = measured["baseline"], measured["all-int8"]
     floor_m = measured.get("options-only")
@@ -507,7 +577,6 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
     groups = {v.target: baseline.f1 - measured[v.name].f1 for v in variants if v.method == "group"}
     loo = ({v.target: measured[v.name].f1 - all_int8.f1 for v in variants if v.method == "leave-one-out"}
            if cfg.leave_one_out else None)
-
     suggestion, extra = _suggest(cfg, ev, num_layers, layers, baseline, all_int8, floor_m, only)
     settings = {
         "model": str(loaded.source), "model_digest": loaded.digest,
@@ -515,7 +584,7 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
         "squad": str(squad.path), "squad_digest": squad.digest, "limit": cfg.limit, "questions": len(squad.examples),
         "features": len(features), "device": cfg.device.type, "precision": precision, "iln": cfg.iln,
         "imh": cfg.imh, "batch": ev.batch, "max_seq_length": cfg.feature_settings.max_seq_length,
-        "feature_settings": asdict(cfg.feature_settings), "answer_settings": asdict(answer_settings),
+        "feature_settings": asdict(cfg.feature_settings), "answer_settings": asdict(cfg.answer_settings),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     return SensitivityResult(settings=settings, layers=layers, num_layers=num_layers, baseline=baseline,
@@ -599,35 +668,42 @@ def _suggest(cfg: SensitivityConfig, ev: _Evaluator, num_layers: int, layers: Se
                      + (f" after {refined} more GEMM(s) kept one at a time (--refine {cfg.refine})" if refined
                         else " (--refine 0: not refined)" if cfg.refine == 0 else ""))
     elif cfg.trim:
-        # The sum of single drops overstates the real drop, so the list may keep more than needed: return kept
-        # GEMMs to INT8 one build at a time, cheapest first, keeping each change whose measured drop still fits.
-        # A list measured before is skipped: here that is a refine list that missed, or all-INT8 (which missed).
-        order = sorted(keep, key=lambda g: (plan.costs[g], _gemm_order(g)))
-        returned, untried, trims = [], [], 0
-        for i, g in enumerate(order):
-            fewer = [x for x in keep if x != g]
-            if frozenset(fewer) in known:
-                cfg.say(f"  trim: {g} back to INT8 gives a keep list measured before to miss the budget; it stays")
-                continue
-            if trims == cfg.trim:
-                untried = [x for x in order[i:] if frozenset(y for y in keep if y != x) not in known]
-                break
-            trims += 1
-            if attempt(fewer, f"trim:{g}", "trim", g).fits:
-                keep = fewer
-                returned.append(g)
-                cfg.say(f"  trim: {g} back to INT8 still fits the budget: it goes back")
-            else:
-                cfg.say(f"  trim: {g} back to INT8 misses the budget: it stays out of INT8")
-        if returned:
-            notes.append(f"measured trims returned {', '.join(returned)} to INT8 (of {len(order)} kept before "
-                         "trimming)")
-        if untried:
-            notes.append(f"--trim {cfg.trim} spent: {', '.join(untried)} not tried back in INT8")
+        keep, trim_notes = _trim(cfg, keep, plan.costs, known, attempt)
+        notes += trim_notes
     final = known[frozenset(keep)]
     drop = baseline.f1 - final.f1
     return (Suggestion(budget, tuple(keep), estimate(set(keep)), final, drop, within(drop), tuple(tried),
                        "; ".join(notes), _build_command(cfg, keep, num_layers, ev.batch)), builds)
+
+
+def _trim(cfg: SensitivityConfig, keep: list[str], costs: Mapping[str, float],
+          known: Mapping[frozenset[str], Measurement], attempt) -> tuple[list[str], list[str]]:
+    """The sum of single drops overstates the real drop, so a keep list within the budget may keep more than needed:
+    return kept GEMMs to INT8 one build at a time (`attempt`), cheapest first, keeping each change whose measured
+    drop still fits, at most cfg.trim builds. A list measured before is skipped: here that is a refine list that
+    missed, or all-INT8 (which missed). Returns the keep list and the notes."""
+    order = sorted(keep, key=lambda g: (costs[g], _gemm_order(g)))
+    returned, untried, trims, notes = [], [], 0, []
+    for i, g in enumerate(order):
+        fewer = [x for x in keep if x != g]
+        if frozenset(fewer) in known:
+            cfg.say(f"  trim: {g} back to INT8 gives a keep list measured before to miss the budget; it stays")
+            continue
+        if trims == cfg.trim:
+            untried = [x for x in order[i:] if frozenset(y for y in keep if y != x) not in known]
+            break
+        trims += 1
+        if attempt(fewer, f"trim:{g}", "trim", g).fits:
+            keep = fewer
+            returned.append(g)
+            cfg.say(f"  trim: {g} back to INT8 still fits the budget: it goes back")
+        else:
+            cfg.say(f"  trim: {g} back to INT8 misses the budget: it stays out of INT8")
+    if returned:
+        notes.append(f"measured trims returned {', '.join(returned)} to INT8 (of {len(order)} kept before trimming)")
+    if untried:
+        notes.append(f"--trim {cfg.trim} spent: {', '.join(untried)} not tried back in INT8")
+    return keep, notes
 
 
 def _build_command(cfg: SensitivityConfig, keep: Sequence[str], num_layers: int, batch: int) -> str:
@@ -810,7 +886,8 @@ def write_report(r: SensitivityResult, directory: str | Path) -> dict[str, Path]
     return files
 
 
-__all__ = ["Attempt", "CPU_LIMIT", "DEFAULT_MAX_F1_DROP", "DEFAULT_REPORT_DIR", "DEFAULT_TRIM", "FILES",
-           "GreedyPlan", "Measurement", "SensitivityConfig", "SensitivityResult", "Suggestion", "Variant", "all_gemms",
-           "compact_keep_list", "gemm_name", "greedy_keep", "load_result", "parse_layers", "parse_options",
-           "plan_variants", "render_text", "run_sensitivity", "write_report"]
+__all__ = ["Attempt", "CPU_LIMIT", "DEFAULT_MAX_F1_DROP", "DEFAULT_REPORT_DIR", "DEFAULT_TRIM", "DESCRIPTION", "EXAMPLES",
+           "FILES", "GreedyPlan", "Measurement", "SensitivityConfig", "SensitivityResult", "Suggestion", "Variant",
+           "all_gemms", "compact_keep_list", "config_from_flags", "cpu_notice", "device_settings", "gemm_name",
+           "greedy_keep", "load_result", "parse_layers", "parse_options", "plan_variants", "render_text",
+           "run_sensitivity", "write_report"]

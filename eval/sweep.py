@@ -15,8 +15,8 @@ workbench can load QAT scales; until then the grid has none.
 For each row: calibrate (one calibration per method and percentile serves every option set; caches live in the
 workbench cache directory under their key, so a later sweep reuses them), build the engine into
 `REPORT_DIR/engines/NAME.engine` (an engine already there is reused when its header's model digest, calibration
-key, policy, profiles, device and workbench version match), evaluate it (`REPORT_DIR/predictions/NAME.json`, the
-featurized questions come from the feature cache after the first row), time it at every profile, and store the
+key, policy, profiles, device and workbench version match), evaluate it and time it at every profile (eval.measure;
+`REPORT_DIR/predictions/NAME.json`; the questions are featurized once for every row), and store the
 row as `REPORT_DIR/rows/NAME.json` (atomically) with a key of everything it depends on: model digest, calibration
 key, policy, profiles, the evaluation file's digest and question limit, feature and answer settings, device,
 timing settings and workbench version. A rerun skips every row whose stored key matches ("finished earlier") and
@@ -25,7 +25,6 @@ become the report (`eval.report`): table, Markdown, CSV, JSON and the Pareto plo
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import sys
@@ -38,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from common.errors import WorkbenchError
 from common.files import atomic_write_json, read_json
 from common.version import __version__
-from eval.compare import check_name, describe_calibration, latency_line, time_profiles
+from eval.compare import bench_defaults, check_name, describe_calibration, latency_line
+from eval.measure import Questions, measure, release
 from eval.report import BuildResult, Report, build_report, delta_f1, profile_label, render_text, write_report_dir
 
 if TYPE_CHECKING:
@@ -86,6 +86,82 @@ DEVICE_DEFAULTS = {
     "cuda": DeviceDefaults(calib_num=100, eval_limit=None, profiles=((1, 128), (64, 384)), half=True),
     "cpu": DeviceDefaults(calib_num=20, eval_limit=30, profiles=((1, 384),), half=False),
 }
+
+
+# `cli.py sweep --help`
+DESCRIPTION = (
+    "the workbench's answer: build the grid of INT8 builds and the FP16 baseline, evaluate and time each, and pick "
+    "the fastest build within the F1 budget. The default grid: FP16; INT8 x {entropy, entropy --smooth 0.8, "
+    "percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}; x --sparse when the model's "
+    "GEMM weights are 2:4 sparse (sparse engines are not available yet: those rows are skipped, with the reason). "
+    "Calibration caches, kernel timings and featurized questions are reused from the workbench cache. Resumable: "
+    "each finished row is stored in REPORT_DIR/rows/ with a key of all its inputs, and a rerun skips the rows whose "
+    "inputs did not change. Without arguments it runs on the model and SQuAD files in assets/, on CUDA when "
+    "present; on the CPU it evaluates 30 questions, calibrates on 20, times one 1x384 profile 5 times and runs the "
+    "non-INT8 work in FP32 (it says so).")
+EXAMPLES = """examples:
+  python cli.py sweep                     # the default: assets/ model and SQuAD files, CUDA if present
+  python cli.py sweep --model DIR --calib-squad train.json --eval-squad dev.json -b 1 -s 128 -b 64 -s 384 \\
+      --report-dir report/
+  python cli.py sweep --methods entropy max --options plain iln --eval-limit 500
+  python cli.py sweep --grid grid.json    # a JSON list of rows, e.g.
+      # [{"name": "fp16", "fp16": true}, {"name": "int8-mse-iln", "int8": true, "method": "mse", "iln": true}]"""
+
+
+def shown(path: str | Path) -> str:
+    """A path for --help: relative to the working directory when under it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """The flags as the sweep runs them: what was not given comes from the device's defaults (`defaulted`)."""
+
+    half: bool
+    eval_limit: int | None
+    calib_num: int
+    profiles: list[tuple[int, int]]
+    iterations: int
+    warmup: int
+    defaulted: frozenset[str]        # which of precision, eval_limit, calib_num, profiles, iterations were not given
+
+
+def device_settings(device: torch.device, *, precision: str | None = None, eval_limit: str | int | None = None,
+                    calib_num: int | None = None, batch_sizes: Sequence[int] | None = None,
+                    seq_lengths: Sequence[int] | None = None, bench_iterations: int | None = None,
+                    bench_warmup: int | None = None, max_seq_length: int = 384) -> DeviceSettings:
+    """`cli.py sweep`'s flags (None: not given) resolved against DEVICE_DEFAULTS and checked."""
+    from data.squad import parse_question_limit
+
+    d = DEVICE_DEFAULTS[device.type]
+    limit = d.eval_limit if eval_limit is None else parse_question_limit(eval_limit, "--eval-limit")
+    profiles = pair_profiles(batch_sizes, seq_lengths, d.profiles, max_seq_length)
+    iterations, warmup = bench_defaults(device, bench_iterations, bench_warmup)
+    given = {"precision": precision, "eval_limit": eval_limit, "calib_num": calib_num,
+             "profiles": batch_sizes or seq_lengths or None, "iterations": bench_iterations}
+    return DeviceSettings(d.half if precision is None else precision == "fp16", limit,
+                          d.calib_num if calib_num is None else calib_num, profiles, iterations, warmup,
+                          frozenset(k for k, v in given.items() if v is None))
+
+
+def cpu_notice(device: torch.device, s: DeviceSettings, device_given: bool = False) -> str | None:
+    """On the CPU, what the sweep does that a GPU run would not (only for what the flags left to the defaults)."""
+    if device.type != "cpu":
+        return None
+    said = {"eval_limit": f"{'the first ' + str(s.eval_limit) if s.eval_limit else 'all'} evaluation questions "
+                          "(--eval-limit; CUDA's default is all of them)",
+            "calib_num": f"{s.calib_num} calibration questions (--calib-num; 100 on CUDA)",
+            "profiles": f"profile {', '.join(f'{b}x{q}' for b, q in s.profiles)} (-b/-s; 1x128 and 64x384 on CUDA)",
+            "iterations": f"{s.iterations} timed runs per profile (--bench-iterations; 100 on CUDA)",
+            "precision": "FP32 for what is not INT8 (--precision; FP16 on CUDA, emulated and slow on the CPU)"}
+    said = [text for key, text in said.items() if key in s.defaulted]
+    if not said:
+        return None
+    return (f"on the CPU{'' if device_given else ' (no CUDA GPU)'}: a quick sweep with {'; '.join(said)}. "
+            "Accuracy on so few questions and CPU latency are not what a GPU run reports.")
 
 
 # ------------------------------------------------------------------------------------------------------ grid
@@ -333,6 +409,31 @@ class SweepResult:
     files: dict[str, Path]           # report files written
 
 
+def config_from_flags(flags, feature_settings, answer_settings) -> tuple[SweepConfig, str | None]:
+    """`cli.py sweep`'s parsed flags (an argparse.Namespace: model, calib_squad, eval_squad, report_dir, grid,
+    methods, options, batch_size, seq_length, precision, calib_num, seed, eval_limit, max_f1_drop, profile,
+    bench_iterations, bench_warmup, device, force, no_cache, no_progress, trust_pickle) as a SweepConfig, and the
+    notice of what a CPU run leaves out (None on CUDA, or when the flags said it all)."""
+    from eval.report import parse_profile
+    from model.runner import pick_device
+
+    device = pick_device(flags.device)
+    s = device_settings(device, precision=flags.precision, eval_limit=flags.eval_limit, calib_num=flags.calib_num,
+                        batch_sizes=flags.batch_size, seq_lengths=flags.seq_length,
+                        bench_iterations=flags.bench_iterations, bench_warmup=flags.bench_warmup,
+                        max_seq_length=feature_settings.max_seq_length)
+    grid = default_grid(s.half) if flags.grid == "default" else load_grid(flags.grid)
+    cfg = SweepConfig(
+        model=flags.model, calib_squad=flags.calib_squad, eval_squad=flags.eval_squad, report_dir=flags.report_dir,
+        grid=select_rows(grid, flags.methods, flags.options), profiles=s.profiles, device=device, half=s.half,
+        calib_num=s.calib_num, eval_limit=s.eval_limit, feature_settings=feature_settings,
+        answer_settings=answer_settings, bench_iterations=s.iterations, bench_warmup=s.warmup, seed=flags.seed,
+        max_f1_drop=flags.max_f1_drop, selection_profile=parse_profile(flags.profile) if flags.profile else None,
+        force=flags.force, feature_cache=not flags.no_cache, progress=not flags.no_progress,
+        trust_pickle=flags.trust_pickle)
+    return cfg, cpu_notice(device, s, device_given=bool(flags.device))
+
+
 # -------------------------------------------------------------------------------------------------- row store
 
 def _plain_json(obj: Any) -> Any:
@@ -424,34 +525,24 @@ def _engine_mismatch(path: Path, *, model_digest: str, calibration_key: str | No
     return f"built from other inputs ({', '.join(bad)})" if bad else None
 
 
-def _build_engine(path: Path, loaded, policy, profiles, calib, device: torch.device, wordpiece) -> None:
-    from engines.build import build_engine
-    from engines.engine_file import Profile, save_engine
+@dataclass
+class _Inputs:
+    """What every row of a sweep shares: the model, the question sets, the rows left after skipping."""
 
-    args = [loaded, policy, [Profile(b, s) for b, s in profiles], calib if policy.int8 else None, device, wordpiece]
-    if device.type == "cuda" and "timing_cache" in inspect.signature(build_engine).parameters:
-        from common.files import cache_root
-        from engines.tuning import TimingCache
+    loaded: Any                      # model.checkpoint.LoadedModel
+    wordpiece: Any
+    eval_squad: Any                  # data.squad.SquadFile
+    calib_squad: Any                 # None without INT8 rows
+    questions: Questions             # the evaluation questions, featurized once
+    rows: list[GridRow]
+    skipped: list[str]               # sparse rows
+    baseline: GridRow
+    eval_batch: int                  # features per forward: the largest batch of the profiles that serve -s
 
-        args.append(TimingCache(cache_root() / "timing.json"))  # kernel timings shared with `cli.py build`
-    header, tensors = build_engine(*args)
-    save_engine(path, header, tensors)
 
-
-def run_sweep(cfg: SweepConfig) -> SweepResult:
-    """Run (or resume) the sweep of `cfg.grid` and write the report; see the module doc."""
-    import torch
-
-    from calib.cache import cache_key, default_cache_path
-    from calib.calibrate import calibrate, check_fits, load_calibration_model
-    from calib.sparsity import gemm_sparsity
-    from data.answers import write_predictions
-    from data.squad import load_squad
-    from engines.build import load_runnable
-    from engines.graphs import GraphRunner
-    from eval.qa import evaluate
-
-    say, fs, device = cfg.say, cfg.feature_settings, cfg.device
+def _check_config(cfg: SweepConfig) -> tuple[GridRow, int]:
+    """The grid's baseline and the evaluation batch; every setting checked before anything slow runs."""
+    fs = cfg.feature_settings
     report_dir = Path(cfg.report_dir)
     if report_dir.exists() and not report_dir.is_dir():
         raise WorkbenchError(f"{report_dir}: --report-dir is a file, expected a directory")
@@ -465,22 +556,30 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         raise WorkbenchError(f"no profile serves the evaluation's --max-seq-length {fs.max_seq_length} "
                              f"(profiles {', '.join(profile_label(p, 'x') for p in cfg.profiles)}): add one with "
                              f"-s {fs.max_seq_length}, or lower --max-seq-length")
-    eval_batch = max(b for b, _ in serving)
     if cfg.selection_profile is not None and tuple(cfg.selection_profile) not in [tuple(p) for p in cfg.profiles]:
         raise WorkbenchError(f"--profile {profile_label(cfg.selection_profile, 'x')} is not one of the sweep's "
                              f"profiles ({', '.join(profile_label(p, 'x') for p in cfg.profiles)})")
+    return baseline, max(b for b, _ in serving)
 
+
+def _load_inputs(cfg: SweepConfig) -> _Inputs:
+    """The model and SQuAD files, checked against the profiles; sparse rows skipped with the reason."""
+    from calib.calibrate import check_fits, load_calibration_model
+    from calib.sparsity import gemm_sparsity
+    from data.squad import load_squad
+
+    baseline, eval_batch = _check_config(cfg)
     loaded, wordpiece = load_calibration_model(cfg.model, trust_pickle=cfg.trust_pickle)
-    check_fits(loaded, fs)
+    check_fits(loaded, cfg.feature_settings)
     for b, s in cfg.profiles:
         if s > loaded.config.max_position_embeddings:
             raise WorkbenchError(f"profile {b}x{s}: sequence length exceeds the model's max_position_embeddings "
                                  f"{loaded.config.max_position_embeddings}")
     eval_squad = load_squad(cfg.eval_squad, limit=cfg.eval_limit)
     calib_squad = load_squad(cfg.calib_squad) if any(r.int8 for r in cfg.grid) else None
-    examples = eval_squad.examples
     answer_settings = replace(cfg.answer_settings, version_2_with_negative=eval_squad.version.startswith("2"))
-
+    questions = Questions(eval_squad.examples, eval_squad.version, cfg.feature_settings, answer_settings,
+                          wordpiece=wordpiece, cache=cfg.feature_cache, progress=cfg.progress)
     rows = list(cfg.grid)
     skipped = [r.name for r in rows if r.sparse]
     if skipped:
@@ -488,121 +587,158 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         why = ("the model's GEMM weights are 2:4 sparse, but sparse engines are not available yet (the engine "
                "builder has no --sparse)" if check.all_sparse else
                f"the model's GEMM weights are not 2:4 sparse ({check.summary()})")
-        say(f"{len(skipped)} sparse row{'s' if len(skipped) > 1 else ''} skipped: {why}")
+        cfg.say(f"{len(skipped)} sparse row{'s' if len(skipped) > 1 else ''} skipped: {why}")
         rows = [r for r in rows if not r.sparse]
     if baseline.name not in [r.name for r in rows]:
         raise WorkbenchError(f"the baseline row {baseline.name!r} cannot be a sparse row")
+    return _Inputs(loaded, wordpiece, eval_squad, calib_squad, questions, rows, skipped, baseline, eval_batch)
 
-    say(f"sweep: {len(rows)} builds of {loaded.source} on {device.type}; evaluating on {len(examples):,} questions "
-        f"of {eval_squad.path}; profiles {', '.join(profile_label(p, 'x') for p in cfg.profiles)}; "
-        f"report in {report_dir}")
-    dev_desc = device_description(device)
-    bench = (cfg.bench_iterations, cfg.bench_warmup)
-    calibrations: dict[tuple, Any] = {}
 
-    def calibration_key(row: GridRow) -> str | None:
-        spec = row.calibration_spec(cfg.calib_num, cfg.seed, fs)
+class _Calibrations:
+    """One calibration per (method, percentile, smooth), made (or reused from the workbench cache) when first
+    needed; its key is predicted from the inputs, so a stored row can be reused without calibrating."""
+
+    def __init__(self, cfg: SweepConfig, inp: _Inputs):
+        self.cfg, self.inp = cfg, inp
+        self.made: dict[tuple, Any] = {}
+
+    def key(self, row: GridRow) -> str | None:
+        from calib.cache import cache_key
+
+        spec = row.calibration_spec(self.cfg.calib_num, self.cfg.seed, self.cfg.feature_settings)
         if spec is None:
             return None
-        return cache_key(spec.method, spec.settings(wordpiece.digest), min(spec.calib_num, len(calib_squad.examples)),
-                         loaded.digest, calib_squad.digest, __version__)
+        inp = self.inp
+        return cache_key(spec.method, spec.settings(inp.wordpiece.digest),
+                         min(spec.calib_num, len(inp.calib_squad.examples)), inp.loaded.digest,
+                         inp.calib_squad.digest, __version__)
 
-    def calibration(row: GridRow, key: str):
-        ident = (row.method, row.percentile, row.smooth)
-        if ident not in calibrations:
-            spec = row.calibration_spec(cfg.calib_num, cfg.seed, fs)
+    def get(self, row: GridRow, key: str):
+        from calib.cache import default_cache_path
+        from calib.calibrate import calibrate
+
+        cfg, inp, ident = self.cfg, self.inp, (row.method, row.percentile, row.smooth)
+        if ident not in self.made:
+            spec = row.calibration_spec(cfg.calib_num, cfg.seed, cfg.feature_settings)
             t0 = time.perf_counter()
             path = default_cache_path(key)
-            run = calibrate(calib_squad, loaded, wordpiece, spec, device=device,
-                            batch_size=64 if device.type == "cuda" else 16, output=path, eval_squad=eval_squad,
-                            feature_cache=cfg.feature_cache, progress=cfg.progress)
+            run = calibrate(inp.calib_squad, inp.loaded, inp.wordpiece, spec, device=cfg.device,
+                            batch_size=64 if cfg.device.type == "cuda" else 16, output=path,
+                            eval_squad=inp.eval_squad, feature_cache=cfg.feature_cache, progress=cfg.progress)
             if run.cache.key() != key:  # the key this sweep predicted must be the one calibrate used
                 raise RuntimeError(f"calibration key mismatch: {run.cache.key()} != {key}")
-            desc = describe_calibration(run.cache)
-            say(f"  calibration {desc}: " + (f"reused cache {path}" if run.reused else
-                                             f"{time.perf_counter() - t0:.1f} s, cache {path}"))
-            calibrations[ident] = run.cache
-        return calibrations[ident]
+            cfg.say(f"  calibration {describe_calibration(run.cache)}: " +
+                    (f"reused cache {path}" if run.reused else f"{time.perf_counter() - t0:.1f} s, cache {path}"))
+            self.made[ident] = run.cache
+        return self.made[ident]
 
+
+def _engine_file(cfg: SweepConfig, inp: _Inputs, row: GridRow, policy, calib, ckey: str | None) -> tuple[Path, str]:
+    """The row's engine file, reused when built from the same inputs, else (re)built; and what happened."""
+    from eval.runnables import build_engine_file
+
+    engine_path = Path(cfg.report_dir) / "engines" / f"{row.name}.engine"
+    mismatch = "--force" if cfg.force and engine_path.exists() else (
+        _engine_mismatch(engine_path, model_digest=inp.loaded.digest, calibration_key=ckey, policy=policy,
+                         profiles=cfg.profiles, device=cfg.device) if engine_path.exists() else None)
+    if engine_path.exists() and mismatch is None:
+        return engine_path, f"engine {engine_path} reused"
+    t_build = time.perf_counter()
+    build_engine_file(engine_path, inp.loaded, policy, cfg.profiles, calib if policy.int8 else None, cfg.device,
+                      inp.wordpiece)
+    return engine_path, ((f"engine rebuilt ({mismatch})" if mismatch else "engine built") +
+                         f" in {time.perf_counter() - t_build:.1f} s")
+
+
+def _measure_row(cfg: SweepConfig, inp: _Inputs, calibrations: _Calibrations, row: GridRow, policy,
+                 ckey: str | None, base_result: BuildResult | None) -> tuple[BuildResult, float, str]:
+    """Calibrate (once per method), build (or reuse) the row's engine, evaluate and time it (eval.measure): its
+    result, the seconds it took and the line that says so."""
+    from eval.runnables import engine_file_build
+
+    t0 = time.perf_counter()
+    calib = calibrations.get(row, ckey) if ckey else None
+    engine_path, built = _engine_file(cfg, inp, row, policy, calib, ckey)
+    build = replace(engine_file_build(engine_path, cfg.device, max_seq_length=cfg.feature_settings.max_seq_length),
+                    name=row.name, batch=inp.eval_batch, options=policy.describe(),
+                    calibration=describe_calibration(calib))
+    m = measure(build, inp.questions, cfg.profiles, iterations=cfg.bench_iterations, warmup=cfg.bench_warmup,
+                is_baseline=row is inp.baseline, report_dir=cfg.report_dir)
+    seconds = time.perf_counter() - t0
+    del build
+    release(cfg.device)
+    r = m.result
+    delta = (" (baseline)" if row is inp.baseline else
+             f" (ΔF1 {delta_f1(r, base_result):+.2f})" if base_result is not None else "")
+    return r, seconds, (f"EM {r.exact_match:.2f} F1 {r.f1:.2f}{delta}; {latency_line(r.latency)}; {built}, "
+                        f"evaluated in {m.eval_s:.1f} s, timed in {m.time_s:.1f} s; {seconds:.1f} s")
+
+
+def run_sweep(cfg: SweepConfig) -> SweepResult:
+    """Run (or resume) the sweep of `cfg.grid` and write the report; see the module doc. Interrupted (Ctrl-C), it
+    says where the finished rows are and how to resume."""
+    try:
+        return _sweep(cfg)
+    except KeyboardInterrupt:
+        cfg.say(f"finished rows are stored in {Path(cfg.report_dir) / 'rows'}: rerun the same command to resume")
+        raise
+
+
+def _sweep(cfg: SweepConfig) -> SweepResult:
+    inp = _load_inputs(cfg)
+    report_dir, rows, baseline, n = Path(cfg.report_dir), inp.rows, inp.baseline, len(inp.rows)
+    cfg.say(f"sweep: {n} builds of {inp.loaded.source} on {cfg.device.type}; evaluating on "
+            f"{len(inp.questions.examples):,} questions of {inp.eval_squad.path}; profiles "
+            f"{', '.join(profile_label(p, 'x') for p in cfg.profiles)}; report in {report_dir}")
+    dev_desc = device_description(cfg.device)
+    calibrations = _Calibrations(cfg, inp)
     results: list[BuildResult] = []
     reused: list[str] = []
     computed: list[str] = []
     base_result: BuildResult | None = None
     t_sweep = time.perf_counter()
     for i, row in enumerate(rows, 1):
-        head = f"[{i}/{len(rows)}] {row.name}"
-        policy = row.policy(cfg.half)
-        ckey = calibration_key(row)
-        key = row_key(model_digest=loaded.digest, calibration_key=ckey, policy=policy, profiles=cfg.profiles,
-                      eval_digest=eval_squad.digest, eval_limit=cfg.eval_limit, n_questions=len(examples),
-                      feature_settings=fs, answer_settings=answer_settings, device=dev_desc, bench=bench)
+        policy, ckey = row.policy(cfg.half), calibrations.key(row)
+        key = row_key(model_digest=inp.loaded.digest, calibration_key=ckey, policy=policy, profiles=cfg.profiles,
+                      eval_digest=inp.eval_squad.digest, eval_limit=cfg.eval_limit,
+                      n_questions=len(inp.questions.examples), feature_settings=cfg.feature_settings,
+                      answer_settings=inp.questions.answer_settings, device=dev_desc,
+                      bench=(cfg.bench_iterations, cfg.bench_warmup))
         stored_at = row_path(report_dir, row.name)
         result, why = (None, None) if cfg.force else stored_row(stored_at, key)
+        measured_now = result is None
         if result is not None:
             result = replace(result, is_baseline=row is baseline)
-            say(f"[{i}/{len(rows)}] row {row.name}: finished earlier, reusing its result "
-                f"(EM {result.exact_match:.2f}, F1 {result.f1:.2f})")
-            results.append(result)
+            cfg.say(f"[{i}/{n}] row {row.name}: finished earlier, reusing its result "
+                    f"(EM {result.exact_match:.2f}, F1 {result.f1:.2f})")
             reused.append(row.name)
-            if row is baseline:
-                base_result = result
-            continue
-        if why:
-            say(f"[{i}/{len(rows)}] row {row.name}: {why}: recomputing")
-        t0 = time.perf_counter()
-        calib = calibration(row, ckey) if ckey else None
-
-        engine_path = report_dir / "engines" / f"{row.name}.engine"
-        mismatch = "--force" if cfg.force and engine_path.exists() else (
-            _engine_mismatch(engine_path, model_digest=loaded.digest, calibration_key=ckey, policy=policy,
-                             profiles=cfg.profiles, device=device) if engine_path.exists() else None)
-        if engine_path.exists() and mismatch is None:
-            built = f"engine {engine_path} reused"
         else:
-            t_build = time.perf_counter()
-            _build_engine(engine_path, loaded, policy, cfg.profiles, calib, device, wordpiece)
-            built = (f"engine rebuilt ({mismatch})" if mismatch else "engine built") + \
-                f" in {time.perf_counter() - t_build:.1f} s"
-
-        engine, engine_wordpiece = load_runnable(engine_path, device)
-        runner = GraphRunner(engine, str(engine_path))
-        t_eval = time.perf_counter()
-        score, predictions, _ = evaluate(examples, eval_squad.version, runner, engine_wordpiece or wordpiece, device,
-                                         feature_settings=fs, answer_settings=answer_settings,
-                                         batch_size=eval_batch, cache=cfg.feature_cache, progress=cfg.progress)
-        pred_rel = Path("predictions") / f"{row.name}.json"
-        write_predictions(predictions, report_dir / pred_rel, report_dir / "predictions" / f"{row.name}.nbest.json")
-        t_time = time.perf_counter()
-        latency = time_profiles(runner, cfg.profiles, engine.cfg.vocab_size, device, *bench)
-        t_done = time.perf_counter()
-        result = BuildResult(
-            name=row.name, options=policy.describe(), calibration=describe_calibration(calib),
-            is_baseline=row is baseline, exact_match=score.exact_match, f1=score.f1, n_questions=score.n,
-            latency=latency, engine_bytes=engine_path.stat().st_size, build_s=engine.header.build_seconds,
-            predictions_file=pred_rel.as_posix())
-        store_row(stored_at, key, result, t_done - t0)
-        del runner, engine
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            if why:
+                cfg.say(f"[{i}/{n}] row {row.name}: {why}: recomputing")
+            result, seconds, line = _measure_row(cfg, inp, calibrations, row, policy, ckey, base_result)
+            store_row(stored_at, key, result, seconds)
+            cfg.say(f"[{i}/{n}] {row.name}: {line}")
+            computed.append(row.name)
+        results.append(result)
         if row is baseline:
             base_result = result
-        delta = f" (ΔF1 {delta_f1(result, base_result):+.2f})" if base_result is not None and row is not baseline \
-            else (" (baseline)" if row is baseline else "")
-        say(f"{head}: EM {result.exact_match:.2f} F1 {result.f1:.2f}{delta}; {latency_line(latency)}; {built}, "
-            f"evaluated in {t_time - t_eval:.1f} s, timed in {t_done - t_time:.1f} s; {t_done - t0:.1f} s")
-        results.append(result)
-        computed.append(row.name)
-        if cfg.on_row_done is not None:
+        if measured_now and cfg.on_row_done is not None:
             cfg.on_row_done(row.name)
+    return _finish(cfg, inp, results, reused, computed, t_sweep)
 
-    extra = sorted(p.stem for p in (report_dir / "rows").glob("*.json") if p.stem not in {r.name for r in rows})
+
+def _finish(cfg: SweepConfig, inp: _Inputs, results: list[BuildResult], reused: list[str], computed: list[str],
+            t_sweep: float) -> SweepResult:
+    """The report of every row (rows stored for builds not in this grid are named, and left out)."""
+    report_dir = Path(cfg.report_dir)
+    extra = sorted(p.stem for p in (report_dir / "rows").glob("*.json") if p.stem not in {r.name for r in inp.rows})
     if extra:
-        say(f"{report_dir / 'rows'} also holds {', '.join(extra)}: not in this grid, left out of the report")
+        cfg.say(f"{report_dir / 'rows'} also holds {', '.join(extra)}: not in this grid, left out of the report")
     report = build_report(results, cfg.max_f1_drop, cfg.selection_profile)
     files = write_report_dir(report, report_dir)
-    say(f"sweep done in {time.perf_counter() - t_sweep:.1f} s: {len(computed)} rows measured, {len(reused)} reused; "
-        f"wrote {', '.join(str(p) for p in files.values())}")
-    return SweepResult(report, tuple(results), tuple(reused), tuple(computed), tuple(skipped), files)
+    cfg.say(f"sweep done in {time.perf_counter() - t_sweep:.1f} s: {len(computed)} rows measured, {len(reused)} "
+            f"reused; wrote {', '.join(str(p) for p in files.values())}")
+    return SweepResult(report, tuple(results), tuple(reused), tuple(computed), tuple(inp.skipped), files)
 
 
 def final_lines(result: SweepResult, report_dir: str | Path) -> str:
@@ -614,6 +750,7 @@ def final_lines(result: SweepResult, report_dir: str | Path) -> str:
 
 
 __all__ = ["CALIBRATION_METHODS", "DEFAULT_CALIB_SQUAD", "DEFAULT_EVAL_SQUAD", "DEFAULT_MODEL", "DEFAULT_REPORT_DIR",
-           "DEVICE_DEFAULTS", "DeviceDefaults", "GridRow", "METHODS", "OPTION_SETS", "SweepConfig", "SweepResult",
-           "baseline_row", "check_grid", "default_grid", "final_lines", "load_grid", "pair_profiles", "row_key",
-           "run_sweep", "select_rows", "stored_row", "store_row"]
+           "DESCRIPTION", "DEVICE_DEFAULTS", "DeviceDefaults", "DeviceSettings", "EXAMPLES", "GridRow", "METHODS",
+           "OPTION_SETS", "SweepConfig", "SweepResult", "baseline_row", "check_grid", "config_from_flags",
+           "cpu_notice", "default_grid", "device_settings", "final_lines", "load_grid", "pair_profiles", "row_key",
+           "run_sweep", "select_rows", "shown", "stored_row", "store_row"]

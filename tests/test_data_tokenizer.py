@@ -92,6 +92,19 @@ def test_vocab_larger_than_model(tmp_path):
     assert load_wordpiece(folder, vocab_size=len(TOKENS) + 5).vocab_size == len(TOKENS)  # padded embeddings are fine
 
 
+def test_vocab_much_smaller_than_the_models_embedding_table_is_another_models(tmp_path):
+    """Issue 23, item 4: a 1,000-line vocab.txt beside a 30,522-row model answered garbage."""
+    from data.tokenizer import EMBEDDING_PADDING
+
+    folder = make_model(tmp_path)
+    rows = len(TOKENS) + EMBEDDING_PADDING
+    with pytest.raises(WorkbenchError) as info:
+        load_wordpiece(folder, vocab_size=rows)
+    assert str(info.value) == (f"vocab.txt has {len(TOKENS)} tokens but the model's config.json says vocab_size "
+                               f"{rows}: the vocabulary does not belong to this model")
+    assert load_wordpiece(folder, vocab_size=rows - 1).vocab_size == len(TOKENS)
+
+
 def test_tokenizer_json_and_vocab_txt_disagree(tmp_path):
     folder = make_model(tmp_path, tokens=TOKENS + ["dog"])
     load_wordpiece(folder).tokenizer.save(str(folder / "tokenizer.json"))

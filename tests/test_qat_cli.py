@@ -1,0 +1,81 @@
+"""`cli.py qat`, `cli.py finetune` and a build from the QAT folder, end to end on a tiny model (in process)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import cli
+from engines.engine_file import read_header
+from qat import read_qat_scales
+from tests.test_qat_train import model_folder, squad_examples
+
+SHAPE = ["-s", "32", "--doc-stride", "8", "--max-query-length", "6"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qat-cli")
+    folder = model_folder(tmp)
+    squad = tmp / "train.json"
+    paragraphs = [{"context": ex.context, "qas": [{"id": ex.qid, "question": ex.question, "answers": [
+        {"text": a.text, "answer_start": a.start} for a in ex.answers]}]} for ex in squad_examples(10)]
+    squad.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    calib = tmp / "calib.json"
+    assert cli.main(["calibrate", "--squad", str(squad), "--model", str(folder), "--calib-num", "10", "--method",
+                     "max", "--device", "cpu", "-o", str(calib), "--no-progress", *SHAPE]) == 0
+    return tmp, folder, squad, calib
+
+
+def _qat(inputs, out, *extra):
+    _, folder, squad, calib = inputs
+    return cli.main(["qat", "--model", str(folder), "--squad", str(squad), "--calib-cache", str(calib), "-o", str(out),
+                     "--max-steps", "2", "--batch-size", "4", "--device", "cpu", "--no-progress", *SHAPE, *extra])
+
+
+def test_qat_then_build_from_the_folder_without_a_calibration_cache(inputs, capsys):
+    tmp = inputs[0]
+    out = tmp / "qat-iln"
+    assert _qat(inputs, out, "-iln") == 0
+    said = capsys.readouterr()
+    assert f"qat (--int8 -iln): wrote {out} after 2 steps" in said.out
+    scales = read_qat_scales(out)
+    assert scales is not None and scales.policy["iln"] and not scales.policy["imh"]
+    engine = tmp / "qat.engine"
+    assert cli.main(["build", "--model", str(out), "--int8", "-iln", "-b", "2", "-s", "32", "--device", "cpu",
+                     "-o", str(engine)]) == 0
+    assert "scales: learned by QAT" in capsys.readouterr().err
+    spec = read_header(engine).spec
+    assert spec.sites and {str(s.source) for s in spec.sites.values()} == {"qat"}
+    assert {name: s.amax for name, s in spec.sites.items()} == \
+        {name: s.amax for name, s in scales.spec.sites.items() if name in spec.sites}
+    assert read_header(engine).calibration == "QAT (learned)"
+
+
+def test_a_build_quantizing_sites_qat_never_trained_is_one_line_exit_2(inputs, capsys):
+    tmp = inputs[0]
+    out = tmp / "qat-plain"
+    assert _qat(inputs, out) == 0
+    capsys.readouterr()
+    code = cli.main(["build", "--model", str(out), "--int8", "-imh", "-b", "1", "-s", "32", "--device", "cpu",
+                     "-o", str(tmp / "x.engine")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 2 and "were trained for --int8 and have no range for" in err
+    assert not (tmp / "x.engine").exists()
+
+
+def test_finetune_writes_a_plain_folder(inputs, capsys):
+    tmp, folder, squad, _ = inputs
+    out = tmp / "ft"
+    assert cli.main(["finetune", "--model", str(folder), "--squad", str(squad), "-o", str(out), "--max-steps", "2",
+                     "--batch-size", "4", "--device", "cpu", "--no-progress", *SHAPE]) == 0
+    assert "finetune: wrote" in capsys.readouterr().out
+    assert (out / "model.safetensors").exists() and read_qat_scales(out) is None
+
+
+def test_an_unwritable_output_is_refused_before_training(inputs, capsys):
+    blocker = inputs[0] / "a-file"
+    blocker.write_text("x")
+    assert _qat(inputs, blocker / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "cannot write the QAT output folder" in err

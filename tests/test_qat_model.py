@@ -1,0 +1,155 @@
+"""The QAT model computes the fake-quant reference's function exactly at init, and exposes its ranges as parameters."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.bert import BertQA
+from model.config import BertConfig
+from qat.model import QATLinear, freeze_scales, learned_spec, qat_model, scale_parameters, smoothing_of
+from quant.fakequant import fake_quant_model
+from quant.policy import PrecisionPolicy, calibration_sites
+from quant.smoothing import smoothable_sites
+from quant.spec import PER_CHANNEL, QuantSpec, ScaleSource
+
+CFG = BertConfig(vocab_size=120, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                 max_position_embeddings=64)
+POLICIES = {
+    "int8": PrecisionPolicy(int8=True),
+    "int8 -iln": PrecisionPolicy(int8=True, iln=True),
+    "int8 -imh": PrecisionPolicy(int8=True, imh=True),
+    "int8 -iln -imh": PrecisionPolicy(int8=True, iln=True, imh=True),
+    "int8 --keep-fp16 attn_out,layer0.fc2": PrecisionPolicy(int8=True, fp16_gemms=("attn_out", "layer0.fc2")),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (idle OpenMP workers spinning on a busy CPU made these tests 3x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0) -> BertQA:
+    """A random model with non-trivial biases and LayerNorms."""
+    torch.manual_seed(seed)
+    model = BertQA(CFG).init_random(seed).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def inputs(batch=3, seq=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, CFG.vocab_size, (batch, seq), generator=g)
+    types = torch.zeros_like(ids)
+    types[:, seq // 3:] = 1
+    mask = torch.ones_like(ids)
+    mask[1, seq // 2:] = 0
+    return ids, types, mask
+
+
+def max_ranges(model: BertQA, smooth: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """amax = max |x| (of x / s at a smoothed site) of every site on random inputs."""
+    smooth = smooth or {}
+    amax: dict[str, float] = {}
+
+    def tap(name, x):
+        y = x / smooth[name] if name in smooth else x
+        amax[name] = max(amax.get(name, 0.0), float(y.abs().max()))
+        return x
+
+    model.tap = tap
+    with torch.no_grad():
+        model(*inputs(batch=4, seq=48, seed=7))
+    model.tap = lambda name, x: x
+    assert set(amax) == set(calibration_sites(CFG.num_layers))
+    return amax
+
+
+def smoothing_vectors(seed: int = 5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {site: (0.2 + torch.rand(CFG.intermediate_size if gemm == "fc2" else CFG.hidden_size, generator=g))
+            for site, (_, gemm) in smoothable_sites(CFG.num_layers).items()}
+
+
+def spec_for(model, policy, smooth=None):
+    smooth = smooth or {}
+    return policy.spec(CFG.num_layers, max_ranges(model, smooth), ScaleSource("fixed"), set(smooth))
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_equals_fake_quant_model_at_init(name):
+    model, policy = tiny_model(3), POLICIES[name]
+    spec = spec_for(model, policy)
+    x = inputs(seed=11)
+    with torch.no_grad():
+        want = fake_quant_model(model, policy, spec)(*x)
+        got = qat_model(model, policy, spec)(*x)
+        ref = model(*x)
+    for g, w, r in zip(got, want, ref):
+        assert torch.equal(g, w)
+        assert not torch.equal(g, r)  # the quantization did something
+
+
+@pytest.mark.parametrize("name", ["int8", "int8 -iln", "int8 -iln -imh"])
+def test_equals_fake_quant_model_with_smoothed_sites(name):
+    model, policy, smooth = tiny_model(4), POLICIES[name], smoothing_vectors()
+    spec = spec_for(model, policy, smooth)
+    assert any(s.granularity == PER_CHANNEL for s in spec.sites.values())
+    x = inputs(seed=12)
+    with torch.no_grad():
+        want = fake_quant_model(model, policy, spec, smooth)(*x)
+        qm = qat_model(model, policy, spec, smooth)
+        got = qm(*x)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert smoothing_of(qm).keys() == {s for s in smooth if s in spec.sites}
+
+
+def test_scales_are_parameters_and_learned_spec_round_trips():
+    model, policy, smooth = tiny_model(), POLICIES["int8 -iln -imh"], smoothing_vectors()
+    spec = spec_for(model, policy, smooth)
+    qm = qat_model(model, policy, spec, smooth)
+    params = {id(p) for p in qm.parameters()}
+    amax = scale_parameters(qm)
+    assert len(amax) == len(spec.sites) and all(id(p) in params for p in amax)
+    assert all(p.requires_grad for p in amax)
+    learned = learned_spec(qm)
+    assert list(learned.sites) == list(spec.sites)  # forward order
+    for site, s in learned.sites.items():
+        assert s.amax == float(torch.tensor(spec.sites[site].amax, dtype=torch.float32))
+        assert s.scale == spec.sites[site].scale and s.granularity == spec.sites[site].granularity
+        assert str(s.source) == "qat"
+    assert qm.layers[0].qkv.weight is not model.layers[0].qkv.weight  # a copy
+    assert isinstance(qm.layers[0].fc2, QATLinear)
+    # state-dict names of the reference model are kept; the ranges sit beside them
+    names = set(qm.state_dict())
+    assert set(model.state_dict()) <= names and "quantizers.layer0_probs.amax" in names
+    freeze_scales(qm)
+    assert not any(p.requires_grad for p in scale_parameters(qm))
+
+
+def test_gradients_reach_weights_and_scales():
+    model, policy = tiny_model(), POLICIES["int8 -iln -imh"]
+    qm = qat_model(model, policy, spec_for(model, policy)).train()
+    start, end = qm(*inputs())
+    (start.logsumexp(-1).sum() + end[:, 3].sum()).backward()
+    assert qm.layers[0].fc1.weight.grad is not None and qm.layers[0].fc1.weight.grad.abs().sum() > 0
+    assert qm.embeddings.word.weight.grad.abs().sum() > 0
+    moved = [p for p in scale_parameters(qm) if p.grad is not None and p.grad != 0]
+    assert len(moved) == len(scale_parameters(qm))
+
+
+def test_no_int8_is_the_plain_model():
+    model = tiny_model()
+    plain = qat_model(model, PrecisionPolicy(), QuantSpec())
+    x = inputs()
+    with torch.no_grad():
+        for g, w in zip(plain(*x), model(*x)):
+            assert torch.equal(g, w)
+    assert scale_parameters(plain) == []
