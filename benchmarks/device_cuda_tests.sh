@@ -10,7 +10,7 @@ K=$E::test_triton_kernels_agree_with_library_kernels
 groups=(
   "tests/test_plugins_int8_linear.py|-k|large"
   "tests/test_plugins_int8_linear.py|-k|not large"
-  "tests/test_plugins_layernorm.py|tests/test_plugins_quantize.py|tests/test_plugins_attention.py|tests/test_calib_calibrate.py|tests/test_calib_calibrators.py"
+  "tests/test_plugins_layernorm.py|tests/test_plugins_quantize.py|tests/test_plugins_attention.py|tests/test_calib_calibrate.py|tests/test_calib_calibrators.py|tests/test_qat_train.py"
   "$E::test_cuda_engine_agrees_with_cpu_engine_and_graphs|$E::test_cuda_build_times_kernels_once|$E::test_pipelined_batches_give_the_same_logits_in_order|tests/test_engine_file.py|$E::test_dense_batches_replay_the_graph_without_a_mask|$E::test_cublaslt_gelu_is_the_tanh_form"
   "$K[int8]" "$K[int8 -iln]" "$K[int8 -imh]" "$K[int8 -iln -imh]"
   "$K[int8 --keep-fp16 attn_out,layer0.fc2]" "$K[int8 -iln --keep-fp16 layer1.fc1,qkv]"
