@@ -19,18 +19,17 @@ deepcopy of the whole model (a whole-model deepcopy keeps them consistent).
 """
 from __future__ import annotations
 
-import copy
 from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import WorkbenchError
-from model.bert import BertQA, gelu_tanh
+from model.bert import BertQA
 from qat.fakequant import SiteQuantizer, fake_quant_weight
 from quant.formats import INT8, QuantFormat
-from quant.policy import GEMMS, PrecisionPolicy
+from quant.fakequant import engine_function_copy
+from quant.policy import PrecisionPolicy
 from quant.smoothing import smoothed_weight
 from quant.spec import PER_CHANNEL, PER_TENSOR, QuantSpec, ScaleSource, SiteSpec
 
@@ -106,23 +105,14 @@ def qat_model(model: BertQA, policy: PrecisionPolicy, spec: QuantSpec,
     smooth = smooth or {}
     layers = model.config.num_layers
     sites = policy.quantized_sites(layers)
-    missing = [s for s in sites if s not in spec.sites]
-    if missing:
-        raise WorkbenchError(f"the quantization spec has no range for {missing[0]} ({len(missing)} sites missing)")
+    spec.require(sites)
     quantizers = {s: SiteQuantizer(s, spec.sites[s].amax, spec.sites[s].format, smooth.get(s), learn_scales)
                   for s in sites}
-    qm = copy.deepcopy(model).eval()
+    qm = engine_function_copy(model, policy)
     qm.quantizers = SiteQuantizers(list(quantizers.values()), policy, spec.weight_format)
-    if policy.gelu_tanh:
-        for layer in qm.layers:
-            layer.act = gelu_tanh  # the engine's GELU (PrecisionPolicy.gelu_tanh)
-    if policy.int8:
-        for i, layer in enumerate(qm.layers):
-            for gemm in GEMMS:
-                if policy.quantizes_gemm(i, gemm):
-                    site = policy.gemm_input_site(i, gemm)
-                    setattr(layer, gemm, QATLinear(getattr(layer, gemm), quantizers[site],
-                                                   policy.rounded_where_produced(site), spec.weight_format))
+    for i, gemm, site in policy.quantized_gemms(layers):
+        setattr(qm.layers[i], gemm, QATLinear(getattr(qm.layers[i], gemm), quantizers[site],
+                                              policy.rounded_where_produced(site), spec.weight_format))
     qm.tap = SiteTap({s: q for s, q in quantizers.items() if policy.rounded_where_produced(s)})
     return qm
 

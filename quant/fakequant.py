@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from quant.policy import GEMMS, PrecisionPolicy
+from quant.policy import PrecisionPolicy
 from quant.quantizer import dequantize, fake_quantize, quantize, weight_scales
 from quant.smoothing import channel_scales, smoothed_weight
 from quant.spec import QuantSpec
@@ -30,31 +30,21 @@ def fake_quant_model(model: BertQA, policy: PrecisionPolicy, spec: QuantSpec,
     smooth = smooth or {}
     layers = model.config.num_layers
     sites = policy.quantized_sites(layers)
-    missing = [s for s in sites if s not in spec.sites]
-    if missing:
-        raise KeyError(f"no scale for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    spec.require(sites)
     act_scales = spec.scales()
     fmt = {site: spec.sites[site].format for site in sites}
-    fq = copy.deepcopy(model).eval()
-    if policy.gelu_tanh:
-        for layer in fq.layers:
-            layer.act = gelu_tanh  # the engine's GELU (PrecisionPolicy.gelu_tanh)
-    if policy.int8:
-        for i, layer in enumerate(fq.layers):
-            for gemm in GEMMS:
-                if not policy.quantizes_gemm(i, gemm):
-                    continue
-                linear = getattr(layer, gemm)
-                site = policy.gemm_input_site(i, gemm)
-                s = smooth.get(site)
-                with torch.no_grad():
-                    w = smoothed_weight(linear.weight, s)
-                    linear.weight.copy_(fake_quantize(w, weight_scales(w, spec.weight_format), spec.weight_format))
-                scale = act_scales[site]
-                codes_scale = channel_scales(scale, s)
-                linear.register_forward_pre_hook(
-                    lambda _m, args, a=scale, c=codes_scale, f=fmt[site]:
-                    (dequantize(quantize(args[0], c, f), a, args[0].dtype),))
+    fq = engine_function_copy(model, policy)
+    for i, gemm, site in policy.quantized_gemms(layers):
+        linear = getattr(fq.layers[i], gemm)
+        s = smooth.get(site)
+        with torch.no_grad():
+            w = smoothed_weight(linear.weight, s)
+            linear.weight.copy_(fake_quantize(w, weight_scales(w, spec.weight_format), spec.weight_format))
+        scale = act_scales[site]
+        codes_scale = channel_scales(scale, s)
+        linear.register_forward_pre_hook(
+            lambda _m, args, a=scale, c=codes_scale, f=fmt[site]:
+            (dequantize(quantize(args[0], c, f), a, args[0].dtype),))
     # -iln / -imh sites are rounded where they are produced (the residual stream and attention see them too).
     # Quantizing an already-quantized tensor with the same scale is exact, so a GEMM input that is also such a
     # site is not changed by its pre-hook.
@@ -62,3 +52,13 @@ def fake_quant_model(model: BertQA, policy: PrecisionPolicy, spec: QuantSpec,
     fq.tap = lambda name, x: fake_quantize(x, tap_sites[name], fmt[name]) if name in tap_sites else x
     return fq
 
+
+
+def engine_function_copy(model: BertQA, policy: PrecisionPolicy) -> BertQA:
+    """A copy of the reference model in eval mode with the engine's GELU (PrecisionPolicy.gelu_tanh): the base of
+    the fake-quant reference and of QAT's trainable model."""
+    copied = copy.deepcopy(model).eval()
+    if policy.gelu_tanh:
+        for layer in copied.layers:
+            layer.act = gelu_tanh
+    return copied

@@ -65,6 +65,11 @@ class PrecisionPolicy:
         """Whether this GEMM runs in INT8 (its input site and its weights quantized)."""
         return self.int8 and gemm not in self.fp16_gemms and f"layer{layer}.{gemm}" not in self.fp16_gemms
 
+    def quantized_gemms(self, num_layers: int) -> list[tuple[int, str, str]]:
+        """(layer, GEMM, its input site) of every GEMM these flags quantize, in forward order."""
+        return [(i, g, self.gemm_input_site(i, g)) for i in range(num_layers) for g in GEMMS
+                if self.quantizes_gemm(i, g)]
+
     def gemm_input_site(self, layer: int, gemm: str) -> str:
         """The tap site whose tensor the GEMM reads."""
         return {

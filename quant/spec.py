@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from common.errors import WorkbenchError
 from quant.formats import INT8, QuantFormat, get_format
@@ -90,6 +90,13 @@ class QuantSpec:
 
     sites: Mapping[str, SiteSpec] = field(default_factory=dict)
     weight_format: QuantFormat = INT8
+
+    def require(self, sites: Sequence[str]) -> None:
+        """Refuse, in one line, a spec that lacks a site the build or the reference quantizes."""
+        missing = [s for s in sites if s not in self.sites]
+        if missing:
+            raise WorkbenchError(f"the quantization spec has no range for {missing[0]} ({len(missing)} sites "
+                                 "missing)")
 
     def scales(self) -> dict[str, float]:
         return {name: s.scale for name, s in self.sites.items()}

@@ -269,7 +269,7 @@ def test_benchmarks_state_the_padding_of_their_batches():
 @pytest.mark.cuda
 def test_cublaslt_gelu_is_the_tanh_form():
     """The FP16 engine's FC1 (cuBLASLt GEMM + GELU epilogue) computes model.bert.gelu_tanh of the GEMM."""
-    from engines.runtime import linear_gelu_tanh
+    from engines.backends import linear_gelu_tanh
     from model.bert import gelu_tanh
 
     g = torch.Generator().manual_seed(3)

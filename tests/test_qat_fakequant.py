@@ -11,13 +11,7 @@ from quant.formats import FP8_E4M3, INT8
 from quant.quantizer import dequantize, fake_quantize, quantize, scale_from_amax, weight_scales
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (idle OpenMP workers spinning on a busy CPU made these tests 3x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_forward_is_the_engines_quantizer():

@@ -18,13 +18,7 @@ from tests.test_qat_model import CFG, inputs, max_ranges, smoothing_vectors, tin
 POLICY = PrecisionPolicy(int8=True, iln=True, fp16_gemms=("layer1.fc2",))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (idle OpenMP workers spinning on a busy CPU made these tests 3x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trained_student():

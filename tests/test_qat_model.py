@@ -5,52 +5,19 @@ import pytest
 import torch
 
 from model.bert import BertQA
-from model.config import BertConfig
 from qat.model import QATLinear, freeze_scales, learned_spec, qat_model, scale_parameters, smoothing_of
 from quant.fakequant import fake_quant_model
 from quant.policy import PrecisionPolicy, calibration_sites
 from quant.smoothing import smoothable_sites
 from quant.spec import PER_CHANNEL, QuantSpec, ScaleSource
+from tests.test_engines import CFG, POLICIES, inputs, loaded_model  # noqa: F401 (inputs: the other QAT tests)
 
-CFG = BertConfig(vocab_size=120, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-                 max_position_embeddings=64)
-POLICIES = {
-    "int8": PrecisionPolicy(int8=True),
-    "int8 -iln": PrecisionPolicy(int8=True, iln=True),
-    "int8 -imh": PrecisionPolicy(int8=True, imh=True),
-    "int8 -iln -imh": PrecisionPolicy(int8=True, iln=True, imh=True),
-    "int8 --keep-fp16 attn_out,layer0.fc2": PrecisionPolicy(int8=True, fp16_gemms=("attn_out", "layer0.fc2")),
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (idle OpenMP workers spinning on a busy CPU made these tests 3x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int = 0) -> BertQA:
-    """A random model with non-trivial biases and LayerNorms."""
-    torch.manual_seed(seed)
-    model = BertQA(CFG).init_random(seed).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
-def inputs(batch=3, seq=40, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, CFG.vocab_size, (batch, seq), generator=g)
-    types = torch.zeros_like(ids)
-    types[:, seq // 3:] = 1
-    mask = torch.ones_like(ids)
-    mask[1, seq // 2:] = 0
-    return ids, types, mask
+    """A random model with non-trivial biases and LayerNorms (tests/test_engines.py's)."""
+    return loaded_model(seed).model
 
 
 def max_ranges(model: BertQA, smooth: dict[str, torch.Tensor] | None = None) -> dict[str, float]:

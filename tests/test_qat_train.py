@@ -28,13 +28,7 @@ SETTINGS = FeatureSettings(max_seq_length=32, doc_stride=8, max_query_length=6)
 POLICY = PrecisionPolicy(int8=True, iln=True, imh=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (idle OpenMP workers spinning on a busy CPU made these tests 3x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def squad_examples(n: int = 12, seed: int = 0) -> list[Example]:
