@@ -238,26 +238,8 @@ def train(model: BertQA, features: Features, cfg: TrainConfig, teacher: BertQA |
                 order_epoch, order = epoch, epoch_order(n, cfg.seed, epoch)
             idx = torch.from_numpy(order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size])
             batch = {k: v[idx].to(device, non_blocking=True) for k, v in arrays.items()}
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-            with autocast:
-                x = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-                start, end = model(*x)
-                target = None
-                if cfg.distill:
-                    with torch.no_grad():
-                        target = teacher(*x)
-                loss = qa_loss(start, end, batch["start_positions"], batch["end_positions"], target,
-                               cfg.distill_temperature, cfg.distill_alpha)
-            loss.backward()
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            clamp_scales_(model)
+            value = _step(model, teacher, batch, optimizer, scheduler, cfg, bf16)
             step += 1
-            value = float(loss.detach())
             if not math.isfinite(value):
                 raise WorkbenchError(f"the loss became {value} at step {step} (lower --lr?)")
             losses.append(value)
@@ -274,6 +256,30 @@ def train(model: BertQA, features: Features, cfg: TrainConfig, teacher: BertQA |
     seconds = time.perf_counter() - t0
     return TrainResult(step, total, losses, resumed_from, seconds, examples / seconds if examples else 0.0,
                        last_ckpt)
+
+
+def _step(model: BertQA, teacher: BertQA | None, batch: dict[str, torch.Tensor], optimizer, scheduler,
+          cfg: TrainConfig, bf16: bool) -> float:
+    """One optimizer step on `batch` (span loss, plus distillation against `teacher` with cfg.distill); the
+    learned ranges are kept positive after it. Returns the loss."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast:
+        x = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        start, end = model(*x)
+        target = None
+        if cfg.distill:
+            with torch.no_grad():
+                target = teacher(*x)
+        loss = qa_loss(start, end, batch["start_positions"], batch["end_positions"], target,
+                       cfg.distill_temperature, cfg.distill_alpha)
+    loss.backward()
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    clamp_scales_(model)
+    return float(loss.detach())
 
 
 # ---- checkpoints: safetensors + JSON ---------------------------------------------------------------------------
