@@ -6,6 +6,7 @@ need nothing but the engine file.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
@@ -17,6 +18,7 @@ import torch
 
 import common.version
 from calib.cache import CalibrationCache
+from calib.sparsity import gemm_sparsity
 from calib.spec import spec_from_cache
 from quant.policy import GEMMS, PrecisionPolicy
 from quant.spec import QuantSpec
@@ -27,6 +29,7 @@ from engines.runtime import Engine, engine_tensors
 from engines.tuning import LIBRARY, TimingCache, attention_key, choose, kernel_key, machine_key
 from model.checkpoint import LoadedModel
 from qat.folder import QatScales
+from qat.prune import prune_2to4
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +38,12 @@ TOKENIZER_TENSOR = "tokenizer.json"  # the serialized tokenizer, as UTF-8 bytes 
 
 def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequence[Profile],
                  calib: CalibrationCache | QatScales | None, device: torch.device, wordpiece: WordPiece | None,
-                 timing_cache: TimingCache | None = None) -> tuple[EngineHeader, dict[str, torch.Tensor]]:
+                 timing_cache: TimingCache | None = None, *,
+                 prune: bool = False) -> tuple[EngineHeader, dict[str, torch.Tensor]]:
     """The engine's header and tensors. `calib`: where the ranges come from, a calibration cache or the learned
     scales of a QAT folder (qat/folder.py). On CUDA, kernel implementations are timed per profile (`timing_cache`
-    keeps those timings for later builds; None times without keeping them)."""
+    keeps those timings for later builds; None times without keeping them). `prune` (--prune-2to4): under
+    --sparse, dense GEMM weights are pruned to 2:4 by magnitude here instead of refused."""
     t0 = time.perf_counter()
     cfg = loaded.config
     if not profiles:
@@ -50,7 +55,7 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
             raise WorkbenchError(f"profile {p}: sequence length exceeds the model's max_position_embeddings "
                                  f"{cfg.max_position_embeddings}")
     spec, smooth = quant_spec(loaded, policy, calib)
-    tensors = engine_tensors(loaded.model, policy, smooth)
+    tensors = engine_tensors(sparse_model(loaded, policy, prune), policy, smooth)
     if wordpiece is not None:
         tensors[TOKENIZER_TENSOR] = torch.frombuffer(bytearray(wordpiece.tokenizer.to_str().encode()),
                                                      dtype=torch.uint8)
@@ -119,6 +124,8 @@ def kernel_choices(header: EngineHeader) -> list[str]:
                 parts.append(f"{label} {'sdpa' if attention == LIBRARY else attention}")
         if parts:
             lines.append(f"{p}: {', '.join(parts)}")
+    if header.policy.get("sparse"):
+        lines.append("2:4 weights: dense kernels (no sparse GEMM family is registered in engines/backends.py yet)")
     return lines
 
 
@@ -135,6 +142,28 @@ def quant_spec(loaded: LoadedModel, policy: PrecisionPolicy, calib: CalibrationC
     if isinstance(calib, QatScales):
         return calib.spec_for(policy, loaded.config.num_layers, f"the QAT scales of {loaded.source}")
     return spec_from_cache(calib, policy, loaded.config, loaded.digest)
+
+
+def sparse_model(loaded: LoadedModel, policy: PrecisionPolicy, prune: bool = False) -> torch.nn.Module:
+    """The model whose weights the engine takes. Under --sparse every encoder GEMM weight must be 2:4: a dense one
+    is refused in one line naming them, or with `prune` pruned here by magnitude (with a warning: accuracy needs
+    the fine-tuning of `cli.py prune`). The engine then runs dense kernels on the 2:4 weights: no sparse kernel
+    family is registered yet (engines/backends.py), which `kernel_choices` says."""
+    if not policy.sparse:
+        return loaded.model
+    check = gemm_sparsity(loaded.model, loaded.config.num_layers)
+    if check.all_sparse:
+        return loaded.model
+    dense = [name.removeprefix("layers.").removesuffix(".weight") for name in check.dense]  # "3.fc2"
+    named = ", ".join(f"layer{n}" for n in dense[:4]) + (f" and {len(dense) - 4} more" if len(dense) > 4 else "")
+    if not prune:
+        raise WorkbenchError(f"--sparse: {len(dense)} GEMM weights of {loaded.source} are not 2:4 ({named}): prune "
+                             "and fine-tune the model first (`cli.py prune`), or add --prune-2to4")
+    log.warning("--prune-2to4: %d GEMM weights pruned to 2:4 by magnitude at build; without fine-tuning "
+                "(`cli.py prune`) this costs accuracy", len(dense))
+    model = copy.deepcopy(loaded.model)
+    prune_2to4(model, "magnitude")
+    return model
 
 
 def _policy_json(policy: PrecisionPolicy) -> dict:

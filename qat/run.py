@@ -4,10 +4,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
+
+import torch
 
 
 from calib.cache import load_cache
+from calib.sparsity import gemm_sparsity
 from calib.spec import spec_from_cache
 from common.errors import WorkbenchError
 from common.files import check_writable_dir
@@ -17,9 +20,13 @@ from data.tokenizer import load_wordpiece
 from model.checkpoint import LoadedModel, load_model
 from qat.folder import QUANT_SPEC_NAME, save_model_folder, save_qat_folder
 from qat.model import learned_spec, qat_model
+from qat.prune import keep_masks, masks_of, prune_2to4
 from qat.train import TrainConfig, TrainResult, train
 from quant.policy import PrecisionPolicy
 from quant.spec import QuantSpec
+
+
+SPARSEGPT_WINDOWS = 128  # training windows SparseGPT collects its Hessians from (8 batches of 16)
 
 
 @dataclass
@@ -40,11 +47,13 @@ def training_features(loaded: LoadedModel, squad: str | Path, limit: int | None 
 
 def run_qat(model: str | Path, squad: str | Path, calib_cache: str | Path, policy: PrecisionPolicy,
             config: TrainConfig, *, limit: int | None = None, settings: FeatureSettings = FeatureSettings(),
-            trust_pickle: bool = False, callback: Callable[[int, float], None] | None = None) -> RunResult:
+            trust_pickle: bool = False, callback: Callable[[int, float], None] | None = None,
+            sparse: bool = False) -> RunResult:
     """`cli.py qat`: fake-quantized fine-tuning of the model folder `model` on the SQuAD file `squad`, ranges
     starting from `calib_cache` (and its smoothing), for the sites `policy` quantizes; learned or frozen ranges
-    (config.freeze_scales); distillation from the unquantized model (config.distill). Writes config.output_dir
-    as a QAT folder (qat/folder.py) and returns it with the training record."""
+    (config.freeze_scales); distillation from the unquantized model (config.distill); with `sparse`, a 2:4-pruned
+    model (`cli.py prune`) keeps its pattern. Writes config.output_dir as a QAT folder (qat/folder.py) and returns
+    it with the training record."""
     loaded = load_model(model, trust_pickle=trust_pickle)
     cache_path = Path(calib_cache)
     if not policy.int8:
@@ -52,12 +61,45 @@ def run_qat(model: str | Path, squad: str | Path, calib_cache: str | Path, polic
     spec, smooth = spec_from_cache(load_cache(cache_path), policy, loaded.config, loaded.digest, str(cache_path))
     features = training_features(loaded, squad, limit, settings, config.progress)
     student = qat_model(loaded.model, policy, spec, smooth, learn_scales=not config.freeze_scales)
+    if sparse:
+        keep_masks(student, masks_of(student, _sparse_gemms(loaded)))
     result = train(student, features, config, teacher=loaded.model if config.distill else None,
                    callback=callback, desc="qat")
     folder = save_qat_folder(config.output_dir, student, loaded.model_dir,
                              _provenance(loaded, squad, config, result, calibration=str(cache_path),
                                          start=spec.to_json()["sites"]))
     return RunResult(folder, result, learned_spec(student))
+
+
+def run_prune(model: str | Path, squad: str | Path, config: TrainConfig, *, method: str = "magnitude",
+              exclude: Sequence[str] = (), limit: int | None = None, settings: FeatureSettings = FeatureSettings(),
+              trust_pickle: bool = False, callback: Callable[[int, float], None] | None = None) -> RunResult:
+    """`cli.py prune`: the model folder pruned to 2:4 (qat/prune.py; SparseGPT calibrates on the first training
+    windows), then fine-tuned with the masks fixed (config.max_steps / epochs; distillation from the dense model
+    with config.distill). Writes config.output_dir as a plain model folder whose GEMM weights are 2:4."""
+    loaded = load_model(model, trust_pickle=trust_pickle)
+    features = training_features(loaded, squad, limit, settings, config.progress)
+    student = qat_model(loaded.model, PrecisionPolicy(), QuantSpec())
+    calibration = None
+    if method == "sparsegpt":
+        ids, types, mask = (torch.from_numpy(getattr(features, f)[:SPARSEGPT_WINDOWS]).long()
+                            for f in ("input_ids", "token_type_ids", "attention_mask"))
+        calibration = [(ids[i:i + 16], types[i:i + 16], mask[i:i + 16]) for i in range(0, len(ids), 16)]
+    keep_masks(student, prune_2to4(student, method, exclude, calibration))
+    result = train(student, features, config, teacher=loaded.model if config.distill else None,
+                   callback=callback, desc="prune")
+    folder = save_model_folder(config.output_dir, student, loaded.model_dir)
+    (folder / QUANT_SPEC_NAME).unlink(missing_ok=True)
+    return RunResult(folder, result, None)
+
+
+def _sparse_gemms(loaded: LoadedModel) -> list[str]:
+    """The 2:4-sparse GEMM weights of a pruned model; a model with none is refused (prune it first)."""
+    check = gemm_sparsity(loaded.model, loaded.config.num_layers)
+    if not check.sparse:
+        raise WorkbenchError(f"{loaded.source}: --sparse needs a 2:4-pruned model (`cli.py prune`), and none of its "
+                             "GEMM weights is 2:4")
+    return list(check.sparse)
 
 
 def run_finetune(model: str | Path, squad: str | Path, config: TrainConfig, *, limit: int | None = None,
@@ -90,7 +132,9 @@ EXAMPLES = """examples:
   python cli.py build --model minilm-qat --int8 --fp16 -iln -imh -b 64 -s 384 -o engines/qat.engine
       # no --calib-cache: the folder's learned scales are used (and the build says so)
   python cli.py finetune --model DIR --squad train.json --epochs 1 -o DIR-ft/     # an FP baseline, same loop
-  python cli.py qat ... -o minilm-qat/          # run again after an interruption: resumes from its checkpoint"""
+  python cli.py qat ... -o minilm-qat/          # run again after an interruption: resumes from its checkpoint
+  python cli.py prune --model DIR --squad train.json --method sparsegpt --epochs 1 --distill -o DIR-2to4/
+  python cli.py qat --model DIR-2to4 --squad train.json --calib-cache C --sparse -o DIR-2to4-qat/  # keeps 2:4"""
 
 
 def train_config_from_flags(flags) -> TrainConfig:
@@ -119,7 +163,7 @@ def qat_from_flags(flags) -> str:
     check_writable_dir(flags.output, "QAT output folder")
     run = run_qat(flags.model, flags.squad, flags.calib_cache, policy, train_config_from_flags(flags),
                   limit=parse_question_limit(flags.limit), settings=_feature_settings(flags),
-                  trust_pickle=flags.trust_pickle)
+                  trust_pickle=flags.trust_pickle, sparse=flags.sparse)
     return _summary(f"qat ({policy.describe()})", run)
 
 
@@ -131,6 +175,18 @@ def finetune_from_flags(flags) -> str:
     run = run_finetune(flags.model, flags.squad, train_config_from_flags(flags), limit=parse_question_limit(
         flags.limit), settings=_feature_settings(flags), trust_pickle=flags.trust_pickle)
     return _summary("finetune", run)
+
+
+def prune_from_flags(flags) -> str:
+    """`cli.py prune`: run_prune with the flags' method, exclusions and TrainConfig."""
+    from data.squad import parse_question_limit
+    from quant.policy import parse_gemm_list
+
+    check_writable_dir(flags.output, "pruned model folder")
+    run = run_prune(flags.model, flags.squad, train_config_from_flags(flags), method=flags.method,
+                    exclude=parse_gemm_list(flags.exclude), limit=parse_question_limit(flags.limit),
+                    settings=_feature_settings(flags), trust_pickle=flags.trust_pickle)
+    return _summary(f"prune (2:4, {flags.method})", run)
 
 
 def _feature_settings(flags) -> FeatureSettings:

@@ -42,6 +42,7 @@ class PrecisionPolicy:
     strict: bool = False  # no fallback to higher precision for a layer the flags quantize
     fc2_library_gemm: bool = False  # -g: FC2 on the plain library GEMM
     fp16_gemms: tuple[str, ...] = ()  # --keep-fp16: "layer3.fc2" (one GEMM) or "fc2" (that GEMM in every layer)
+    sparse: bool = False  # --sparse: every encoder GEMM weight is 2:4 (sparse tensor-core kernels may run it)
 
     def __post_init__(self) -> None:
         if (self.iln or self.imh) and not self.int8:
@@ -125,7 +126,8 @@ class PrecisionPolicy:
 
     def describe(self) -> str:
         flags = [f for f, on in (("--int8", self.int8), ("--fp16", self.fp16), ("-iln", self.iln),
-                                 ("-imh", self.imh), ("-g", self.fc2_library_gemm), ("--strict", self.strict)) if on]
+                                 ("-imh", self.imh), ("-g", self.fc2_library_gemm), ("--sparse", self.sparse),
+                                 ("--strict", self.strict)) if on]
         if self.fp16_gemms:
             flags.append("--keep-fp16 " + ",".join(self.fp16_gemms))
         return " ".join(flags) or "fp32"

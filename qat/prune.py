@@ -1,0 +1,89 @@
+"""2:4 structured pruning of the encoder GEMMs (`cli.py prune`), and fine-tuning that keeps the pattern.
+
+The pattern is the one sparse tensor cores run (cuSPARSELt, TensorRT `--sparse`): in every row of a GEMM weight
+[out, in], each group of 4 consecutive input-dimension weights keeps at most 2 non-zeros (calib/sparsity.py checks
+it). Which 2 is decided by nvidia-modelopt's sparsity module (`modelopt.torch.sparsity.sparsify`): "magnitude"
+keeps the 2 largest |w| of each group; "sparsegpt" (SparseGPT, Frantar & Alistarh 2023) picks them from the
+activations of calibration batches and updates the kept weights to compensate. modelopt's model is then exported
+to plain weights with zeros, and only the encoder GEMMs named by the policy keep them: the QA head and the GEMMs
+in `exclude` get their original weights back.
+
+Fine-tuning keeps the masks fixed by zeroing the gradient of every pruned weight (`keep_masks`). Under AdamW a
+weight whose gradient is always 0 stays exactly 0: its moments stay 0, so its update is 0, and decoupled weight
+decay scales 0 to 0. So the training loop of qat/train.py needs no sparsity step, and checkpoints resume as they
+are (the masks are the zeros of the weights themselves).
+"""
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+
+from common.errors import WorkbenchError
+from model.bert import BertQA
+from quant.policy import GEMMS
+
+METHODS = ("magnitude", "sparsegpt")
+_MODELOPT_MODE = {"magnitude": "sparse_magnitude", "sparsegpt": "sparsegpt"}
+_GEMM_NAME = re.compile(rf"(layer\d+\.)?({'|'.join(GEMMS)})")
+
+
+def pruned_gemms(num_layers: int, exclude: Sequence[str] = ()) -> list[str]:
+    """The weight names ("layers.I.GEMM.weight") of the GEMMs to prune: every encoder GEMM but those in `exclude`
+    ("layer3.fc2" for one, "fc2" for that GEMM in every layer, as `--keep-fp16` names them)."""
+    bad = [g for g in exclude if not _GEMM_NAME.fullmatch(g)]
+    if bad:
+        raise WorkbenchError(f"--exclude: {bad[0]!r} is not a GEMM: use layerN.GEMM or GEMM, with GEMM one of "
+                             f"{', '.join(GEMMS)}")
+    return [f"layers.{i}.{g}.weight" for i in range(num_layers) for g in GEMMS
+            if g not in exclude and f"layer{i}.{g}" not in exclude]
+
+
+def prune_2to4(model: BertQA, method: str = "magnitude", exclude: Sequence[str] = (),
+               calibration: Iterable[tuple[torch.Tensor, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """Prune `model` in place to 2:4 along the input dimension of its encoder GEMMs (not those in `exclude`);
+    returns each pruned weight's mask (True: kept). "sparsegpt" needs `calibration`: batches of (input_ids,
+    token_type_ids, attention_mask)."""
+    if method not in METHODS:
+        raise WorkbenchError(f"unknown pruning method {method!r} (one of {', '.join(METHODS)})")
+    if method == "sparsegpt" and calibration is None:
+        raise WorkbenchError("--method sparsegpt needs calibration questions (the training file's first ones)")
+    names = pruned_gemms(model.config.num_layers, exclude)
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    config = {"data_loader": list(calibration) if calibration is not None else None,
+              "collect_func": lambda batch: tuple(batch)}
+    # modelopt warns that it skips the 2-wide QA head (restored below anyway), that its transformers version check
+    # fails (we do not use its Hugging Face support) and about torch.jit deprecations inside it: not the user's.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import modelopt.torch.sparsity as mts
+
+        sparse = mts.export(mts.sparsify(copy.deepcopy(model).eval(), _MODELOPT_MODE[method], config=config))
+    pruned = sparse.state_dict()
+    with torch.no_grad():
+        state = {k: (pruned[k] if k in names else v) for k, v in original.items()}
+        model.load_state_dict(state)
+    return {name: model.state_dict()[name] != 0 for name in names}
+
+
+def keep_masks(model: BertQA, masks: dict[str, torch.Tensor]) -> list:
+    """Zero the gradient of every pruned weight from now on, so training keeps the 2:4 pattern (module
+    docstring); returns the hook handles."""
+    params = dict(model.named_parameters())
+    missing = [name for name in masks if name not in params]
+    if missing:
+        raise WorkbenchError(f"the model has no weight {missing[0]} to keep a 2:4 mask on")
+    handles = []
+    for name, mask in masks.items():
+        keep = mask.to(params[name].device)
+        handles.append(params[name].register_hook(lambda grad, keep=keep: grad * keep))
+    return handles
+
+
+def masks_of(model: BertQA, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The masks of already-pruned weights: their non-zeros (a resumed or QAT run continues a pruned model)."""
+    state = model.state_dict()
+    return {name: state[name] != 0 for name in names}
