@@ -13,22 +13,32 @@ import sys
 from common.errors import WorkbenchError, warnings_to_stderr
 
 # A verb's examples (and longer description) live with its logic (VERBS) and are read only to show --help.
-CALIBRATE_EXAMPLES = """examples:
-  python cli.py calibrate --squad ../shared/data/squad/train-v1.1-explorer-reconstruction.json \\
-      --model ../shared/models/minilm-l6-h384-squad11 --calib-num 100 --method entropy \\
-      -o minilm.calib.json --trt-cache minilm.trtcache --eval-squad ../shared/data/squad/dev-v1.1.json
-  python cli.py calibrate --squad train.json --model DIR --method percentile --percentile 99.99 -o calib.json
-  python cli.py calibrate --squad train.json --model DIR -o calib.json --force   # recompute even if reusable"""
+EXAMPLES = """examples (python cli.py VERB --help for each verb's flags and examples):
+  python cli.py sweep                          # the grid of INT8 builds on assets/, and the build to ship
+  python cli.py calibrate --squad train.json --model DIR -o calib.json
+  python cli.py build --model DIR --int8 --fp16 -b 1 -s 128 -b 64 -s 384 --calib-cache calib.json \\
+      -o engines/int8.engine                   # profiles 1x128 and 64x384 (-b and -s pair up in order)
+  python cli.py eval --squad dev.json --model DIR engines/int8.engine --report-dir report/
+  python cli.py bench -e engines/int8.engine
+  python cli.py infer -e engines/int8.engine -p "Paris is the capital of France." -q "What is the capital?"
+
+The TensorRT BERT demo's spellings are accepted: -c/--config-dir (--model), -v/--vocab-file, -sq/--squad-json
+(--squad), -tcf/--timing-cache-file (--timing-cache)."""
+PAIRS = "-b and -s pair up in order (-b 1 -s 128 -b 64 -s 384: 1x128 and 64x384); one value goes with each of the other"
 
 
 # ---------------------------------------------------------------- flags shared by several verbs, declared once
 
-def _model_flags(p, required: bool = False, default: str | None = None, help_: str | None = None) -> None:
+def _model_flags(p, required: bool = False, default: str | None = None, help_: str | None = None,
+                 vocab: bool = False) -> None:
     from eval.sweep import shown
 
-    p.add_argument("--model", "-m", required=required, default=default, metavar="DIR", help=help_ or (
-        "Hugging Face-layout BERT QA folder (config.json, model.safetensors, vocab.txt/tokenizer.json)"
-        + (f" (default {shown(default)})" if default else "")))
+    p.add_argument("--model", "-m", "-c", "--config-dir", dest="model", required=required, default=default,
+                   metavar="DIR", help=help_ or ("Hugging Face-layout BERT QA folder (config.json, model.safetensors, "
+                   "vocab.txt/tokenizer.json)" + (f" (default {shown(default)})" if default else "")))
+    if vocab:
+        p.add_argument("-v", "--vocab-file", metavar="FILE", help="a vocab.txt to use instead of the model folder's "
+                       "tokenizer (checked against the model's vocab_size)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a pytorch_model.bin checkpoint (still loaded with weights_only=True)")
 
@@ -49,6 +59,10 @@ def _run_flags(p, device: str = "default: cuda when a GPU is present, else cpu",
         p.add_argument("--batch-size", type=int, default=None, help="features per forward (default: 64 cuda, 16 cpu)")
 
 
+def _squad_flag(p, help_: str, **kw) -> None:
+    p.add_argument("--squad", "-sq", "--squad-json", dest="squad", metavar="FILE", help=help_, **kw)
+
+
 def _profile_flags(p, b_help: str, s_help: str) -> None:
     """-b/-s, repeatable: engine profiles (batch x sequence length)."""
     p.add_argument("-b", "--batch-size", type=int, action="append", metavar="B", help=b_help)
@@ -66,8 +80,8 @@ def _feature_flags(p, short_s: bool = True, answers: bool = True) -> None:
     g = p.add_argument_group("featurization and answers" if answers else "featurization")
     g.add_argument(*(("-s",) if short_s else ()), "--max-seq-length", type=int, default=384,
                    help="tokens per window (default 384)")
-    g.add_argument("--doc-stride", type=int, default=128,
-                   help="tokens shared by consecutive windows of a long passage (Hugging Face meaning; default 128)")
+    g.add_argument("--doc-stride", type=int, help="tokens shared by consecutive windows of a long passage (Hugging "
+                   "Face meaning; default 128, or half a window's context tokens when 128 does not fit, said so)")
     g.add_argument("--max-query-length", type=int, default=64, help="question tokens kept (default 64)")
     if answers:
         g.add_argument("--legacy-windows", action="store_true", help="reproduce tokenizers 0.23.2's windows, which "
@@ -89,52 +103,16 @@ def _bench_flags(p) -> None:
 
 # ---------------------------------------------------------------- verbs
 
-def cmd_infer(args) -> int:
-    from eval.qa import infer_from_flags
-
-    infer_from_flags(args)
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from eval.compare import evaluate_from_flags
-
-    evaluate_from_flags(args)
-    return 0
-
-
-def cmd_sweep(args) -> int:
-    from eval.measure import settings_from_flags
-    from eval.sweep import config_from_flags, final_lines, run_sweep
-
-    warnings_to_stderr("calib", "data", "engines")
-    cfg, notice = config_from_flags(args, *settings_from_flags(args))
-    if notice:
-        print(notice, flush=True)
-    print(final_lines(run_sweep(cfg), args.report_dir), end="")
-    return 0
-
-
-def cmd_sensitivity(args) -> int:
-    from eval.measure import settings_from_flags
-    from eval.sensitivity import config_from_flags, render_text, run_sensitivity, write_report
-
-    warnings_to_stderr("calib", "data", "engines")
-    cfg, notice = config_from_flags(args, *settings_from_flags(args))
-    if notice:
-        print(notice, flush=True)
-    result = run_sensitivity(cfg)
-    files = write_report(result, args.report_dir)
-    print(f"\n{render_text(result)}", end="")
-    print(f"wrote {', '.join(str(p) for p in files.values())}", file=sys.stderr)
-    return 0
-
-
-def cmd_build(args) -> int:
-    from eval.runnables import engine_file_from_flags
-
-    print(engine_file_from_flags(args, say=lambda line: print(line, file=sys.stderr)))
-    return 0
+def _thin(module: str, function: str, say: bool = False):
+    """A verb that is one function of its module: what it returns (if anything) goes to stdout; with `say` it also
+    gets a `say` for its progress lines, which go to stderr."""
+    def command(args) -> int:
+        fn = getattr(__import__(module, fromlist=[function]), function)
+        out = fn(args, say=lambda line: print(line, file=sys.stderr)) if say else fn(args)
+        if out is not None:
+            print(out)
+        return 0
+    return command
 
 
 def cmd_bench(args) -> int:
@@ -143,22 +121,6 @@ def cmd_bench(args) -> int:
     for lines in bench_engine_file(args.engine, device=args.device, batches=args.batch_size, seq_lens=args.seq_length,
                                    iterations=args.iterations, warmup=args.warmup, padded=args.padded, fuse=args.fuse):
         print(lines, flush=True)
-    return 0
-
-
-def cmd_calibrate(args) -> int:
-    from calib.calibrate import calibrate_from_flags
-
-    warnings_to_stderr("calib", "data")
-    print(calibrate_from_flags(args, say=lambda line: print(line, file=sys.stderr)))
-    return 0
-
-
-def cmd_qat(args) -> int:
-    from qat.run import finetune_from_flags, qat_from_flags
-
-    warnings_to_stderr("calib", "data", "qat")
-    print((qat_from_flags if args.verb == "qat" else finetune_from_flags)(args))
     return 0
 
 
@@ -178,14 +140,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _infer_parser(p) -> None:
-    _model_flags(p)
+    _model_flags(p, vocab=True)
     _run_flags(p, fuse=True)
     a = p.add_argument
     a("-e", "--engine", metavar="ENGINE", help="run an engine file instead of --model")
-    a("-p", "--passage", nargs="+", help="passage text (several are joined with spaces)")
+    a("-p", "--passage", nargs="+", help="passage text (several are joined with spaces); without -p/-pf the prompt "
+      "asks for one, which may span lines: an empty line ends it")
     a("-pf", "--passage-file", metavar="FILE", help="read the passage from a text file")
     a("-q", "--question", nargs="+", help="one or more questions about the passage")
     a("-qf", "--question-file", metavar="FILE", help="questions, one per line")
+    a("--encoding", default="utf-8", help="of the -pf/-qf files (default utf-8; undecodable text is refused)")
+    _squad_flag(p, "instead: answer and score every question of a SQuAD file (predictions.json), as eval does")
     _feature_flags(p)
 
 
@@ -193,9 +158,9 @@ def _eval_parser(p) -> None:
     from eval.compare import BASELINE_HELP, COMPARING_HELP
 
     a = p.add_argument
-    a("--squad", required=True, metavar="FILE", help="SQuAD v1.1 or v2.0 JSON (e.g. dev-v1.1.json)")
+    _squad_flag(p, "SQuAD v1.1 or v2.0 JSON (e.g. dev-v1.1.json)", required=True)
     a("engines", nargs="*", metavar="ENGINE", help="engine files (from `cli.py build`) to evaluate")
-    _model_flags(p)
+    _model_flags(p, vocab=True)
     _run_flags(p, fuse=True)
     a("--limit", type=int, metavar="N", help="evaluate only the first N questions")
     a("-o", "--output", metavar="FILE", help="official-format predictions {id: answer} (default predictions.json, "
@@ -206,7 +171,7 @@ def _eval_parser(p) -> None:
     _report_flags(g, None, "write report.md, report.csv, report.json, pareto.png (F1 against latency, the front and "
                   "the chosen build marked) and predictions/BUILD.json there", default_drop=None)
     g.add_argument("--profile", metavar="BxS", help="selection profile, e.g. 64x384 (default: the largest B x S every "
-                   "build has)")
+                   "build has; on the CPU the only profile timed)")
     _bench_flags(g)
     _feature_flags(p)
 
@@ -225,9 +190,8 @@ def _sweep_parser(p) -> None:
       help=f"only INT8 rows calibrated by these ({', '.join(METHODS)}; percentile = both)")
     a("--options", nargs="+", choices=list(OPTION_SETS), metavar="OPTIONS",
       help=f"only INT8 rows with these option sets ({', '.join(OPTION_SETS)})")
-    _profile_flags(p, "profile batch size; -b and -s pair up in order (-b 1 -s 128 -b 64 -s 384: profiles 1x128 "
-                      "and 64x384), a single value goes with all of the other (default: 1x128 and 64x384 on CUDA, "
-                      "1x384 on the CPU)", "profile sequence length (default --max-seq-length when only -b is given)")
+    _profile_flags(p, f"profile batch size; {PAIRS} (default: 1x128 and 64x384 on CUDA, 1x384 on the CPU)",
+                   "profile sequence length (default --max-seq-length when only -b is given)")
     a("--calib-num", type=int, metavar="N", help="calibration questions (default 100 on CUDA, 20 on the CPU)")
     a("--seed", type=int, default=0, help="seed of the calibration question draw (default 0)")
     a("--eval-limit", metavar="N|all", help="evaluate the first N questions (default all on CUDA, 30 on the CPU)")
@@ -245,7 +209,7 @@ def _sensitivity_parser(p) -> None:
     a = p.add_argument
     _model_flags(p, default=str(DEFAULT_MODEL))
     a("--calib-cache", required=True, metavar="FILE", help="this model's cache from `cli.py calibrate`")
-    a("--squad", default=str(DEV), metavar="FILE", help=f"evaluate on it (default {shown(DEV)}: SQuAD v1.1 dev)")
+    _squad_flag(p, f"evaluate on it (default {shown(DEV)}: SQuAD v1.1 dev)", default=str(DEV))
     a("--limit", metavar="N|all", help="evaluate the first N questions (default 50 on the CPU, all on CUDA)")
     a("-iln", "--int8-layernorm", dest="iln", action="store_true", help="analyse -iln builds (in every variant)")
     a("-imh", "--int8-mha", dest="imh", action="store_true", help="analyse -imh builds (in every variant)")
@@ -265,15 +229,15 @@ def _sensitivity_parser(p) -> None:
 
 def _calibrate_parser(p) -> None:
     a = p.add_argument
-    a("--squad", required=True, metavar="FILE", help="SQuAD JSON to calibrate on (train, not the evaluation set)")
-    _model_flags(p, required=True)
+    _squad_flag(p, "SQuAD JSON to calibrate on (train, not the evaluation set)", required=True)
+    _model_flags(p, required=True, vocab=True)
     _run_flags(p, precision=None)
     a("--calib-num", type=int, default=100, metavar="N", help="SQuAD questions (default 100; all when fewer), drawn "
       "without replacement by numpy default_rng(SEED).choice, kept in file order")
     a("--seed", type=int, default=0, help="seed of the question draw (default 0)")
     a("--method", choices=("entropy", "percentile", "mse", "max"), default="entropy",
       help="how a range is picked from the activations (default entropy, TensorRT's EntropyCalibrator2)")
-    a("--percentile", type=float, default=99.99, metavar="P", help="|x| percentile kept by it (default 99.99)")
+    a("--percentile", type=float, metavar="P", help="--method percentile: the |x| percentile kept (default 99.99)")
     a("--smooth", type=float, metavar="ALPHA", nargs="?", const=0.8, help="SmoothQuant-style: the outlier channels of "
       "the QKV, FC1 and FC2 inputs move into the weights, migration strength ALPHA in [0, 1] (alone: 0.8); "
       "per-channel input scales, which a TensorRT cache cannot hold")
@@ -285,11 +249,15 @@ def _calibrate_parser(p) -> None:
     _feature_flags(p, answers=False)
 
 
-def _train_parser(p, qat: bool) -> None:
-    """`cli.py qat` and `cli.py finetune`: one training loop (qat/train.py), with or without fake quantization."""
-    a = p.add_argument
-    a("--squad", required=True, metavar="FILE", help="SQuAD JSON to train on (train, not the evaluation set)")
+def _train_parser(p, mode: str) -> None:
+    """`cli.py qat`, `finetune` and `prune`: one training loop (qat/train.py), with or without fake quantization."""
+    a, qat = p.add_argument, mode == "qat"
+    _squad_flag(p, "SQuAD JSON to train on (train, not the evaluation set)", required=True)
     _model_flags(p, required=True)
+    if mode == "prune":
+        a("--method", choices=("magnitude", "sparsegpt"), default="magnitude", help="which 2 of each 4 weights stay "
+          "(nvidia-modelopt: largest |w|, or SparseGPT on the first training windows; default magnitude)")
+        a("--exclude", metavar="GEMMS", default="", help="GEMMs left dense, e.g. layer0.fc2 or fc2 (every layer's)")
     if qat:
         a("--calib-cache", required=True, metavar="FILE", help="this model's cache from `cli.py calibrate`: the "
           "ranges QAT starts from (and its smoothing)")
@@ -297,6 +265,7 @@ def _train_parser(p, qat: bool) -> None:
         a("-imh", "--int8-mha", dest="imh", action="store_true", help="train with -imh's INT8 attention")
         a("--keep-fp16", metavar="GEMMS", default="", help="GEMMs kept out of INT8, as `cli.py build --keep-fp16`")
         a("--freeze-scales", action="store_true", help="keep the calibrated ranges (default: learn them, LSQ)")
+        a("--sparse", action="store_true", help="a 2:4-pruned model (`cli.py prune`) keeps its pattern")
     a("-o", "--output", required=True, metavar="DIR", help="model folder to write (Hugging Face layout"
       + (" + quant_spec.json, the learned scales `cli.py build --int8` takes)" if qat else ")"))
     a("--epochs", type=float, default=2.0, help="passes over the training windows (default 2)")
@@ -315,7 +284,8 @@ def _train_parser(p, qat: bool) -> None:
 
 def _build_parser(p) -> None:
     a = p.add_argument
-    _model_flags(p, required=True, help_="BERT QA folder, or a random-weight preset (bert-base, bert-large) to time")
+    _model_flags(p, required=True, vocab=True,
+                 help_="BERT QA folder, or a random-weight preset (bert-base, bert-large) to time")
     a("-o", "--output", required=True, metavar="ENGINE", help="engine file to write")
     _run_flags(p, "where the engine will run (default: cuda when present); a cuda engine is tied to its GPU",
                precision=None, batch=False)
@@ -325,19 +295,24 @@ def _build_parser(p) -> None:
     a("-iln", "--int8-layernorm", dest="iln", action="store_true", help="INT8 skip-LayerNorm outputs (INT8 residual)")
     a("-imh", "--int8-mha", dest="imh", action="store_true", help="INT8 attention (Q, K, V, probabilities, context)")
     a("-g", "--force-fc2-gemm", dest="g", action="store_true", help="FC2 on cuBLASLt, not the fused Triton kernel")
-    _profile_flags(p, "profile batch size; repeat for several (default 1)",
-                   "profile sequence length; repeat for several (default 128); each (B, S) pair is a profile")
+    a("--sparse", action="store_true", help="2:4-sparse GEMM weights (`cli.py prune`); dense ones are refused")
+    a("--prune-2to4", action="store_true", help="with --sparse: prune dense weights by magnitude (costs accuracy)")
+    _profile_flags(p, f"profile batch size (default 1); {PAIRS}", "profile sequence length (default 128)")
     a("--calib-cache", metavar="FILE", help="calibration cache from `cli.py calibrate` (for --int8)")
-    a("--keep-fp16", metavar="GEMMS", default="", help="mixed precision: GEMMs kept in FP16 under --int8, e.g. "
-      "layer3.fc2,layer5.fc1 or fc2 (every layer's), as `cli.py sensitivity` suggests")
-    a("--timing-cache", metavar="FILE", help="CUDA kernel timings reused across builds (default: timing.json in the "
-      "workbench cache)")
+    a("--qat-scales", metavar="FILE", help="for --int8: QAT ranges made elsewhere (modelopt or pytorch-quantization "
+      "state dict, TensorRT demo *_amax names, fake-quant ONNX); without it or --calib-cache, a QAT folder's own")
+    a("--ignore-unmodelled", action="store_true", help="with --qat-scales: drop quantizers of tensors our engine "
+      "never rounds (residual sums, GEMM outputs), with a warning")
+    a("--keep-fp16", metavar="GEMMS", default="", help="mixed precision: GEMMs kept out of INT8 under --int8 (in FP16, "
+      "or FP32 without --fp16), e.g. layer3.fc2,layer5.fc1 or fc2 (every layer's), as `cli.py sensitivity` suggests")
+    a("--timing-cache", "-tcf", "--timing-cache-file", dest="timing_cache", metavar="FILE", help="CUDA kernel "
+      "timings reused across builds (default: timing.json in the workbench cache)")
 
 
 def _bench_parser(p) -> None:
     a = p.add_argument
     a("-e", "--engine", required=True, metavar="ENGINE", help="engine file")
-    _profile_flags(p, "default: each profile", "default: each profile")
+    _profile_flags(p, f"default: each profile's; {PAIRS}", "default: each profile's")
     a("--iterations", type=int, default=200, help="timed runs per shape (default 200)")
     a("--warmup", type=int, default=20, help="untimed runs first (default 20)")
     _run_flags(p, "default: cuda when present", precision=None, batch=False, fuse=True)
@@ -346,33 +321,35 @@ def _bench_parser(p) -> None:
 
 
 VERBS = {  # name: (one-line help, the module holding its examples (shown by --help), its flags, its command)
-    "infer": ("answer questions about a passage", "eval.qa", _infer_parser, cmd_infer),
+    "infer": ("answer questions about a passage", "eval.qa", _infer_parser, _thin("eval.qa", "infer_from_flags")),
     "eval": ("official SQuAD EM/F1 and predictions of a model and/or engines; several builds compared in one table",
-             "eval.compare", _eval_parser, cmd_eval),
+             "eval.compare", _eval_parser, _thin("eval.compare", "evaluate_from_flags")),
     "sweep": ("the workbench's answer: the grid of INT8 builds and the FP16 baseline evaluated and timed, and the "
-              "fastest build within the F1 budget", "eval.sweep", _sweep_parser, cmd_sweep),
+              "fastest build within the F1 budget", "eval.sweep", _sweep_parser, _thin("eval.sweep", "sweep_from_flags")),
     "sensitivity": ("which INT8 GEMMs cost the most F1, and a measured mixed-precision build that keeps them out",
-                    "eval.sensitivity", _sensitivity_parser, cmd_sensitivity),
-    "calibrate": ("INT8 calibration: per-tensor ranges of the FP32 model over SQuAD questions", None,
-                  _calibrate_parser, cmd_calibrate),
+                    "eval.sensitivity", _sensitivity_parser,
+                    _thin("eval.sensitivity", "sensitivity_from_flags", say=True)),
+    "calibrate": ("INT8 calibration: per-tensor ranges of the FP32 model over SQuAD questions", "calib.calibrate",
+                  _calibrate_parser, _thin("calib.calibrate", "calibrate_from_flags", say=True)),
     "qat": ("quantization-aware fine-tuning from a calibration cache: a model folder with learned INT8 scales",
-            "qat.run", lambda p: _train_parser(p, qat=True), cmd_qat),
+            "qat.run", lambda p: _train_parser(p, "qat"), _thin("qat.run", "qat_from_flags")),
     "finetune": ("the same training loop without quantization: FP baselines", "qat.run",
-                 lambda p: _train_parser(p, qat=False), cmd_qat),
+                 lambda p: _train_parser(p, "finetune"), _thin("qat.run", "finetune_from_flags")),
+    "prune": ("2:4 structured pruning of the encoder GEMMs, then fine-tuning that keeps the pattern", "qat.run",
+              lambda p: _train_parser(p, "prune"), _thin("qat.run", "prune_from_flags")),
     "build": ("build an engine file (FP16/FP32, or INT8 from a calibration cache or a QAT folder)", "eval.runnables",
-              _build_parser, cmd_build),
+              _build_parser, _thin("eval.runnables", "engine_file_from_flags", say=True)),
     "bench": ("time an engine: median/p95/p99 latency and throughput, the GPU's power and clock while it ran",
               "eval.benchmark", _bench_parser, cmd_bench),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
     for name, (help_, help_from, add_flags, command) in VERBS.items():
-        p = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog=CALIBRATE_EXAMPLES if name == "calibrate" else None)
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.help_from = help_from
         add_flags(p)
         p.set_defaults(func=command)
@@ -381,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings_to_stderr("calib", "data", "engines", "eval", "qat")
     try:
+        if "doc_stride" in args and args.doc_stride is None:  # 128, or what fits the window (a warning says which)
+            args.doc_stride = __import__("data.features", fromlist=["default_stride"]).default_stride(args)
         return args.func(args)
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -389,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, MemoryError) and not any(w in text for w in ("out of memory", "allocate memory")):
+            raise
+        print(f"error: out of memory ({text[:200]}): use smaller profiles (-b/-s) or a smaller --batch-size",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -207,8 +207,10 @@ def _positive(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
-def find_reusable(path: str | os.PathLike, expected_key: str) -> CalibrationCache | None:
-    """The cache at `path` if it is intact and was made from the same inputs; else None (with one warning line)."""
+def find_reusable(path: str | os.PathLike, expected_key: str,
+                  expected_inputs: dict[str, Any] | None = None) -> CalibrationCache | None:
+    """The cache at `path` if it is intact and was made from the same inputs; else None (with one warning line
+    that names the inputs that changed, when `expected_inputs`, the `cache_key` arguments, are given)."""
     path = Path(path)
     if not path.exists():
         return None
@@ -218,7 +220,27 @@ def find_reusable(path: str | os.PathLike, expected_key: str) -> CalibrationCach
         log.warning("%s, recomputing", e)
         return None
     if cache.key() != expected_key:
-        log.warning("%s: calibration cache was made from different inputs (key %.12s, expected %.12s), recomputing",
-                    path, cache.key(), expected_key)
+        changed = changed_inputs(cache._inputs(), expected_inputs) if expected_inputs else []
+        log.warning("%s: calibration cache was made from other inputs (%s), recomputing", path,
+                    "; ".join(changed) or f"key {cache.key():.12} against {expected_key:.12}")
         return None
     return cache
+
+
+_INPUT_NAMES = {"num_samples": "questions", "model_digest": "the model's weights", "data_digest": "the SQuAD file",
+                "tool_version": "workbench version", "tokenizer_digest": "the tokenizer"}
+
+
+def changed_inputs(cached: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """What differs between a cache's inputs and a run's, in words: "method max -> entropy", "calib_num 100 -> 50",
+    "the model's weights" (digests are named, not shown)."""
+    flat = [(k, cached.get(k), v) for k, v in expected.items() if k != "settings"]
+    old_settings, new_settings = cached.get("settings") or {}, expected.get("settings") or {}
+    flat += [(k, old_settings.get(k), new_settings.get(k)) for k in sorted(set(old_settings) | set(new_settings))]
+    out = []
+    for k, old, new in flat:
+        if old != new:
+            name = _INPUT_NAMES.get(k, k)
+            out.append(name if "digest" in k else f"{name} {'-' if old is None else old} -> "
+                                                   f"{'-' if new is None else new}")
+    return out

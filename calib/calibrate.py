@@ -41,6 +41,15 @@ _KIND_ORDER = {k: i for i, k in enumerate(("ln_out", "q", "k", "v", "probs", "co
 
 log = logging.getLogger(__name__)
 
+# `cli.py calibrate --help`
+EXAMPLES = """examples:
+  python cli.py calibrate --squad ../shared/data/squad/train-v1.1-explorer-reconstruction.json \\
+      --model ../shared/models/minilm-l6-h384-squad11 --calib-num 100 --method entropy \\
+      -o minilm.calib.json --trt-cache minilm.trtcache --eval-squad ../shared/data/squad/dev-v1.1.json
+  python cli.py calibrate --squad train.json --model DIR --method percentile --percentile 99.99 -o calib.json
+  python cli.py calibrate --squad train.json --model DIR -o calib.json --force   # recompute even if reusable
+  python cli.py calibrate -sq train.json -c DIR -v DIR/vocab.txt -s 128 -o calib.json   # TensorRT demo spellings"""
+
 
 @dataclass(frozen=True)
 class CalibrationSpec:
@@ -86,13 +95,15 @@ class CalibrationRun:
     collect_s: float = 0.0           # model forward + calibrators + amax computation
 
 
-def load_calibration_model(spec: str | Path, *, trust_pickle: bool = False) -> tuple[LoadedModel, WordPiece]:
-    """A fine-tuned model and its tokenizer; presets are refused before their random weights are built."""
+def load_calibration_model(spec: str | Path, *, trust_pickle: bool = False,
+                           vocab_file: str | Path | None = None) -> tuple[LoadedModel, WordPiece]:
+    """A fine-tuned model and its tokenizer (the folder's, or `vocab_file`); presets are refused before their
+    random weights are built."""
     if str(spec) in PRESETS:
         raise WorkbenchError(f"{spec} is a random-weight timing preset with no vocabulary: calibration needs a "
                              "fine-tuned model folder")
     loaded = load_model(spec, trust_pickle=trust_pickle)
-    return loaded, load_wordpiece(loaded.model_dir, vocab_size=loaded.config.vocab_size)
+    return loaded, load_wordpiece(loaded.model_dir, vocab_size=loaded.config.vocab_size, vocab_file=vocab_file)
 
 
 def check_fits(loaded: LoadedModel, settings: FeatureSettings) -> None:
@@ -147,7 +158,8 @@ def calibrate(squad: SquadFile, loaded: LoadedModel, wordpiece: WordPiece, spec:
     inputs = dict(method=spec.method, settings=spec.settings(wordpiece.digest),
                   num_samples=len(chosen), model_digest=loaded.digest, data_digest=squad.digest,
                   tool_version=__version__)
-    if output is not None and not force and (cached := find_reusable(output, cache_key(**inputs))) is not None:
+    cached = find_reusable(output, cache_key(**inputs), inputs) if output is not None and not force else None
+    if cached is not None:
         return CalibrationRun(cached, reused=True)
 
     t0 = time.perf_counter()
@@ -323,10 +335,10 @@ def summary_lines(run: CalibrationRun, extremes: int = 5) -> list[str]:
 
 
 def calibrate_from_flags(flags, say=print) -> str:
-    """`cli.py calibrate`: its flags (squad, model, trust_pickle, device, batch_size, calib_num, seed, method,
-    percentile, smooth, output, trt_cache, force, eval_squad, max_seq_length, doc_stride, max_query_length,
-    no_progress) checked, the cache made or reused, the TensorRT cache written; `say` gets what was reused and
-    written, the returned text is the summary table."""
+    """`cli.py calibrate`: its flags (squad, model, vocab_file, trust_pickle, device, batch_size, calib_num, seed,
+    method, percentile (None: not given), smooth, output, trt_cache, force, eval_squad, max_seq_length,
+    doc_stride, max_query_length, no_progress) checked, the cache made or reused, the TensorRT cache written;
+    `say` gets what was reused and written, the returned text is the summary table."""
     from calib.trt_cache import write_trt_cache
     from data.squad import load_squad
     from model.runner import pick_device
@@ -339,19 +351,27 @@ def calibrate_from_flags(flags, say=print) -> str:
                       f"{flags.trt_cache}: is a directory, expected a TensorRT calibration cache file name"),
                      (flags.trt_cache and flags.smooth is not None, "--trt-cache: TensorRT's calibration cache holds "
                       "one scale per tensor and cannot express --smooth (per-channel input scales folded into the "
-                      "weights); calibrate without --smooth for TensorRT")):
+                      "weights); calibrate without --smooth for TensorRT"),
+                     (flags.percentile is not None and flags.method != "percentile",
+                      f"--percentile {flags.percentile} applies to --method percentile only (--method "
+                      f"{flags.method} would ignore it): drop it, or use --method percentile")):
         if bad:
             raise WorkbenchError(why)
-    spec = CalibrationSpec(flags.method, flags.calib_num, flags.seed, flags.percentile, smooth=flags.smooth,
+    percentile = 99.99 if flags.percentile is None else flags.percentile
+    spec = CalibrationSpec(flags.method, flags.calib_num, flags.seed, percentile, smooth=flags.smooth,
                            features=FeatureSettings(flags.max_seq_length, flags.doc_stride, flags.max_query_length))
     device, squad = pick_device(flags.device), load_squad(flags.squad)
     eval_squad = load_squad(flags.eval_squad) if flags.eval_squad else None
-    loaded, wordpiece = load_calibration_model(flags.model, trust_pickle=flags.trust_pickle)
+    loaded, wordpiece = load_calibration_model(flags.model, trust_pickle=flags.trust_pickle,
+                                               vocab_file=getattr(flags, "vocab_file", None))
     run = calibrate(squad, loaded, wordpiece, spec, device=device, output=flags.output, force=flags.force,
                     batch_size=flags.batch_size or (64 if device.type == "cuda" else 16), eval_squad=eval_squad,
                     progress=not flags.no_progress)
     if run.reused:
         say(f"reused calibration cache {flags.output} ({run.cache.method}, {run.cache.num_samples} questions)")
+    else:
+        say(f"wrote calibration cache {flags.output} ({run.cache.describe()}; build with --calib-cache "
+            f"{flags.output})")
     if flags.trt_cache:
         write_trt_cache(flags.trt_cache, run.cache.ranges, run.cache.method)
         say(f"wrote TensorRT calibration cache {flags.trt_cache}")

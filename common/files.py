@@ -115,3 +115,13 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> 
     except OSError as e:
         raise WorkbenchError(f"{folder}: cannot write the {what} there ({e.strerror or e})") from None
     return folder
+
+
+def check_writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Prove a file can be written at `path` (its folder made if missing, a file created there; the file itself is
+    replaced atomically later, so its folder's permissions are what count), before any long work."""
+    target = Path(path)
+    if target.is_dir():
+        raise WorkbenchError(f"{target}: the {what} is a folder, expected a file name")
+    check_writable_dir(target.parent if str(target.parent) else Path("."), f"folder of the {what}")
+    return target

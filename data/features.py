@@ -54,6 +54,30 @@ class FeatureSettings:
                                  f"per window (max_seq_length - max_query_length - {_SPECIALS})")
 
 
+DEFAULT_DOC_STRIDE = 128  # Hugging Face's and the TensorRT demo's default
+
+
+def fitting_stride(max_seq_length: int, max_query_length: int, doc_stride: int | None = None) -> tuple[int, str | None]:
+    """--doc-stride as given; when not given, 128, or (when 128 is not below the context tokens a window holds,
+    e.g. -s 128 with 64 question tokens: 61) half of those tokens, with the line that says so."""
+    room = max_seq_length - max_query_length - _SPECIALS
+    if doc_stride is not None or room <= 1 or DEFAULT_DOC_STRIDE < room:
+        return (DEFAULT_DOC_STRIDE if doc_stride is None else doc_stride), None
+    stride = room // 2
+    return stride, (f"--doc-stride {DEFAULT_DOC_STRIDE} (the default) does not fit the {room} context tokens of a "
+                    f"{max_seq_length}-token window (after up to {max_query_length} question tokens): using "
+                    f"--doc-stride {stride}")
+
+
+def default_stride(flags) -> int:
+    """--doc-stride for flags that left it out (max_seq_length, max_query_length): `fitting_stride`'s, its line
+    logged as a warning."""
+    stride, note = fitting_stride(flags.max_seq_length, flags.max_query_length)
+    if note:
+        log.warning("%s", note)
+    return stride
+
+
 @dataclass
 class Features:
     input_ids: np.ndarray        # int32 [N, S], padded with pad_id to max_seq_length

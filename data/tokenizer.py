@@ -32,18 +32,26 @@ class WordPiece:
     pad_id: int
 
 
-def load_wordpiece(model_dir: str | Path, vocab_size: int | None = None) -> WordPiece:
-    """Load tokenizer.json if present, else build the BERT tokenizer from vocab.txt.
+def load_wordpiece(model_dir: str | Path, vocab_size: int | None = None,
+                   vocab_file: str | Path | None = None) -> WordPiece:
+    """Load tokenizer.json if present, else build the BERT tokenizer from vocab.txt; with `vocab_file` (the
+    TensorRT demo's -v/--vocab-file) that vocab.txt instead of the folder's files, with the folder's
+    tokenizer_config.json settings.
 
-    `vocab_size` is the model's embedding rows: a tokenizer that can emit larger ids does not belong to it.
+    `vocab_size` is the model's embedding rows: a tokenizer that can emit larger ids (or far fewer) does not
+    belong to it, whichever file it came from.
     """
     folder = Path(model_dir)
     if not folder.is_dir():
         raise WorkbenchError(f"{folder}: model folder not found")
     tok_json, vocab_txt = folder / "tokenizer.json", folder / "vocab.txt"
+    if vocab_file is not None:
+        tok_json, vocab_txt = None, Path(vocab_file)
+        if not vocab_txt.is_file():
+            raise WorkbenchError(f"{vocab_txt}: vocabulary file (-v/--vocab-file) not found")
     settings = _bert_settings(folder / "tokenizer_config.json")
     vocab = _read_vocab(vocab_txt) if vocab_txt.exists() else None
-    if tok_json.exists():
+    if tok_json is not None and tok_json.exists():
         source = tok_json
         tokenizer, content = _from_json(tok_json, settings)
         size = tokenizer.get_vocab_size(with_added_tokens=True)

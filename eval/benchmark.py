@@ -1,12 +1,19 @@
 """Latency and throughput of an engine at one shape, timed the way the TensorRT BERT demo times it.
 
 `compute`: CUDA events around graph replays only (inputs already on the device). `end_to_end`: host clock around
-copying inputs from pinned host memory, the replay, and copying the logits back. On the CPU both are host-clock
-timings of the engine call. Benchmarks report; they never decide pass/fail.
+copying inputs from pinned host memory, the replay, and copying the logits back. On the CPU there is nothing to copy
+and nothing to overlap: the engine call is timed once (host clock), and `bench` reports that one figure. Benchmarks
+report; they never decide pass/fail.
+
+`time_until_stable` is how `eval`, `sweep` and `sensitivity` time a build (eval.compare.time_profiles): rounds of
+`iterations` calls after the warm-up, until the medians of two consecutive rounds agree within `tolerance` (5% on
+the CPU, 2% on CUDA) or `max_rounds` / `max_seconds` are spent; the figure is the median of those last two rounds,
+and it says whether it was stable and how far the two rounds were apart (the noise a comparison must allow for).
 """
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass
 
@@ -97,6 +104,42 @@ def time_compute(fn, inputs, iterations: int, warmup: int, device: torch.device,
     return samples
 
 
+# Stable timing: device type -> (agreement of two consecutive rounds' medians, most rounds, most seconds).
+STABLE_DEFAULTS = {"cpu": (0.05, 8, 60.0), "cuda": (0.02, 8, 60.0)}
+
+
+@dataclass(frozen=True)
+class StableTiming:
+    samples_ms: list[float]   # the last two rounds: the figure's samples
+    runs: int                 # timed calls in all rounds (warm-up not counted)
+    rounds: int
+    spread: float             # |median(last round) - median(round before)| / the smaller: the noise seen
+    stable: bool              # spread <= tolerance
+
+
+def time_until_stable(fn, inputs, iterations: int, warmup: int, device: torch.device, *,
+                      tolerance: float | None = None, max_rounds: int | None = None,
+                      max_seconds: float | None = None) -> StableTiming:
+    """Rounds of `iterations` timed calls (the first after `warmup` untimed ones) until two consecutive rounds'
+    medians agree within `tolerance` (a fraction), or `max_rounds` rounds or `max_seconds` are spent (then not
+    stable). Defaults: STABLE_DEFAULTS for the device type. A first round slowed by a cold start, or a machine
+    whose load changes while it is timed, shows as rounds that disagree instead of a wrong figure."""
+    tol, most_rounds, most_seconds = STABLE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    tol = tol if tolerance is None else tolerance
+    most_rounds = max(2, most_rounds if max_rounds is None else max_rounds)
+    most_seconds = most_seconds if max_seconds is None else max_seconds
+    rounds: list[list[float]] = []
+    t0, spread = time.perf_counter(), math.inf
+    while True:
+        rounds.append(time_compute(fn, inputs, iterations, warmup if not rounds else 0, device))
+        if len(rounds) >= 2:
+            a, b = float(np.median(rounds[-2])), float(np.median(rounds[-1]))
+            spread = abs(a - b) / max(min(a, b), 1e-9)
+            if spread <= tol or len(rounds) >= most_rounds or time.perf_counter() - t0 > most_seconds:
+                break
+    return StableTiming(rounds[-2] + rounds[-1], sum(map(len, rounds)), len(rounds), spread, spread <= tol)
+
+
 def time_end_to_end(fn, inputs, iterations: int, warmup: int, device: torch.device) -> list[float]:
     """Host inputs (pinned on CUDA) -> device -> fn -> logits back on the host, per call in ms."""
     pin = device.type == "cuda"
@@ -141,11 +184,16 @@ def check_counts(iterations: int, warmup: int) -> None:
 
 
 def bench_shapes(profiles, batches=None, seq_lens=None) -> list:
-    """The shapes `cli.py bench` times: every profile, or each -b x -s given (what is not given: the profiles')."""
+    """The shapes `cli.py bench` times: every profile; or -b and -s paired in order as every verb pairs them (a
+    single value goes with each value of the other, eval.sweep.pair_profiles); with only one of them, each value
+    given at each of the profiles' values of the other."""
     from engines.engine_file import Profile
+    from eval.sweep import pair_profiles
 
     if not batches and not seq_lens:
         return list(profiles)
+    if batches and seq_lens:
+        return [Profile(b, s) for b, s in pair_profiles(batches, seq_lens, (), 0)]
     return [Profile(b, s) for b in batches or sorted({p.batch for p in profiles})
             for s in seq_lens or sorted({p.seq_len for p in profiles})]
 
@@ -169,7 +217,9 @@ def bench_engine_file(path, *, device: str | None = None, batches=None, seq_lens
 def bench_lines(engine, runner, device: torch.device, shapes, iterations: int, warmup: int, padded: float = 0.0,
                 name: str = "engine"):
     """`cli.py bench`'s report, a line (or block) at a time as each shape is timed: the settings, then per shape
-    compute latency (with the GPU's power and clock on CUDA), end to end, and pipelined throughput."""
+    compute latency (with the GPU's power and clock on CUDA), end to end, and pipelined throughput. On the CPU the
+    engine call is the only figure: inputs and logits stay in host memory (end to end is the same call) and
+    nothing runs beside the compute (a pipelined figure would time the same call again)."""
     from eval.gpu_state import GpuMonitor
 
     check_counts(iterations, warmup)
@@ -177,17 +227,22 @@ def bench_lines(engine, runner, device: torch.device, shapes, iterations: int, w
         "no padding (the graph whose attention takes no mask; --padded times the general one)"
     gpu_name = engine.header.gpu_name
     yield (f"{name}: {engine.policy.describe()} on {device.type}{' (' + gpu_name + ')' if gpu_name else ''}; "
-           f"median of {iterations} after {warmup} warm-up; {padding}")
+           f"median of {iterations} after {warmup} warm-up; {padding}"
+           + ("\n(CPU: inputs and logits stay in host memory and nothing overlaps the compute, so the engine call "
+              "is the only figure: no end-to-end or pipelined line)" if device.type != "cuda" else ""))
     with GpuMonitor(device) as gpu:  # sampling from the start; only the timed calls are read
         for shape in shapes:
             x = random_inputs(shape.batch, shape.seq_len, engine.cfg.vocab_size, device, padded=padded)
             compute = Latency.from_samples(shape.batch, shape.seq_len, time_compute(
                 runner, x, iterations, warmup, device, gpu, phase=str(shape)))
+            if device.type != "cuda":
+                yield f"compute     {compute.row()}"
+                continue
             e2e = Latency.from_samples(shape.batch, shape.seq_len,
                                        time_end_to_end(runner, x, iterations, warmup, device))
             piped = time_pipelined(runner, x, iterations, warmup)
             yield (f"compute     {compute.row()}\n"
-                   + (f"  GPU while timing compute: {gpu.summary(str(shape))}\n" if device.type == "cuda" else "")
+                   + f"  GPU while timing compute: {gpu.summary(str(shape))}\n"
                    + f"end-to-end  {e2e.row()}\n"
                    f"pipelined   {shape.batch:>5} x {shape.seq_len:<4}  mean   {piped:8.3f} ms per batch with copies "
                    f"overlapping compute  {shape.batch / piped * 1e3:10,.0f} seq/s")

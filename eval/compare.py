@@ -2,9 +2,10 @@
 
 Shared by `cli.py eval` (several builds given on the command line) and `cli.py sweep` (the grid) through
 eval.measure, so a row means the same in both: EM/F1 on the same questions, median/p99 compute latency
-(eval.benchmark.time_compute on random tokens of the profile's full shape) and throughput at each profile, engine
-size and build time from the engine file. `ComparisonPlan` and `evaluate_builds` are `cli.py eval`'s: the baseline
-and profiles of the builds given, each build measured, one table against the baseline.
+(eval.benchmark.time_until_stable on random tokens of the profile's full shape: rounds until two agree) and
+throughput at each profile, engine size and build time from the engine file. `ComparisonPlan` and
+`evaluate_builds` are `cli.py eval`'s: the baseline and profiles of the builds given, each build measured, one
+table against the baseline.
 """
 from __future__ import annotations
 
@@ -41,20 +42,36 @@ def bench_defaults(device: torch.device, iterations: int | None, warmup: int | N
 
 
 def time_profiles(forward, profiles: Sequence[tuple[int, int]], vocab_size: int, device: torch.device,
-                  iterations: int, warmup: int) -> tuple[ProfileLatency, ...]:
-    """Compute latency of `forward` at each (batch, seq_len), on random tokens of exactly that shape."""
-    from eval.benchmark import Latency, random_inputs, time_compute
+                  iterations: int, warmup: int, tolerance: float | None = None) -> tuple[ProfileLatency, ...]:
+    """Compute latency of `forward` at each (batch, seq_len), on random tokens of exactly that shape: rounds of
+    `iterations` calls until two agree (eval.benchmark.time_until_stable), with the runs and spread behind it."""
+    from eval.benchmark import Latency, random_inputs, time_until_stable
 
     out = []
     for batch, seq_len in profiles:
         inputs = random_inputs(batch, seq_len, vocab_size, device)
-        samples = time_compute(forward, inputs, iterations, warmup, device)
-        out.append(ProfileLatency.from_latency(Latency.from_samples(batch, seq_len, samples)))
+        t = time_until_stable(forward, inputs, iterations, warmup, device, tolerance=tolerance)
+        out.append(ProfileLatency.from_latency(Latency.from_samples(batch, seq_len, t.samples_ms), runs=t.runs,
+                                               spread=round(t.spread, 4), stable=t.stable))
     return tuple(out)
 
 
+def timing_policy(device: torch.device, iterations: int, warmup: int, tolerance: float | None = None) -> str:
+    """How the figures were timed, in words (reports record it)."""
+    from eval.benchmark import STABLE_DEFAULTS
+
+    tol, rounds, seconds = STABLE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    tol = tolerance or tol
+    return (f"median of the last two rounds of {iterations} runs (after {warmup} warm-up), once two consecutive "
+            f"rounds agree within {tol:.0%} (at most {rounds} rounds or {seconds:.0f} s a profile, else marked not "
+            "stable)")
+
+
 def latency_line(latency: Sequence[ProfileLatency]) -> str:
-    return ", ".join(f"{profile_label(lat.profile)} {lat.median_ms:.3f} ms (p99 {lat.p99_ms:.3f})" for lat in latency)
+    return ", ".join(f"{profile_label(lat.profile)} {lat.median_ms:.3f} ms (p99 {lat.p99_ms:.3f}"
+                     + (f", {lat.runs} runs" if lat.runs else "")
+                     + (f", NOT stable: rounds ±{lat.spread:.0%} apart" if lat.stable is False else "") + ")"
+                     for lat in latency)
 
 
 def describe_calibration(cache: CalibrationCache | None) -> str:
@@ -115,10 +132,12 @@ EXAMPLES = """examples:
       --max-f1-drop 1.0 --report-dir report/          # the FP16 model is the baseline: table, files, plot
   python cli.py eval --squad dev.json engines/fp16.engine engines/int8.engine --profile 64x384"""
 COMPARING_HELP = (
-    "With several builds (or any of these flags) eval also times each build at each of its engine profiles (the "
-    "model at the profiles the engines have) and prints one table: options, calibration, EM, F1, ΔEM/ΔF1 against "
-    "the baseline, median/p99 latency, throughput and speed-up per profile, engine size, build time; the chosen "
-    "build is the fastest at the selection profile whose F1 is within --max-f1-drop of the baseline.")
+    "With several builds (or any of these flags) eval also times each build (on CUDA at each of its engine "
+    "profiles, the model at the profiles the engines have; on the CPU at the selection profile only) until two "
+    "rounds of timed runs agree, and prints one table: options, calibration, EM, F1, ΔEM/ΔF1 against the baseline, "
+    "median/p99 latency, throughput and speed-up per profile, engine size, build time; the chosen build is the "
+    "fastest at the selection profile whose F1 is within --max-f1-drop of the baseline, builds within timing "
+    "noise of it being a tie that the higher F1 wins. Builds of another model than the baseline's are named.")
 BASELINE_HELP = (
     "what the others are compared with. fp16: --model evaluated in FP16 (--precision must be fp16 or unset), or "
     "without --model the one engine built with --fp16 and without --int8; model: --model at its --precision; "
@@ -176,7 +195,18 @@ class ComparisonPlan:
             if missing:
                 raise WorkbenchError(f"--profile {self.profile[0]}x{self.profile[1]}: not a profile of "
                                      f"{', '.join(missing)}")
+        common = set(self.profiles[0]).intersection(*map(set, self.profiles[1:]))
+        if builds[0].device.type != "cuda" and common:  # the CPU times what decides the choice, nothing more
+            selection = self.profile or max(common, key=lambda p: (p[0] * p[1], p[0], p[1]))
+            self.profiles = [[selection] for _ in builds]
         self.iterations, self.warmup = bench_defaults(builds[0].device, iterations, warmup)
+        self.timing = timing_policy(builds[0].device, self.iterations, self.warmup)
+        base = builds[self.baseline]
+        for i, b in enumerate(builds):
+            if b.model_digest and base.model_digest and b.model_digest != base.model_digest:
+                print(f"warning: {self.names[i]} was built from another model ({model_source(b)}, weights sha256 "
+                      f"{b.model_digest[:12]}) than the baseline {self.names[self.baseline]} ({model_source(base)}, "
+                      f"{base.model_digest[:12]}): its ΔEM/ΔF1 compare two models", file=sys.stderr)
 
     def _baseline(self, builds: Sequence[Build]) -> int:
         engines = [i for i, b in enumerate(builds) if b.kind == "engine"]
@@ -211,10 +241,10 @@ class ComparisonPlan:
         self.rows.append(m.result)
         return m
 
-    def finish(self) -> None:
+    def finish(self, provenance: dict | None = None) -> None:
         from eval.report import build_report, render_text, write_report_dir
 
-        report = build_report(self.rows, self.max_f1_drop, self.profile)
+        report = build_report(self.rows, self.max_f1_drop, self.profile, {**(provenance or {}), "timing": self.timing})
         print()
         print(render_text(report), end="")
         if self.report_dir:
@@ -232,6 +262,7 @@ def evaluate_from_flags(flags) -> None:
 
     if flags.limit is not None and flags.limit < 1:
         raise WorkbenchError(f"--limit must be at least 1, got {flags.limit}")
+    check_outputs(flags.output, flags.metrics_json, flags.report_dir)
     plan = None
     if wants_comparison((1 if flags.model else 0) + len(flags.engines), flags.report_dir, flags.baseline,
                         flags.max_f1_drop, flags.profile):
@@ -241,16 +272,44 @@ def evaluate_from_flags(flags) -> None:
     fs, answer_settings = settings_from_flags(flags, version_2=squad.version.startswith("2"))
     builds = load_builds(model=flags.model, engines=flags.engines, device=flags.device,
                          precision=plan.model_precision if plan else flags.precision, trust_pickle=flags.trust_pickle,
-                         batch_size=flags.batch_size, max_seq_length=fs.max_seq_length, fuse=flags.fuse)
+                         batch_size=flags.batch_size, max_seq_length=fs.max_seq_length, fuse=flags.fuse,
+                         vocab_file=flags.vocab_file)
     questions = Questions(squad.examples, squad.version, fs, answer_settings, cache=not flags.no_cache,
                           progress=not flags.no_progress)
     evaluate_builds(builds, questions, plan, squad_path=flags.squad, output=flags.output,
-                    metrics_json=flags.metrics_json, iterations=flags.bench_iterations, warmup=flags.bench_warmup)
+                    metrics_json=flags.metrics_json, iterations=flags.bench_iterations, warmup=flags.bench_warmup,
+                    data=f"{flags.squad} (sha256 {squad.digest[:12]}), {len(squad.examples):,} questions")
+
+
+def check_outputs(output: str | None, metrics_json: str | None, report_dir: str | None) -> None:
+    """Every file `eval` will write can be written, checked before anything slow runs (one line, exit 2)."""
+    from common.files import check_writable_dir, check_writable_file
+
+    if report_dir:
+        check_writable_dir(report_dir, "--report-dir folder")
+    for path, what in ((output or (None if report_dir else "predictions.json"), "-o predictions file"),
+                       (metrics_json, "--metrics-json file")):
+        if path:
+            check_writable_file(path, what)
+
+
+def model_source(build: Build) -> str:
+    """Which model a build runs: an engine's header names the folder it was built from."""
+    return (build.engine.header.source if build.kind == "engine" and build.engine is not None else build.path) or "?"
+
+
+def no_answer_hint(score, predictions) -> str | None:
+    """SQuAD v2.0 scored by a model that never predicts "no answer" (a v1.1 model): why NoAns is 0, in one line."""
+    if not score.no_ans_n or any(p.text == "" for p in predictions.values()):
+        return None
+    return (f"warning: the model answered all {score.no_ans_n:,} unanswerable questions of this SQuAD v2.0 file "
+            "(NoAns 0.00): it never predicts \"no answer\", as a model fine-tuned on SQuAD v1.1 does not; "
+            "compare HasAns, or lower --null-score-diff-threshold for a v2.0 model")
 
 
 def evaluate_builds(builds: Sequence[Build], questions: Questions, plan: ComparisonPlan | None, *, squad_path: str,
                     output: str | None = None, metrics_json: str | None = None, iterations: int | None = None,
-                    warmup: int | None = None) -> None:
+                    warmup: int | None = None, data: str | None = None) -> None:
     """`cli.py eval`: each build's EM/F1 (one line each on stdout), its predictions (-o: FILE, or FILE.BUILD.json
     per build when several; default predictions.json unless --report-dir), the metrics JSON, and with a plan the
     comparison table."""
@@ -276,11 +335,16 @@ def evaluate_builds(builds: Sequence[Build], questions: Questions, plan: Compari
             print(f"wrote {out} and {nbest}", file=sys.stderr)
         line = f"EM {m.score.exact_match:.2f}  F1 {m.score.f1:.2f}  ({m.score.n} questions)" + v2_breakdown(m.score)
         print(line if len(builds) == 1 else f"{b.label}: {line}")
+        if hint := no_answer_hint(m.score, m.predictions):
+            print(hint, file=sys.stderr)
         results[b.label] = m.score.to_json()
     if metrics_json:
         atomic_write_json(metrics_json, next(iter(results.values())) if len(results) == 1 else results)
     if plan is not None:
-        plan.finish()
+        from eval.measure import provenance
+
+        models = dict.fromkeys(f"{model_source(b)} (sha256 {b.model_digest[:12]})" for b in builds if b.model_digest)
+        plan.finish(provenance(builds[0].device, model=", ".join(models) or None, data=data or squad_path))
 
 
 def v2_breakdown(score) -> str:
@@ -294,5 +358,6 @@ def v2_breakdown(score) -> str:
 
 
 __all__ = ["BASELINE_HELP", "BENCH_DEFAULTS", "COMPARING_HELP", "ComparisonPlan", "EXAMPLES", "bench_defaults",
-           "calibration_of_engine", "check_name", "describe_calibration", "evaluate_builds", "evaluate_from_flags",
-           "latency_line", "time_profiles", "unique_names", "v2_breakdown", "wants_comparison"]
+           "calibration_of_engine", "check_name", "check_outputs", "describe_calibration", "evaluate_builds",
+           "evaluate_from_flags", "latency_line", "model_source", "no_answer_hint", "time_profiles", "timing_policy",
+           "unique_names", "v2_breakdown", "wants_comparison"]

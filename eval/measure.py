@@ -50,6 +50,7 @@ class Build:
     precision: str | None = None       # a model's: fp32, fp16, bf16
     engine: Any = None                 # engines.runtime.Engine: policy, header.profiles, cfg
     path: str | None = None            # the model folder or engine file
+    model_digest: str | None = None    # the weights it runs (a model's file digest, an engine header's)
 
 
 @dataclass
@@ -96,11 +97,12 @@ class Measured:
 
 def measure(build: Build, questions: Questions, profiles: Sequence[tuple[int, int]] = (), *,
             iterations: int = 1, warmup: int = 0, is_baseline: bool = False, report_dir: str | Path | None = None,
-            progress: bool | None = None) -> Measured:
+            progress: bool | None = None, tolerance: float | None = None) -> Measured:
     """Evaluate `build` on `questions` and time it at each (batch, seq_len) of `profiles` (none: accuracy only).
 
     `report_dir`: its predictions go to REPORT_DIR/predictions/NAME.json (and NAME.nbest.json), named in the row.
-    `progress`: the forward's progress bar (default: the questions').
+    `progress`: the forward's progress bar (default: the questions'). Each profile is timed in rounds of
+    `iterations` runs until two agree within `tolerance` (eval.benchmark.time_until_stable; None: the device's).
     """
     from data.answers import write_predictions
     from eval.qa import Timings, predict_features, score
@@ -118,8 +120,8 @@ def measure(build: Build, questions: Questions, profiles: Sequence[tuple[int, in
         write_predictions(predictions, folder / f"{build.name}.json", folder / f"{build.name}.nbest.json")
         predictions_file = f"predictions/{build.name}.json"
     t2 = time.perf_counter()
-    latency = time_profiles(build.forward, profiles, build.vocab_size, build.device, iterations, warmup) \
-        if profiles else ()
+    latency = time_profiles(build.forward, profiles, build.vocab_size, build.device, iterations, warmup,
+                            tolerance) if profiles else ()
     t3 = time.perf_counter()
     result = BuildResult(name=build.name, options=build.options, calibration=build.calibration,
                          is_baseline=is_baseline, exact_match=squad_score.exact_match, f1=squad_score.f1,
@@ -140,6 +142,65 @@ def settings_from_flags(flags, version_2: bool = False) -> tuple[FeatureSettings
             AnswerSettings(flags.n_best_size, flags.max_answer_length, version_2, flags.null_score_diff_threshold))
 
 
+def device_text(device: torch.device) -> str:
+    """The machine a figure was measured on, in words: "cpu: Intel(R) Xeon(R) ... (16 cores, 16 torch threads),
+    torch 2.5.1" or "cuda: NVIDIA H100 80GB HBM3 (compute capability 9.0), torch 2.5.1, CUDA 12.4"."""
+    m = machine_key(device)
+    if device.type == "cuda":
+        return f"cuda: {m['gpu']} (compute capability {m['compute_capability']}), torch {m['torch']}, CUDA {m['cuda']}"
+    return f"cpu: {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads), torch {m['torch']}"
+
+
+def machine_key(device: torch.device) -> dict:
+    """What latency depends on besides the build: the processor (GPU name and compute capability, or the CPU
+    model, its cores and torch's threads) and the library versions. Rows timed under another key are re-timed."""
+    import os
+    import platform
+
+    import torch
+
+    key = {"type": device.type, "torch": torch.__version__}
+    if device.type == "cuda":
+        from engines.engine_file import this_gpu
+
+        gpu = this_gpu(device)
+        return {**key, "gpu": gpu[0] if gpu else None, "compute_capability": gpu[1] if gpu else None,
+                "cuda": torch.version.cuda}
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name")) or cpu
+    except (OSError, StopIteration):
+        pass
+    return {**key, "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+
+
+def workbench_commit() -> str:
+    """The workbench's git commit (with "+ uncommitted changes" when the tracked files differ from it)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown (not a git checkout)"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
+
+
+def provenance(device: torch.device, **what: str | None) -> dict:
+    """What a report's figures were measured on and when: device, `what` (model, data, ...: None left out), date
+    (UTC) and the workbench commit; the caller adds how they were timed."""
+    from datetime import datetime, timezone
+
+    return {"device": device_text(device), **{k: v for k, v in what.items() if v is not None},
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": workbench_commit()}
+
+
 def release(device: torch.device) -> None:
     """Hand cached GPU memory back after a build is dropped (the next build gets all of it)."""
     import torch
@@ -148,4 +209,5 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["Build", "Measured", "Questions", "measure", "release", "settings_from_flags"]
+__all__ = ["Build", "Measured", "Questions", "device_text", "machine_key", "measure", "provenance", "release",
+           "settings_from_flags", "workbench_commit"]

@@ -96,22 +96,26 @@ def pareto_figure(rows: Sequence[BuildResult], profile: Profile, chosen: BuildRe
 
 
 def sensitivity_heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str], col_labels: Sequence[str],
-                        path: str | os.PathLike, title: str, value_label: str = "F1 drop (points)") -> None:
+                        path: str | os.PathLike, title: str, value_label: str = "F1 drop (points)",
+                        worse: str = "high") -> None:
     """Write `heatmap_figure(...)` to `path` as a PNG (atomically)."""
-    _save(heatmap_figure(matrix, row_labels, col_labels, title, value_label), path)
+    _save(heatmap_figure(matrix, row_labels, col_labels, title, value_label, worse), path)
 
 
 def heatmap_figure(matrix: Sequence[Sequence[float]], row_labels: Sequence[str], col_labels: Sequence[str],
-                   title: str, value_label: str = "F1 drop (points)"):
-    """A heat-map (e.g. layers × quantization-point kinds, value = F1 drop) with each value written in its cell.
+                   title: str, value_label: str = "F1 drop (points)", worse: str = "high"):
+    """A heat-map (e.g. layers × quantization-point kinds, value = ΔF1) with each value written in its cell.
 
-    NaN cells are grey and empty: points that were not quantized. Any negative value (an accuracy gain) switches
-    to a diverging map symmetric about 0 (blue gain, red loss), so a gain never looks like a small loss.
+    `worse`: "high" when large values are losses (a drop), "low" when negative ones are (ΔF1). NaN cells are grey
+    and empty: points that were not quantized. Any value on the better side of 0 (an accuracy gain) switches to a
+    diverging map symmetric about 0 (blue gain, red loss), so a gain never looks like a small loss.
     """
     import numpy as np
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
 
+    if worse not in ("high", "low"):
+        raise ValueError(f"worse must be 'high' or 'low', got {worse!r}")
     data = np.asarray(matrix, dtype=float)
     if data.ndim != 2 or data.shape != (len(row_labels), len(col_labels)):
         raise ValueError(f"matrix of shape {data.shape} does not match {len(row_labels)} row labels "
@@ -119,11 +123,13 @@ def heatmap_figure(matrix: Sequence[Sequence[float]], row_labels: Sequence[str],
     masked = np.ma.masked_invalid(data)
     finite = data[np.isfinite(data)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if lo < 0:
-        m = max(-lo, hi)
-        cmap, norm = colormaps["RdBu_r"], Normalize(vmin=-m, vmax=m)
-    else:
+    if worse == "high" and lo >= 0:
         cmap, norm = colormaps["Reds"], Normalize(vmin=0.0, vmax=hi or 1.0)
+    elif worse == "low" and hi <= 0:
+        cmap, norm = colormaps["Reds_r"], Normalize(vmin=lo or -1.0, vmax=0.0)
+    else:  # gains and losses: symmetric about 0, red for the loss side
+        m = max(-lo, hi)
+        cmap, norm = colormaps["RdBu_r" if worse == "high" else "RdBu"], Normalize(vmin=-m, vmax=m)
     cmap = cmap.with_extremes(bad="lightgray")  # NaN: not quantized
 
     rows, cols = data.shape
@@ -139,7 +145,7 @@ def heatmap_figure(matrix: Sequence[Sequence[float]], row_labels: Sequence[str],
             if math.isfinite(v):
                 r, g, b, _ = cmap(norm(v))
                 dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                ax.text(j, i, "0.00" if f"{v:.2f}" == "-0.00" else f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if dark else "black")
     ax.set_title(title + ("\n(grey: not quantized)" if not np.isfinite(data).all() else ""))
     return fig

@@ -83,8 +83,10 @@ def evaluate(examples: Sequence[Example], version: str, forward: Forward, wordpi
 EXAMPLES = """examples:
   python cli.py infer --model ../shared/models/minilm-l6-h384-squad11 \\
       -p "TensorRT is a high performance deep learning inference platform ..." -q "What is TensorRT?"
-  python cli.py infer --model DIR -pf passage.txt -qf questions.txt
-  python cli.py infer --model DIR            # interactive: asks for a passage, then questions"""
+  python cli.py infer --model DIR -pf passage.txt -qf questions.txt --encoding latin-1   # files not in UTF-8
+  python cli.py infer --model DIR            # interactive: a passage (lines until an empty one), then questions
+  python cli.py infer -e engines/int8.engine -sq dev.json    # the TensorRT demo's -sq: every question of a SQuAD
+      # file answered and scored, predictions.json written (as `cli.py eval --squad dev.json ENGINE`)"""
 
 
 def answer_lines(context: str, questions: Sequence[str], forward: Forward, wordpiece: WordPiece,
@@ -113,14 +115,32 @@ def infer_from_flags(flags) -> None:
     from eval.measure import settings_from_flags
     from eval.runnables import load_builds
 
-    passage, questions = read_passage(flags.passage, flags.passage_file), read_questions(flags.question,
-                                                                                        flags.question_file)
+    passage = read_passage(flags.passage, flags.passage_file, flags.encoding)
+    questions = read_questions(flags.question, flags.question_file, flags.encoding)
     fs, answer_settings = settings_from_flags(flags)
     if flags.engine and flags.model:
         raise WorkbenchError("give --model or -e/--engine, not both")
+    if flags.squad and (passage is not None or questions):
+        raise WorkbenchError("-sq/--squad-json answers the questions of a SQuAD file: drop -p/-pf/-q/-qf")
+    if flags.squad:
+        from eval.compare import check_outputs
+
+        check_outputs(None, None, None)  # predictions.json, before anything slow
     b = load_builds(model=flags.model, engines=[flags.engine] if flags.engine else [], device=flags.device,
                     precision=flags.precision, trust_pickle=flags.trust_pickle, batch_size=flags.batch_size,
-                    max_seq_length=fs.max_seq_length, fuse=flags.fuse)[0]
+                    max_seq_length=fs.max_seq_length, fuse=flags.fuse, vocab_file=flags.vocab_file)[0]
+    if flags.squad:
+        from dataclasses import replace
+
+        from data.squad import load_squad
+        from eval.compare import evaluate_builds
+        from eval.measure import Questions
+
+        squad = load_squad(flags.squad)
+        answer_settings = replace(answer_settings, version_2_with_negative=squad.version.startswith("2"))
+        evaluate_builds([b], Questions(squad.examples, squad.version, fs, answer_settings, cache=not flags.no_cache,
+                                       progress=not flags.no_progress), None, squad_path=flags.squad)
+        return
 
     def answer(context: str, qs: list[str]) -> None:
         print("\n".join(answer_lines(context, qs, b.forward, b.wordpiece, b.device, feature_settings=fs,
@@ -131,14 +151,17 @@ def infer_from_flags(flags) -> None:
 
 def answer_session(answer, passage: str | None, questions: Sequence[str], label: str) -> None:
     """`cli.py infer`: answer(passage, questions) at once when both are given; else ask for what is missing (the
-    passage, then questions one at a time until an empty line or the end of input)."""
+    passage, which may span lines and ends at an empty line, then questions one at a time until an empty line or
+    the end of input)."""
     import sys
 
     if passage is not None and questions:
         answer(passage, list(questions))
         return
-    print(f"model: {label}. Empty question or Ctrl-D to quit.", file=sys.stderr)
-    if passage is None and not (passage := prompt("Passage: ")):
+    print(f"model: {label}. " + ("Type the passage: it may span several lines; an empty line ends it. Then "
+                                 if passage is None else "")
+          + "one question per line; an empty question or Ctrl-D quits.", file=sys.stderr)
+    if passage is None and not (passage := read_passage_lines()):
         raise WorkbenchError("no passage given (use -p, -pf, or type one at the prompt)")
     for q in questions:
         answer(passage, [q])
@@ -154,21 +177,41 @@ def prompt(text: str) -> str:
         return ""
 
 
-def read_passage(texts: Sequence[str] | None, path: str | None) -> str | None:
+def read_passage_lines() -> str:
+    """A passage typed at the prompt: lines until an empty one (or the end of input), joined with spaces."""
+    lines: list[str] = []
+    while line := prompt("Passage: " if not lines else "         "):
+        lines.append(line)
+    return " ".join(lines)
+
+
+def read_text(path: str, what: str, encoding: str = "utf-8") -> str:
+    """A text file decoded strictly: bytes that are not `encoding` text end in one line, never as U+FFFD."""
+    from common.files import read_bytes
+
+    data = read_bytes(path, what)
+    try:
+        return data.decode(encoding)
+    except LookupError:
+        raise WorkbenchError(f"--encoding {encoding}: not an encoding Python knows") from None
+    except UnicodeDecodeError as e:
+        raise WorkbenchError(f"{path}: {what} is not {encoding} text (byte {e.start}: 0x{data[e.start]:02x}); "
+                             "convert it to UTF-8, or name its encoding with --encoding (e.g. latin-1)") from None
+
+
+def read_passage(texts: Sequence[str] | None, path: str | None, encoding: str = "utf-8") -> str | None:
     """-p words and the -pf file's text, joined with spaces; None when neither is given."""
     parts = list(texts or [])
     if path:
-        from common.files import read_bytes
-        parts.append(read_bytes(path, "passage file").decode("utf-8", errors="replace"))
+        parts.append(read_text(path, "passage file", encoding))
     return " ".join(p.strip() for p in parts) if parts else None
 
 
-def read_questions(texts: Sequence[str] | None, path: str | None) -> list[str]:
+def read_questions(texts: Sequence[str] | None, path: str | None, encoding: str = "utf-8") -> list[str]:
     """-q questions, then the -qf file's non-empty lines; an empty -q question is an error."""
     qs = list(texts or [])
     if path:
-        from common.files import read_bytes
-        text = read_bytes(path, "question file").decode("utf-8", errors="replace")
+        text = read_text(path, "question file", encoding)
         qs += [line.strip() for line in text.splitlines() if line.strip()]
     for i, q in enumerate(qs, 1):
         if not q.strip():

@@ -9,8 +9,11 @@ The selection rule (`choose`):
   * a row qualifies when `row.f1 >= baseline.f1 - max_f1_drop` (F1 in points, compared with a 1e-9 tolerance so
     a drop of exactly X qualifies despite floating-point rounding); the baseline always qualifies (drop 0), so
     with a baseline present there is always a choice;
-  * among qualifying rows, the lowest median latency at the selection profile wins; ties go to the higher F1,
-    then to the alphabetically first name;
+  * among qualifying rows, the lowest median latency at the selection profile wins; rows whose medians are within
+    timing noise of the fastest one tie with it (the larger of 2% and each timing's own spread, the disagreement
+    of its last two rounds: eval.benchmark.time_until_stable; a figure marked not stable ties with any), and ties
+    go to the higher F1, then to the faster median, then to the alphabetically first name; so on a noisy machine
+    the choice is decided by accuracy, not by noise;
   * the selection profile is the one given, else the largest batch×seq_len (product) profile that every row has;
     equal products go to the larger batch.
 
@@ -23,7 +26,7 @@ import io
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -35,6 +38,7 @@ FORMAT = "bert-int8-workbench eval report"
 FORMAT_VERSION = 1
 DEFAULT_MAX_F1_DROP = 1.0
 F1_TOLERANCE = 1e-9  # F1 points; absorbs float rounding so that a drop of exactly max_f1_drop qualifies
+TIE_TOLERANCE = 0.02  # medians closer than this fraction (or than a timing's own spread) are a tie
 
 Profile = tuple[int, int]  # (batch, seq_len)
 
@@ -83,6 +87,9 @@ class ProfileLatency:
     median_ms: float
     p99_ms: float
     sequences_per_s: float
+    runs: int | None = None        # timed calls behind the figure (all rounds; warm-up not counted)
+    spread: float | None = None    # how far the last two rounds' medians were apart (a fraction): the noise
+    stable: bool | None = None     # they agreed within the timing's tolerance
 
     def __post_init__(self):
         if self.batch < 1 or self.seq_len < 1:
@@ -96,21 +103,31 @@ class ProfileLatency:
     def profile(self) -> Profile:
         return self.batch, self.seq_len
 
+    @property
+    def noise(self) -> float:
+        """The fraction within which another median is a tie with this one."""
+        return max(TIE_TOLERANCE, self.spread or 0.0)
+
     @classmethod
-    def from_latency(cls, latency: Any) -> "ProfileLatency":
-        """From `eval.benchmark.Latency` (duck-typed so this module does not import torch)."""
-        return cls(latency.batch, latency.seq_len, latency.median_ms, latency.p99_ms, latency.sequences_per_s)
+    def from_latency(cls, latency: Any, **timing) -> "ProfileLatency":
+        """From `eval.benchmark.Latency` (duck-typed so this module does not import torch); `timing`: runs,
+        spread, stable."""
+        return cls(latency.batch, latency.seq_len, latency.median_ms, latency.p99_ms, latency.sequences_per_s,
+                   **timing)
 
     def to_json(self) -> dict:
         return {"batch": self.batch, "seq_len": self.seq_len, "median_ms": self.median_ms, "p99_ms": self.p99_ms,
-                "sequences_per_s": self.sequences_per_s}
+                "sequences_per_s": self.sequences_per_s, "runs": self.runs, "spread": self.spread,
+                "stable": self.stable}
 
     @classmethod
     def from_json(cls, obj: Any, where: str = "latency") -> "ProfileLatency":
         num = (int, float)
+        opt = {k: _get(obj, k, t, where, optional=True) if k in obj else None
+               for k, t in (("runs", int), ("spread", num), ("stable", bool))}
         return cls(_get(obj, "batch", int, where), _get(obj, "seq_len", int, where),
                    float(_get(obj, "median_ms", num, where)), float(_get(obj, "p99_ms", num, where)),
-                   float(_get(obj, "sequences_per_s", num, where)))
+                   float(_get(obj, "sequences_per_s", num, where)), **opt)
 
 
 @dataclass(frozen=True)
@@ -261,9 +278,27 @@ def _check_budget(max_f1_drop: float) -> float:
     return float(max_f1_drop)
 
 
+def within_noise(a: BuildResult, b: BuildResult, profile: Profile) -> bool:
+    """Whether the medians of `a` and `b` at `profile` are a tie: closer than the larger of TIE_TOLERANCE and
+    either timing's own spread, as a fraction of the faster one; or either figure is not stable."""
+    la, lb = a.latency_at(profile), b.latency_at(profile)
+    if la.stable is False or lb.stable is False:  # a figure that is not stable tells nothing: it ties with any
+        return True
+    return abs(la.median_ms - lb.median_ms) <= max(la.noise, lb.noise) * min(la.median_ms, lb.median_ms)
+
+
+def tied_with_fastest(rows: Sequence[BuildResult], base: BuildResult, max_f1_drop: float,
+                      profile: Profile) -> list[BuildResult]:
+    """The qualifying rows within timing noise of the fastest qualifying row (it included)."""
+    qualifying = [r for r in rows if within_budget(r, base, max_f1_drop)]
+    fastest = min(qualifying, key=lambda r: (r.latency_at(profile).median_ms, -r.f1, r.name))
+    return [r for r in qualifying if within_noise(r, fastest, profile)]
+
+
 def choose(rows: Sequence[BuildResult], max_f1_drop: float = DEFAULT_MAX_F1_DROP,
            profile: Profile | None = None) -> BuildResult | None:
-    """The fastest row at `profile` whose F1 is within `max_f1_drop` points of the baseline (see module doc).
+    """The fastest row at `profile` whose F1 is within `max_f1_drop` points of the baseline; rows within timing
+    noise of the fastest are a tie, won by the higher F1 (see module doc).
 
     Never None when a baseline is present (it qualifies itself); None only for no rows at all.
     """
@@ -272,8 +307,8 @@ def choose(rows: Sequence[BuildResult], max_f1_drop: float = DEFAULT_MAX_F1_DROP
     max_f1_drop = _check_budget(max_f1_drop)
     base = baseline_of(rows)
     profile = _selection_profile(rows, profile)
-    qualifying = [r for r in rows if within_budget(r, base, max_f1_drop)]
-    return min(qualifying, key=lambda r: (r.latency_at(profile).median_ms, -r.f1, r.name))
+    tied = tied_with_fastest(rows, base, max_f1_drop, profile)
+    return min(tied, key=lambda r: (-r.f1, r.latency_at(profile).median_ms, r.name))
 
 
 def pareto_front(rows: Sequence[BuildResult], profile: Profile) -> list[BuildResult]:
@@ -321,6 +356,7 @@ class Report:
     profile_requested: Profile | None  # None: `profile` is the default (largest common), recomputed on reload
     chosen: BuildResult
     comparisons: tuple[Comparison, ...]  # in row order
+    provenance: dict = field(default_factory=dict)  # device, model, data, date, commit, timing (as given)
 
     @property
     def baseline(self) -> BuildResult:
@@ -341,14 +377,29 @@ class Report:
     def rule(self) -> str:
         how = "given" if self.profile_requested else "largest batch×seq_len every build has"
         return (f"fastest median latency at {profile_label(self.profile)} ({how}) among builds with "
-                f"ΔF1 ≥ -{self.max_f1_drop:g} vs {self.baseline.name}; ties: higher F1, then name")
+                f"ΔF1 ≥ -{self.max_f1_drop:g} vs {self.baseline.name}; builds within timing noise of the fastest "
+                f"(the larger of {TIE_TOLERANCE:.0%} and each timing's spread; any not stable) tie with it: higher "
+                "F1, then name")
+
+    @property
+    def tied(self) -> list[BuildResult]:
+        """The builds within timing noise of the fastest qualifying one, which the chosen build won on F1."""
+        return tied_with_fastest(self.rows, self.baseline, self.max_f1_drop, self.profile)
 
     def verdict(self) -> str:
         """The footer: what was chosen and why; says so when no INT8 (non-baseline) build is within budget."""
         c, base, x, at = self.chosen, self.baseline, self.max_f1_drop, profile_label(self.profile)
         head = f"chosen: {c.name} — fastest within ΔF1 ≥ -{x:g} at {at}"
+        faster = [r.name for r in self.tied if r.name != c.name
+                  and r.latency_at(self.profile).median_ms < c.latency_at(self.profile).median_ms]
+        tie = (f"; {', '.join(faster)} faster by less than the timing noise (or not stable): a tie, won on F1"
+               if faster else "")
+        if not tie and any(r.latency_at(self.profile).stable is False for r in self.tied):
+            tie = "; timings not stable: a tie with every build, decided by F1, then latency"
         if not c.is_baseline:
-            return f"{head} ({self.comparison(c.name).speedup_at(self.profile):.2f}x the baseline {base.name})"
+            return f"{head} ({self.comparison(c.name).speedup_at(self.profile):.2f}x the baseline {base.name}{tie})"
+        if faster:
+            return f"{head} (the baseline{tie})"
         others = [r for r in self.rows if not r.is_baseline]
         if not others:
             return f"{head} (the baseline; no other build to compare)"
@@ -361,7 +412,7 @@ class Report:
 
 
 def build_report(rows: Iterable[BuildResult], max_f1_drop: float = DEFAULT_MAX_F1_DROP,
-                 profile: Profile | None = None) -> Report:
+                 profile: Profile | None = None, provenance: dict | None = None) -> Report:
     """Validate the rows (one baseline, unique names, same question count, a common profile) and compare them."""
     rows = tuple(rows)
     max_f1_drop = _check_budget(max_f1_drop)
@@ -374,7 +425,18 @@ def build_report(rows: Iterable[BuildResult], max_f1_drop: float = DEFAULT_MAX_F
                          if base.latency_at(p) is not None))
         for r in rows)
     return Report(rows, max_f1_drop, chosen_profile, requested, choose(rows, max_f1_drop, chosen_profile),
-                  comparisons)
+                  comparisons, dict(provenance or {}))
+
+
+def timing_summary(rows: Sequence[BuildResult]) -> str:
+    """How many timed runs stand behind the figures, and which were not stable."""
+    runs = sorted({lat.runs for r in rows for lat in r.latency if lat.runs is not None})
+    unstable = [f"{r.name} {profile_label(lat.profile)} (±{lat.spread:.0%})" for r in rows for lat in r.latency
+                if lat.stable is False and lat.spread is not None]
+    if not runs:
+        return "runs per build and profile not recorded"
+    text = f"{runs[0] if len(runs) == 1 else f'{runs[0]}-{runs[-1]}'} timed runs per build and profile"
+    return text + (f"; not stable: {', '.join(unstable)}" if unstable else "; every figure stable")
 
 
 # ------------------------------------------------------------------------------------------------- rendering
@@ -396,7 +458,7 @@ def _table(report: Report) -> tuple[list[str], list[list[str]], list[bool]]:
     for p in profiles:
         headers += [f"{profile_label(p)} median/p99 ms", f"{profile_label(p)} seq/s", f"{profile_label(p)} speed-up"]
         numeric += [True, True, True]
-    headers += ["engine MB", "build s"]
+    headers += ["engine MiB", "build s"]
     numeric += [True, True]
     cells = []
     for r, c in zip(report.rows, report.comparisons):
@@ -407,7 +469,8 @@ def _table(report: Report) -> tuple[list[str], list[list[str]], list[bool]]:
             line += ["-", "-", "-"] if lat is None else [
                 f"{lat.median_ms:.3f}/{lat.p99_ms:.3f}", f"{lat.sequences_per_s:,.0f}",
                 _opt(c.speedup_at(p), ".2f") + ("x" if c.speedup_at(p) is not None else "")]
-        line += [_opt(None if r.engine_bytes is None else r.engine_bytes / 1e6, ".1f"), _opt(r.build_s, ".1f")]
+        line += [_opt(None if r.engine_bytes is None else r.engine_bytes / 2**20, ".1f"),
+                 _opt(r.build_s, ".1f" if r.build_s is None or r.build_s >= 1 else ".2f")]
         cells.append(line)
     return headers, cells, numeric
 
@@ -422,7 +485,9 @@ def render_text(report: Report) -> str:
 
     n = report.baseline.n_questions
     lines = [fmt(headers), *(fmt(row) for row in cells), "",
-             f"{n:,} questions; ΔEM/ΔF1 and speed-up vs {report.baseline.name}; engine MB = 10^6 bytes",
+             f"{n:,} questions; ΔEM/ΔF1 and speed-up vs {report.baseline.name}; engine MiB = 2^20 bytes",
+             f"timing: {timing_summary(report.rows)}"
+             + (f"; {report.provenance['device']}" if report.provenance.get("device") else ""),
              f"rule: {report.rule}", report.verdict()]
     return "\n".join(lines) + "\n"
 
@@ -437,10 +502,12 @@ def render_markdown(report: Report, image: str | None = None) -> str:
     n = report.baseline.n_questions
     lines = [f"# Builds compared on {n:,} questions", "", md(headers),
              "| " + " | ".join("---:" if num else "---" for num in numeric) + " |", *(md(row) for row in cells), "",
-             f"ΔEM/ΔF1 and speed-up vs the baseline `{report.baseline.name}`; engine MB = 10^6 bytes.", "",
+             f"ΔEM/ΔF1 and speed-up vs the baseline `{report.baseline.name}`; engine MiB = 2^20 bytes.", "",
              f"Rule: {report.rule}.", "", f"**{report.verdict()}**", ""]
     if image:
         lines += [f"![F1 against latency at {profile_label(report.profile)}]({image})", ""]
+    lines += ["## Measured", "", *(f"- {k}: {v}" for k, v in report.provenance.items()),
+              f"- timed runs: {timing_summary(report.rows)}", ""]
     return "\n".join(lines)
 
 
@@ -484,6 +551,7 @@ def report_to_json(report: Report) -> dict:
                  "text": report.rule},
         "chosen": report.chosen.name,
         "verdict": report.verdict(),
+        "provenance": report.provenance,
         "rows": [r.to_json() for r in report.rows],
         "comparisons": [{"name": c.name, "delta_em": c.delta_em, "delta_f1": c.delta_f1,
                          "within_budget": c.within_budget,
@@ -512,7 +580,8 @@ def report_from_json(obj: Any) -> Report:
     if requested is not None and (len(requested) != 2 or not all(type(v) is int for v in requested)):
         raise WorkbenchError(f"rule: profile_requested must be [batch, seq_len], got {requested!r}")
     rows = [BuildResult.from_json(r, f"rows[{i}]") for i, r in enumerate(_get(obj, "rows", list, "report"))]
-    return build_report(rows, max_f1_drop, None if requested is None else (requested[0], requested[1]))
+    provenance = obj.get("provenance") if isinstance(obj.get("provenance"), dict) else None
+    return build_report(rows, max_f1_drop, None if requested is None else (requested[0], requested[1]), provenance)
 
 
 def load_report_json(path: str | os.PathLike) -> Report:
@@ -550,5 +619,6 @@ __all__ = [
     "REPORT_FILES", "all_profiles", "baseline_of", "build_report", "choose", "common_profiles",
     "default_profile", "delta_em", "delta_f1", "load_report_json", "pareto_front", "parse_profile",
     "profile_label", "render_markdown", "render_text", "report_from_json", "report_to_json", "speedup",
-    "within_budget", "write_csv", "write_json", "write_report_dir",
+    "TIE_TOLERANCE", "tied_with_fastest", "timing_summary", "within_budget", "within_noise", "write_csv",
+    "write_json", "write_report_dir",
 ]

@@ -2,9 +2,15 @@
 
 Each loader checks what would fail later (a random-weight preset cannot answer questions, windows longer than
 the model or the engine serves) and fills in the report's columns (options, calibration, engine size, build time).
+
+Before an engine is built, `check_memory` compares an estimate of what one forward at its largest profile needs
+(`forward_bytes`: the weights and the activations of one layer, a documented upper estimate from the model's
+config) with the memory the engine will run in (the GPU's total memory; on the CPU the RAM available now), and
+refuses a build that could not run with the largest batch that would fit.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -15,29 +21,36 @@ if TYPE_CHECKING:
     import torch
 
 Runnable = Build  # the name cli.py used
+log = logging.getLogger("eval")
 EXAMPLES = """examples:
-  python cli.py build --model DIR --fp16 -b 1 -s 128 -b 64 -s 384 -o engines/fp16.engine
+  python cli.py build --model DIR --fp16 -b 1 -s 128 -b 64 -s 384 -o engines/fp16.engine   # profiles 1x128, 64x384
   python cli.py build --model DIR --int8 --fp16 -iln -b 64 -s 384 --calib-cache calib.json -o engines/int8.engine
+  python cli.py build -c DIR -v DIR/vocab.txt --fp16 -b 1 -b 8 -s 128 -tcf timing.json -o engines/b1-b8.engine
+      # the TensorRT demo's spellings; one -s goes with every -b: profiles 1x128 and 8x128
   python cli.py build --model bert-large --fp16 -b 1 -s 128 -o engines/large.engine    # random weights: timing"""
+CPU_FP16 = ("FP16 on the CPU is emulated and several times slower than FP32 (about 7 questions/s for the MiniLM): "
+            "use --precision fp32 (or bf16) on the CPU")
 
 
 def load_builds(*, model: str | None, engines: Sequence[str] = (), device: str | None = None,
                 precision: str | None = None, trust_pickle: bool = False, batch_size: int | None = None,
-                max_seq_length: int = 384, fuse: bool = False) -> list[Build]:
+                max_seq_length: int = 384, fuse: bool = False, vocab_file: str | None = None) -> list[Build]:
     """The model (when given), then each engine file, on `device` (default: CUDA when present)."""
     from model.runner import pick_device
 
     if not model and not engines:
         raise WorkbenchError("give a model (--model DIR) or engine files to run")
+    if vocab_file and not model:
+        raise WorkbenchError("-v/--vocab-file replaces a model folder's vocabulary: an engine file carries its own")
     out = [model_build(model, device=device, precision=precision, trust_pickle=trust_pickle,
-                       batch_size=batch_size, max_seq_length=max_seq_length)] if model else []
+                       batch_size=batch_size, max_seq_length=max_seq_length, vocab_file=vocab_file)] if model else []
     dev = pick_device(device)
     out += [engine_file_build(path, dev, max_seq_length=max_seq_length, fuse=fuse) for path in engines]
     return out
 
 
 def model_build(model: str, *, device: str | None = None, precision: str | None = None, trust_pickle: bool = False,
-                batch_size: int | None = None, max_seq_length: int = 384) -> Build:
+                batch_size: int | None = None, max_seq_length: int = 384, vocab_file: str | None = None) -> Build:
     """A fine-tuned model folder with its tokenizer, on the chosen device and precision."""
     import torch
 
@@ -54,14 +67,16 @@ def model_build(model: str, *, device: str | None = None, precision: str | None 
     if max_seq_length > loaded.config.max_position_embeddings:
         raise WorkbenchError(f"--max-seq-length {max_seq_length} exceeds the model's "
                              f"max_position_embeddings {loaded.config.max_position_embeddings}")
-    wordpiece = load_wordpiece(loaded.model_dir, vocab_size=loaded.config.vocab_size)
+    wordpiece = load_wordpiece(loaded.model_dir, vocab_size=loaded.config.vocab_size, vocab_file=vocab_file)
+    if dev.type == "cpu" and dtype == torch.float16:
+        log.warning("%s", CPU_FP16)
     forward = loaded.model.to(device=dev, dtype=dtype).eval()
     name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     folder = Path(loaded.source).name
     label = f"{folder} [{dev.type}, {str(dtype).removeprefix('torch.')}]"
     return Build(f"{folder}-{name}", forward, dev, batch_size or (64 if dev.type == "cuda" else 16),
                  loaded.config.vocab_size, wordpiece, label=label, kind="model", options=f"model {name}",
-                 precision=name, path=str(loaded.source))
+                 precision=name, path=str(loaded.source), model_digest=loaded.digest)
 
 
 def engine_file_build(path: str | Path, device: torch.device, *, max_seq_length: int = 384,
@@ -82,10 +97,13 @@ def engine_file_build(path: str | Path, device: torch.device, *, max_seq_length:
                              f"or rebuild it with -s {max_seq_length}")
     batch = max(p.batch for p in header.profiles if p.seq_len >= max_seq_length)
     label = f"{Path(path).name} [{device.type}, {engine.policy.describe()}]"
+    if device.type == "cpu" and engine.policy.fp16:
+        log.warning("%s: %s", path, CPU_FP16.replace("use --precision fp32 (or bf16)", "build without --fp16"))
     return Build(Path(path).name.removesuffix(".engine"), GraphRunner(engine, str(path), fuse=fuse), device, batch,
                  engine.cfg.vocab_size, wordpiece, label=label, kind="engine", options=engine.policy.describe(),
                  calibration=calibration_of_engine(header.calib_digest, header.calibration),
-                 engine_bytes=Path(path).stat().st_size, build_s=header.build_seconds, engine=engine, path=str(path))
+                 engine_bytes=Path(path).stat().st_size, build_s=header.build_seconds, engine=engine, path=str(path),
+                 model_digest=header.model_digest)
 
 
 def engine_build(engine, name: str, *, batch: int, options: str | None = None, calibration: str = "-",
@@ -96,11 +114,11 @@ def engine_build(engine, name: str, *, batch: int, options: str | None = None, c
     return Build(name, GraphRunner(engine, name), engine.device, batch, engine.cfg.vocab_size, wordpiece,
                  label=f"{name} [{engine.device.type}, {engine.policy.describe()}]", kind="engine",
                  options=engine.policy.describe() if options is None else options, calibration=calibration,
-                 build_s=build_s, engine=engine)
+                 build_s=build_s, engine=engine, model_digest=engine.header.model_digest)
 
 
 def build_engine_file(path: str | Path, loaded, policy, profiles, calib, device: torch.device, wordpiece, *,
-                      timing_cache: str | Path | None = None):
+                      timing_cache: str | Path | None = None, prune: bool = False):
     """Build an engine (engines.build.build_engine) and write it to `path`; on CUDA the kernel timings are kept in
     `timing_cache` (default: timing.json in the workbench cache directory, shared by `cli.py build` and the sweep).
     Returns the header and the timing cache (None on the CPU)."""
@@ -109,54 +127,131 @@ def build_engine_file(path: str | Path, loaded, policy, profiles, calib, device:
     from engines.engine_file import Profile, save_engine
     from engines.tuning import TimingCache
 
-    timing = TimingCache(timing_cache or cache_root() / "timing.json") if device.type == "cuda" else None
     profiles = [p if isinstance(p, Profile) else Profile(*p) for p in profiles]
-    header, tensors = build_engine(loaded, policy, profiles, calib, device, wordpiece, timing)
+    check_memory(loaded.config, policy, profiles, device, loaded.model)
+    timing = TimingCache(timing_cache or cache_root() / "timing.json") if device.type == "cuda" else None
+    header, tensors = build_engine(loaded, policy, profiles, calib, device, wordpiece, timing, prune=prune)
     save_engine(path, header, tensors)
     return header, timing
+
+
+def forward_bytes(cfg, policy, batch: int, seq_len: int, parameters: int) -> int:
+    """An upper estimate of the memory one forward of an engine needs at (batch, seq_len), from the model config.
+
+    Weights: every parameter at the build's float width (4 bytes; 2 with --fp16; INT8 weights take less, so this
+    overstates them). Activations of one layer (inference frees each layer's before the next; a CUDA graph's
+    pool keeps about one forward's worth): per token the residual stream and its LayerNorm output (2·H), the QKV
+    output (3·H), the attention context and output (2·H), the FC1 output and FC2's input (2·I), and the attention
+    scores and probabilities (2·heads·S: an S×S matrix per head, as the CPU's attention and -imh materialize
+    them), all at the float width (INT8 codes counted as floats); the start and end logits are negligible."""
+    width = 2 if policy.fp16 else 4
+    per_token = 7 * cfg.hidden_size + 2 * cfg.intermediate_size + 2 * cfg.num_heads * seq_len
+    return width * (parameters + batch * seq_len * per_token)
+
+
+def memory_available(device: torch.device) -> tuple[int, str]:
+    """Bytes the engine can use and what they are: the GPU's total memory, or the RAM available now (Linux's
+    MemAvailable, else free pages)."""
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1], f"{torch.cuda.get_device_name(device)}'s memory"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "RAM available"
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "RAM free"
+
+
+def check_memory(cfg, policy, profiles, device: torch.device, model=None) -> None:
+    """Refuse (one line) profiles whose forward could not fit the device's memory (`forward_bytes`), naming the
+    largest batch that would fit at that sequence length."""
+    parameters = sum(p.numel() for p in model.parameters()) if model is not None else 0
+    available, what = memory_available(device)
+    for p in profiles:
+        need = forward_bytes(cfg, policy, p.batch, p.seq_len, parameters)
+        if need > available:
+            per_sample = forward_bytes(cfg, policy, 1, p.seq_len, 0)
+            fits = (available - forward_bytes(cfg, policy, 0, p.seq_len, parameters)) // max(per_sample, 1)
+            hint = f"at most -b {fits} at -s {p.seq_len}" if fits >= 1 else f"a shorter -s than {p.seq_len}"
+            raise WorkbenchError(f"profile {p}: one forward needs about {need / 2**30:,.1f} GiB (an estimate from "
+                                 f"the model's config: weights and one layer's activations), more than the "
+                                 f"{available / 2**30:,.1f} GiB of {what} on {device.type}: use {hint}")
 
 
 def engine_file_from_flags(flags, say=print) -> str:
     """`cli.py build`: the engine file its flags (argparse.Namespace: model, trust_pickle, output, device, fp16,
     int8, strict, iln, imh, g, batch_size, seq_length, calib_cache, keep_fp16, timing_cache) describe, built and
     written; `say` gets the warnings and kernel choices, the returned line says what was built."""
-    import itertools
     import time
 
-    from calib.cache import load_cache
     from data.tokenizer import load_wordpiece
     from engines.build import kernel_choices
     from engines.engine_file import Profile
     from model.checkpoint import load_model
     from model.runner import pick_device
+    from eval.sweep import pair_profiles
     from quant.policy import PrecisionPolicy, parse_gemm_list
 
     t0, device = time.perf_counter(), pick_device(flags.device)
     policy = PrecisionPolicy(int8=flags.int8, fp16=flags.fp16, iln=flags.iln, imh=flags.imh, strict=flags.strict,
-                             fc2_library_gemm=flags.g, fp16_gemms=parse_gemm_list(flags.keep_fp16))
-    profiles = [Profile(b, s) for b, s in itertools.product(flags.batch_size or [1], flags.seq_length or [128])]
-    calib = load_cache(flags.calib_cache) if flags.calib_cache else None
-    if calib is not None and not flags.int8:
-        say("warning: --calib-cache is not used without --int8")
+                             fc2_library_gemm=flags.g, fp16_gemms=parse_gemm_list(flags.keep_fp16),
+                             sparse=flags.sparse)
+    if flags.prune_2to4 and not flags.sparse:
+        raise WorkbenchError("--prune-2to4 prunes for a --sparse build: add --sparse")
+    profiles = [Profile(b, s) for b, s in pair_profiles(flags.batch_size, flags.seq_length, [(1, 128)], 128)]
     loaded = load_model(flags.model, trust_pickle=flags.trust_pickle)
-    if calib is None and flags.int8 and loaded.model_dir is not None:
-        from qat.folder import read_qat_scales
-
-        calib = read_qat_scales(loaded.model_dir)  # a `cli.py qat` folder carries its learned scales
-        if calib is not None:
-            say(f"scales: learned by QAT ({loaded.model_dir}/quant_spec.json), trained for "
-                f"{calib.precision_policy().describe()}")
-    wordpiece = load_wordpiece(loaded.model_dir, vocab_size=loaded.config.vocab_size) if loaded.model_dir else None
+    calib = _scales_from_flags(flags, loaded, policy, say)
+    if flags.vocab_file and loaded.model_dir is None:
+        raise WorkbenchError("-v/--vocab-file: a random-weight preset has no vocabulary to replace")
+    wordpiece = load_wordpiece(loaded.model_dir, vocab_size=loaded.config.vocab_size,
+                               vocab_file=flags.vocab_file) if loaded.model_dir else None
+    loaded_s = time.perf_counter() - t0
     header, timing = build_engine_file(flags.output, loaded, policy, profiles, calib, device, wordpiece,
-                                       timing_cache=flags.timing_cache)
+                                       timing_cache=flags.timing_cache, prune=flags.prune_2to4)
     if timing is not None and policy.int8:
         say(f"{timing.summary()} ({timing.path})")
         for line in kernel_choices(header):
             say(f"kernels {line}")
     size = Path(flags.output).stat().st_size / 2**20
     return (f"built {flags.output}: {policy.describe()}, profiles {', '.join(map(str, profiles))}, {device.type}"
-            f"{' (' + header.gpu_name + ')' if header.gpu_name else ''}, {size:.1f} MiB in "
-            f"{time.perf_counter() - t0:.1f} s")
+            f"{' (' + header.gpu_name + ')' if header.gpu_name else ''}, {size:.1f} MiB; engine built in "
+            f"{header.build_seconds:.2f} s (the build time reports show), model and scales loaded in {loaded_s:.1f} "
+            f"s, {time.perf_counter() - t0:.1f} s in all")
+
+
+def _scales_from_flags(flags, loaded, policy, say):
+    """Where `cli.py build` takes its ranges from: --calib-cache; --qat-scales (QAT made elsewhere:
+    qat/imports.py); else, under --int8, a QAT folder's own quant_spec.json. None without --int8."""
+    from calib.cache import load_cache
+
+    if (flags.calib_cache or flags.qat_scales) and not flags.int8:
+        say(f"warning: {'--calib-cache' if flags.calib_cache else '--qat-scales'} is not used without --int8")
+        return None
+    if flags.calib_cache and flags.qat_scales:
+        raise WorkbenchError("give --calib-cache or --qat-scales, not both")
+    if flags.calib_cache:
+        return load_cache(flags.calib_cache)
+    if flags.qat_scales:
+        from qat.imports import scales_for_build
+
+        scales = scales_for_build(flags.qat_scales, loaded, policy, strict=flags.strict,
+                                  ignore_unmodelled=flags.ignore_unmodelled)
+        say(f"scales: {scales.describe()}")
+        return scales
+    if flags.int8 and loaded.model_dir is not None:
+        from qat.folder import read_qat_scales
+
+        scales = read_qat_scales(loaded.model_dir)  # a `cli.py qat` folder carries its learned scales
+        if scales is not None:
+            say(f"scales: learned by QAT ({loaded.model_dir}/quant_spec.json), trained for "
+                f"{scales.precision_policy().describe()}")
+        return scales
+    return None
 
 
 def engine_profiles(build: Build) -> list[tuple[int, int]]:
@@ -164,5 +259,6 @@ def engine_profiles(build: Build) -> list[tuple[int, int]]:
     return sorted((p.batch, p.seq_len) for p in build.engine.header.profiles)
 
 
-__all__ = ["EXAMPLES", "Runnable", "build_engine_file", "engine_build", "engine_file_build", "engine_file_from_flags",
-           "engine_profiles", "load_builds", "model_build"]
+__all__ = ["EXAMPLES", "Runnable", "build_engine_file", "check_memory", "engine_build", "engine_file_build",
+           "engine_file_from_flags", "engine_profiles", "forward_bytes", "load_builds", "memory_available",
+           "model_build"]

@@ -27,8 +27,12 @@ before (all-INT8 is the empty one) is never built again. When all-INT8 is alread
 kept.
 
 Files (atomically) in the report folder: sensitivity.md (the tables), sensitivity.json (every number; read it
-back with `load_result`), sensitivity.png (the heat-map of single-point drops, layers x kinds) and, with
---leave-one-out, leave-one-out.png (F1 recovered).
+back with `load_result`), sensitivity.png (the heat-map of single-GEMM ΔF1, layers x kinds) and, with
+--leave-one-out, leave-one-out.png (ΔF1 against all-INT8: F1 recovered).
+
+One sign convention in everything a person reads (stdout, stderr, sensitivity.md, the heat-maps): ΔF1, a build's
+F1 minus its reference's, negative = worse. Internally (and in sensitivity.json, whose keys say so:
+`only_f1_drop`, `group_f1_drop`, `matrix_f1_drop`) a GEMM's cost is its drop, baseline F1 minus its F1.
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ DEFAULT_REPORT_DIR = "sensitivity-report"
 DEFAULT_MAX_F1_DROP = 1.0
 DEFAULT_REFINE = 2
 DEFAULT_TRIM = 4
+COSTS = 0.005           # a single-GEMM drop that prints as a cost (ΔF1 -0.01 or worse); below it is not "sensitive"
 CPU_LIMIT = 50          # questions evaluated on the CPU unless told (CUDA: all of them)
 FILES = {"markdown": "sensitivity.md", "json": "sensitivity.json", "heatmap": "sensitivity.png",
          "leave_one_out": "leave-one-out.png"}
@@ -290,8 +295,10 @@ class SensitivityResult:
         return [[values.get(gemm_name(i, k), math.nan) for k in GEMMS] for i in self.layers]
 
     def ranked(self) -> list[tuple[str, float]]:
-        """GEMMs by single-point drop, worst first (ties in forward order)."""
-        return sorted(self.only.items(), key=lambda kv: (-kv[1], _gemm_order(kv[0])))
+        """GEMMs that cost F1 on their own (a drop that prints as ΔF1 -0.01 or worse), worst first (ties in forward
+        order); a GEMM at ΔF1 0.00 or a gain is not sensitive and is not ranked."""
+        return sorted(((g, d) for g, d in self.only.items() if d >= COSTS),
+                      key=lambda kv: (-kv[1], _gemm_order(kv[0])))
 
     def to_json(self) -> dict:
         return {
@@ -622,9 +629,8 @@ def _suggest(cfg: SensitivityConfig, ev: _Evaluator, num_layers: int, layers: Se
                                f"-{budget:g}): nothing needs to stay out of INT8"), []
     if floor_m is not None and not within(floor):
         return Suggestion(budget, (), floor, None, None, False,
-                          note=f"the -iln/-imh points alone cost {floor:.2f} F1 (measured with every GEMM out of "
-                               f"INT8), more than the budget {budget:g}: no choice of GEMMs fits; analyse without "
-                               f"-iln/-imh"), []
+                          note=f"the -iln/-imh points alone measure ΔF1 {_delta(-floor)} (every GEMM out of INT8), "
+                               f"beyond the budget -{budget:g}: no choice of GEMMs fits; analyse without -iln/-imh"), []
     keep = list(plan.keep)
     candidates = [g for g in plan.order if g not in keep]
     notes = []
@@ -632,9 +638,9 @@ def _suggest(cfg: SensitivityConfig, ev: _Evaluator, num_layers: int, layers: Se
         notes.append(f"only layers {_layers_text(layers)} were analysed: the others stay INT8 and their cost is "
                      "not in the estimate")
     if not plan.fits:
-        notes.append(f"keeping every GEMM with a positive drop still leaves an estimated {plan.estimated_drop:.2f}")
-    cfg.say(f"suggestion: keep {', '.join(keep) or 'nothing'} out of INT8 (estimated drop "
-            f"{plan.estimated_drop:.2f}); building and evaluating it")
+        notes.append(f"keeping every GEMM that costs F1 still leaves an estimated ΔF1 {_delta(-plan.estimated_drop)}")
+    cfg.say(f"suggestion: keep {', '.join(keep) or 'nothing'} out of INT8 (estimated ΔF1 "
+            f"{_delta(-plan.estimated_drop)}); building and evaluating it")
     known: dict[frozenset[str], Measurement] = {frozenset(): all_int8}
     tried: list[Attempt] = []
     builds: list[Measurement] = []
@@ -664,7 +670,7 @@ def _suggest(cfg: SensitivityConfig, ev: _Evaluator, num_layers: int, layers: Se
         cfg.say(f"  the measured drop misses the budget: keeping {keep[-1]} too")
         last = attempt(keep, f"suggested+{refined}", "refine", keep[-1])
     if not last.fits:
-        notes.append(f"the measured drop {last.measured_drop:.2f} misses the budget"
+        notes.append(f"the measured ΔF1 {_delta(-last.measured_drop)} misses the budget"
                      + (f" after {refined} more GEMM(s) kept one at a time (--refine {cfg.refine})" if refined
                         else " (--refine 0: not refined)" if cfg.refine == 0 else ""))
     elif cfg.trim:
@@ -728,6 +734,14 @@ def _quote(path: str) -> str:
     return shlex.quote(path)
 
 
+def _shown(path: str) -> str:
+    """A path for the report: relative to the working directory when under it, else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)
+
+
 def _layers_text(layers: Sequence[int]) -> str:
     layers = list(layers)
     if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
@@ -738,14 +752,26 @@ def _layers_text(layers: Sequence[int]) -> str:
 # ------------------------------------------------------------------------------------------------ report
 
 def _fmt(v: float | None, width: int = 8) -> str:
-    return f"{'-' if v is None or math.isnan(v) else f'{v:.2f}':>{width}}"
+    """A drop shown as ΔF1 (its negation, signed; 0.00 unsigned)."""
+    return f"{'-' if v is None or math.isnan(v) else _delta(-v):>{width}}"
+
+
+def _delta(v: float) -> str:
+    text = f"{v:+.2f}"
+    return "0.00" if text in ("+0.00", "-0.00") else text
+
+
+def _kept_in(precision: str) -> str:
+    """Where --keep-fp16 GEMMs run: FP16 in an FP16 build, the build's FP32 otherwise."""
+    return ("FP16 (--keep-fp16)" if precision == "fp16" else
+            "FP32, this build's precision (--keep-fp16 keeps GEMMs out of INT8 at the build's precision)")
 
 
 def render_text(r: SensitivityResult, worst: int = 10) -> str:
     s = r.settings
     n = r.baseline.n_questions
-    kept_word = "FP16" if s["precision"] == "fp16" else "FP32"
-    lines = [f"F1 drop (points) when only that GEMM is INT8, against the {s['precision']} baseline (F1 "
+    kept_word = _kept_in(s["precision"])
+    lines = [f"ΔF1 (points, negative = worse) when only that GEMM is INT8, against the {s['precision']} baseline (F1 "
              f"{r.baseline.f1:.2f}, EM {r.baseline.exact_match:.2f}) on {n:,} questions of {Path(s['squad']).name}; "
              f"one question moves F1 by up to {100 / n:.2f}",
              f"calibration {s['calibration']}; {s['device']}; "
@@ -766,21 +792,23 @@ def render_text(r: SensitivityResult, worst: int = 10) -> str:
                      + (f"   {'':>11}" if has_layer_groups else ""))
     lines.append("")
     lines.append(f"all INT8 ({r.all_int8.options}): F1 {r.all_int8.f1:.2f}, ΔF1 {-r.all_int8_drop:+.2f}; "
-                 f"sum of the single-GEMM drops {sum(r.only.values()):.2f}"
+                 f"sum of the single-GEMM ΔF1 {_delta(-sum(r.only.values()))}"
                  + (f" (only layers {_layers_text(r.layers)})" if len(r.layers) < r.num_layers else ""))
     if r.floor is not None:
         lines.append(f"-iln/-imh points alone (no GEMM INT8): F1 {r.floor.f1:.2f}, ΔF1 {-r.floor_drop:+.2f}")
     if r.leave_one_out is not None:
-        lines += ["", f"F1 recovered (points) when all but that GEMM is INT8 (against all-INT8 F1 {r.all_int8.f1:.2f})",
-                  f"{'':<12}" + "".join(f"{k:>10}" for k in GEMMS)]
+        lines += ["", "F1 recovered when all but that GEMM is INT8: ΔF1 against all-INT8 (F1 "
+                  f"{r.all_int8.f1:.2f}), positive = better", f"{'':<12}" + "".join(f"{k:>10}" for k in GEMMS)]
         for i, row in zip(r.layers, r.matrix("leave_one_out")):
-            lines.append(f"{'layer' + str(i):<12}" + "".join(_fmt(v, 10) for v in row))
+            lines.append(f"{'layer' + str(i):<12}" + "".join(_fmt(-v, 10) for v in row))
     ranked = r.ranked()[:worst]
-    recovered = ", and F1 recovered when only it is not" if r.leave_one_out else ""
-    lines += ["", f"most sensitive GEMMs (F1 drop when only it is INT8{recovered}):"]
+    recovered = "; and ΔF1 recovered against all-INT8 when only it is not" if r.leave_one_out else ""
+    lines += ["", f"most sensitive GEMMs (ΔF1 when only it is INT8{recovered}):"]
     for k, (g, d) in enumerate(ranked, 1):
-        extra = f"   recovered {r.leave_one_out[g]:+.2f}" if r.leave_one_out and g in r.leave_one_out else ""
-        lines.append(f"  {k:>2}. {g:<16}{d:+8.2f}{extra}")
+        extra = f"   recovered {_delta(r.leave_one_out[g])}" if r.leave_one_out and g in r.leave_one_out else ""
+        lines.append(f"  {k:>2}. {g:<16}{_delta(-d):>8}{extra}")
+    if not ranked:
+        lines.append("  none: no GEMM costs F1 on its own (every single-GEMM ΔF1 is 0.00 or a gain)")
     lines += ["", *suggestion_lines(r.suggestion, kept_word, r.baseline)]
     return "\n".join(lines) + "\n"
 
@@ -793,8 +821,8 @@ def suggestion_lines(sug: Suggestion, kept_word: str, baseline: Measurement) -> 
         out.append(f"  keep nothing out of INT8: {sug.note or 'the estimate fits the budget'}")
     else:
         n = len(sug.keep)
-        out.append(f"  keep {', '.join(sug.keep)} in {kept_word} ({n} GEMM{'s' if n > 1 else ''})")
-        out.append(f"  estimated drop {sug.estimated_drop:.2f} F1 = the sum of the single-GEMM drops of the GEMMs "
+        out.append(f"  keep {', '.join(sug.keep)} out of INT8 ({n} GEMM{'s' if n > 1 else ''}), in {kept_word}")
+        out.append(f"  estimated ΔF1 {_delta(-sug.estimated_drop)} = the sum of the single-GEMM ΔF1 of the GEMMs "
                    "left in INT8 (gains counted as 0); an estimate, not a measurement")
     m = sug.measured
     out.append(f"  measured: F1 {m.f1:.2f}, EM {m.exact_match:.2f}, ΔF1 {m.f1 - baseline.f1:+.2f} against the "
@@ -824,12 +852,13 @@ def render_markdown(r: SensitivityResult, image: str | None, loo_image: str | No
     n = r.baseline.n_questions
     has_layer_groups = any(k.startswith("layer") for k in r.groups)
     lines = ["# INT8 sensitivity", "",
-             f"Model `{s['model']}`, calibration {s['calibration']} (`{s['calib_cache']}`), {n:,} questions of "
-             f"`{s['squad']}`, {s['device']}, {s['precision']}"
+             f"Model `{_shown(s['model'])}`, calibration {s['calibration']} (`{_shown(s['calib_cache'])}`), {n:,} "
+             f"questions of `{_shown(s['squad'])}`, {s['device']}, {s['precision']}"
              + (", " + " ".join(f for f, on in (("-iln", s["iln"]), ("-imh", s["imh"])) if on) if r.floor else "")
              + f". Baseline ({r.baseline.options}): EM {r.baseline.exact_match:.2f}, F1 {r.baseline.f1:.2f}; "
-             f"one question moves F1 by up to {100 / n:.2f}.", "",
-             "## F1 drop when only that GEMM is INT8", "",
+             f"one question moves F1 by up to {100 / n:.2f}. ΔF1: a build's F1 minus its reference's, negative = "
+             "worse.", "",
+             "## ΔF1 when only that GEMM is INT8", "",
              "| layer | " + " | ".join(GEMMS) + (" | whole layer |" if has_layer_groups else " |"),
              "| --- " * (len(GEMMS) + 1 + has_layer_groups) + "|"]
     for i, row in zip(r.layers, r.matrix("only")):
@@ -842,17 +871,20 @@ def render_markdown(r: SensitivityResult, image: str | None, loo_image: str | No
     if r.floor is not None:
         lines.append(f"The -iln/-imh points alone: F1 {r.floor.f1:.2f}, ΔF1 {-r.floor_drop:+.2f}.")
     if image:
-        lines += ["", f"![F1 drop per GEMM]({image})"]
+        lines += ["", f"![ΔF1 per GEMM]({image})"]
     if r.leave_one_out is not None:
-        lines += ["", "## F1 recovered when all but that GEMM is INT8", "",
+        lines += ["", "## F1 recovered when all but that GEMM is INT8 (ΔF1 against all-INT8, positive = better)", "",
                   "| layer | " + " | ".join(GEMMS) + " |", "| --- " * (len(GEMMS) + 1) + "|"]
         for i, row in zip(r.layers, r.matrix("leave_one_out")):
-            lines.append(f"| layer{i} | " + " | ".join(_fmt(v, 0) for v in row) + " |")
+            lines.append(f"| layer{i} | " + " | ".join(_fmt(-v, 0) for v in row) + " |")
         if loo_image:
             lines += ["", f"![F1 recovered per GEMM]({loo_image})"]
-    lines += ["", "## Most sensitive GEMMs", "", "| rank | GEMM | F1 drop |", "| --- | --- | --- |"]
-    lines += [f"| {k} | {g} | {d:+.2f} |" for k, (g, d) in enumerate(r.ranked(), 1)]
-    kept_word = "FP16" if s["precision"] == "fp16" else "FP32"
+    lines += ["", "## Most sensitive GEMMs", "", "GEMMs that cost F1 on their own (ΔF1 -0.01 or worse when only "
+              "they are INT8), costliest first:", "", "| rank | GEMM | ΔF1 |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {g} | {_delta(-d)} |" for k, (g, d) in enumerate(r.ranked(), 1)]
+    if not r.ranked():
+        lines.append("| - | none | - |")
+    kept_word = _kept_in(s["precision"])
     lines += ["", "## Suggestion", "", "```", *suggestion_lines(r.suggestion, kept_word, r.baseline), "```", "",
               "## Every build", "", "| build | options | EM | F1 | ΔF1 | build s | eval s |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -872,12 +904,14 @@ def write_report(r: SensitivityResult, directory: str | Path) -> dict[str, Path]
     files = {k: directory / v for k, v in FILES.items()}
     rows = [f"layer{i}" for i in r.layers]
     n = r.baseline.n_questions
-    sensitivity_heatmap(r.matrix("only"), rows, list(GEMMS), files["heatmap"],
-                        f"F1 drop when only that GEMM is INT8\n{n:,} questions, baseline F1 {r.baseline.f1:.2f}")
+    delta = [[-v for v in row] for row in r.matrix("only")]
+    sensitivity_heatmap(delta, rows, list(GEMMS), files["heatmap"],
+                        f"ΔF1 when only that GEMM is INT8\n{n:,} questions, baseline F1 {r.baseline.f1:.2f}",
+                        value_label="ΔF1 (points, negative = worse)", worse="low")
     if r.leave_one_out is not None:
         sensitivity_heatmap(r.matrix("leave_one_out"), rows, list(GEMMS), files["leave_one_out"],
-                            f"F1 recovered when only that GEMM is not INT8\n{n:,} questions, all-INT8 F1 {r.all_int8.f1:.2f}",
-                            value_label="F1 recovered (points)")
+                            f"F1 recovered when only that GEMM is not INT8\n{n:,} questions, all-INT8 F1 "
+                            f"{r.all_int8.f1:.2f}", value_label="ΔF1 against all-INT8 (points)", worse="low")
     else:
         files.pop("leave_one_out")
     atomic_write_json(files["json"], r.to_json())
@@ -886,8 +920,22 @@ def write_report(r: SensitivityResult, directory: str | Path) -> dict[str, Path]
     return files
 
 
-__all__ = ["Attempt", "CPU_LIMIT", "DEFAULT_MAX_F1_DROP", "DEFAULT_REPORT_DIR", "DEFAULT_TRIM", "DESCRIPTION", "EXAMPLES",
+__all__ = ["sensitivity_from_flags", "Attempt", "CPU_LIMIT", "DEFAULT_MAX_F1_DROP", "DEFAULT_REPORT_DIR", "DEFAULT_TRIM", "DESCRIPTION", "EXAMPLES",
            "FILES", "GreedyPlan", "Measurement", "SensitivityConfig", "SensitivityResult", "Suggestion", "Variant",
            "all_gemms", "compact_keep_list", "config_from_flags", "cpu_notice", "device_settings", "gemm_name",
            "greedy_keep", "load_result", "parse_layers", "parse_options", "plan_variants", "render_text",
            "run_sensitivity", "write_report"]
+
+
+def sensitivity_from_flags(flags, say=print) -> str:
+    """`cli.py sensitivity`: the config its flags describe (with the CPU notice on stdout first), run, its report
+    written (`say` names the files); the table as text."""
+    from eval.measure import settings_from_flags
+
+    cfg, notice = config_from_flags(flags, *settings_from_flags(flags))
+    if notice:
+        print(notice, flush=True)
+    result = run_sensitivity(cfg)
+    files = write_report(result, flags.report_dir)
+    say(f"wrote {', '.join(str(p) for p in files.values())}")
+    return "\n" + render_text(result).rstrip("\n")

@@ -17,11 +17,21 @@ workbench cache directory under their key, so a later sweep reuses them), build 
 `REPORT_DIR/engines/NAME.engine` (an engine already there is reused when its header's model digest, calibration
 key, policy, profiles, device and workbench version match), evaluate it and time it at every profile (eval.measure;
 `REPORT_DIR/predictions/NAME.json`; the questions are featurized once for every row), and store the
-row as `REPORT_DIR/rows/NAME.json` (atomically) with a key of everything it depends on: model digest, calibration
-key, policy, profiles, the evaluation file's digest and question limit, feature and answer settings, device,
-timing settings and workbench version. A rerun skips every row whose stored key matches ("finished earlier") and
-recomputes those whose inputs changed, so an interrupted sweep resumes where it stopped. At the end the rows
-become the report (`eval.report`): table, Markdown, CSV, JSON and the Pareto plot in REPORT_DIR.
+row as `REPORT_DIR/rows/NAME.json` (atomically) with a key of everything its accuracy depends on (model digest,
+calibration key, policy, profiles, the evaluation file's digest and question limit, feature and answer settings,
+device type and GPU, workbench version) and a timing key (the machine: CPU model, cores and torch threads, or GPU;
+library versions; the timing settings). A rerun skips every row whose stored keys match ("finished earlier"),
+recomputes those whose inputs changed, and re-times (reusing the accuracy) those timed on another machine or whose
+timing was not stable, so an interrupted sweep resumes where it stopped and no figure from another device or a
+noisy moment is kept.
+
+Timing: each profile is timed in rounds until two agree (eval.benchmark.time_until_stable), and builds within
+timing noise of the fastest tie (eval.report). A machine whose load changes during the sweep can still slow every
+row of a stretch alike, so at the end the baseline is timed again at the selection profile: when it moved by more
+than twice the timing tolerance, the rows timed in this run are timed again; if the baseline still moves they are
+marked not stable (a figure that is not stable ties with every build) and the next run re-times them. The
+report records the device, model, data, date, commit and how the figures were timed. At the end the rows become
+the report (`eval.report`): table, Markdown, CSV, JSON and the Pareto plot in REPORT_DIR.
 """
 from __future__ import annotations
 
@@ -37,8 +47,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from common.errors import WorkbenchError
 from common.files import atomic_write_json, read_json
 from common.version import __version__
-from eval.compare import bench_defaults, check_name, describe_calibration, latency_line
-from eval.measure import Questions, measure, release
+from eval.compare import bench_defaults, check_name, describe_calibration, latency_line, time_profiles, timing_policy
+from eval.measure import Questions, machine_key, measure, provenance, release
 from eval.report import BuildResult, Report, build_report, delta_f1, profile_label, render_text, write_report_dir
 
 if TYPE_CHECKING:
@@ -53,7 +63,7 @@ DEFAULT_REPORT_DIR = "sweep-report"
 
 SMOOTH_ALPHA = 0.8  # the default grid's smoothing strength: quant.smoothing.DEFAULT_ALPHA (a test holds them equal)
 ROW_FORMAT = "bert-int8-workbench sweep row"
-ROW_FORMAT_VERSION = 1
+ROW_FORMAT_VERSION = 2  # 2: a timing key beside the key, and the timing's runs, spread and stability
 
 # Calibration methods of the default grid: tag (used in row names and --methods) -> (method, percentile, smooth
 # alpha). The smoothed entropy row is the workbench's own accuracy tool (quant/smoothing.py), beside TensorRT's.
@@ -98,7 +108,9 @@ DESCRIPTION = (
     "each finished row is stored in REPORT_DIR/rows/ with a key of all its inputs, and a rerun skips the rows whose "
     "inputs did not change. Without arguments it runs on the model and SQuAD files in assets/, on CUDA when "
     "present; on the CPU it evaluates 30 questions, calibrates on 20, times one 1x384 profile 5 times and runs the "
-    "non-INT8 work in FP32 (it says so).")
+    "non-INT8 work in FP32 (it says so). Each profile is timed in rounds until two agree; builds within timing "
+    "noise of the fastest are a tie that the higher F1 wins; rows timed on another machine or not stable are "
+    "re-timed by a rerun, and the report records device, model, data, date, commit and the runs timed.")
 EXAMPLES = """examples:
   python cli.py sweep                     # the default: assets/ model and SQuAD files, CUDA if present
   python cli.py sweep --model DIR --calib-squad train.json --eval-squad dev.json -b 1 -s 128 -b 64 -s 384 \\
@@ -397,6 +409,7 @@ class SweepConfig:
     trust_pickle: bool = False
     say: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr, flush=True))
     on_row_done: Callable[[str], None] | None = None  # called after each row is stored (tests interrupt here)
+    timing_tolerance: float | None = None  # rounds agree within it (None: eval.benchmark.STABLE_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -442,21 +455,28 @@ def _plain_json(obj: Any) -> Any:
 
 
 def device_description(device: torch.device) -> dict:
-    import torch
+    """What a row's accuracy depends on of the device: its type and torch version, and on CUDA the GPU (its
+    engines are built for it). The machine's other details only move latency (`timing_key`)."""
+    m = machine_key(device)
+    return {k: m[k] for k in ("type", "torch", "gpu", "compute_capability") if k in m}
 
-    desc = {"type": device.type, "torch": torch.__version__}
-    if device.type == "cuda":
-        from engines.engine_file import this_gpu
 
-        gpu = this_gpu(device)
-        desc.update(gpu=gpu[0] if gpu else None, compute_capability=gpu[1] if gpu else None)
-    return desc
+def timing_key(machine: dict, bench: tuple[int, int], tolerance: float) -> dict:
+    """What a stored row's latency depends on besides its build: the machine (eval.measure.machine_key) and the
+    timing settings. A row stored under another timing key keeps its accuracy and is re-timed."""
+    from eval.benchmark import STABLE_DEFAULTS
+
+    _, rounds, seconds = STABLE_DEFAULTS["cuda" if machine.get("type") == "cuda" else "cpu"]
+    return _plain_json({"machine": machine, "bench": {"iterations": bench[0], "warmup": bench[1],
+                                                      "tolerance": tolerance, "max_rounds": rounds,
+                                                      "max_seconds": seconds}})
 
 
 def row_key(*, model_digest: str, calibration_key: str | None, policy, profiles: Sequence[tuple[int, int]],
             eval_digest: str, eval_limit: int | None, n_questions: int, feature_settings, answer_settings,
-            device: dict, bench: tuple[int, int]) -> dict:
-    """Everything a stored row's numbers depend on; a rerun reuses the row only when all of it is equal."""
+            device: dict) -> dict:
+    """Everything a stored row's accuracy depends on; a rerun reuses the row only when all of it is equal (its
+    latency also needs an equal `timing_key`)."""
     return _plain_json({
         "workbench": __version__,
         "model_digest": model_digest,
@@ -467,7 +487,6 @@ def row_key(*, model_digest: str, calibration_key: str | None, policy, profiles:
         "features": asdict(feature_settings),
         "answers": asdict(answer_settings),
         "device": device,
-        "bench": {"iterations": bench[0], "warmup": bench[1]},
     })
 
 
@@ -475,30 +494,45 @@ def row_path(report_dir: Path, name: str) -> Path:
     return report_dir / "rows" / f"{name}.json"
 
 
-def store_row(path: Path, key: dict, result: BuildResult, seconds: float) -> None:
+def store_row(path: Path, key: dict, result: BuildResult, seconds: float, timing: dict | None = None) -> None:
     atomic_write_json(path, {"format": ROW_FORMAT, "format_version": ROW_FORMAT_VERSION, "key": key,
-                             "result": result.to_json(), "seconds": round(seconds, 3),
+                             "timing_key": timing, "result": result.to_json(), "seconds": round(seconds, 3),
                              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
-def stored_row(path: Path, key: dict) -> tuple[BuildResult | None, str | None]:
-    """(result, None) when the row stored at `path` was made from `key`; else (None, why it cannot be reused),
-    (None, None) when nothing is stored."""
+def _changed(new: dict, old: Any) -> list[str]:
+    return sorted(k for k in set(new) | set(old if isinstance(old, dict) else {})
+                  if not isinstance(old, dict) or old.get(k) != new.get(k))
+
+
+def stored_row(path: Path, key: dict, timing: dict | None = None) -> tuple[BuildResult | None, str | None, str | None]:
+    """(result, None, None) when the row stored at `path` was made from `key` and timed under `timing`;
+    (result, None, why) when its accuracy can be reused but it must be timed again (another machine or timing
+    settings, or a timing that was not stable); (None, why, None) when it cannot be reused; (None, None, None)
+    when nothing is stored."""
     if not path.exists():
-        return None, None
+        return None, None, None
     try:
         obj = read_json(path, "stored row")
         if not isinstance(obj, dict) or obj.get("format") != ROW_FORMAT or \
                 obj.get("format_version") != ROW_FORMAT_VERSION:
-            return None, "its stored result is not a sweep row of this version"
+            return None, "its stored result is not a sweep row of this version", None
         stored_key = obj.get("key")
         if stored_key != key:
-            changed = sorted(k for k in set(key) | set(stored_key if isinstance(stored_key, dict) else {})
-                             if not isinstance(stored_key, dict) or stored_key.get(k) != key.get(k))
-            return None, f"its inputs changed since it was stored ({', '.join(changed)})"
-        return BuildResult.from_json(obj.get("result"), "result"), None
+            return None, f"its inputs changed since it was stored ({', '.join(_changed(key, stored_key))})", None
+        result = BuildResult.from_json(obj.get("result"), "result")
     except WorkbenchError as e:
-        return None, f"its stored result is unreadable ({e})"
+        return None, f"its stored result is unreadable ({e})", None
+    stored_timing = obj.get("timing_key")
+    if timing is not None and stored_timing != timing:
+        what = _changed(timing.get("machine", {}), (stored_timing or {}).get("machine"))
+        return result, None, (f"it was timed on another machine ({', '.join(what)} differ)" if what else
+                              "it was timed with other timing settings")
+    unstable = [f"{profile_label(lat.profile)} ±{lat.spread or 0:.0%}" for lat in result.latency
+                if lat.stable is False]
+    if unstable:
+        return result, None, f"its timing was not stable ({', '.join(unstable)})"
+    return result, None, None
 
 
 # ------------------------------------------------------------------------------------------------- the sweep
@@ -633,21 +667,22 @@ class _Calibrations:
         return self.made[ident]
 
 
-def _engine_file(cfg: SweepConfig, inp: _Inputs, row: GridRow, policy, calib, ckey: str | None) -> tuple[Path, str]:
-    """The row's engine file, reused when built from the same inputs, else (re)built; and what happened."""
+def _engine_file(cfg: SweepConfig, inp: _Inputs, row: GridRow, policy, calib: Callable[[], Any],
+                 ckey: str | None, force: bool = False) -> tuple[Path, str]:
+    """The row's engine file, reused when built from the same inputs, else (re)built with the calibration
+    `calib()` gives; and what happened."""
     from eval.runnables import build_engine_file
 
     engine_path = Path(cfg.report_dir) / "engines" / f"{row.name}.engine"
-    mismatch = "--force" if cfg.force and engine_path.exists() else (
+    mismatch = "--force" if force and engine_path.exists() else (
         _engine_mismatch(engine_path, model_digest=inp.loaded.digest, calibration_key=ckey, policy=policy,
                          profiles=cfg.profiles, device=cfg.device) if engine_path.exists() else None)
     if engine_path.exists() and mismatch is None:
         return engine_path, f"engine {engine_path} reused"
-    t_build = time.perf_counter()
-    build_engine_file(engine_path, inp.loaded, policy, cfg.profiles, calib if policy.int8 else None, cfg.device,
-                      inp.wordpiece)
+    header, _ = build_engine_file(engine_path, inp.loaded, policy, cfg.profiles, calib() if policy.int8 else None,
+                                  cfg.device, inp.wordpiece)
     return engine_path, ((f"engine rebuilt ({mismatch})" if mismatch else "engine built") +
-                         f" in {time.perf_counter() - t_build:.1f} s")
+                         f" in {header.build_seconds:.2f} s")
 
 
 def _measure_row(cfg: SweepConfig, inp: _Inputs, calibrations: _Calibrations, row: GridRow, policy,
@@ -658,12 +693,12 @@ def _measure_row(cfg: SweepConfig, inp: _Inputs, calibrations: _Calibrations, ro
 
     t0 = time.perf_counter()
     calib = calibrations.get(row, ckey) if ckey else None
-    engine_path, built = _engine_file(cfg, inp, row, policy, calib, ckey)
+    engine_path, built = _engine_file(cfg, inp, row, policy, lambda: calib, ckey, force=cfg.force)
     build = replace(engine_file_build(engine_path, cfg.device, max_seq_length=cfg.feature_settings.max_seq_length),
                     name=row.name, batch=inp.eval_batch, options=policy.describe(),
                     calibration=describe_calibration(calib))
     m = measure(build, inp.questions, cfg.profiles, iterations=cfg.bench_iterations, warmup=cfg.bench_warmup,
-                is_baseline=row is inp.baseline, report_dir=cfg.report_dir)
+                is_baseline=row is inp.baseline, report_dir=cfg.report_dir, tolerance=cfg.timing_tolerance)
     seconds = time.perf_counter() - t0
     del build
     release(cfg.device)
@@ -674,13 +709,98 @@ def _measure_row(cfg: SweepConfig, inp: _Inputs, calibrations: _Calibrations, ro
                         f"evaluated in {m.eval_s:.1f} s, timed in {m.time_s:.1f} s; {seconds:.1f} s")
 
 
+def _retime_row(cfg: SweepConfig, inp: _Inputs, calibrations: _Calibrations, row: GridRow, policy,
+                ckey: str | None, result: BuildResult) -> tuple[BuildResult, str]:
+    """A stored row's accuracy kept, its profiles timed again on this machine (its engine reused or rebuilt)."""
+    from eval.runnables import engine_file_build
+
+    engine_path, built = _engine_file(cfg, inp, row, policy, lambda: calibrations.get(row, ckey) if ckey else None,
+                                      ckey)
+    build = engine_file_build(engine_path, cfg.device, max_seq_length=cfg.feature_settings.max_seq_length)
+    t0 = time.perf_counter()
+    latency = time_profiles(build.forward, cfg.profiles, build.vocab_size, cfg.device, cfg.bench_iterations,
+                            cfg.bench_warmup, tolerance=cfg.timing_tolerance)
+    seconds = time.perf_counter() - t0
+    del build
+    release(cfg.device)
+    return (replace(result, latency=latency, engine_bytes=engine_path.stat().st_size),
+            f"{latency_line(latency)}; {built}, timed in {seconds:.1f} s")
+
+
+def _tolerance(cfg: SweepConfig) -> float:
+    from eval.benchmark import STABLE_DEFAULTS
+
+    return cfg.timing_tolerance or STABLE_DEFAULTS["cuda" if cfg.device.type == "cuda" else "cpu"][0]
+
+
+def _selection(cfg: SweepConfig) -> tuple[int, int]:
+    return tuple(cfg.selection_profile) if cfg.selection_profile else max(
+        map(tuple, cfg.profiles), key=lambda p: (p[0] * p[1], p[0], p[1]))
+
+
+def _timing_check(cfg: SweepConfig, inp: _Inputs, calibrations: _Calibrations, results: list[BuildResult],
+                  timed_now: set[str], stored: dict[str, tuple]) -> str | None:
+    """The baseline timed again at the selection profile once every row is done. When it moved by more than twice
+    the timing tolerance, the machine's load changed during the sweep: every row timed in this run (and the
+    baseline) is timed again, and the baseline checked once more; if it still moves, those rows are marked not
+    stable (a figure that is not stable ties with every build, eval.report) and stored so, and a rerun re-times
+    them. Returns the line that says what it found (None when nothing was timed in this run)."""
+    from eval.runnables import engine_file_build
+
+    base_i = next(i for i, r in enumerate(inp.rows) if r is inp.baseline)
+    engine_path = Path(cfg.report_dir) / "engines" / f"{inp.baseline.name}.engine"
+    profile = _selection(cfg)
+    if not timed_now or not engine_path.exists() or results[base_i].latency_at(profile) is None:
+        return None
+
+    def drift() -> tuple[float, str]:
+        build = engine_file_build(engine_path, cfg.device, max_seq_length=cfg.feature_settings.max_seq_length)
+        now = time_profiles(build.forward, [profile], build.vocab_size, cfg.device, cfg.bench_iterations,
+                            cfg.bench_warmup, tolerance=cfg.timing_tolerance)[0]
+        del build
+        release(cfg.device)
+        before = results[base_i].latency_at(profile)
+        return (abs(now.median_ms - before.median_ms) / min(now.median_ms, before.median_ms),
+                f"the baseline {inp.baseline.name} at {profile_label(profile)}: {before.median_ms:.3f} ms when "
+                f"timed, {now.median_ms:.3f} ms at the end")
+
+    moved, where = drift()
+    if moved <= 2 * _tolerance(cfg):
+        return f"timing check: {where} (±{moved:.0%}): the machine held steady"
+    again = [i for i, r in enumerate(inp.rows) if r.name in timed_now | {inp.baseline.name}]
+    cfg.say(f"timing check: {where} (±{moved:.0%}): the machine's load changed during the sweep; timing the "
+            f"{len(again)} rows of this run again")
+    for i in again:
+        row = inp.rows[i]
+        results[i], line = _retime_row(cfg, inp, calibrations, row, row.policy(cfg.half), calibrations.key(row),
+                                       results[i])
+        key, tkey, seconds = stored[row.name]
+        store_row(row_path(Path(cfg.report_dir), row.name), key, results[i], seconds, tkey)
+        cfg.say(f"  {row.name}: {line}")
+    moved, where = drift()
+    if moved <= 2 * _tolerance(cfg):
+        return (f"timing check: the machine's load changed during the sweep: the {len(again)} rows timed in this "
+                f"run were timed again, then {where} (±{moved:.0%}): steady")
+    for i in again:
+        r = results[i]
+        results[i] = replace(r, latency=tuple(replace(lat, stable=False, spread=round(max(lat.spread or 0, moved), 4))
+                                              for lat in r.latency))
+        key, tkey, seconds = stored[r.name]
+        store_row(row_path(Path(cfg.report_dir), r.name), key, results[i], seconds, tkey)
+    return (f"timing check: the machine's load changed during the sweep and still does ({where}, ±{moved:.0%}, after "
+            f"timing the {len(again)} rows of this run again): they are marked not stable, so they tie with every "
+            "build (the higher F1 wins); rerun on a quiet machine to time them again")
+
+
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Run (or resume) the sweep of `cfg.grid` and write the report; see the module doc. Interrupted (Ctrl-C), it
     says where the finished rows are and how to resume."""
     try:
         return _sweep(cfg)
     except KeyboardInterrupt:
-        cfg.say(f"finished rows are stored in {Path(cfg.report_dir) / 'rows'}: rerun the same command to resume")
+        cfg.say(f"finished rows are stored in {Path(cfg.report_dir) / 'rows'}: "
+                + ("rerun the same command without --force to resume (with --force every row is recomputed)"
+                   if cfg.force else "rerun the same command to resume"))
         raise
 
 
@@ -690,11 +810,14 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
     cfg.say(f"sweep: {n} builds of {inp.loaded.source} on {cfg.device.type}; evaluating on "
             f"{len(inp.questions.examples):,} questions of {inp.eval_squad.path}; profiles "
             f"{', '.join(profile_label(p, 'x') for p in cfg.profiles)}; report in {report_dir}")
-    dev_desc = device_description(cfg.device)
+    dev_desc, machine = device_description(cfg.device), machine_key(cfg.device)
+    tkey = timing_key(machine, (cfg.bench_iterations, cfg.bench_warmup), _tolerance(cfg))
     calibrations = _Calibrations(cfg, inp)
     results: list[BuildResult] = []
     reused: list[str] = []
     computed: list[str] = []
+    timed_now: set[str] = set()
+    stored: dict[str, tuple] = {}  # row name -> (key, timing key, seconds): what the timing check re-stores
     base_result: BuildResult | None = None
     t_sweep = time.perf_counter()
     for i, row in enumerate(rows, 1):
@@ -702,12 +825,22 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
         key = row_key(model_digest=inp.loaded.digest, calibration_key=ckey, policy=policy, profiles=cfg.profiles,
                       eval_digest=inp.eval_squad.digest, eval_limit=cfg.eval_limit,
                       n_questions=len(inp.questions.examples), feature_settings=cfg.feature_settings,
-                      answer_settings=inp.questions.answer_settings, device=dev_desc,
-                      bench=(cfg.bench_iterations, cfg.bench_warmup))
+                      answer_settings=inp.questions.answer_settings, device=dev_desc)
         stored_at = row_path(report_dir, row.name)
-        result, why = (None, None) if cfg.force else stored_row(stored_at, key)
-        measured_now = result is None
-        if result is not None:
+        result, why, retime = (None, None, None) if cfg.force else stored_row(stored_at, key, tkey)
+        measured_now = result is None or retime is not None
+        if result is not None and retime is not None:
+            cfg.say(f"[{i}/{n}] row {row.name}: finished earlier, its accuracy reused (EM {result.exact_match:.2f}, "
+                    f"F1 {result.f1:.2f}); {retime}: timing it again")
+            t0 = time.perf_counter()
+            result, line = _retime_row(cfg, inp, calibrations, row, policy, ckey, result)
+            result = replace(result, is_baseline=row is baseline)
+            store_row(stored_at, key, result, time.perf_counter() - t0, tkey)
+            stored[row.name] = (key, tkey, time.perf_counter() - t0)
+            cfg.say(f"[{i}/{n}] {row.name}: re-timed: {line}")
+            reused.append(row.name)
+            timed_now.add(row.name)
+        elif result is not None:
             result = replace(result, is_baseline=row is baseline)
             cfg.say(f"[{i}/{n}] row {row.name}: finished earlier, reusing its result "
                     f"(EM {result.exact_match:.2f}, F1 {result.f1:.2f})")
@@ -716,28 +849,44 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
             if why:
                 cfg.say(f"[{i}/{n}] row {row.name}: {why}: recomputing")
             result, seconds, line = _measure_row(cfg, inp, calibrations, row, policy, ckey, base_result)
-            store_row(stored_at, key, result, seconds)
+            store_row(stored_at, key, result, seconds, tkey)
+            stored[row.name] = (key, tkey, seconds)
             cfg.say(f"[{i}/{n}] {row.name}: {line}")
             computed.append(row.name)
+            timed_now.add(row.name)
         results.append(result)
         if row is baseline:
             base_result = result
         if measured_now and cfg.on_row_done is not None:
             cfg.on_row_done(row.name)
-    return _finish(cfg, inp, results, reused, computed, t_sweep)
+        if row.name not in stored:
+            stored[row.name] = (key, tkey, 0.0)
+    check = _timing_check(cfg, inp, calibrations, results, timed_now, stored)
+    if check:
+        cfg.say(check)
+    return _finish(cfg, inp, results, reused, computed, t_sweep, check, retimed=len(timed_now & set(reused)))
 
 
 def _finish(cfg: SweepConfig, inp: _Inputs, results: list[BuildResult], reused: list[str], computed: list[str],
-            t_sweep: float) -> SweepResult:
+            t_sweep: float, check: str | None = None, retimed: int = 0) -> SweepResult:
     """The report of every row (rows stored for builds not in this grid are named, and left out)."""
     report_dir = Path(cfg.report_dir)
     extra = sorted(p.stem for p in (report_dir / "rows").glob("*.json") if p.stem not in {r.name for r in inp.rows})
     if extra:
         cfg.say(f"{report_dir / 'rows'} also holds {', '.join(extra)}: not in this grid, left out of the report")
-    report = build_report(results, cfg.max_f1_drop, cfg.selection_profile)
+    calib = (f"{inp.calib_squad.path} (sha256 {inp.calib_squad.digest[:12]}), {cfg.calib_num} questions drawn with "
+             f"seed {cfg.seed}" if inp.calib_squad is not None else None)
+    meta = provenance(cfg.device, model=f"{inp.loaded.source} (sha256 {inp.loaded.digest[:12]})",
+                      data=f"{inp.eval_squad.path} (sha256 {inp.eval_squad.digest[:12]}), "
+                           f"{len(inp.questions.examples):,} questions", calibration_data=calib)
+    meta["timing"] = timing_policy(cfg.device, cfg.bench_iterations, cfg.bench_warmup, cfg.timing_tolerance)
+    if check:
+        meta["timing check"] = check.removeprefix("timing check: ")
+    report = build_report(results, cfg.max_f1_drop, cfg.selection_profile, meta)
     files = write_report_dir(report, report_dir)
     cfg.say(f"sweep done in {time.perf_counter() - t_sweep:.1f} s: {len(computed)} rows measured, {len(reused)} "
-            f"reused; wrote {', '.join(str(p) for p in files.values())}")
+            f"reused{f' ({retimed} of them timed again)' if retimed else ''}; wrote "
+            f"{', '.join(str(p) for p in files.values())}")
     return SweepResult(report, tuple(results), tuple(reused), tuple(computed), tuple(inp.skipped), files)
 
 
@@ -749,8 +898,18 @@ def final_lines(result: SweepResult, report_dir: str | Path) -> str:
             f"build to ship: {chosen.name} ({chosen.options}; calibration {chosen.calibration}): {engine}\n")
 
 
-__all__ = ["CALIBRATION_METHODS", "DEFAULT_CALIB_SQUAD", "DEFAULT_EVAL_SQUAD", "DEFAULT_MODEL", "DEFAULT_REPORT_DIR",
+__all__ = ["sweep_from_flags", "CALIBRATION_METHODS", "DEFAULT_CALIB_SQUAD", "DEFAULT_EVAL_SQUAD", "DEFAULT_MODEL", "DEFAULT_REPORT_DIR",
            "DESCRIPTION", "DEVICE_DEFAULTS", "DeviceDefaults", "DeviceSettings", "EXAMPLES", "GridRow", "METHODS",
            "OPTION_SETS", "SweepConfig", "SweepResult", "baseline_row", "check_grid", "config_from_flags",
            "cpu_notice", "default_grid", "device_settings", "final_lines", "load_grid", "pair_profiles", "row_key",
            "run_sweep", "select_rows", "shown", "stored_row", "store_row"]
+
+
+def sweep_from_flags(flags) -> str:
+    """`cli.py sweep`: the config its flags describe (with the CPU notice on stdout first), run; the closing lines."""
+    from eval.measure import settings_from_flags
+
+    cfg, notice = config_from_flags(flags, *settings_from_flags(flags))
+    if notice:
+        print(notice, flush=True)
+    return final_lines(run_sweep(cfg), flags.report_dir).rstrip("\n")

@@ -134,16 +134,26 @@ def save_qat_folder(folder: str | Path, model: BertQA, source_dir: str | Path | 
     """The QAT model `model` (qat.model.qat_model) as a model folder with its learned scales in quant_spec.json.
     `source_dir`: the folder it was trained from (config and tokenizer files); `training`: provenance to record."""
     folder = save_model_folder(folder, model, source_dir)
+    save_qat_scales(folder, QatScales(learned_spec(model), policy_flags(policy_of(model)), smoothing_of(model)),
+                    training)
+    return folder
+
+
+def save_qat_scales(folder: str | Path, scales: QatScales, training: Mapping[str, Any] | None = None) -> Path:
+    """Write `scales` as the quant_spec.json of `folder` (which holds, or will hold, the config.json and weights
+    they belong to): save_qat_folder's writer, also used for QAT results imported from elsewhere (qat/imports.py).
+    The spec must list exactly the sites of its policy flags, as read_qat_scales checks."""
+    path = Path(folder) / QUANT_SPEC_NAME
     body = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "policy": policy_flags(policy_of(model)),
-        "spec": learned_spec(model).to_json(),
-        "smooth": {site: [float(v) for v in s.tolist()] for site, s in smoothing_of(model).items()},
+        "policy": {**scales.policy, "fp16_gemms": list(scales.policy["fp16_gemms"])},
+        "spec": scales.spec.to_json(),
+        "smooth": {site: [float(v) for v in s.tolist()] for site, s in scales.smooth.items()},
         "training": dict(training or {}),
     }
-    atomic_write_json(folder / QUANT_SPEC_NAME, body)
-    return folder
+    atomic_write_json(path, body)
+    return path
 
 
 def read_qat_scales(folder: str | Path) -> QatScales | None:

@@ -163,7 +163,7 @@ def qat_from_flags(flags) -> str:
     check_writable_dir(flags.output, "QAT output folder")
     run = run_qat(flags.model, flags.squad, flags.calib_cache, policy, train_config_from_flags(flags),
                   limit=parse_question_limit(flags.limit), settings=_feature_settings(flags),
-                  trust_pickle=flags.trust_pickle, sparse=getattr(flags, "sparse", False))
+                  trust_pickle=flags.trust_pickle, sparse=flags.sparse)
     return _summary(f"qat ({policy.describe()})", run)
 
 

@@ -67,14 +67,20 @@ def test_second_run_reuses_the_cache_without_running_the_model(calib, tmp_path):
 
 def test_force_and_changed_inputs_recompute(calib, tmp_path):
     out = tmp_path / "calib.json"
-    assert calib()[0] == 0
+    code, _, stderr, _ = calib()
+    assert code == 0 and f"wrote calibration cache {out} (entropy (6 q)" in stderr  # a first run says where
     code, _, stderr, calls = calib("--force")
     assert code == 0 and calls > 0 and "reused" not in stderr and "warning" not in stderr
     assert calib("--batch-size", "3")[3] == 0  # batching does not change the ranges, so the cache stands
-    for extra in (["--method", "max"], ["--calib-num", "7"], ["--seed", "1"], ["--method", "max", "-s", "80"]):
+    # A recompute names the input that changed, not two hashes (issue 23, item 13).
+    for extra, changed in ((["--method", "max"], "method entropy -> max"), (["--calib-num", "7"], "calib_num 6 -> 7"),
+                           (["--seed", "1"], "seed 0 -> 1"),
+                           (["--method", "max", "-s", "80"], "max_seq_length 96 -> 80")):
         code, _, stderr, calls = calib(*extra)
         assert code == 0 and calls > 0, extra
-        assert len(_lines_with(stderr, "made from different inputs")) == 1, stderr
+        [line] = _lines_with(stderr, "made from other inputs")
+        assert changed in line and "key " not in line, line
+        assert f"wrote calibration cache {out}" in stderr
     assert load_cache(out).method == "max" and load_cache(out).settings["max_seq_length"] == 80
     assert calib("--method", "max", "-s", "80")[3] == 0
     code, _, stderr, calls = calib("--method", "percentile", "--percentile", "99.9")
@@ -180,3 +186,23 @@ def test_subprocess_end_to_end(files, tmp_path):
     assert load_cache(out).num_samples == 3 and (tmp_path / "c.trt").read_text().startswith("TRT-8600-")
     assert_one_line_error(run_cli("calibrate", "--squad", tmp_path / "nope.json", "--model", files["model"],
                                   "--device", "cpu", "-o", out), "nope.json", "not found")
+
+
+def test_percentile_needs_the_percentile_method(calib, capsys):
+    """--percentile with another --method would be ignored: refused in one line (issue 23, item 13)."""
+    code, _, stderr, calls = calib("--method", "max", "--percentile", "99.9")
+    assert code == 2 and calls == 0 and "Traceback" not in stderr
+    [line] = _lines_with(stderr, "error: ")
+    assert "--percentile 99.9 applies to --method percentile only" in line
+
+
+def test_another_vocab_file_is_checked_against_the_model(calib, files, tmp_path):
+    """-v/--vocab-file (the TensorRT demo's): a vocab.txt instead of the folder's, checked like the folder's."""
+    good = tmp_path / "vocab.txt"
+    good.write_bytes((files["model"] / "vocab.txt").read_bytes())
+    code, _, stderr, calls = calib("-v", good)
+    assert code == 0 and calls > 0, stderr
+    bad = tmp_path / "other-vocab.txt"
+    bad.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(400)]) + "\n")
+    code, _, stderr, _ = calib("-v", bad, "--force")
+    assert code == 2 and "other-vocab.txt has 404 tokens" in stderr and "does not belong to this model" in stderr

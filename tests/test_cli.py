@@ -77,10 +77,13 @@ def test_infer_files_and_interactive(tmp_path):
     proc = run_cli("infer", "--model", MINILM, "--device", "cpu", "-pf", tmp_path / "p.txt", "-qf", tmp_path / "q.txt")
     assert proc.returncode == 0, proc.stderr
     assert "'Paris'" in proc.stdout and "'1889'" in proc.stdout
+    # Interactive: the passage may span lines and ends at an empty line (issue 23, item 6); then questions.
     proc = run_cli("infer", "--model", MINILM, "--device", "cpu",
-                   stdin="The Eiffel Tower is in Paris.\nWhere is the Eiffel Tower?\n\n")
+                   stdin="The Eiffel Tower is in Paris.\nIt was finished in 1889.\n\nWhere is the Eiffel Tower?\n"
+                         "When was it finished?\n\n")
     assert proc.returncode == 0, proc.stderr
-    assert "'Paris'" in proc.stdout
+    assert "an empty line ends it" in proc.stderr
+    assert "'Paris'" in proc.stdout and "'1889'" in proc.stdout and proc.stdout.count("Answer:") == 2
 
 
 def test_help_has_examples():

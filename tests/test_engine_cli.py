@@ -46,9 +46,12 @@ def test_engines_evaluate_like_the_model(made, tmp_path):
 def test_bench_reports_latency(made):
     proc = run_cli("bench", "-e", made["int8"], "--device", "cpu", "-s", 32, "--iterations", 3, "--warmup", 1)
     assert proc.returncode == 0, proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("compute", "end-to-end"))]
-    assert len(rows) == 4  # batches 1 and 4 from the profiles, x compute / end to end
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("compute", "end-to-end", "pipelined"))]
+    # Batches 1 and 4 from the profiles; on the CPU the engine call is the only figure: nothing is copied to a device
+    # and nothing overlaps, so no end-to-end figure below the compute one and no pipelined one (issue 23, item 2).
+    assert [r.split()[:4] for r in rows] == [["compute", "1", "x", "32"], ["compute", "4", "x", "32"]]
     assert all("median" in r and "p99" in r and "seq/s" in r for r in rows)
+    assert "nothing overlaps the compute, so the engine call is the only figure" in proc.stdout
 
 
 def test_bench_times_padded_batches_when_asked(made):

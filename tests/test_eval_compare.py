@@ -66,15 +66,17 @@ def test_several_builds_give_one_table_and_the_report_files(builds, tmp_path, sh
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if "build" in line and "options" in line)
-    for column in ("calibration", "EM", "F1", "ΔEM", "ΔF1", "1×96 median/p99 ms", "4×96 seq/s", "4×96 speed-up",
-                   "engine MB", "build s"):
+    for column in ("calibration", "EM", "F1", "ΔEM", "ΔF1", "4×96 median/p99 ms", "4×96 seq/s", "4×96 speed-up",
+                   "engine MiB", "build s"):
         assert column in header
+    assert "1×96" not in header  # the CPU times the selection profile only (issue 23, item 13)
     rows = {line.split()[1 if line.startswith("*") else 0]: line for line in lines[lines.index(header) + 1:]
-            if line.strip() and not line.startswith(("1", "rule", "chosen"))}
+            if line.strip() and not line.startswith(("1", "timing", "rule", "chosen"))}
     assert set(rows) == {"tiny-fp32", "fp32", "int8"}
     assert "model fp32" in rows["tiny-fp32"] and "max (6 q)" in rows["int8"] and "--int8 -iln" in rows["int8"]
     assert "12 questions; ΔEM/ΔF1 and speed-up vs tiny-fp32" in proc.stdout
     assert "rule: fastest median latency at 4×96" in proc.stdout
+    assert "timing: " in proc.stdout and "timed runs per build and profile" in proc.stdout
     chosen = [line for line in lines if line.startswith("*")]
     assert len(chosen) == 1 and proc.stdout.strip().splitlines()[-1].startswith("chosen: ")
 
@@ -84,7 +86,14 @@ def test_several_builds_give_one_table_and_the_report_files(builds, tmp_path, sh
     assert [r.name for r in report.rows] == ["tiny-fp32", "fp32", "int8"] and report.baseline.name == "tiny-fp32"
     model_row, fp32_row, int8_row = report.rows
     assert model_row.engine_bytes is None and fp32_row.engine_bytes == builds["fp32"].stat().st_size
-    assert all(r.profiles == ((1, 96), (4, 96)) for r in report.rows)
+    assert all(r.profiles == ((4, 96),) for r in report.rows)
+    assert all(lat.runs >= 4 and lat.stable is not None for r in report.rows for lat in r.latency)
+    for key in ("device", "model", "data", "date", "commit", "timing"):  # where and how it was measured
+        assert report.provenance[key], key
+    assert report.provenance["device"].startswith("cpu: ") and "median of the last two rounds" in \
+        report.provenance["timing"]
+    md = (report_dir / "report.md").read_text()
+    assert "## Measured" in md and "- commit: " in md and "- timed runs: " in md
     # The FP32 engine computes the model's function: same predictions, same scores.
     assert fp32_row.f1 == pytest.approx(model_row.f1) and fp32_row.exact_match == pytest.approx(model_row.exact_match)
     model_pred = json.loads((report_dir / "predictions" / "tiny-fp32.json").read_text())

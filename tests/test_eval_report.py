@@ -237,7 +237,7 @@ def test_render_text_columns_and_marker():
     lines = text.splitlines()
     header, body = lines[0], lines[1:5]
     for col in ("build", "options", "calibration", "EM", "F1", "ΔEM", "ΔF1", "64×384 median/p99 ms",
-                "64×384 seq/s", "64×384 speed-up", "1×128 speed-up", "engine MB", "build s"):
+                "64×384 seq/s", "64×384 speed-up", "1×128 speed-up", "engine MiB", "build s"):
         assert col in header
     # Right-aligned numeric columns end where their header ends.
     f1_end = header.index(" F1 ") + 3
@@ -247,7 +247,7 @@ def test_render_text_columns_and_marker():
     chosen = [line for line in body if line.startswith("*")]
     assert len(chosen) == 1 and chosen[0].split()[1] == "int8-iln"
     assert "-1.00" in chosen[0] and "-1.27" in chosen[0]   # ΔF1, ΔEM
-    assert "90.0" in body[0] and "12.5" in body[0]         # engine MB, build s
+    assert "85.8" in body[0] and "12.5" in body[0]         # engine MiB (90,000,000 bytes), build s
     assert body[2].rstrip().endswith("-        -")          # unknown size and build time
     assert lines[-1] == "chosen: int8-iln — fastest within ΔF1 ≥ -1 at 64×384 (1.60x the baseline fp16)"
     assert "1,000 questions" in text

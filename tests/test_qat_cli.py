@@ -11,6 +11,7 @@ from qat import read_qat_scales
 from tests.test_qat_train import model_folder, squad_examples
 
 SHAPE = ["-s", "32", "--doc-stride", "8", "--max-query-length", "6"]
+TRAIN = ["--max-steps", "2", "--batch-size", "4", "--device", "cpu", "--no-progress", *SHAPE]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def inputs(tmp_path_factory):
 def _qat(inputs, out, *extra):
     _, folder, squad, calib = inputs
     return cli.main(["qat", "--model", str(folder), "--squad", str(squad), "--calib-cache", str(calib), "-o", str(out),
-                     "--max-steps", "2", "--batch-size", "4", "--device", "cpu", "--no-progress", *SHAPE, *extra])
+                     *TRAIN, *extra])
 
 
 def test_qat_then_build_from_the_folder_without_a_calibration_cache(inputs, capsys):
@@ -67,8 +68,7 @@ def test_a_build_quantizing_sites_qat_never_trained_is_one_line_exit_2(inputs, c
 def test_finetune_writes_a_plain_folder(inputs, capsys):
     tmp, folder, squad, _ = inputs
     out = tmp / "ft"
-    assert cli.main(["finetune", "--model", str(folder), "--squad", str(squad), "-o", str(out), "--max-steps", "2",
-                     "--batch-size", "4", "--device", "cpu", "--no-progress", *SHAPE]) == 0
+    assert cli.main(["finetune", "--model", str(folder), "--squad", str(squad), "-o", str(out), *TRAIN]) == 0
     assert "finetune: wrote" in capsys.readouterr().out
     assert (out / "model.safetensors").exists() and read_qat_scales(out) is None
 
@@ -79,3 +79,37 @@ def test_an_unwritable_output_is_refused_before_training(inputs, capsys):
     assert _qat(inputs, blocker / "out") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "cannot write the QAT output folder" in err
+
+
+def test_prune_then_a_sparse_build_and_a_dense_model_refused_by_sparse(inputs, capsys):
+    tmp, folder, squad, _ = inputs
+    out = tmp / "2to4"
+    assert cli.main(["prune", "--model", str(folder), "--squad", str(squad), "-o", str(out), *TRAIN]) == 0
+    assert "prune (2:4, magnitude): wrote" in capsys.readouterr().out
+    build = ["build", "--fp16", "--sparse", "-b", "1", "-s", "32", "--device", "cpu", "-o"]
+    assert cli.main([*build, str(tmp / "sparse.engine"), "--model", str(out)]) == 0
+    assert read_header(tmp / "sparse.engine").policy["sparse"] is True
+    assert "--fp16 --sparse" in capsys.readouterr().out
+    assert cli.main([*build, str(tmp / "dense.engine"), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "are not 2:4" in err and "--prune-2to4" in err
+    assert cli.main([*build, str(tmp / "pruned.engine"), "--model", str(folder), "--prune-2to4"]) == 0
+
+
+def test_build_from_qat_scales_made_elsewhere(inputs, capsys):
+    from safetensors.torch import save_file
+
+    from model.checkpoint import load_model
+    from qat.imports import to_modelopt_state
+
+    tmp, folder, _, _ = inputs
+    scales = read_qat_scales(tmp / "qat-iln") or pytest.skip("needs the QAT folder of the first test")
+    loaded = load_model(folder)
+    state = tmp / "modelopt.safetensors"
+    save_file(to_modelopt_state(scales.spec, loaded.config), str(state))
+    engine = tmp / "imported.engine"
+    assert cli.main(["build", "--model", str(folder), "--int8", "-iln", "--qat-scales", str(state), "-b", "1", "-s",
+                     "32", "--device", "cpu", "-o", str(engine)]) == 0
+    assert "scales: QAT (imported" in capsys.readouterr().err
+    spec = read_header(engine).spec
+    assert {n: s.amax for n, s in spec.sites.items()} == {n: s.amax for n, s in scales.spec.sites.items()}

@@ -282,7 +282,7 @@ def test_the_report_tells_every_attempt():
     r = fake_result(sug)
     text, md = render_text(r), render_markdown(r, None, None)
     for out in (text, md):
-        assert "keep layer0.fc2, layer1.fc1 in FP32 (2 GEMMs)" in out
+        assert "keep layer0.fc2, layer1.fc1 out of INT8 (2 GEMMs), in FP32, this build's precision" in out
         assert "tried, in order (one build and evaluation each):" in out
         assert "trim   layer1.fc2 back to INT8" in out and "2 kept   ΔF1 -0.60   within: accepted" in out
         assert "trim   layer1.fc1 back to INT8" in out and "ΔF1 -2.10   misses: reverted" in out
@@ -356,7 +356,7 @@ def test_run_writes_table_heatmaps_and_json(tiny, tmp_path):
     assert raw["kinds"] == list(GEMMS) and len(raw["matrix_f1_drop"]) == 2
     assert raw["matrix_f1_drop"][1][2] == pytest.approx(result.only["layer1.fc1"])
     md = files["markdown"].read_text()
-    assert "| layer1 |" in md and "![F1 drop per GEMM](sensitivity.png)" in md and "## Every build" in md
+    assert "| layer1 |" in md and "![ΔF1 per GEMM](sensitivity.png)" in md and "## Every build" in md
     assert not list((tmp_path / "report").glob(".*tmp"))
 
     # Without --leave-one-out there is no second heat-map; with fewer layers, fewer rows.

@@ -200,8 +200,8 @@ def tiny_config(tiny_inputs, report_dir, lines, **over) -> SweepConfig:
     cfg = dict(model=model, calib_squad=train, eval_squad=dev, report_dir=report_dir, grid=grid,
                profiles=[(1, 32), (4, 96)], device=torch.device("cpu"), half=False, calib_num=6, eval_limit=None,
                feature_settings=SETTINGS, answer_settings=AnswerSettings(), bench_iterations=2, bench_warmup=0,
-               progress=False, say=lines.append)
-    cfg.update(over)
+               progress=False, say=lines.append, timing_tolerance=1e9)  # real timings, never "not stable": the
+    cfg.update(over)                                                      # re-timing is tests/test_new_user.py's
     return SweepConfig(**cfg)
 
 
@@ -317,10 +317,11 @@ def test_default_run_on_a_few_questions(tmp_path):
 
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr
-    assert "[1/2] row fp32: finished earlier, reusing its result" in again.stderr
-    assert "[2/2] row int8-max: finished earlier, reusing its result" in again.stderr
+    # Evaluations are reused; a row whose timing was not stable on this (shared, busy) machine is timed again.
+    assert "[1/2] row fp32: finished earlier" in again.stderr
+    assert "[2/2] row int8-max: finished earlier" in again.stderr
     assert "0 rows measured, 2 reused" in again.stderr
-    assert again.stdout.strip().splitlines()[-1] == last
+    assert again.stdout.strip().splitlines()[-1].startswith("build to ship: ")
 
 
 @pytest.mark.parametrize("extra, words", [
