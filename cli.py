@@ -45,9 +45,12 @@ def _model_flags(p, required: bool = False, default: str | None = None, help_: s
 
 def _run_flags(p, device: str = "default: cuda when a GPU is present, else cpu", precision: str | None = "any",
                batch: bool = True, fuse: bool = False) -> None:
-    """--device; --precision ("any": a model's fp32/fp16/bf16; "int8": what INT8 leaves); --batch-size; --fuse."""
+    """--device; --precision ("any": a model's fp32/fp16/bf16; "int8": what INT8 leaves); --batch-size; with
+    `fuse` (verbs that run engines): --fuse and --backend."""
     p.add_argument("--device", choices=("cpu", "cuda"), help=device)
     if fuse:
+        p.add_argument("--backend", choices=("workbench", "onnxruntime"), help="what runs an engine: our runtime "
+                       "(engine files) or ONNX Runtime (.onnx files from `cli.py export-onnx`; default: by extension)")
         p.add_argument("--fuse", action="store_true", help="CUDA: compile the engine's elementwise work into fused "
                        "kernels (TorchInductor) before capturing its CUDA graphs; slower start, faster steady state")
     if precision == "any":
@@ -113,15 +116,6 @@ def _thin(module: str, function: str, say: bool = False):
             print(out)
         return 0
     return command
-
-
-def cmd_bench(args) -> int:
-    from eval.benchmark import bench_engine_file
-
-    for lines in bench_engine_file(args.engine, device=args.device, batches=args.batch_size, seq_lens=args.seq_length,
-                                   iterations=args.iterations, warmup=args.warmup, padded=args.padded, fuse=args.fuse):
-        print(lines, flush=True)
-    return 0
 
 
 # ---------------------------------------------------------------- parser
@@ -282,22 +276,16 @@ def _train_parser(p, mode: str) -> None:
     _feature_flags(p, answers=False)
 
 
-def _build_parser(p) -> None:
+def _precision_flags(p) -> None:
+    """What a build quantizes and where its ranges come from: `cli.py build` and `cli.py export-onnx` alike."""
     a = p.add_argument
-    _model_flags(p, required=True, vocab=True,
-                 help_="BERT QA folder, or a random-weight preset (bert-base, bert-large) to time")
-    a("-o", "--output", required=True, metavar="ENGINE", help="engine file to write")
-    _run_flags(p, "where the engine will run (default: cuda when present); a cuda engine is tied to its GPU",
-               precision=None, batch=False)
     a("--fp16", action="store_true", help="run what is not INT8 in FP16 (default FP32)")
     a("--int8", action="store_true", help="INT8 GEMMs: per-channel weight scales, activation scales from --calib-cache")
     a("--strict", action="store_true", help="no fallback to higher precision (ours never falls back: only recorded)")
     a("-iln", "--int8-layernorm", dest="iln", action="store_true", help="INT8 skip-LayerNorm outputs (INT8 residual)")
     a("-imh", "--int8-mha", dest="imh", action="store_true", help="INT8 attention (Q, K, V, probabilities, context)")
-    a("-g", "--force-fc2-gemm", dest="g", action="store_true", help="FC2 on cuBLASLt, not the fused Triton kernel")
     a("--sparse", action="store_true", help="2:4-sparse GEMM weights (`cli.py prune`); dense ones are refused")
     a("--prune-2to4", action="store_true", help="with --sparse: prune dense weights by magnitude (costs accuracy)")
-    _profile_flags(p, f"profile batch size (default 1); {PAIRS}", "profile sequence length (default 128)")
     a("--calib-cache", metavar="FILE", help="calibration cache from `cli.py calibrate` (for --int8)")
     a("--qat-scales", metavar="FILE", help="for --int8: QAT ranges made elsewhere (modelopt or pytorch-quantization "
       "state dict, TensorRT demo *_amax names, fake-quant ONNX); without it or --calib-cache, a QAT folder's own")
@@ -305,8 +293,33 @@ def _build_parser(p) -> None:
       "never rounds (residual sums, GEMM outputs), with a warning")
     a("--keep-fp16", metavar="GEMMS", default="", help="mixed precision: GEMMs kept out of INT8 under --int8 (in FP16, "
       "or FP32 without --fp16), e.g. layer3.fc2,layer5.fc1 or fc2 (every layer's), as `cli.py sensitivity` suggests")
+
+
+def _build_parser(p) -> None:
+    a = p.add_argument
+    _model_flags(p, required=True, vocab=True,
+                 help_="BERT QA folder, or a random-weight preset (bert-base, bert-large) to time")
+    a("-o", "--output", required=True, metavar="ENGINE", help="engine file to write")
+    _run_flags(p, "where the engine will run (default: cuda when present); a cuda engine is tied to its GPU",
+               precision=None, batch=False)
+    _precision_flags(p)
+    a("-g", "--force-fc2-gemm", dest="g", action="store_true", help="FC2 on cuBLASLt, not the fused Triton kernel")
+    _profile_flags(p, f"profile batch size (default 1); {PAIRS}", "profile sequence length (default 128)")
     a("--timing-cache", "-tcf", "--timing-cache-file", dest="timing_cache", metavar="FILE", help="CUDA kernel "
       "timings reused across builds (default: timing.json in the workbench cache)")
+
+
+def _export_parser(p) -> None:
+    a = p.add_argument
+    _model_flags(p, required=True, help_="BERT QA folder, or a random-weight preset (bert-base, bert-large)")
+    a("-o", "--output", required=True, metavar="MODEL.onnx", help="ONNX file to write (tokenizer files beside it); "
+      "inputs input_ids, segment_ids, input_mask and outputs start_logits, end_logits, as TensorRT's BERT demo")
+    _precision_flags(p)
+    a("--opset", type=int, metavar="N", help="ONNX opset (default 17)")
+    a("--trt-cache", metavar="FILE", help="also TensorRT's calibration cache of --calib-cache under the graph's "
+      "tensor names (implicit quantization of an FP export)")
+    a("--symmetric-clamp", action="store_true", help="INT8 codes in [-127, 127] as our engines' (ONNX's "
+      "QuantizeLinear alone saturates at -128)")
 
 
 def _bench_parser(p) -> None:
@@ -339,8 +352,11 @@ VERBS = {  # name: (one-line help, the module holding its examples (shown by --h
               lambda p: _train_parser(p, "prune"), _thin("qat.run", "prune_from_flags")),
     "build": ("build an engine file (FP16/FP32, or INT8 from a calibration cache or a QAT folder)", "eval.runnables",
               _build_parser, _thin("eval.runnables", "engine_file_from_flags", say=True)),
+    "export-onnx": ("the build as explicit-quantization ONNX (Q/DQ at the build's sites) for TensorRT and ONNX "
+                    "Runtime", "interop.onnx_export", _export_parser, _thin("interop.onnx_export", "export_from_flags",
+                                                                            say=True)),
     "bench": ("time an engine: median/p95/p99 latency and throughput, the GPU's power and clock while it ran",
-              "eval.benchmark", _bench_parser, cmd_bench),
+              "eval.benchmark", _bench_parser, _thin("eval.benchmark", "bench_from_flags")),
 }
 
 

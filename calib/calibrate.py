@@ -376,3 +376,25 @@ def calibrate_from_flags(flags, say=print) -> str:
         write_trt_cache(flags.trt_cache, run.cache.ranges, run.cache.method)
         say(f"wrote TensorRT calibration cache {flags.trt_cache}")
     return "\n".join(summary_lines(run))
+
+
+def observed_amax(model, batches, smooth: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """max |x| of every tap site over the forwards of `batches` ((input_ids, token_type_ids, attention_mask)
+    tuples), of x / s at a smoothed site: the plain max ranges tests and timing runs build engines from (padded
+    positions included, unlike `calibrate`, which keeps real tokens only)."""
+    smooth = smooth or {}
+    amax: dict[str, float] = {}
+
+    def tap(name: str, x: torch.Tensor) -> torch.Tensor:
+        seen = x / smooth[name] if name in smooth else x
+        amax[name] = max(amax.get(name, 0.0), float(seen.abs().max()))
+        return x
+
+    model.tap = tap
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(*batch)
+    finally:
+        model.tap = lambda name, x: x
+    return amax

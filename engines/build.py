@@ -144,6 +144,39 @@ def quant_spec(loaded: LoadedModel, policy: PrecisionPolicy, calib: CalibrationC
     return spec_from_cache(calib, policy, loaded.config, loaded.digest)
 
 
+def load_ranges(loaded: LoadedModel, policy: PrecisionPolicy, *, calib_cache: str | None = None,
+                qat_scales: str | None = None, ignore_unmodelled: bool = False,
+                say=print) -> CalibrationCache | QatScales | None:
+    """Where a build (or an export) takes its ranges from: a calibration cache file; QAT made elsewhere
+    (`qat_scales`: qat/imports.py); else, under --int8, the model folder's own quant_spec.json (a `cli.py qat`
+    folder). None without --int8 (with a warning when ranges were given). `say` names the source."""
+    if calib_cache and qat_scales:
+        raise WorkbenchError("give --calib-cache or --qat-scales, not both")
+    if not policy.int8:
+        if calib_cache or qat_scales:
+            say(f"warning: {'--calib-cache' if calib_cache else '--qat-scales'} is not used without --int8")
+        return None
+    if calib_cache:
+        from calib.cache import load_cache
+        return load_cache(calib_cache)
+    if qat_scales:
+        from qat.imports import scales_for_build
+
+        scales = scales_for_build(qat_scales, loaded, policy, strict=policy.strict,
+                                  ignore_unmodelled=ignore_unmodelled)
+        say(f"scales: {scales.describe()}")
+        return scales
+    if loaded.model_dir is not None:
+        from qat.folder import read_qat_scales
+
+        scales = read_qat_scales(loaded.model_dir)
+        if scales is not None:
+            say(f"scales: learned by QAT ({loaded.model_dir}/quant_spec.json), trained for "
+                f"{scales.precision_policy().describe()}")
+        return scales
+    return None
+
+
 def sparse_model(loaded: LoadedModel, policy: PrecisionPolicy, prune: bool = False) -> torch.nn.Module:
     """The model whose weights the engine takes. Under --sparse every encoder GEMM weight must be 2:4: a dense one
     is refused in one line naming them, or with `prune` pruned here by magnitude (with a warning: accuracy needs

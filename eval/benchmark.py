@@ -198,20 +198,50 @@ def bench_shapes(profiles, batches=None, seq_lens=None) -> list:
             for s in seq_lens or sorted({p.seq_len for p in profiles})]
 
 
+def bench_from_flags(flags) -> None:
+    """`cli.py bench`: bench_engine_file with its flags, each block printed as soon as it is timed."""
+    for lines in bench_engine_file(flags.engine, device=flags.device, batches=flags.batch_size,
+                                   seq_lens=flags.seq_length, iterations=flags.iterations, warmup=flags.warmup,
+                                   padded=flags.padded, fuse=flags.fuse, backend=flags.backend):
+        print(lines, flush=True)
+
+
 def bench_engine_file(path, *, device: str | None = None, batches=None, seq_lens=None, iterations: int = 200,
-                      warmup: int = 20, padded: float = 0.0, fuse: bool = False):
+                      warmup: int = 20, padded: float = 0.0, fuse: bool = False, backend: str | None = None):
     """`cli.py bench`: the engine file loaded (checked) on `device` and timed at its profiles (or the -b x -s
     shapes given); its report a line (or block) at a time, as `bench_lines`."""
     from engines.build import load_runnable
     from engines.graphs import GraphRunner
     from model.runner import pick_device
 
+    from eval.runnables import runs_in_onnxruntime
+
     check_counts(iterations, warmup)
+    if runs_in_onnxruntime(path, backend):
+        yield from _bench_onnx_file(path, device, batches, seq_lens, iterations, warmup, padded)
+        return
     dev = pick_device(device)
     engine, _ = load_runnable(path, dev)
     shapes = bench_shapes(engine.header.profiles, batches, seq_lens)
     yield from bench_lines(engine, GraphRunner(engine, str(path), fuse=fuse), dev, shapes, iterations, warmup, padded,
                            name=str(path))
+
+
+def _bench_onnx_file(path, device, batches, seq_lens, iterations: int, warmup: int, padded: float):
+    """An exported model (`cli.py export-onnx`) timed in ONNX Runtime at the -b x -s shapes (default 1x128):
+    its session call, on the host clock (ONNX Runtime's run is synchronous)."""
+    from engines.engine_file import Profile
+    from interop.ort_runner import OrtForward
+
+    forward = OrtForward(path, device=device)
+    shapes = bench_shapes([Profile(1, 128)], batches, seq_lens)
+    yield (f"{path}: onnxruntime {forward.metadata.get('policy', '?')} on {forward.provider}; median of "
+           f"{iterations} after {warmup} warm-up; {f'{padded:.0%} of each sequence padded' if padded else 'no padding'}")
+    for shape in shapes:
+        x = random_inputs(shape.batch, shape.seq_len, int(forward.config()["vocab_size"]), torch.device("cpu"),
+                          padded=padded)
+        samples = time_compute(forward, x, iterations, warmup, torch.device("cpu"))
+        yield f"compute     {Latency.from_samples(shape.batch, shape.seq_len, samples).row()}"
 
 
 def bench_lines(engine, runner, device: torch.device, shapes, iterations: int, warmup: int, padded: float = 0.0,

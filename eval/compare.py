@@ -273,7 +273,7 @@ def evaluate_from_flags(flags) -> None:
     builds = load_builds(model=flags.model, engines=flags.engines, device=flags.device,
                          precision=plan.model_precision if plan else flags.precision, trust_pickle=flags.trust_pickle,
                          batch_size=flags.batch_size, max_seq_length=fs.max_seq_length, fuse=flags.fuse,
-                         vocab_file=flags.vocab_file)
+                         vocab_file=flags.vocab_file, backend=flags.backend)
     questions = Questions(squad.examples, squad.version, fs, answer_settings, cache=not flags.no_cache,
                           progress=not flags.no_progress)
     evaluate_builds(builds, questions, plan, squad_path=flags.squad, output=flags.output,

@@ -128,7 +128,8 @@ def infer_from_flags(flags) -> None:
         check_outputs(None, None, None)  # predictions.json, before anything slow
     b = load_builds(model=flags.model, engines=[flags.engine] if flags.engine else [], device=flags.device,
                     precision=flags.precision, trust_pickle=flags.trust_pickle, batch_size=flags.batch_size,
-                    max_seq_length=fs.max_seq_length, fuse=flags.fuse, vocab_file=flags.vocab_file)[0]
+                    max_seq_length=fs.max_seq_length, fuse=flags.fuse, vocab_file=flags.vocab_file,
+                    backend=flags.backend)[0]
     if flags.squad:
         from dataclasses import replace
 

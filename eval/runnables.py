@@ -34,8 +34,11 @@ CPU_FP16 = ("FP16 on the CPU is emulated and several times slower than FP32 (abo
 
 def load_builds(*, model: str | None, engines: Sequence[str] = (), device: str | None = None,
                 precision: str | None = None, trust_pickle: bool = False, batch_size: int | None = None,
-                max_seq_length: int = 384, fuse: bool = False, vocab_file: str | None = None) -> list[Build]:
-    """The model (when given), then each engine file, on `device` (default: CUDA when present)."""
+                max_seq_length: int = 384, fuse: bool = False, vocab_file: str | None = None,
+                backend: str | None = None) -> list[Build]:
+    """The model (when given), then each engine file, on `device` (default: CUDA when present). An exported
+    ONNX file (`cli.py export-onnx`, `.onnx`) runs in ONNX Runtime (interop/ort_runner.py); `backend`
+    "onnxruntime" insists on it, "workbench" on our engine files."""
     from model.runner import pick_device
 
     if not model and not engines:
@@ -45,8 +48,24 @@ def load_builds(*, model: str | None, engines: Sequence[str] = (), device: str |
     out = [model_build(model, device=device, precision=precision, trust_pickle=trust_pickle,
                        batch_size=batch_size, max_seq_length=max_seq_length, vocab_file=vocab_file)] if model else []
     dev = pick_device(device)
-    out += [engine_file_build(path, dev, max_seq_length=max_seq_length, fuse=fuse) for path in engines]
+    for path in engines:
+        if runs_in_onnxruntime(path, backend):
+            from interop.ort_runner import ort_build
+
+            out.append(ort_build(path, device=device, batch_size=batch_size, max_seq_length=max_seq_length))
+        else:
+            out.append(engine_file_build(path, dev, max_seq_length=max_seq_length, fuse=fuse))
     return out
+
+
+def runs_in_onnxruntime(path, backend: str | None = None) -> bool:
+    """Whether an engine argument is an exported ONNX file (ONNX Runtime runs it) rather than an engine file; a
+    `--backend` that does not fit the file is a one-line error."""
+    onnx = str(path).endswith(".onnx")
+    if backend is not None and onnx != (backend == "onnxruntime"):
+        raise WorkbenchError(f"{path}: --backend {backend} runs "
+                             f"{'ONNX files (cli.py export-onnx)' if backend == 'onnxruntime' else 'engine files'}")
+    return onnx
 
 
 def model_build(model: str, *, device: str | None = None, precision: str | None = None, trust_pickle: bool = False,
@@ -190,7 +209,7 @@ def engine_file_from_flags(flags, say=print) -> str:
     import time
 
     from data.tokenizer import load_wordpiece
-    from engines.build import kernel_choices
+    from engines.build import kernel_choices, load_ranges
     from engines.engine_file import Profile
     from model.checkpoint import load_model
     from model.runner import pick_device
@@ -205,7 +224,8 @@ def engine_file_from_flags(flags, say=print) -> str:
         raise WorkbenchError("--prune-2to4 prunes for a --sparse build: add --sparse")
     profiles = [Profile(b, s) for b, s in pair_profiles(flags.batch_size, flags.seq_length, [(1, 128)], 128)]
     loaded = load_model(flags.model, trust_pickle=flags.trust_pickle)
-    calib = _scales_from_flags(flags, loaded, policy, say)
+    calib = load_ranges(loaded, policy, calib_cache=flags.calib_cache, qat_scales=flags.qat_scales,
+                        ignore_unmodelled=flags.ignore_unmodelled, say=say)
     if flags.vocab_file and loaded.model_dir is None:
         raise WorkbenchError("-v/--vocab-file: a random-weight preset has no vocabulary to replace")
     wordpiece = load_wordpiece(loaded.model_dir, vocab_size=loaded.config.vocab_size,
@@ -222,36 +242,6 @@ def engine_file_from_flags(flags, say=print) -> str:
             f"{' (' + header.gpu_name + ')' if header.gpu_name else ''}, {size:.1f} MiB; engine built in "
             f"{header.build_seconds:.2f} s (the build time reports show), model and scales loaded in {loaded_s:.1f} "
             f"s, {time.perf_counter() - t0:.1f} s in all")
-
-
-def _scales_from_flags(flags, loaded, policy, say):
-    """Where `cli.py build` takes its ranges from: --calib-cache; --qat-scales (QAT made elsewhere:
-    qat/imports.py); else, under --int8, a QAT folder's own quant_spec.json. None without --int8."""
-    from calib.cache import load_cache
-
-    if (flags.calib_cache or flags.qat_scales) and not flags.int8:
-        say(f"warning: {'--calib-cache' if flags.calib_cache else '--qat-scales'} is not used without --int8")
-        return None
-    if flags.calib_cache and flags.qat_scales:
-        raise WorkbenchError("give --calib-cache or --qat-scales, not both")
-    if flags.calib_cache:
-        return load_cache(flags.calib_cache)
-    if flags.qat_scales:
-        from qat.imports import scales_for_build
-
-        scales = scales_for_build(flags.qat_scales, loaded, policy, strict=flags.strict,
-                                  ignore_unmodelled=flags.ignore_unmodelled)
-        say(f"scales: {scales.describe()}")
-        return scales
-    if flags.int8 and loaded.model_dir is not None:
-        from qat.folder import read_qat_scales
-
-        scales = read_qat_scales(loaded.model_dir)  # a `cli.py qat` folder carries its learned scales
-        if scales is not None:
-            say(f"scales: learned by QAT ({loaded.model_dir}/quant_spec.json), trained for "
-                f"{scales.precision_policy().describe()}")
-        return scales
-    return None
 
 
 def engine_profiles(build: Build) -> list[tuple[int, int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from calib.calibrate import observed_amax
 from calib.cache import CalibrationCache, TensorRange
 from quant.fakequant import fake_quant_model
 from quant.policy import PrecisionPolicy, calibration_sites
@@ -50,16 +51,7 @@ def inputs(batch=3, seq=40, seed=1, device="cpu"):
 
 def max_calibration(loaded: LoadedModel) -> CalibrationCache:
     """Ranges = the max |x| of every site on fresh random inputs (enough for checking the math)."""
-    amax: dict[str, float] = {}
-
-    def tap(name, x):
-        amax[name] = max(amax.get(name, 0.0), float(x.abs().max()))
-        return x
-
-    loaded.model.tap = tap
-    with torch.no_grad():
-        loaded.model(*inputs(batch=4, seq=48, seed=7))
-    loaded.model.tap = lambda name, x: x
+    amax = observed_amax(loaded.model, [inputs(batch=4, seq=48, seed=7)])
     assert set(amax) == set(calibration_sites(CFG.num_layers))
     return CalibrationCache({k: TensorRange(v) for k, v in amax.items()}, "max", {}, 4, loaded.digest, "d", "t")
 

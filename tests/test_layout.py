@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PRODUCT = ("calib", "common", "data", "engines", "eval", "model", "plugins", "quant", "qat")
+PRODUCT = ("calib", "common", "data", "engines", "eval", "interop", "model", "plugins", "quant", "qat")
 BENCHMARKS = ROOT / "benchmarks"
 
 

@@ -113,3 +113,23 @@ def test_build_from_qat_scales_made_elsewhere(inputs, capsys):
     assert "scales: QAT (imported" in capsys.readouterr().err
     spec = read_header(engine).spec
     assert {n: s.amax for n, s in spec.sites.items()} == {n: s.amax for n, s in scales.spec.sites.items()}
+
+
+def test_export_onnx_then_eval_and_bench_it_in_onnxruntime(inputs, capsys):
+    """Issue 22's path through the CLI: export the INT8 build, score it with ONNX Runtime beside our CPU engine."""
+    tmp, folder, squad, calib = inputs
+    onnx_file, engine = tmp / "export" / "int8.onnx", tmp / "int8.engine"
+    flags = ["--model", str(folder), "--int8", "-iln", "--calib-cache", str(calib)]
+    assert cli.main(["export-onnx", *flags, "-o", str(onnx_file), "--symmetric-clamp"]) == 0
+    assert f"exported {onnx_file}" in capsys.readouterr().out and (onnx_file.parent / "vocab.txt").exists()
+    assert cli.main(["build", *flags, "-b", "4", "-s", "32", "--device", "cpu", "-o", str(engine)]) == 0
+    capsys.readouterr()
+    metrics = tmp / "metrics.json"
+    assert cli.main(["eval", "--squad", str(squad), str(onnx_file), "--device", "cpu", "--no-progress",
+                     "--metrics-json", str(metrics), "-o", str(tmp / "pred.json"), *SHAPE]) == 0
+    assert json.loads(metrics.read_text())["n"] == 10
+    assert cli.main(["bench", "-e", str(onnx_file), "-b", "1", "-s", "32", "--iterations", "3", "--warmup", "1"]) == 0
+    assert "onnxruntime" in capsys.readouterr().out
+    assert cli.main(["eval", "--squad", str(squad), str(engine), "--backend", "onnxruntime", "--device", "cpu",
+                     *SHAPE]) == 2
+    assert "--backend onnxruntime runs ONNX files" in capsys.readouterr().err
