@@ -7,10 +7,10 @@ The grid is data: one frozen `GridRow` per build (name, precision flags, calibra
     x --sparse when the model's GEMM weights are 2:4 sparse
 
 and `--grid FILE` takes a JSON list of rows instead (see `load_grid`). Sparse rows are skipped with a message: when
-the weights are not 2:4 sparse there is nothing for sparse kernels to skip, and when they are, the engine builder
-has no sparse build yet (no row is faked).
-TODO(QAT): rows whose activation scales come from QAT (a `qat` source instead of a calibration method) once the
-workbench can load QAT scales; until then the grid has none.
+the weights are not 2:4 sparse there is nothing for sparse kernels to skip, and when they are, `build --sparse`
+would still run dense kernels on them: no sparse GEMM family is registered yet (no row is faked).
+TODO(QAT, issue 18): rows whose activation scales come from QAT (a `qat` source beside the calibration methods):
+builds take QAT folders (`cli.py qat`) now, but the sweep neither trains nor takes one yet.
 
 For each row: calibrate (one calibration per method and percentile serves every option set; caches live in the
 workbench cache directory under their key, so a later sweep reuses them), build the engine into
