@@ -198,19 +198,20 @@ def _fp_library(config, a, w, a_scale, w_scale, bias, *, residual=None, residual
                 gelu_tanh=True, out_recip=None, out_dtype=torch.float16):
     """An FP GEMM (F.linear; cuBLASLt's GELU epilogue for the tanh GELU); a residual carried as codes is
     dequantized first; the output quantized where `out_recip` is given."""
-    from plugins.common import codes_reference
-    from plugins.int8_linear import residual_codes_value
-
     if gelu and gelu_tanh:
         y = linear_gelu_tanh(a, w, bias)
     else:
         y = F.linear(a, w, bias)
         y = F.gelu(y) if gelu else y
     if residual_scale is not None:
+        from plugins.int8_linear import residual_codes_value
         y = y + residual_codes_value(residual, residual_scale).to(y.dtype)
     elif residual is not None:
         y = y + residual
-    return codes_reference(y, out_recip) if out_recip is not None else y
+    if out_recip is None:
+        return y
+    from plugins.common import codes_reference
+    return codes_reference(y, out_recip)
 
 
 def _sdpa(config, qkv, batch, heads, key_bias, *, scales=None, out_recip=None, out_dtype=torch.float16,

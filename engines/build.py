@@ -144,6 +144,21 @@ def quant_spec(loaded: LoadedModel, policy: PrecisionPolicy, calib: CalibrationC
     return spec_from_cache(calib, policy, loaded.config, loaded.digest)
 
 
+def policy_from_flags(flags) -> PrecisionPolicy:
+    """The PrecisionPolicy of `cli.py build`'s or `cli.py export-onnx`'s flags (int8, fp16, iln, imh, strict, g,
+    sparse, keep_fp16, prune_2to4; fp8 refused until the policy has FP8 builds). Absent attributes are off."""
+    from quant.policy import parse_gemm_list
+
+    if getattr(flags, "fp8", False):
+        raise WorkbenchError("--fp8: FP8 builds are not in the precision policy yet (the exporter writes FP8 Q/DQ "
+                             "for an FP8 QuantSpec, at --opset 19 or later)")
+    on = {name: bool(getattr(flags, name, False)) for name in ("int8", "fp16", "iln", "imh", "strict", "sparse")}
+    if getattr(flags, "prune_2to4", False) and not on["sparse"]:
+        raise WorkbenchError("--prune-2to4 prunes for a --sparse build: add --sparse")
+    return PrecisionPolicy(**on, fc2_library_gemm=bool(getattr(flags, "g", False)),
+                           fp16_gemms=parse_gemm_list(getattr(flags, "keep_fp16", "") or ""))
+
+
 def load_ranges(loaded: LoadedModel, policy: PrecisionPolicy, *, calib_cache: str | None = None,
                 qat_scales: str | None = None, ignore_unmodelled: bool = False,
                 say=print) -> CalibrationCache | QatScales | None:

@@ -209,19 +209,14 @@ def engine_file_from_flags(flags, say=print) -> str:
     import time
 
     from data.tokenizer import load_wordpiece
-    from engines.build import kernel_choices, load_ranges
+    from engines.build import kernel_choices, load_ranges, policy_from_flags
     from engines.engine_file import Profile
     from model.checkpoint import load_model
     from model.runner import pick_device
     from eval.sweep import pair_profiles
-    from quant.policy import PrecisionPolicy, parse_gemm_list
 
     t0, device = time.perf_counter(), pick_device(flags.device)
-    policy = PrecisionPolicy(int8=flags.int8, fp16=flags.fp16, iln=flags.iln, imh=flags.imh, strict=flags.strict,
-                             fc2_library_gemm=flags.g, fp16_gemms=parse_gemm_list(flags.keep_fp16),
-                             sparse=flags.sparse)
-    if flags.prune_2to4 and not flags.sparse:
-        raise WorkbenchError("--prune-2to4 prunes for a --sparse build: add --sparse")
+    policy = policy_from_flags(flags)
     profiles = [Profile(b, s) for b, s in pair_profiles(flags.batch_size, flags.seq_length, [(1, 128)], 128)]
     loaded = load_model(flags.model, trust_pickle=flags.trust_pickle)
     calib = load_ranges(loaded, policy, calib_cache=flags.calib_cache, qat_scales=flags.qat_scales,

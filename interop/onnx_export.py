@@ -370,18 +370,6 @@ EXAMPLES = """examples:
   python cli.py bench -e export/int8.onnx -b 1 -s 128"""
 
 
-def policy_from_flags(flags) -> PrecisionPolicy:
-    """The PrecisionPolicy of `cli.py export-onnx`'s flags (int8, fp16, iln, imh, keep_fp16, strict, sparse; fp8
-    refused until the policy has FP8 builds). Absent attributes are off."""
-    from quant.policy import parse_gemm_list
-
-    if getattr(flags, "fp8", False):
-        raise WorkbenchError("--fp8: FP8 builds are not in the precision policy yet (the exporter writes FP8 Q/DQ "
-                             "for an FP8 QuantSpec, at --opset 19 or later)")
-    on = {name: bool(getattr(flags, name, False)) for name in ("int8", "fp16", "iln", "imh", "strict", "sparse")}
-    return PrecisionPolicy(**on, fp16_gemms=parse_gemm_list(getattr(flags, "keep_fp16", "") or ""))
-
-
 def scales_from_flags(flags, loaded: LoadedModel, policy: PrecisionPolicy, say=print):
     """Where the export takes its ranges from, as `cli.py build` does (engines.build.load_ranges)."""
     from engines.build import load_ranges
@@ -403,13 +391,11 @@ def export_from_flags(flags, say=print) -> str:
 
     from calib.cache import load_cache
     from calib.trt_cache import write_trt_cache
-    from engines.build import quant_spec, sparse_model
+    from engines.build import policy_from_flags, quant_spec, sparse_model
     from model.checkpoint import load_model
 
     t0 = time.perf_counter()
     policy = policy_from_flags(flags)
-    if getattr(flags, "prune_2to4", False) and not policy.sparse:
-        raise WorkbenchError("--prune-2to4 prunes for a --sparse build: add --sparse")
     output = check_output(flags.output)
     trt_cache = getattr(flags, "trt_cache", None)
     trt_ranges = None
@@ -453,6 +439,5 @@ def export_from_flags(flags, say=print) -> str:
             f"{size:.1f} MiB, {', '.join(extra)}, in {time.perf_counter() - t0:.1f} s")
 
 
-__all__ = ["EXAMPLES", "DYNAMIC_AXES", "INPUTS", "MASK_BIAS", "OPSET", "OUTPUTS", "TOKENIZER_FILES", "check_output",
-           "copy_tokenizer", "export_from_flags", "export_onnx", "metadata", "onnx_model", "policy_from_flags",
-           "scales_from_flags", "tensor_names"]
+__all__ = ["DYNAMIC_AXES", "EXAMPLES", "INPUTS", "MASK_BIAS", "OPSET", "OUTPUTS", "TOKENIZER_FILES", "check_output",
+           "copy_tokenizer", "export_from_flags", "export_onnx", "metadata", "onnx_model", "scales_from_flags", "tensor_names"]

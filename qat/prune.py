@@ -16,7 +16,6 @@ are (the masks are the zeros of the weights themselves).
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 from typing import Iterable, Sequence
 
@@ -24,22 +23,17 @@ import torch
 
 from common.errors import WorkbenchError
 from model.bert import BertQA
-from quant.policy import GEMMS
+from quant.policy import GEMMS, check_gemm_names, names_gemm
 
 METHODS = ("magnitude", "sparsegpt")
 _MODELOPT_MODE = {"magnitude": "sparse_magnitude", "sparsegpt": "sparsegpt"}
-_GEMM_NAME = re.compile(rf"(layer\d+\.)?({'|'.join(GEMMS)})")
 
 
 def pruned_gemms(num_layers: int, exclude: Sequence[str] = ()) -> list[str]:
     """The weight names ("layers.I.GEMM.weight") of the GEMMs to prune: every encoder GEMM but those in `exclude`
     ("layer3.fc2" for one, "fc2" for that GEMM in every layer, as `--keep-fp16` names them)."""
-    bad = [g for g in exclude if not _GEMM_NAME.fullmatch(g)]
-    if bad:
-        raise WorkbenchError(f"--exclude: {bad[0]!r} is not a GEMM: use layerN.GEMM or GEMM, with GEMM one of "
-                             f"{', '.join(GEMMS)}")
-    return [f"layers.{i}.{g}.weight" for i in range(num_layers) for g in GEMMS
-            if g not in exclude and f"layer{i}.{g}" not in exclude]
+    check_gemm_names(exclude, "--exclude")
+    return [f"layers.{i}.{g}.weight" for i in range(num_layers) for g in GEMMS if not names_gemm(exclude, i, g)]
 
 
 def prune_2to4(model: BertQA, method: str = "magnitude", exclude: Sequence[str] = (),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Container, Mapping
+from typing import Container, Mapping, Sequence
 
 from common.errors import WorkbenchError
 from model.bert import all_sites
@@ -48,10 +48,7 @@ class PrecisionPolicy:
         if (self.iln or self.imh) and not self.int8:
             raise WorkbenchError("-iln and -imh quantize on top of --int8: add --int8")
         object.__setattr__(self, "fp16_gemms", tuple(sorted(set(self.fp16_gemms))))  # JSON gives lists
-        bad = [g for g in self.fp16_gemms if not _GEMM_NAME.fullmatch(g)]
-        if bad:
-            raise WorkbenchError(f"--keep-fp16: {bad[0]!r} is not a GEMM: use layerN.GEMM or GEMM, with GEMM one of "
-                                 f"{', '.join(GEMMS)}")
+        check_gemm_names(self.fp16_gemms, "--keep-fp16")
         if self.fp16_gemms and not self.int8:
             raise WorkbenchError("--keep-fp16 keeps GEMMs out of INT8: it needs --int8")
 
@@ -64,7 +61,7 @@ class PrecisionPolicy:
 
     def quantizes_gemm(self, layer: int, gemm: str) -> bool:
         """Whether this GEMM runs in INT8 (its input site and its weights quantized)."""
-        return self.int8 and gemm not in self.fp16_gemms and f"layer{layer}.{gemm}" not in self.fp16_gemms
+        return self.int8 and not names_gemm(self.fp16_gemms, layer, gemm)
 
     def quantized_gemms(self, num_layers: int) -> list[tuple[int, str, str]]:
         """(layer, GEMM, its input site) of every GEMM these flags quantize, in forward order."""
@@ -131,6 +128,19 @@ class PrecisionPolicy:
         if self.fp16_gemms:
             flags.append("--keep-fp16 " + ",".join(self.fp16_gemms))
         return " ".join(flags) or "fp32"
+
+
+def check_gemm_names(names: Sequence[str], flag: str) -> None:
+    """GEMM lists (--keep-fp16, prune's --exclude) name "layerN.GEMM" (one) or "GEMM" (that GEMM in every layer)."""
+    bad = [g for g in names if not _GEMM_NAME.fullmatch(g)]
+    if bad:
+        raise WorkbenchError(f"{flag}: {bad[0]!r} is not a GEMM: use layerN.GEMM or GEMM, with GEMM one of "
+                             f"{', '.join(GEMMS)}")
+
+
+def names_gemm(names: Sequence[str], layer: int, gemm: str) -> bool:
+    """Whether a GEMM list (check_gemm_names) names layer `layer`'s `gemm`."""
+    return gemm in names or f"layer{layer}.{gemm}" in names
 
 
 def parse_gemm_list(text: str) -> tuple[str, ...]:
