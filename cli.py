@@ -175,13 +175,15 @@ def _sweep_parser(p) -> None:
     from eval.sweep import METHODS, OPTION_SETS, shown
 
     a = p.add_argument
-    _model_flags(p, default=str(DEFAULT_MODEL))
+    _model_flags(p, default=str(DEFAULT_MODEL), vocab=True)
     a("--calib-squad", default=str(CALIB), metavar="FILE", help=f"calibrate on it (default {shown(CALIB)})")
     a("--eval-squad", default=str(DEV), metavar="FILE", help=f"evaluate on it (default {shown(DEV)}: SQuAD v1.1 dev)")
     a("--grid", default="default", metavar="default|FILE",
       help="the builds: the default grid, or a JSON file listing rows (see eval/sweep.py load_grid)")
-    a("--methods", nargs="+", choices=[*METHODS, "percentile"], metavar="METHOD",
-      help=f"only INT8 rows calibrated by these ({', '.join(METHODS)}; percentile = both)")
+    a("--methods", nargs="+", choices=[*METHODS, "percentile", "qat"], metavar="METHOD",
+      help=f"only INT8 rows calibrated by these ({', '.join(METHODS)}; percentile = both; qat: a grid's QAT rows)")
+    a("--qat", nargs="+", metavar="DIR", help="add an INT8 row per `cli.py qat` folder: its weights and learned "
+      "scales, built with the flags it was trained for (int8-qat[-iln|-imh|-iln-imh]), no calibration")
     a("--options", nargs="+", choices=list(OPTION_SETS), metavar="OPTIONS",
       help=f"only INT8 rows with these option sets ({', '.join(OPTION_SETS)})")
     _profile_flags(p, f"profile batch size; {PAIRS} (default: 1x128 and 64x384 on CUDA, 1x384 on the CPU)",
@@ -201,7 +203,7 @@ def _sensitivity_parser(p) -> None:
     from eval.sweep import DEFAULT_EVAL_SQUAD as DEV, DEFAULT_MODEL, shown
 
     a = p.add_argument
-    _model_flags(p, default=str(DEFAULT_MODEL))
+    _model_flags(p, default=str(DEFAULT_MODEL), vocab=True)
     a("--calib-cache", required=True, metavar="FILE", help="this model's cache from `cli.py calibrate`")
     _squad_flag(p, f"evaluate on it (default {shown(DEV)}: SQuAD v1.1 dev)", default=str(DEV))
     a("--limit", metavar="N|all", help="evaluate the first N questions (default 50 on the CPU, all on CUDA)")
@@ -247,7 +249,7 @@ def _train_parser(p, mode: str) -> None:
     """`cli.py qat`, `finetune` and `prune`: one training loop (qat/train.py), with or without fake quantization."""
     a, qat = p.add_argument, mode == "qat"
     _squad_flag(p, "SQuAD JSON to train on (train, not the evaluation set)", required=True)
-    _model_flags(p, required=True)
+    _model_flags(p, required=True, vocab=True)
     if mode == "prune":
         a("--method", choices=("magnitude", "sparsegpt"), default="magnitude", help="which 2 of each 4 weights stay "
           "(nvidia-modelopt: largest |w|, or SparseGPT on the first training windows; default magnitude)")

@@ -116,8 +116,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="profile.md")
     ap.add_argument("--parts", nargs="+", default=["ceilings", "gemms", "attention", "engines"])
-    ap.add_argument("--variants", nargs="+", default=["fp16 fused", "int8"], help="fp16|int8|int8 -iln [fused]")
-    ap.add_argument("--preset", default="bert-large")
+    ap.add_argument("--variants", nargs="+", default=["fp16 fused", "int8"], help="fp16|int8|int8 -iln|int8 -iln -imh [fused]")
+    ap.add_argument("--preset", default="bert-large", help="a preset or a model folder")
     ap.add_argument("--shapes", nargs="+", default=["128x384", "1x128"])
     args = ap.parse_args(argv)
     lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
@@ -131,7 +131,8 @@ def main(argv=None) -> None:
     if "engines" in args.parts:
         for variant in args.variants:
             base = variant.removesuffix(" fused")
-            policy = PrecisionPolicy(fp16=True, int8=base.startswith("int8"), iln="-iln" in base)
+            policy = PrecisionPolicy(fp16=True, int8=base.startswith("int8"), iln="-iln" in base,
+                                     imh="-imh" in base)
             for shape in args.shapes:
                 steps.append(lambda p=policy, l=base, s=Profile(*map(int, shape.split("x"))), f=variant.endswith(
                     " fused"): engine_profile(lines, args.preset, p, l, s, f))

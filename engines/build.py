@@ -63,7 +63,7 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
     header = EngineHeader(
         model_config=cfg.to_json(), policy=_policy_json(policy), profiles=tuple(profiles), quant=spec.to_json(),
         model_digest=loaded.digest,
-        calib_digest=calib.key() if isinstance(calib, CalibrationCache) and policy.int8 else None,
+        calib_digest=calib.key() if calib is not None and policy.int8 else None,
         device=device.type, gpu_name=gpu[0] if gpu else None, compute_capability=gpu[1] if gpu else None,
         versions=_versions(), kernels=_kernels(cfg.num_layers, policy, device),
         build_seconds=0.0, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=loaded.source,

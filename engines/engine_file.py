@@ -54,7 +54,7 @@ class EngineHeader:
     profiles: tuple[Profile, ...]
     quant: dict                   # quant.spec.QuantSpec.to_json(): each quantized site's format and amax
     model_digest: str
-    calib_digest: str | None      # the calibration cache's key; None without INT8
+    calib_digest: str | None      # the key of its ranges (calibration cache or QAT scales); None without INT8
     device: str                   # "cuda" or "cpu": where it was built to run
     gpu_name: str | None          # torch.cuda.get_device_name() for cuda engines
     compute_capability: str | None  # e.g. "9.0"

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from calib.cache import CalibrationCache
+    from qat.folder import QatScales
     from eval.measure import Build, Measured, Questions
 
 # Timed runs per profile: a few on the CPU (CI, laptops: each forward takes a fraction of a second), enough on CUDA
@@ -74,8 +75,9 @@ def latency_line(latency: Sequence[ProfileLatency]) -> str:
                      for lat in latency)
 
 
-def describe_calibration(cache: CalibrationCache | None) -> str:
-    """The report's calibration column: "entropy (100 q)", "percentile 99.9 (100 q)", or "-" without INT8."""
+def describe_calibration(cache: CalibrationCache | QatScales | None) -> str:
+    """The report's calibration column: "entropy (100 q)", "percentile 99.9 (100 q)", "QAT (learned)", or "-"
+    without INT8."""
     return "-" if cache is None else cache.describe()
 
 

@@ -88,7 +88,8 @@ EXAMPLES = """examples:
   python cli.py sensitivity --model DIR --calib-cache calib.json --squad dev.json --max-f1-drop 0.5 \\
       --report-dir sens/                                      # the table, sensitivity.png, sensitivity.json
   python cli.py sensitivity --calib-cache calib.json -iln --leave-one-out   # also all-but-one builds
-  python cli.py sensitivity --calib-cache calib.json --device cpu --limit 20 --layers 0,5"""
+  python cli.py sensitivity --calib-cache calib.json --device cpu --limit 20 --layers 0,5
+  python cli.py sensitivity -c DIR -v vocab.txt --calib-cache calib.json   # TensorRT demo spellings"""
 
 
 # ------------------------------------------------------------------------------------------------ names
@@ -394,6 +395,7 @@ class SensitivityConfig:
     feature_cache: bool = True
     progress: bool = True
     trust_pickle: bool = False
+    vocab_file: str | None = None               # -v: a vocab.txt instead of the model folder's tokenizer
     say: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr, flush=True))
 
 
@@ -473,8 +475,8 @@ def cpu_notice(device: torch.device, limit: int | None, *, limit_given: bool, pr
 def config_from_flags(flags, feature_settings, answer_settings) -> tuple[SensitivityConfig, str | None]:
     """`cli.py sensitivity`'s parsed flags (an argparse.Namespace: model, calib_cache, squad, limit, iln, imh,
     options, layers, leave_one_out, no_groups, max_f1_drop, refine, trim, report_dir, device, precision,
-    batch_size, no_cache, no_progress, trust_pickle) as a SensitivityConfig, and the notice of what a CPU run
-    does differently (None on CUDA, or when the flags said it all)."""
+    batch_size, no_cache, no_progress, trust_pickle, vocab_file) as a SensitivityConfig, and the notice of what a
+    CPU run does differently (None on CUDA, or when the flags said it all)."""
     from model.runner import pick_device
 
     device = pick_device(flags.device)
@@ -490,7 +492,8 @@ def config_from_flags(flags, feature_settings, answer_settings) -> tuple[Sensiti
         feature_settings=feature_settings, answer_settings=answer_settings, iln=flags.iln or iln,
         imh=flags.imh or imh, layers=flags.layers, groups=not flags.no_groups, leave_one_out=flags.leave_one_out,
         max_f1_drop=flags.max_f1_drop, refine=flags.refine, trim=flags.trim, batch_size=flags.batch_size,
-        feature_cache=not flags.no_cache, progress=not flags.no_progress, trust_pickle=flags.trust_pickle), notice
+        feature_cache=not flags.no_cache, progress=not flags.no_progress, trust_pickle=flags.trust_pickle,
+        vocab_file=getattr(flags, "vocab_file", None)), notice
 
 
 def describe(policy: PrecisionPolicy, num_layers: int) -> str:
@@ -553,7 +556,7 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
 
     _check_config(cfg)
     calib = load_cache(cfg.calib_cache)
-    loaded, wordpiece = load_calibration_model(cfg.model, trust_pickle=cfg.trust_pickle)
+    loaded, wordpiece = load_calibration_model(cfg.model, trust_pickle=cfg.trust_pickle, vocab_file=cfg.vocab_file)
     check_fits(loaded, cfg.feature_settings)
     num_layers = loaded.config.num_layers
     layers = parse_layers(cfg.layers, num_layers)
@@ -586,7 +589,8 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
            if cfg.leave_one_out else None)
     suggestion, extra = _suggest(cfg, ev, num_layers, layers, baseline, all_int8, floor_m, only)
     settings = {
-        "model": str(loaded.source), "model_digest": loaded.digest,
+        "model": str(loaded.source), "model_digest": loaded.digest, "vocab_file": cfg.vocab_file,
+        "tokenizer_digest": wordpiece.digest,
         "calib_cache": str(cfg.calib_cache), "calibration": describe_calibration(calib), "calib_key": calib.key(),
         "squad": str(squad.path), "squad_digest": squad.digest, "limit": cfg.limit, "questions": len(squad.examples),
         "features": len(features), "device": cfg.device.type, "precision": precision, "iln": cfg.iln,
@@ -713,7 +717,8 @@ def _trim(cfg: SensitivityConfig, keep: list[str], costs: Mapping[str, float],
 
 
 def _build_command(cfg: SensitivityConfig, keep: Sequence[str], num_layers: int, batch: int) -> str:
-    parts = ["python", "cli.py", "build", "--model", _quote(str(cfg.model)), "--int8"]
+    parts = ["python", "cli.py", "build", "--model", _quote(str(cfg.model))]
+    parts += ["-v", _quote(str(cfg.vocab_file)), "--int8"] if cfg.vocab_file else ["--int8"]
     parts += [f for f, on in (("--fp16", cfg.half), ("-iln", cfg.iln), ("-imh", cfg.imh)) if on]
     parts += ["--calib-cache", _quote(str(cfg.calib_cache))]
     if keep:

@@ -1,6 +1,7 @@
 """The sweep (`cli.py sweep`): build the standard grid of builds, evaluate and time each, and pick the one to ship.
 
-The grid is data: one frozen `GridRow` per build (name, precision flags, calibration method). The default grid is
+The grid is data: one frozen `GridRow` per build (name, precision flags, and for INT8 a calibration method or a
+QAT folder). The default grid is
 
     fp16 (the baseline; fp32 on the CPU, where FP16 arithmetic is emulated and slower than FP32)
     INT8 x {entropy, entropy --smooth, percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}
@@ -9,18 +10,24 @@ The grid is data: one frozen `GridRow` per build (name, precision flags, calibra
 and `--grid FILE` takes a JSON list of rows instead (see `load_grid`). Sparse rows are skipped with a message: when
 the weights are not 2:4 sparse there is nothing for sparse kernels to skip, and when they are, `build --sparse`
 would still run dense kernels on them: no sparse GEMM family is registered yet (no row is faked).
-TODO(QAT, issue 18): rows whose activation scales come from QAT (a `qat` source beside the calibration methods):
-builds take QAT folders (`cli.py qat`) now, but the sweep neither trains nor takes one yet.
+
+QAT rows (`--qat DIR`, or "qat": "DIR" in a grid file): `qat` is a scale source beside the calibration methods. A
+`cli.py qat` folder holds trained weights and learned scales (quant_spec.json), so its row builds from that folder,
+not from the sweep's model: no calibration runs, the engine takes the folder's weights and scales (as `cli.py build
+--model QATDIR --int8` does), and the row key and the engine-reuse check hold the folder's weights digest and
+`QatScales.key()`. `--qat` rows get the flags the folder was trained for (`qat_rows`). The folder must be of the
+sweep model's architecture and tokenizer (checked before anything slow runs), so the featurized questions serve it
+too and its ΔF1 is against the same baseline (the base model's FP16 row); the sweep does not train.
 
 For each row: calibrate (one calibration per method and percentile serves every option set; caches live in the
 workbench cache directory under their key, so a later sweep reuses them), build the engine into
 `REPORT_DIR/engines/NAME.engine` (an engine already there is reused when its header's model digest, calibration
-key, policy, profiles, device and workbench version match), evaluate it and time it at every profile (eval.measure;
-`REPORT_DIR/predictions/NAME.json`; the questions are featurized once for every row), and store the
-row as `REPORT_DIR/rows/NAME.json` (atomically) with a key of everything its accuracy depends on (model digest,
-calibration key, policy, profiles, the evaluation file's digest and question limit, feature and answer settings,
-device type and GPU, workbench version) and a timing key (the machine: CPU model, cores and torch threads, or GPU;
-library versions; the timing settings). A rerun skips every row whose stored keys match ("finished earlier"),
+key, policy, profiles, device and workbench version, and its embedded tokenizer, match), evaluate it and time it
+at every profile (eval.measure; `REPORT_DIR/predictions/NAME.json`; the questions are featurized once for every
+row), and store the row as `REPORT_DIR/rows/NAME.json` (atomically) with a key of everything its accuracy depends
+on (model and tokenizer digests, calibration key, policy, profiles, the evaluation file's digest and question
+limit, feature and answer settings, device type and GPU, workbench version) and a timing key (the machine: CPU
+model, cores and torch threads, or GPU; library versions; the timing settings). A rerun skips every row whose stored keys match ("finished earlier"),
 recomputes those whose inputs changed, and re-times (reusing the accuracy) those timed on another machine or whose
 timing was not stable, so an interrupted sweep resumes where it stopped and no figure from another device or a
 noisy moment is kept.
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -104,6 +112,8 @@ DESCRIPTION = (
     "the fastest build within the F1 budget. The default grid: FP16; INT8 x {entropy, entropy --smooth 0.8, "
     "percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}; x --sparse when the model's "
     "GEMM weights are 2:4 sparse (sparse engines are not available yet: those rows are skipped, with the reason). "
+    "--qat DIR adds an INT8 row per `cli.py qat` folder: its trained weights and learned scales, built with the "
+    "flags it was trained for, no calibration. "
     "Calibration caches, kernel timings and featurized questions are reused from the workbench cache. Resumable: "
     "each finished row is stored in REPORT_DIR/rows/ with a key of all its inputs, and a rerun skips the rows whose "
     "inputs did not change. Without arguments it runs on the model and SQuAD files in assets/, on CUDA when "
@@ -116,8 +126,10 @@ EXAMPLES = """examples:
   python cli.py sweep --model DIR --calib-squad train.json --eval-squad dev.json -b 1 -s 128 -b 64 -s 384 \\
       --report-dir report/
   python cli.py sweep --methods entropy max --options plain iln --eval-limit 500
+  python cli.py sweep --methods entropy-sm --qat out/qat-iln-imh   # + int8-qat-iln-imh: QAT's weights and scales
   python cli.py sweep --grid grid.json    # a JSON list of rows, e.g.
-      # [{"name": "fp16", "fp16": true}, {"name": "int8-mse-iln", "int8": true, "method": "mse", "iln": true}]"""
+      # [{"name": "fp16", "fp16": true}, {"name": "int8-mse-iln", "int8": true, "method": "mse", "iln": true},
+      #  {"name": "int8-qat", "int8": true, "iln": true, "imh": true, "qat": "out/qat-iln-imh"}]"""
 
 
 def shown(path: str | Path) -> str:
@@ -193,24 +205,39 @@ class GridRow:
     method: str | None = None          # calibration method of an INT8 row
     percentile: float | None = None    # for method "percentile" (default 99.99)
     smooth: float | None = None        # calibrate --smooth ALPHA (None: off)
+    qat: str | None = None             # a `cli.py qat` folder: its weights and learned scales instead of `method`
     baseline: bool = False             # the row the others are compared with
 
     def __post_init__(self) -> None:
         where = f"grid row {self.name!r}"
         check_name(self.name, "grid row name")
         object.__setattr__(self, "keep_fp16", tuple(self.keep_fp16))
-        if self.int8 and self.method is None:
-            raise WorkbenchError(f"{where}: an INT8 row needs a calibration method ({', '.join(CALIBRATION_METHODS)})")
+        if self.qat is not None:
+            object.__setattr__(self, "qat", str(self.qat))
+        if self.int8 and self.method is None and self.qat is None:
+            raise WorkbenchError(f"{where}: an INT8 row needs a calibration method ({', '.join(CALIBRATION_METHODS)}) "
+                                 "or a QAT folder (qat)")
         if not self.int8:
             extra = [f for f, on in (("method", self.method is not None), ("iln", self.iln), ("imh", self.imh),
                                      ("keep_fp16", bool(self.keep_fp16)), ("sparse", self.sparse),
                                      ("percentile", self.percentile is not None),
-                                     ("smooth", self.smooth is not None)) if on]
+                                     ("smooth", self.smooth is not None), ("qat", self.qat is not None)) if on]
             if extra:
                 raise WorkbenchError(f"{where}: {extra[0]} applies to INT8 rows only (add \"int8\": true)")
             return
         if self.baseline:
             raise WorkbenchError(f"{where}: the baseline is a build without INT8")
+        if self.qat is not None:
+            if self.method is not None:
+                raise WorkbenchError(f"{where}: give a calibration method or a QAT folder (qat), not both")
+            extra = [f for f, on in (("percentile", self.percentile is not None), ("smooth", self.smooth is not None))
+                     if on]
+            if extra:
+                raise WorkbenchError(f"{where}: {extra[0]} applies to calibrated rows; a QAT row's scales come from "
+                                     "its folder")
+            if not self.qat:
+                raise WorkbenchError(f"{where}: qat must name a `cli.py qat` folder")
+            return
         if self.method not in CALIBRATION_METHODS:
             raise WorkbenchError(f"{where}: unknown calibration method {self.method!r} "
                                  f"(one of {', '.join(CALIBRATION_METHODS)})")
@@ -232,7 +259,9 @@ class GridRow:
 
     @property
     def method_tag(self) -> str | None:
-        """entropy, p99.9, p99.99, mse, max (+ "-sm" when smoothed): what --methods selects."""
+        """entropy, p99.9, p99.99, mse, max (+ "-sm" when smoothed), or qat: what --methods selects."""
+        if self.qat is not None:
+            return "qat"
         tag = f"p{self.percentile:g}" if self.method == "percentile" else self.method
         return tag + ("-sm" if self.smooth is not None else "") if tag else None
 
@@ -258,7 +287,7 @@ class GridRow:
     def calibration_spec(self, calib_num: int, seed: int, features):
         from calib.calibrate import CalibrationSpec
 
-        if not self.int8:
+        if not self.int8 or self.qat is not None:
             return None
         return CalibrationSpec(self.method, calib_num, seed, self.percentile if self.percentile is not None else 99.99,
                                features=features, smooth=self.smooth)
@@ -268,7 +297,8 @@ _ROW_FIELDS = {f.name: f for f in fields(GridRow)}
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "int8": (bool,), "fp16": (bool, type(None)), "iln": (bool,), "imh": (bool,),
     "fc2_library_gemm": (bool,), "keep_fp16": (list,), "sparse": (bool,), "method": (str, type(None)),
-    "percentile": (int, float, type(None)), "smooth": (int, float, type(None)), "baseline": (bool,),
+    "percentile": (int, float, type(None)), "smooth": (int, float, type(None)), "qat": (str, type(None)),
+    "baseline": (bool,),
 }
 
 
@@ -293,10 +323,13 @@ def load_grid(path: str | Path) -> list[GridRow]:
     """A grid file: a JSON list of rows (or {"rows": [...]}), each {"name": ..., "int8": ..., "method": ...}.
 
     Fields: name, int8, fp16 (omitted: the sweep's precision), iln, imh, fc2_library_gemm, keep_fp16 (GEMM names),
-    sparse, method (entropy, percentile, mse, max), percentile (default 99.99), smooth (alpha), baseline. Example:
+    sparse, method (entropy, percentile, mse, max), percentile (default 99.99), smooth (alpha), qat (a `cli.py qat`
+    folder, relative to the working directory: its weights and learned scales instead of a method; the row's flags
+    may quantize no site the folder has no range for), baseline. Example:
         [{"name": "fp16", "fp16": true},
          {"name": "int8-entropy-iln", "int8": true, "method": "entropy", "iln": true},
-         {"name": "int8-p99.9", "int8": true, "method": "percentile", "percentile": 99.9}]
+         {"name": "int8-p99.9", "int8": true, "method": "percentile", "percentile": 99.9},
+         {"name": "int8-qat-iln", "int8": true, "iln": true, "qat": "out/qat-iln"}]
     """
     obj = read_json(path, "grid file")
     rows = obj.get("rows") if isinstance(obj, dict) else obj
@@ -349,12 +382,52 @@ def baseline_row(grid: Sequence[GridRow]) -> GridRow:
 
 def select_rows(grid: Sequence[GridRow], methods: Sequence[str] | None = None,
                 options: Sequence[str] | None = None) -> list[GridRow]:
-    """INT8 rows restricted to the given method tags (`percentile` = every percentile) and option sets; rows
-    without INT8 (the baseline) always stay."""
+    """INT8 rows restricted to the given method tags (`percentile` = every percentile, `qat` = the QAT rows) and
+    option sets; rows without INT8 (the baseline) always stay."""
     def method_ok(r: GridRow) -> bool:
         return methods is None or r.method_tag in methods or ("percentile" in methods and r.method == "percentile")
 
     return [r for r in grid if not r.int8 or (method_ok(r) and (options is None or r.options_tag in options))]
+
+
+def read_qat_folder(folder: str | Path):
+    """The learned scales (qat.folder.QatScales) of a `cli.py qat` folder; a missing folder or a plain model folder
+    (no quant_spec.json: nothing to build INT8 from) is a one-line error naming it."""
+    from qat.folder import QUANT_SPEC_NAME, read_qat_scales
+
+    if not Path(folder).is_dir():
+        raise WorkbenchError(f"{folder}: QAT folder not found (expected a `cli.py qat` output folder)")
+    scales = read_qat_scales(folder)
+    if scales is None:
+        raise WorkbenchError(f"{folder}: no {QUANT_SPEC_NAME}: a plain model folder, not a `cli.py qat` output "
+                             "(a QAT row needs its learned scales)")
+    return scales
+
+
+def qat_rows(folders: Sequence[str | Path], grid: Sequence[GridRow] = ()) -> list[GridRow]:
+    """--qat: one INT8 row per `cli.py qat` folder, with the flags it was trained for (-iln, -imh, --keep-fp16),
+    named int8-qat[-OPTIONS]; where two rows (or one of `grid`'s) would share a name, the folder's name is added."""
+    rows, seen = [], set()
+    for folder in folders:
+        if Path(folder).resolve() in seen:
+            raise WorkbenchError(f"{folder}: --qat names this folder twice")
+        seen.add(Path(folder).resolve())
+        flags = read_qat_folder(folder).policy
+        row = GridRow("int8-qat", int8=True, iln=flags["iln"], imh=flags["imh"],
+                      keep_fp16=tuple(flags["fp16_gemms"]), qat=str(folder))
+        rows.append(row if row.options_tag == "plain" else replace(row, name=f"int8-qat-{row.options_tag}"))
+    names, taken, out = [r.name for r in rows], {r.name for r in grid}, []
+    for row in rows:
+        name = row.name
+        if name in taken or names.count(name) > 1:
+            tail = re.sub(r"[^A-Za-z0-9._+-]+", "-", Path(row.qat).resolve().name).strip("-._+") or "folder"
+            name = base = f"{name}-{tail}"
+            n = 2
+            while name in taken:  # two folders of the same name
+                name, n = f"{base}-{n}", n + 1
+        taken.add(name)
+        out.append(replace(row, name=name))
+    return out
 
 
 # -------------------------------------------------------------------------------------------------- settings
@@ -407,6 +480,7 @@ class SweepConfig:
     feature_cache: bool = True
     progress: bool = True
     trust_pickle: bool = False
+    vocab_file: str | None = None    # -v: a vocab.txt instead of the model folder's tokenizer (QAT rows must match)
     say: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr, flush=True))
     on_row_done: Callable[[str], None] | None = None  # called after each row is stored (tests interrupt here)
     timing_tolerance: float | None = None  # rounds agree within it (None: eval.benchmark.STABLE_DEFAULTS)
@@ -424,9 +498,10 @@ class SweepResult:
 
 def config_from_flags(flags, feature_settings, answer_settings) -> tuple[SweepConfig, str | None]:
     """`cli.py sweep`'s parsed flags (an argparse.Namespace: model, calib_squad, eval_squad, report_dir, grid,
-    methods, options, batch_size, seq_length, precision, calib_num, seed, eval_limit, max_f1_drop, profile,
-    bench_iterations, bench_warmup, device, force, no_cache, no_progress, trust_pickle) as a SweepConfig, and the
-    notice of what a CPU run leaves out (None on CUDA, or when the flags said it all)."""
+    methods, options, qat, batch_size, seq_length, precision, calib_num, seed, eval_limit, max_f1_drop, profile,
+    bench_iterations, bench_warmup, device, force, no_cache, no_progress, trust_pickle, vocab_file) as a SweepConfig,
+    and the notice of what a CPU run leaves out (None on CUDA, or when the flags said it all). The --qat rows come
+    after the rows --methods/--options select."""
     from eval.report import parse_profile
     from model.runner import pick_device
 
@@ -436,14 +511,15 @@ def config_from_flags(flags, feature_settings, answer_settings) -> tuple[SweepCo
                         bench_iterations=flags.bench_iterations, bench_warmup=flags.bench_warmup,
                         max_seq_length=feature_settings.max_seq_length)
     grid = default_grid(s.half) if flags.grid == "default" else load_grid(flags.grid)
+    grid = select_rows(grid, flags.methods, flags.options)
     cfg = SweepConfig(
         model=flags.model, calib_squad=flags.calib_squad, eval_squad=flags.eval_squad, report_dir=flags.report_dir,
-        grid=select_rows(grid, flags.methods, flags.options), profiles=s.profiles, device=device, half=s.half,
+        grid=grid + qat_rows(getattr(flags, "qat", None) or (), grid), profiles=s.profiles, device=device, half=s.half,
         calib_num=s.calib_num, eval_limit=s.eval_limit, feature_settings=feature_settings,
         answer_settings=answer_settings, bench_iterations=s.iterations, bench_warmup=s.warmup, seed=flags.seed,
         max_f1_drop=flags.max_f1_drop, selection_profile=parse_profile(flags.profile) if flags.profile else None,
         force=flags.force, feature_cache=not flags.no_cache, progress=not flags.no_progress,
-        trust_pickle=flags.trust_pickle)
+        trust_pickle=flags.trust_pickle, vocab_file=getattr(flags, "vocab_file", None))
     return cfg, cpu_notice(device, s, device_given=bool(flags.device))
 
 
@@ -474,12 +550,14 @@ def timing_key(machine: dict, bench: tuple[int, int], tolerance: float) -> dict:
 
 def row_key(*, model_digest: str, calibration_key: str | None, policy, profiles: Sequence[tuple[int, int]],
             eval_digest: str, eval_limit: int | None, n_questions: int, feature_settings, answer_settings,
-            device: dict) -> dict:
+            device: dict, tokenizer_digest: str | None = None) -> dict:
     """Everything a stored row's accuracy depends on; a rerun reuses the row only when all of it is equal (its
-    latency also needs an equal `timing_key`)."""
+    latency also needs an equal `timing_key`). The tokenizer is there for the rows without a calibration key
+    (the baseline, QAT rows): -v changes it and not the weights."""
     return _plain_json({
         "workbench": __version__,
         "model_digest": model_digest,
+        "tokenizer": tokenizer_digest,
         "calibration_key": calibration_key,
         "policy": asdict(policy),
         "profiles": [list(p) for p in profiles],
@@ -538,12 +616,19 @@ def stored_row(path: Path, key: dict, timing: dict | None = None) -> tuple[Build
 # ------------------------------------------------------------------------------------------------- the sweep
 
 def _engine_mismatch(path: Path, *, model_digest: str, calibration_key: str | None, policy,
-                     profiles: Sequence[tuple[int, int]], device: torch.device) -> str | None:
-    """Why the engine at `path` cannot serve this row (None: it can)."""
+                     profiles: Sequence[tuple[int, int]], device: torch.device,
+                     tokenizer: str | None = None) -> str | None:
+    """Why the engine at `path` cannot serve this row (None: it can). `tokenizer` (serialized): the one it must
+    embed, which its header does not name (-v changes it and not the weights)."""
+    from safetensors import safe_open
+
+    from engines.build import TOKENIZER_TENSOR
     from engines.engine_file import read_header, this_gpu
 
     try:
         h = read_header(path)
+        with safe_open(str(path), framework="pt") as f:
+            embedded = bytes(f.get_tensor(TOKENIZER_TENSOR).numpy()) if TOKENIZER_TENSOR in f.keys() else None
     except WorkbenchError as e:
         return f"unreadable ({e})"
     gpu = this_gpu(device) if device.type == "cuda" else None
@@ -554,6 +639,7 @@ def _engine_mismatch(path: Path, *, model_digest: str, calibration_key: str | No
         ("profiles", [(p.batch, p.seq_len) for p in h.profiles] == [tuple(p) for p in profiles]),
         ("device", h.device == device.type and (gpu is None or (h.gpu_name, h.compute_capability) == gpu)),
         ("workbench version", h.versions.get("workbench") == __version__),
+        ("tokenizer", tokenizer is None or embedded == tokenizer.encode()),
     )
     bad = [what for what, ok in checks if not ok]
     return f"built from other inputs ({', '.join(bad)})" if bad else None
@@ -572,6 +658,7 @@ class _Inputs:
     skipped: list[str]               # sparse rows
     baseline: GridRow
     eval_batch: int                  # features per forward: the largest batch of the profiles that serve -s
+    qat: dict[str, Any] = field(default_factory=dict)  # QAT row name -> its folder's qat.folder.QatScales
 
 
 def _check_config(cfg: SweepConfig) -> tuple[GridRow, int]:
@@ -603,14 +690,15 @@ def _load_inputs(cfg: SweepConfig) -> _Inputs:
     from data.squad import load_squad
 
     baseline, eval_batch = _check_config(cfg)
-    loaded, wordpiece = load_calibration_model(cfg.model, trust_pickle=cfg.trust_pickle)
+    loaded, wordpiece = load_calibration_model(cfg.model, trust_pickle=cfg.trust_pickle, vocab_file=cfg.vocab_file)
     check_fits(loaded, cfg.feature_settings)
     for b, s in cfg.profiles:
         if s > loaded.config.max_position_embeddings:
             raise WorkbenchError(f"profile {b}x{s}: sequence length exceeds the model's max_position_embeddings "
                                  f"{loaded.config.max_position_embeddings}")
+    qat = _qat_scales(cfg, loaded, wordpiece)
     eval_squad = load_squad(cfg.eval_squad, limit=cfg.eval_limit)
-    calib_squad = load_squad(cfg.calib_squad) if any(r.int8 for r in cfg.grid) else None
+    calib_squad = load_squad(cfg.calib_squad) if any(r.int8 and r.qat is None for r in cfg.grid) else None
     answer_settings = replace(cfg.answer_settings, version_2_with_negative=eval_squad.version.startswith("2"))
     questions = Questions(eval_squad.examples, eval_squad.version, cfg.feature_settings, answer_settings,
                           wordpiece=wordpiece, cache=cfg.feature_cache, progress=cfg.progress)
@@ -625,12 +713,54 @@ def _load_inputs(cfg: SweepConfig) -> _Inputs:
         rows = [r for r in rows if not r.sparse]
     if baseline.name not in [r.name for r in rows]:
         raise WorkbenchError(f"the baseline row {baseline.name!r} cannot be a sparse row")
-    return _Inputs(loaded, wordpiece, eval_squad, calib_squad, questions, rows, skipped, baseline, eval_batch)
+    return _Inputs(loaded, wordpiece, eval_squad, calib_squad, questions, rows, skipped, baseline, eval_batch, qat)
+
+
+def _qat_scales(cfg: SweepConfig, loaded, wordpiece) -> dict[str, Any]:
+    """Each QAT row's learned scales, checked before anything slow runs: its folder must hold the sweep model's
+    architecture (config.json) and the sweep's tokenizer (the -v vocabulary when given: `cli.py qat -v` writes it
+    into the folder as vocab.txt), since the questions are featurized once with the sweep's and the row is
+    compared with its baseline; and the row's flags may quantize only sites the folder has ranges for."""
+    from data.tokenizer import load_wordpiece
+    from model.config import load_hf_config
+
+    out = {}
+    for row in cfg.grid:
+        if row.qat is None:
+            continue
+        scales = read_qat_folder(row.qat)
+        config = load_hf_config(Path(row.qat) / "config.json")
+        differ = [f"{f.name} {getattr(config, f.name)} vs {getattr(loaded.config, f.name)}" for f in fields(config)
+                  if getattr(config, f.name) != getattr(loaded.config, f.name)]
+        if differ:
+            raise WorkbenchError(f"{row.qat}: not a QAT folder of the sweep's model {loaded.source}: its config.json "
+                                 f"differs ({', '.join(differ)})")
+        theirs = load_wordpiece(row.qat, vocab_size=config.vocab_size)
+        # The digest names the file (-v my.txt became the folder's vocab.txt): equal serializations tokenize alike.
+        if theirs.digest != wordpiece.digest and theirs.tokenizer.to_str() != wordpiece.tokenizer.to_str():
+            raise WorkbenchError(f"{row.qat}: its tokenizer differs from " + (
+                f"the sweep's -v {cfg.vocab_file} (a folder trained with -v holds that vocabulary as its vocab.txt)"
+                if cfg.vocab_file else f"that of the sweep's model {loaded.source} (trained with -v? give the "
+                "sweep the same -v)"))
+        scales.spec_for(row.policy(cfg.half), config.num_layers, f"grid row {row.name!r}: the QAT scales of {row.qat}")
+        cfg.say(f"QAT row {row.name}: the weights and learned scales of {row.qat} (trained for "
+                f"{scales.precision_policy().describe()}), no calibration")
+        out[row.name] = scales
+    return out
+
+
+def _row_inputs(cfg: SweepConfig, inp: _Inputs, row: GridRow) -> _Inputs:
+    """What one row builds from: a QAT row's own folder (its trained weights, whose digest keys the row and its
+    engine; the caller drops it after the row), every other row the sweep's model."""
+    from model.checkpoint import load_model
+
+    return inp if row.qat is None else replace(inp, loaded=load_model(row.qat, trust_pickle=cfg.trust_pickle))
 
 
 class _Calibrations:
     """One calibration per (method, percentile, smooth), made (or reused from the workbench cache) when first
-    needed; its key is predicted from the inputs, so a stored row can be reused without calibrating."""
+    needed; its key is predicted from the inputs, so a stored row can be reused without calibrating. A QAT row's
+    "calibration" is its folder's learned scales, keyed by QatScales.key()."""
 
     def __init__(self, cfg: SweepConfig, inp: _Inputs):
         self.cfg, self.inp = cfg, inp
@@ -639,6 +769,8 @@ class _Calibrations:
     def key(self, row: GridRow) -> str | None:
         from calib.cache import cache_key
 
+        if row.qat is not None:
+            return self.inp.qat[row.name].key()
         spec = row.calibration_spec(self.cfg.calib_num, self.cfg.seed, self.cfg.feature_settings)
         if spec is None:
             return None
@@ -651,6 +783,8 @@ class _Calibrations:
         from calib.cache import default_cache_path
         from calib.calibrate import calibrate
 
+        if row.qat is not None:  # learned by QAT: nothing to calibrate
+            return self.inp.qat[row.name]
         cfg, inp, ident = self.cfg, self.inp, (row.method, row.percentile, row.smooth)
         if ident not in self.made:
             spec = row.calibration_spec(cfg.calib_num, cfg.seed, cfg.feature_settings)
@@ -676,7 +810,8 @@ def _engine_file(cfg: SweepConfig, inp: _Inputs, row: GridRow, policy, calib: Ca
     engine_path = Path(cfg.report_dir) / "engines" / f"{row.name}.engine"
     mismatch = "--force" if force and engine_path.exists() else (
         _engine_mismatch(engine_path, model_digest=inp.loaded.digest, calibration_key=ckey, policy=policy,
-                         profiles=cfg.profiles, device=cfg.device) if engine_path.exists() else None)
+                         profiles=cfg.profiles, device=cfg.device, tokenizer=inp.wordpiece.tokenizer.to_str())
+        if engine_path.exists() else None)
     if engine_path.exists() and mismatch is None:
         return engine_path, f"engine {engine_path} reused"
     header, _ = build_engine_file(engine_path, inp.loaded, policy, cfg.profiles, calib() if policy.int8 else None,
@@ -772,8 +907,8 @@ def _timing_check(cfg: SweepConfig, inp: _Inputs, calibrations: _Calibrations, r
             f"{len(again)} rows of this run again")
     for i in again:
         row = inp.rows[i]
-        results[i], line = _retime_row(cfg, inp, calibrations, row, row.policy(cfg.half), calibrations.key(row),
-                                       results[i])
+        results[i], line = _retime_row(cfg, _row_inputs(cfg, inp, row), calibrations, row, row.policy(cfg.half),
+                                       calibrations.key(row), results[i])
         key, tkey, seconds = stored[row.name]
         store_row(row_path(Path(cfg.report_dir), row.name), key, results[i], seconds, tkey)
         cfg.say(f"  {row.name}: {line}")
@@ -821,11 +956,13 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
     base_result: BuildResult | None = None
     t_sweep = time.perf_counter()
     for i, row in enumerate(rows, 1):
+        rinp = _row_inputs(cfg, inp, row)  # a QAT row's own model, dropped after the row
         policy, ckey = row.policy(cfg.half), calibrations.key(row)
-        key = row_key(model_digest=inp.loaded.digest, calibration_key=ckey, policy=policy, profiles=cfg.profiles,
+        key = row_key(model_digest=rinp.loaded.digest, calibration_key=ckey, policy=policy, profiles=cfg.profiles,
                       eval_digest=inp.eval_squad.digest, eval_limit=cfg.eval_limit,
                       n_questions=len(inp.questions.examples), feature_settings=cfg.feature_settings,
-                      answer_settings=inp.questions.answer_settings, device=dev_desc)
+                      answer_settings=inp.questions.answer_settings, device=dev_desc,
+                      tokenizer_digest=inp.wordpiece.digest)
         stored_at = row_path(report_dir, row.name)
         result, why, retime = (None, None, None) if cfg.force else stored_row(stored_at, key, tkey)
         measured_now = result is None or retime is not None
@@ -833,7 +970,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
             cfg.say(f"[{i}/{n}] row {row.name}: finished earlier, its accuracy reused (EM {result.exact_match:.2f}, "
                     f"F1 {result.f1:.2f}); {retime}: timing it again")
             t0 = time.perf_counter()
-            result, line = _retime_row(cfg, inp, calibrations, row, policy, ckey, result)
+            result, line = _retime_row(cfg, rinp, calibrations, row, policy, ckey, result)
             result = replace(result, is_baseline=row is baseline)
             store_row(stored_at, key, result, time.perf_counter() - t0, tkey)
             stored[row.name] = (key, tkey, time.perf_counter() - t0)
@@ -848,7 +985,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
         else:
             if why:
                 cfg.say(f"[{i}/{n}] row {row.name}: {why}: recomputing")
-            result, seconds, line = _measure_row(cfg, inp, calibrations, row, policy, ckey, base_result)
+            result, seconds, line = _measure_row(cfg, rinp, calibrations, row, policy, ckey, base_result)
             store_row(stored_at, key, result, seconds, tkey)
             stored[row.name] = (key, tkey, seconds)
             cfg.say(f"[{i}/{n}] {row.name}: {line}")
@@ -861,6 +998,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
             cfg.on_row_done(row.name)
         if row.name not in stored:
             stored[row.name] = (key, tkey, 0.0)
+        del rinp
     check = _timing_check(cfg, inp, calibrations, results, timed_now, stored)
     if check:
         cfg.say(check)
@@ -898,11 +1036,12 @@ def final_lines(result: SweepResult, report_dir: str | Path) -> str:
             f"build to ship: {chosen.name} ({chosen.options}; calibration {chosen.calibration}): {engine}\n")
 
 
-__all__ = ["sweep_from_flags", "CALIBRATION_METHODS", "DEFAULT_CALIB_SQUAD", "DEFAULT_EVAL_SQUAD", "DEFAULT_MODEL", "DEFAULT_REPORT_DIR",
-           "DESCRIPTION", "DEVICE_DEFAULTS", "DeviceDefaults", "DeviceSettings", "EXAMPLES", "GridRow", "METHODS",
-           "OPTION_SETS", "SweepConfig", "SweepResult", "baseline_row", "check_grid", "config_from_flags",
-           "cpu_notice", "default_grid", "device_settings", "final_lines", "load_grid", "pair_profiles", "row_key",
-           "run_sweep", "select_rows", "shown", "stored_row", "store_row"]
+__all__ = ["sweep_from_flags", "CALIBRATION_METHODS", "DEFAULT_CALIB_SQUAD", "DEFAULT_EVAL_SQUAD", "DEFAULT_MODEL",
+           "DEFAULT_REPORT_DIR", "DESCRIPTION", "DEVICE_DEFAULTS", "DeviceDefaults", "DeviceSettings", "EXAMPLES",
+           "GridRow", "METHODS", "OPTION_SETS", "SweepConfig", "SweepResult", "baseline_row", "check_grid",
+           "config_from_flags", "cpu_notice", "default_grid", "device_settings", "final_lines", "load_grid",
+           "pair_profiles", "qat_rows", "read_qat_folder", "row_key", "run_sweep", "select_rows", "shown",
+           "stored_row", "store_row"]
 
 
 def sweep_from_flags(flags) -> str:

@@ -30,16 +30,40 @@ def no_tap(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+_GELU_K = 1.5957691216057308  # 2 * sqrt(2 / pi)
+
+
+def _gelu_tanh_value(y: torch.Tensor) -> torch.Tensor:
+    u = y + 0.044715 * (y * y * y)
+    return y / (1.0 + torch.exp(-_GELU_K * u))
+
+
+class _GeluTanh(torch.autograd.Function):
+    """The forward as written; the backward from the sigmoid form. Autograd through `y / (1 + exp(-k u))` is NaN
+    wherever exp overflows (y below about -9: inf / inf), which QAT's first step meets in a real model's FC1."""
+
+    @staticmethod
+    def forward(ctx, y):
+        ctx.save_for_backward(y)
+        return _gelu_tanh_value(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        sig = torch.sigmoid(_GELU_K * (y + 0.044715 * (y * y * y)))
+        return grad * (sig + y * sig * (1.0 - sig) * _GELU_K * (1.0 + 3 * 0.044715 * y * y))
+
+
 def gelu_tanh(y: torch.Tensor) -> torch.Tensor:
     """GELU's tanh form, 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))), written as y * sigmoid(2u): the GELU of
     FP16 and INT8 engines (quant.policy.PrecisionPolicy.gelu_tanh), as TensorRT's BERT plugins compute it. It
     fuses into GEMM epilogues cheaply: BERT's erf GELU made our INT8 FC1 at 128 x 384 1.58x slower on an H200
     (docs/gelu-h200.md), and cuBLASLt's fused GELU is this form. The two differ by less than 5e-4. In float32;
-    plugins/int8_linear.py computes it with the GPU's tanh instruction.
+    plugins/int8_linear.py computes it with the GPU's tanh instruction. Differentiable with a finite gradient
+    everywhere (QAT trains through it).
     """
     y = y.float()
-    u = y + 0.044715 * (y * y * y)
-    return y / (1.0 + torch.exp(-1.5957691216057308 * u))  # 2 * sqrt(2 / pi)
+    return _GeluTanh.apply(y) if y.requires_grad else _gelu_tanh_value(y)
 
 
 def layer_sites(i: int) -> tuple[str, ...]:

@@ -2,7 +2,7 @@
 
     config.json            the source model's (BERT, Hugging Face field names)
     model.safetensors      the trained float weights, Hugging Face tensor names (model.checkpoint.hf_names)
-    vocab.txt, tokenizer.json, ...   copied from the source folder
+    vocab.txt, tokenizer.json, ...   copied from the source folder (with -v: that file as vocab.txt, no tokenizer.json)
     quant_spec.json        {"format": "bert-int8-workbench/qat-scales", "format_version": 1,
                             "policy": {"int8", "iln", "imh", "fp16_gemms"}: the flags it was trained for,
                             "spec": QuantSpec.to_json() (source "qat"),
@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.errors import WorkbenchError
-from common.files import atomic_path, atomic_write_json, atomic_write_text, read_json
+from common.files import atomic_path, atomic_write_json, atomic_write_text, read_json, sha256_bytes
 from model.bert import BertQA, all_sites
 from model.checkpoint import SAFETENSORS_NAME, hf_names
 from model.config import BertConfig, load_hf_config
@@ -57,6 +57,14 @@ class QatScales:
         """The trained-for flags as a PrecisionPolicy (plus build-only flags such as fp16=True)."""
         return PrecisionPolicy(**{**self.policy, "fp16_gemms": tuple(self.policy["fp16_gemms"]), **build_flags})
 
+    def key(self) -> str:
+        """sha256 over the scales themselves (spec, trained-for flags, smoothing vectors), as CalibrationCache.key()
+        is for a cache: an engine header's calib_digest, so a build (and a sweep's reuse check) knows which scales
+        it was made from. The format name keeps it apart from any calibration cache's key."""
+        body = {"format": FORMAT, "spec": self.spec.to_json(),
+                "policy": {**self.policy, "fp16_gemms": sorted(self.policy["fp16_gemms"])},
+                "smooth": {site: [float(v) for v in s.tolist()] for site, s in sorted(self.smooth.items())}}
+        return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
     def describe(self) -> str:
         """For reports and engine headers, as CalibrationCache.describe is: "QAT (learned, +smooth)"."""
@@ -103,8 +111,13 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], cfg: BertConfig) -> dict
     return out
 
 
-def save_model_folder(folder: str | Path, model: BertQA, source_dir: str | Path | None) -> Path:
+def save_model_folder(folder: str | Path, model: BertQA, source_dir: str | Path | None,
+                      vocab_file: str | Path | None = None) -> Path:
     """config.json (the source's, else generated), model.safetensors (HF names) and the source's tokenizer files.
+    With `vocab_file` (-v: what the training tokenized with) that file becomes vocab.txt, and tokenizer.json and
+    added_tokens.json (the source's vocabulary, which a loader would prefer or add) are neither copied nor left
+    from an earlier run, so that `build` and `eval` of the folder tokenize as its training did;
+    tokenizer_config.json is still copied: its lower-casing settings are the ones -v was read with.
     Each file is written to a temporary file and renamed. A QAT model's quantizers are not stored here."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,19 +134,25 @@ def save_model_folder(folder: str | Path, model: BertQA, source_dir: str | Path 
     with atomic_path(folder / SAFETENSORS_NAME) as tmp:
         save_file(to_hf_state_dict(state, cfg), str(tmp), metadata={"format": "pt"})
     atomic_write_text(folder / "config.json", config_text)
-    if source is not None:
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file() and (source / name).resolve() != (folder / name).resolve():
-                with atomic_path(folder / name) as tmp:
-                    shutil.copyfile(source / name, tmp)
+    copies = {name: source / name for name in TOKENIZER_FILES} if source is not None else {}
+    if vocab_file is not None:
+        bound = ("tokenizer.json", "added_tokens.json")
+        copies = {**{n: p for n, p in copies.items() if n not in bound}, "vocab.txt": Path(vocab_file)}
+        for name in bound:
+            (folder / name).unlink(missing_ok=True)
+    for name, path in copies.items():
+        if path.is_file() and path.resolve() != (folder / name).resolve():
+            with atomic_path(folder / name) as tmp:
+                shutil.copyfile(path, tmp)
     return folder
 
 
 def save_qat_folder(folder: str | Path, model: BertQA, source_dir: str | Path | None,
-                    training: Mapping[str, Any] | None = None) -> Path:
+                    training: Mapping[str, Any] | None = None, vocab_file: str | Path | None = None) -> Path:
     """The QAT model `model` (qat.model.qat_model) as a model folder with its learned scales in quant_spec.json.
-    `source_dir`: the folder it was trained from (config and tokenizer files); `training`: provenance to record."""
-    folder = save_model_folder(folder, model, source_dir)
+    `source_dir`: the folder it was trained from (config and tokenizer files); `training`: provenance to record;
+    `vocab_file`: the -v vocabulary it was trained with (save_model_folder)."""
+    folder = save_model_folder(folder, model, source_dir, vocab_file)
     save_qat_scales(folder, QatScales(learned_spec(model), policy_flags(policy_of(model)), smoothing_of(model)),
                     training)
     return folder

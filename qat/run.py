@@ -37,29 +37,32 @@ class RunResult:
 
 
 def training_features(loaded: LoadedModel, squad: str | Path, limit: int | None = None,
-                      settings: FeatureSettings = FeatureSettings(), progress: bool = True) -> Features:
-    """The training windows of a SQuAD file, tokenized with the model folder's tokenizer (featurization cache)."""
+                      settings: FeatureSettings = FeatureSettings(), progress: bool = True,
+                      vocab_file: str | Path | None = None) -> Features:
+    """The training windows of a SQuAD file, tokenized with the model folder's tokenizer, or with `vocab_file`
+    (-v), which the written folder then holds as vocab.txt (featurization cache). The vocabulary is checked
+    against the model here, before the SQuAD file is read and anything trains."""
     if loaded.model_dir is None:
         raise WorkbenchError(f"{loaded.source}: training needs a model folder with its tokenizer, not a preset")
-    wordpiece = load_wordpiece(loaded.model_dir, loaded.config.vocab_size)
+    wordpiece = load_wordpiece(loaded.model_dir, loaded.config.vocab_size, vocab_file=vocab_file)
     return featurize(load_squad(squad, limit).examples, wordpiece, settings, progress=progress)
 
 
 def run_qat(model: str | Path, squad: str | Path, calib_cache: str | Path, policy: PrecisionPolicy,
             config: TrainConfig, *, limit: int | None = None, settings: FeatureSettings = FeatureSettings(),
             trust_pickle: bool = False, callback: Callable[[int, float], None] | None = None,
-            sparse: bool = False) -> RunResult:
+            sparse: bool = False, vocab_file: str | Path | None = None) -> RunResult:
     """`cli.py qat`: fake-quantized fine-tuning of the model folder `model` on the SQuAD file `squad`, ranges
     starting from `calib_cache` (and its smoothing), for the sites `policy` quantizes; learned or frozen ranges
     (config.freeze_scales); distillation from the unquantized model (config.distill); with `sparse`, a 2:4-pruned
-    model (`cli.py prune`) keeps its pattern. Writes config.output_dir as a QAT folder (qat/folder.py) and returns
-    it with the training record."""
+    model (`cli.py prune`) keeps its pattern; `vocab_file` (-v) tokenizes instead of the folder's tokenizer. Writes
+    config.output_dir as a QAT folder (qat/folder.py) and returns it with the training record."""
     loaded = load_model(model, trust_pickle=trust_pickle)
     cache_path = Path(calib_cache)
     if not policy.int8:
         raise WorkbenchError("QAT quantizes on top of --int8: add --int8")
     spec, smooth = spec_from_cache(load_cache(cache_path), policy, loaded.config, loaded.digest, str(cache_path))
-    features = training_features(loaded, squad, limit, settings, config.progress)
+    features = training_features(loaded, squad, limit, settings, config.progress, vocab_file)
     student = qat_model(loaded.model, policy, spec, smooth, learn_scales=not config.freeze_scales)
     if sparse:
         keep_masks(student, masks_of(student, _sparse_gemms(loaded)))
@@ -67,18 +70,20 @@ def run_qat(model: str | Path, squad: str | Path, calib_cache: str | Path, polic
                    callback=callback, desc="qat")
     folder = save_qat_folder(config.output_dir, student, loaded.model_dir,
                              _provenance(loaded, squad, config, result, calibration=str(cache_path),
-                                         start=spec.to_json()["sites"]))
+                                         start=spec.to_json()["sites"]), vocab_file)
     return RunResult(folder, result, learned_spec(student))
 
 
 def run_prune(model: str | Path, squad: str | Path, config: TrainConfig, *, method: str = "magnitude",
               exclude: Sequence[str] = (), limit: int | None = None, settings: FeatureSettings = FeatureSettings(),
-              trust_pickle: bool = False, callback: Callable[[int, float], None] | None = None) -> RunResult:
+              trust_pickle: bool = False, callback: Callable[[int, float], None] | None = None,
+              vocab_file: str | Path | None = None) -> RunResult:
     """`cli.py prune`: the model folder pruned to 2:4 (qat/prune.py; SparseGPT calibrates on the first training
     windows), then fine-tuned with the masks fixed (config.max_steps / epochs; distillation from the dense model
-    with config.distill). Writes config.output_dir as a plain model folder whose GEMM weights are 2:4."""
+    with config.distill); `vocab_file` as run_qat's. Writes config.output_dir as a plain model folder whose GEMM
+    weights are 2:4."""
     loaded = load_model(model, trust_pickle=trust_pickle)
-    features = training_features(loaded, squad, limit, settings, config.progress)
+    features = training_features(loaded, squad, limit, settings, config.progress, vocab_file)
     student = qat_model(loaded.model, PrecisionPolicy(), QuantSpec())
     calibration = None
     if method == "sparsegpt":
@@ -88,7 +93,7 @@ def run_prune(model: str | Path, squad: str | Path, config: TrainConfig, *, meth
     keep_masks(student, prune_2to4(student, method, exclude, calibration))
     result = train(student, features, config, teacher=loaded.model if config.distill else None,
                    callback=callback, desc="prune")
-    folder = save_model_folder(config.output_dir, student, loaded.model_dir)
+    folder = save_model_folder(config.output_dir, student, loaded.model_dir, vocab_file)
     (folder / QUANT_SPEC_NAME).unlink(missing_ok=True)
     return RunResult(folder, result, None)
 
@@ -104,15 +109,17 @@ def _sparse_gemms(loaded: LoadedModel) -> list[str]:
 
 def run_finetune(model: str | Path, squad: str | Path, config: TrainConfig, *, limit: int | None = None,
                  settings: FeatureSettings = FeatureSettings(), trust_pickle: bool = False,
-                 callback: Callable[[int, float], None] | None = None) -> RunResult:
+                 callback: Callable[[int, float], None] | None = None,
+                 vocab_file: str | Path | None = None) -> RunResult:
     """`cli.py finetune`: the same loop without fake quantization (BERT's erf GELU), for FP baselines; with
-    config.distill the starting model is the teacher. Writes config.output_dir as a plain model folder."""
+    config.distill the starting model is the teacher; `vocab_file` as run_qat's. Writes config.output_dir as a
+    plain model folder."""
     loaded = load_model(model, trust_pickle=trust_pickle)
-    features = training_features(loaded, squad, limit, settings, config.progress)
+    features = training_features(loaded, squad, limit, settings, config.progress, vocab_file)
     student = qat_model(loaded.model, PrecisionPolicy(), QuantSpec())
     result = train(student, features, config, teacher=loaded.model if config.distill else None,
                    callback=callback, desc="finetune")
-    folder = save_model_folder(config.output_dir, student, loaded.model_dir)
+    folder = save_model_folder(config.output_dir, student, loaded.model_dir, vocab_file)
     (folder / QUANT_SPEC_NAME).unlink(missing_ok=True)  # a plain folder: no stale scales from an earlier run
     return RunResult(folder, result, None)
 
@@ -134,7 +141,9 @@ EXAMPLES = """examples:
   python cli.py finetune --model DIR --squad train.json --epochs 1 -o DIR-ft/     # an FP baseline, same loop
   python cli.py qat ... -o minilm-qat/          # run again after an interruption: resumes from its checkpoint
   python cli.py prune --model DIR --squad train.json --method sparsegpt --epochs 1 --distill -o DIR-2to4/
-  python cli.py qat --model DIR-2to4 --squad train.json --calib-cache C --sparse -o DIR-2to4-qat/  # keeps 2:4"""
+  python cli.py qat --model DIR-2to4 --squad train.json --calib-cache C --sparse -o DIR-2to4-qat/  # keeps 2:4
+  python cli.py finetune -c DIR -v vocab.txt -sq train.json -o DIR-ft/   # TensorRT demo spellings: trained on
+      # that vocabulary, and DIR-ft/ holds it as its vocab.txt (no tokenizer.json), so build and eval use it too"""
 
 
 def train_config_from_flags(flags) -> TrainConfig:
@@ -163,7 +172,7 @@ def qat_from_flags(flags) -> str:
     check_writable_dir(flags.output, "QAT output folder")
     run = run_qat(flags.model, flags.squad, flags.calib_cache, policy, train_config_from_flags(flags),
                   limit=parse_question_limit(flags.limit), settings=_feature_settings(flags),
-                  trust_pickle=flags.trust_pickle, sparse=flags.sparse)
+                  trust_pickle=flags.trust_pickle, sparse=flags.sparse, vocab_file=getattr(flags, "vocab_file", None))
     return _summary(f"qat ({policy.describe()})", run)
 
 
@@ -173,7 +182,8 @@ def finetune_from_flags(flags) -> str:
 
     check_writable_dir(flags.output, "fine-tuned model folder")
     run = run_finetune(flags.model, flags.squad, train_config_from_flags(flags), limit=parse_question_limit(
-        flags.limit), settings=_feature_settings(flags), trust_pickle=flags.trust_pickle)
+        flags.limit), settings=_feature_settings(flags), trust_pickle=flags.trust_pickle,
+        vocab_file=getattr(flags, "vocab_file", None))
     return _summary("finetune", run)
 
 
@@ -185,7 +195,8 @@ def prune_from_flags(flags) -> str:
     check_writable_dir(flags.output, "pruned model folder")
     run = run_prune(flags.model, flags.squad, train_config_from_flags(flags), method=flags.method,
                     exclude=parse_gemm_list(flags.exclude), limit=parse_question_limit(flags.limit),
-                    settings=_feature_settings(flags), trust_pickle=flags.trust_pickle)
+                    settings=_feature_settings(flags), trust_pickle=flags.trust_pickle,
+                    vocab_file=getattr(flags, "vocab_file", None))
     return _summary(f"prune (2:4, {flags.method})", run)
 
 

@@ -205,3 +205,22 @@ def test_not_a_qa_checkpoint(tmp_path):
     with pytest.raises(WorkbenchError, match="no question-answering head"):
         load_model(tmp_path)
 
+
+
+def test_gelu_tanh_gradient_is_finite_and_exact():
+    """QAT trains through the engine's GELU: its gradient is the formula's derivative (float64 autograd of the
+    same expression, where that is finite) and finite where exp overflows (y << 0), which a real model's FC1 meets."""
+    from model.bert import gelu_tanh
+
+    y = torch.cat([torch.linspace(-200, 200, 4001), torch.randn(1000) * 4]).requires_grad_()
+    out = gelu_tanh(y)
+    assert torch.equal(out.detach(), gelu_tanh(y.detach()))  # the forward is unchanged by the backward
+    out.sum().backward()
+    y64 = y.detach().double().requires_grad_()
+    u = y64 + 0.044715 * y64 ** 3
+    (y64 / (1 + torch.exp(-1.5957691216057308 * u))).sum().backward()
+    finite = torch.isfinite(y64.grad)
+    assert not finite.all()  # the naive derivative does overflow in this range
+    assert torch.isfinite(y.grad).all()
+    torch.testing.assert_close(y.grad[finite].double(), y64.grad[finite], rtol=1e-5, atol=1e-6)
+    assert y.grad[y.detach() < -20].abs().max() == 0

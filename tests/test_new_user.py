@@ -319,6 +319,49 @@ def test_a_short_window_gets_a_stride_that_fits(tiny, tmp_path, capsys, monkeypa
     assert code == 0 and out.startswith("EM ") and (tmp_path / "predictions.json").exists(), err
 
 
+VOCAB_VERBS = {"sweep": [], "sensitivity": ["--calib-cache", "c.json"], "qat": ["-sq", "t.json", "--calib-cache",
+                                                                            "c.json", "-o", "out"],
+               "finetune": ["-sq", "t.json", "-o", "out"], "prune": ["-sq", "t.json", "-o", "out"]}
+
+
+def test_the_training_and_analysis_verbs_take_the_demo_vocab_too():
+    """-v/--vocab-file in every verb that reads a model folder's tokenizer, not only calibrate/eval/infer/build."""
+    parse = cli.build_parser().parse_args
+    for verb, rest in VOCAB_VERBS.items():
+        assert parse([verb, "-c", "DIR", "-v", "v.txt", *rest]).vocab_file == "v.txt", verb
+        assert parse([verb, "--model", "DIR", *rest]).vocab_file is None
+        assert "-v FILE, --vocab-file FILE" in cli.build_parser()._subparsers._group_actions[0].choices[verb] \
+            .format_help(), verb
+
+
+@pytest.fixture(scope="module")
+def wrong_vocab(tiny):
+    """The tiny model's vocabulary with two tokens more than its vocab_size, and a calibration cache for it."""
+    vocab = tiny["root"] / "too-big.txt"
+    tokens = (Path(tiny["model"]) / "vocab.txt").read_text().splitlines()
+    vocab.write_text("\n".join([*tokens, "extra1", "extra2"]) + "\n")
+    calib = tiny["root"] / "vocab-calib.json"
+    assert cli.main(["calibrate", "-sq", str(tiny["train"]), "-c", str(tiny["model"]), "--calib-num", "4",
+                     "--method", "max", "--device", "cpu", "-o", str(calib), "--no-progress", *FEATURES]) == 0
+    return vocab, calib, len(tokens)
+
+
+@pytest.mark.parametrize("verb", list(VOCAB_VERBS))
+def test_a_vocab_of_another_size_is_one_line_before_any_work(tiny, wrong_vocab, tmp_path, capsys, monkeypatch, verb):
+    vocab, calib, size = wrong_vocab
+    monkeypatch.chdir(tmp_path)
+    rest = {"sweep": ["--calib-squad", tiny["train"], "--eval-squad", tiny["dev"], "--report-dir", "r",
+                      "--methods", "max"],
+            "sensitivity": ["--calib-cache", calib, "-sq", tiny["dev"]],
+            "qat": ["-sq", tiny["train"], "--calib-cache", calib, "-o", "out"],
+            "finetune": ["-sq", tiny["train"], "-o", "out"], "prune": ["-sq", tiny["train"], "-o", "out"]}[verb]
+    assert_one_line_error_in_process(capsys, verb, "-c", tiny["model"], "-v", vocab, "--device", "cpu",
+                                     "--no-progress", *rest, *FEATURES[2:],
+                                     words=f"too-big.txt has {size + 2} tokens but the model's config.json says "
+                                           f"vocab_size {size}: the vocabulary does not belong to this model")
+    assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "r" / "rows").exists()
+
+
 # ------------------------------------------------------------------ item 11: -b/-s pair up in every verb
 
 def test_build_and_bench_pair_batch_and_length_in_order(tiny, tmp_path, capsys):

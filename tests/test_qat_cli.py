@@ -133,3 +133,53 @@ def test_export_onnx_then_eval_and_bench_it_in_onnxruntime(inputs, capsys):
     assert cli.main(["eval", "--squad", str(squad), str(engine), "--backend", "onnxruntime", "--device", "cpu",
                      *SHAPE]) == 2
     assert "--backend onnxruntime runs ONNX files" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def demo_vocab(inputs):
+    """A source folder with tokenizer.json and tokenizer_config.json beside its vocab.txt, and a -v file of the
+    same size (named otherwise) whose ids differ: what training with -v must use and write."""
+    import shutil
+
+    from data.tokenizer import load_wordpiece
+
+    tmp, folder, _, _ = inputs
+    source = tmp / "source-tok"
+    shutil.copytree(folder, source)
+    (source / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    load_wordpiece(source).tokenizer.save(str(source / "tokenizer.json"))
+    lines = (folder / "vocab.txt").read_text().splitlines()
+    i, j = lines.index("w1"), lines.index("w2")
+    lines[i], lines[j] = lines[j], lines[i]
+    vocab = tmp / "words.txt"
+    vocab.write_text("\n".join(lines) + "\n")
+    return source, vocab
+
+
+@pytest.mark.parametrize("verb", ["finetune", "qat"])
+def test_training_with_a_vocab_file_writes_that_vocab_and_no_tokenizer_json(inputs, demo_vocab, verb, capsys):
+    """-v: the windows are tokenized with it, and the written folder holds it as vocab.txt (a stale tokenizer.json
+    from an earlier run removed, tokenizer_config.json kept), so `build --model OUT` embeds the same tokenizer."""
+    import torch
+
+    from data.tokenizer import load_wordpiece
+    from engines.build import load_runnable
+
+    tmp, _, squad, calib = inputs
+    source, vocab = demo_vocab
+    out = tmp / f"{verb}-v"
+    out.mkdir()
+    (out / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())  # as from a run without -v
+    extra = ["--calib-cache", str(calib)] if verb == "qat" else []
+    assert cli.main([verb, "-c", str(source), "-v", str(vocab), "-sq", str(squad), "-o", str(out), *TRAIN,
+                     *extra]) == 0
+    assert f"wrote {out} after 2 steps" in capsys.readouterr().out
+    assert (out / "vocab.txt").read_bytes() == vocab.read_bytes()
+    assert not (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+    trained = load_wordpiece(source, vocab_file=vocab).tokenizer.to_str()
+    assert load_wordpiece(out).tokenizer.to_str() == trained != load_wordpiece(source).tokenizer.to_str()
+    engine = tmp / f"{verb}-v.engine"
+    flags = ["--int8"] if verb == "qat" else []
+    assert cli.main(["build", "--model", str(out), *flags, "-b", "1", "-s", "32", "--device", "cpu",
+                     "-o", str(engine)]) == 0
+    assert load_runnable(engine, torch.device("cpu"))[1].tokenizer.to_str() == trained

@@ -449,3 +449,29 @@ def test_cli_help_and_default_limit_notice(tiny, tmp_path, capsys):
     assert code == 0, err
     assert "on the CPU: the first 50 questions (--limit; CUDA's default is all of them)" in out
     assert "on 12 questions" in out  # the file has 12: all of them
+
+
+def test_cli_with_a_vocab_file_tokenizes_with_it(tiny, tmp_path, capsys):
+    """-v: the questions are tokenized with that vocab.txt (recorded in the JSON), and the reproducing build
+    command carries it."""
+    import cli
+    from data.tokenizer import load_wordpiece
+    from eval.sensitivity import _build_command
+
+    lines = (tiny["model"] / "vocab.txt").read_text().splitlines()
+    i, j = lines.index("paris"), lines.index("france")
+    lines[i], lines[j] = lines[j], lines[i]  # same size, other ids
+    vocab = tmp_path / "demo-vocab.txt"
+    vocab.write_text("\n".join(lines) + "\n")
+    report = tmp_path / "r"
+    capsys.readouterr()
+    code = cli.main(["sensitivity", "-c", str(tiny["model"]), "-v", str(vocab), "--calib-cache", str(tiny["calib"]),
+                     "--squad", str(tiny["dev"]), "--device", "cpu", "--limit", "2", "--layers", "0", "--no-groups",
+                     "--max-f1-drop", "0", "--trim", "0", "--refine", "0", "-s", "96", "--doc-stride", "32",
+                     "--max-query-length", "16", "--no-progress", "--report-dir", str(report)])
+    assert code == 0, capsys.readouterr().err
+    result = load_result(report / FILES["json"])
+    assert result.settings["vocab_file"] == str(vocab)
+    assert result.settings["tokenizer_digest"] == load_wordpiece(tiny["model"], vocab_file=vocab).digest
+    command = _build_command(tiny_config(tiny, vocab_file=str(vocab)), ["layer0.fc2"], 2, 8)
+    assert command.startswith(f"python cli.py build --model {tiny['model']} -v {vocab} --int8 ")

@@ -1,5 +1,5 @@
 """The sweep (eval/sweep.py, `cli.py sweep`): the grid as data, resume after an interruption, the files written,
-the default run on the vendored assets, 2:4 sparsity and gzip SQuAD files. CPU only, no ../shared needed."""
+the default run on the vendored assets, QAT rows, 2:4 sparsity and gzip SQuAD files. CPU only, no ../shared needed."""
 from __future__ import annotations
 
 import gzip
@@ -23,6 +23,8 @@ from eval.sweep import (
     default_grid,
     load_grid,
     pair_profiles,
+    qat_rows,
+    read_qat_folder,
     run_sweep,
     select_rows,
 )
@@ -80,6 +82,11 @@ def test_select_rows_keeps_the_baseline():
     (dict(name="a", int8=True, method="percentile", percentile=120), "percentile must be in"),
     (dict(name="a b"), "it names files"),
     (dict(name="a", int8=True, method="max", baseline=True), "baseline is a build without INT8"),
+    (dict(name="a", qat="out/qat"), "grid row 'a': qat applies to INT8 rows only"),
+    (dict(name="a", int8=True, method="max", qat="out/qat"), "grid row 'a': give a calibration method or a QAT"),
+    (dict(name="a", int8=True, qat="out/qat", percentile=99.9), "grid row 'a': percentile applies to calibrated"),
+    (dict(name="a", int8=True, qat="out/qat", smooth=0.5), "grid row 'a': smooth applies to calibrated rows"),
+    (dict(name="a", int8=True, qat=""), "grid row 'a': qat must name"),
 ])
 def test_grid_row_checks(row, words):
     with pytest.raises(WorkbenchError, match=words):
@@ -100,6 +107,13 @@ def test_grid_file(tmp_path):
     assert grid[1].method_tag == "p99.5" and select_rows(grid, ["percentile"]) == grid
     path.write_text(json.dumps({"rows": [{"name": "fp16", "fp16": True}]}))
     assert load_grid(path) == [GridRow("fp16", fp16=True)]
+    path.write_text(json.dumps([{"name": "fp16", "fp16": True}, {"name": "int8-max", "int8": True, "method": "max"},
+                                {"name": "int8-qat-iln", "int8": True, "iln": True, "qat": "out/qat-iln"}]))
+    grid = load_grid(path)
+    assert grid[2] == GridRow("int8-qat-iln", int8=True, iln=True, qat="out/qat-iln") and grid[2].method_tag == "qat"
+    assert grid[2].calibration_spec(10, 0, SETTINGS) is None
+    assert [r.name for r in select_rows(grid, ["qat"])] == ["fp16", "int8-qat-iln"]
+    assert [r.name for r in select_rows(grid, ["max"])] == ["fp16", "int8-max"]
 
 
 @pytest.mark.parametrize("rows, words", [
@@ -110,6 +124,8 @@ def test_grid_file(tmp_path):
     ([{"name": "a", "int8": True, "method": "max"}], "no baseline"),
     ([{"name": "fp16"}, {"name": "fp32", "fp16": False}], "mark the baseline"),
     ([], "non-empty JSON list"),
+    ([{"name": "fp16"}, {"name": "q", "int8": True, "qat": 3}], r"rows\[1\]: field 'qat' has the wrong type"),
+    ([{"name": "fp16"}, {"name": "q", "qat": "d"}], "grid.json: grid row 'q': qat applies to INT8 rows only"),
 ])
 def test_bad_grid_files(tmp_path, rows, words):
     path = tmp_path / "grid.json"
@@ -289,6 +305,117 @@ def test_sweep_refuses_profiles_that_cannot_evaluate(tiny_inputs, tmp_path):
         run_sweep(tiny_config(tiny_inputs, tmp_path / "r", [], selection_profile=(2, 96)))
 
 
+# ------------------------------------------------------------------------------------------ QAT rows (tiny)
+
+def make_qat_folder(source, out, *, iln=False, imh=False, amax=4.0):
+    """A `cli.py qat`-style folder of `source`: its weights nudged (as after training) and fixed scales for the
+    sites the flags quantize."""
+    from model.checkpoint import load_model
+    from qat.folder import QatScales, policy_flags, save_model_folder, save_qat_scales
+    from quant.policy import PrecisionPolicy
+    from quant.spec import ScaleSource
+
+    loaded = load_model(source)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            p.mul_(1.01)
+    save_model_folder(out, loaded.model, source)
+    policy = PrecisionPolicy(int8=True, iln=iln, imh=imh)
+    n = loaded.config.num_layers
+    spec = policy.spec(n, dict.fromkeys(policy.quantized_sites(n), amax), ScaleSource("qat"))
+    save_qat_scales(out, QatScales(spec, policy_flags(policy), {}), {"steps": 0})
+    return out
+
+
+def test_qat_rows_take_the_trained_flags_and_unique_names(tiny_inputs, tmp_path):
+    model = tiny_inputs[0]
+    a = make_qat_folder(model, tmp_path / "a" / "qat", iln=True, imh=True)
+    b = make_qat_folder(model, tmp_path / "b", iln=True, imh=True)
+    plain = make_qat_folder(model, tmp_path / "p")
+    grid = [GridRow("fp32", fp16=False), GridRow("int8-qat", int8=True, method="max")]
+    rows = qat_rows([a, b, plain], grid)
+    assert [r.name for r in rows] == ["int8-qat-iln-imh-qat", "int8-qat-iln-imh-b", "int8-qat-p"]
+    assert all(r.int8 and r.iln and r.imh and r.method is None and r.method_tag == "qat" for r in rows[:2])
+    assert rows[0].qat == str(a) and not (rows[2].iln or rows[2].imh) and rows[2].options_tag == "plain"
+    assert [r.name for r in qat_rows([plain])] == ["int8-qat"]
+    keys = {read_qat_folder(f).key() for f in (a, a, b, plain)}  # stable; apart for other scales or flags
+    assert len(keys) == 2 and all(len(k) == 64 for k in keys)
+    with pytest.raises(WorkbenchError, match="--qat names this folder twice"):
+        qat_rows([a, a])
+
+
+def test_sweep_with_a_qat_folder(tiny_inputs, tmp_path):
+    """A QAT row builds from its folder (weights and learned scales, no calibration), is reported as QAT, stored
+    under a key of its own weights and scales, reused by a rerun and recomputed when the scales change."""
+    from engines.engine_file import read_header
+    from eval.compare import calibration_of_engine
+    from model.checkpoint import load_model
+    from qat.folder import QUANT_SPEC_NAME, read_qat_scales
+
+    qat = make_qat_folder(tiny_inputs[0], tmp_path / "qat-iln", iln=True)  # -imh needs heads of 16+: not tiny
+    report_dir, lines = tmp_path / "report", []
+    base = [GridRow("fp32", fp16=False)]
+
+    def sweep():
+        lines.clear()
+        return run_sweep(tiny_config(tiny_inputs, report_dir, lines, grid=base + qat_rows([qat], base),
+                                     profiles=[(4, 96)], eval_limit=4))
+
+    result = sweep()
+    assert result.computed == ("fp32", "int8-qat-iln")
+    assert not any(line.startswith("  calibration ") for line in lines)  # nothing calibrated
+    engine = report_dir / "engines" / "int8-qat-iln.engine"
+    header, scales, digest = read_header(engine), read_qat_scales(qat), load_model(qat).digest
+    assert header.policy["int8"] and header.policy["iln"] and not header.policy["imh"]
+    assert header.model_digest == digest != load_model(tiny_inputs[0]).digest
+    assert header.calib_digest == scales.key() and header.calibration == "QAT (learned)"
+    assert calibration_of_engine(header.calib_digest, header.calibration) == "QAT (learned)"  # `cli.py eval`'s
+    assert "QAT row int8-qat-iln: the weights and learned scales of" in lines[0]
+    row = result.report.rows[1]
+    assert row.name == "int8-qat-iln" and row.calibration == "QAT (learned)" and row.options == "--int8 -iln"
+    assert load_report_json(report_dir / "report.json").rows[1].calibration == "QAT (learned)"
+    stored = json.loads((report_dir / "rows" / "int8-qat-iln.json").read_text())["key"]
+    assert stored["model_digest"] == digest and stored["calibration_key"] == scales.key()
+
+    assert sweep().reused == ("fp32", "int8-qat-iln")
+
+    spec = json.loads((qat / QUANT_SPEC_NAME).read_text())  # other learned scales: the row and engine are redone
+    for site in spec["spec"]["sites"].values():
+        site["amax"] = 3.0
+    (qat / QUANT_SPEC_NAME).write_text(json.dumps(spec))
+    result = sweep()
+    assert result.reused == ("fp32",) and result.computed == ("int8-qat-iln",)
+    text = "\n".join(lines)
+    assert "row int8-qat-iln: its inputs changed since it was stored (calibration_key): recomputing" in text
+    assert "engine rebuilt (built from other inputs (calibration))" in text
+    assert read_header(engine).calib_digest == read_qat_scales(qat).key() != scales.key()
+
+
+def test_qat_row_flags_must_fit_the_folder(tiny_inputs, tmp_path):
+    plain = make_qat_folder(tiny_inputs[0], tmp_path / "plain")
+    grid = [GridRow("fp32", fp16=False), GridRow("q", int8=True, iln=True, qat=str(plain))]
+    with pytest.raises(WorkbenchError, match=r"grid row 'q': the QAT scales of .*plain were trained for --int8 and "
+                                             r"have no range for layer1.ffn_ln_out"):
+        run_sweep(tiny_config(tiny_inputs, tmp_path / "r", [], grid=grid))
+
+
+def test_sweep_qat_bad_folders_are_one_line(tiny_inputs, tmp_path, monkeypatch, capsys):
+    model, train, dev = tiny_inputs
+    other = make_tiny_model(tmp_path / "one-layer", layers=1)
+    make_qat_folder(other, tmp_path / "qat-other")
+    words = make_qat_folder(model, tmp_path / "qat-words")
+    vocab = (words / "vocab.txt").read_text().replace("\n?\n", "\n!\n")  # same size, another tokenizer
+    (words / "vocab.txt").write_text(vocab)
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", "--device", "cpu", "--model", model, "--calib-squad", train, "--eval-squad", dev,
+            "--report-dir", tmp_path / "r", "--methods", "max", "--no-progress", "--qat"]
+    for folder, said in ((model, f"{model}: no quant_spec.json: a plain model folder"),
+                         (tmp_path / "nowhere", "nowhere: QAT folder not found"),
+                         (tmp_path / "qat-other", "qat-other: not a QAT folder of the sweep's model"),
+                         (words, "qat-words: its tokenizer differs from that of the sweep's model")):
+        assert_one_line_error_in_process(capsys, *args, folder, words=said)
+
+
 # ------------------------------------------------------------------------------ the default run (assets/)
 
 def test_default_run_on_a_few_questions(tmp_path):
@@ -354,6 +481,7 @@ def assert_one_line_error_in_process(capsys, *args, words: str) -> None:
 def test_sweep_help():
     proc = run_cli("sweep", "--help")
     assert proc.returncode == 0 and "examples:" in proc.stdout and "--max-f1-drop" in proc.stdout
+    assert "--qat DIR" in proc.stdout and "--qat out/qat-iln-imh" in proc.stdout
 
 
 def test_interrupted_cli_says_how_to_resume(tmp_path):
@@ -377,3 +505,47 @@ def test_interrupted_cli_says_how_to_resume(tmp_path):
         pytest.skip("the sweep finished before the interrupt arrived")
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "rerun the same command to resume" in err
+
+
+# ------------------------------------------------------------------------------ -v/--vocab-file (tiny)
+
+def test_sweep_with_a_vocab_file_keys_rows_and_engines_by_it(tiny_inputs, tmp_path):
+    """-v replaces the model folder's tokenizer: the rows without a calibration key (the baseline, QAT rows) are
+    recomputed and their engines rebuilt to embed it; a QAT folder must hold that vocabulary (as `cli.py qat -v`
+    writes it: vocab.txt, whatever the -v file's name)."""
+    from data.tokenizer import load_wordpiece
+    from engines.build import load_runnable
+
+    model = tiny_inputs[0]
+    lines = (model / "vocab.txt").read_text().splitlines()
+    i, j = lines.index("paris"), lines.index("france")
+    lines[i], lines[j] = lines[j], lines[i]  # same size, other ids
+    vocab = tmp_path / "demo-vocab.txt"
+    vocab.write_text("\n".join(lines) + "\n")
+    qat = make_qat_folder(model, tmp_path / "qat")
+    report_dir, said = tmp_path / "report", []
+    base = [GridRow("fp32", fp16=False)]
+
+    def sweep(vocab_file=None, grid=base):
+        said.clear()
+        return run_sweep(tiny_config(tiny_inputs, report_dir, said, grid=grid, profiles=[(4, 96)], eval_limit=4,
+                                     vocab_file=vocab_file))
+
+    assert sweep().computed == ("fp32",)
+    with pytest.raises(WorkbenchError, match=r"qat: its tokenizer differs from the sweep's -v .*demo-vocab.txt"):
+        sweep(str(vocab), base + qat_rows([qat], base))
+    (qat / "vocab.txt").write_bytes(vocab.read_bytes())  # trained with -v
+    result = sweep(str(vocab), base + qat_rows([qat], base))
+    assert result.computed == ("fp32", "int8-qat")
+    text = "\n".join(said)
+    assert "row fp32: its inputs changed since it was stored (tokenizer): recomputing" in text
+    assert "engine rebuilt (built from other inputs (tokenizer))" in text
+    wanted = load_wordpiece(model, vocab_file=vocab)
+    for name in ("fp32", "int8-qat"):
+        embedded = load_runnable(report_dir / "engines" / f"{name}.engine", torch.device("cpu"))[1]
+        assert embedded.tokenizer.to_str() == wanted.tokenizer.to_str()
+    stored = json.loads((report_dir / "rows" / "fp32.json").read_text())["key"]
+    assert stored["tokenizer"] == wanted.digest != load_wordpiece(model).digest
+    assert sweep(str(vocab), base + qat_rows([qat], base)).reused == ("fp32", "int8-qat")
+    with pytest.raises(WorkbenchError, match="qat: its tokenizer differs from that of the sweep's model"):
+        sweep(None, base + qat_rows([qat], base))  # without -v the folder's vocab.txt is not the model's
