@@ -102,6 +102,10 @@ def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.
         problem, candidates, calls = found
         best, times = choose(problem, candidates, cache, machine, calls, engine.attention_agreement())
         chosen[attention_key(b, s, padded)] = best
+        if len(times) > 1 and all(t == float("inf") for impl, t in times.items() if impl != LIBRARY):
+            log.warning("attention %dx%d %s: every kernel candidate was left out, so this build runs the library "
+                        "path there (much slower under -imh: the INT8 reference)", b, s,
+                        "padded" if padded else "dense")
         log.info("attention %dx%d %s: %s %.3f ms (library %.3f ms)", b, s, "padded" if padded else "dense", best,
                  times[best], times[LIBRARY])
     cache.save()

@@ -568,3 +568,15 @@ def test_a_bad_smoothing_vector_is_refused_at_build():
     stray = replace(calib, ranges={**calib.ranges, "layer0.q": TensorRange(1.0, (1.0,) * 64)})
     with pytest.raises(WorkbenchError, match="layer0.q has a smoothing vector but is not a smoothable site"):
         build(loaded, PrecisionPolicy(int8=True), stray)
+
+
+def test_imh_attention_tuner_codes_look_like_activations():
+    """The -imh attention candidates are checked on activation-like codes (engines.runtime.activation_codes), not
+    uniform ones: near-saturated scores made every INT8 attention candidate fail the check at real scales."""
+    from engines.runtime import activation_codes
+
+    codes = activation_codes((256, 384), torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 127
+    x = codes.float()
+    assert 30 < float(x.std()) < 34 and abs(float(x.mean())) < 0.5
+    assert float((x.abs() == 127).float().mean()) < 1e-3  # ~6e-5 of a normal lies beyond 4 sigma
