@@ -307,6 +307,8 @@ def _build_parser(p) -> None:
     _precision_flags(p)
     a("-g", "--force-fc2-gemm", dest="g", action="store_true", help="FC2 on cuBLASLt, not the fused Triton kernel")
     _profile_flags(p, f"profile batch size (default 1); {PAIRS}", "profile sequence length (default 128)")
+    a("--buckets", type=int, metavar="STEP", help="also every STEP tokens below each -s, at its -b: batches sorted by "
+      "length run in the smallest bucket that holds them (e.g. -b 64 -s 384 --buckets 64)")
     a("--timing-cache", "-tcf", "--timing-cache-file", dest="timing_cache", metavar="FILE", help="CUDA kernel "
       "timings reused across builds (default: timing.json in the workbench cache)")
 
@@ -333,6 +335,11 @@ def _bench_parser(p) -> None:
     _run_flags(p, "default: cuda when present", precision=None, batch=False, fuse=True)
     a("--padded", type=float, default=0.0, metavar="FRACTION", help="this fraction of each sequence is padding "
       "(default 0: the graph without an attention mask; padded batches take the general one, as real traffic does)")
+    _squad_flag(p, "MLPerf-Offline-style: samples/s over every window of this SQuAD file, bucketed and padded")
+    a("-v", "--vocab-file", metavar="FILE", help="with --squad: the vocabulary a random-weight engine's windows use")
+    a("--passes", type=int, default=3, help="with --squad: timed passes over the windows (default 3)")
+    a("--hf", action="store_true", help="with --squad: Hugging Face eager FP16 on the same batches, same run")
+    a("--single-stream", type=int, default=0, metavar="N", help="with --squad: N windows one at a time: p50/p90/p99")
 
 
 VERBS = {  # name: (one-line help, the module holding its examples (shown by --help), its flags, its command)

@@ -4,8 +4,13 @@ A family declares its name, the input format it takes, its candidate configurati
 run one; each format has one reference family ("library": plain torch ops and cuBLASLt) that defines the math,
 and every other candidate must reproduce the reference's output before the build times it (engines/tuning.py).
 An implementation is named "FAMILY" or "FAMILY:CONFIG" (e.g. "triton:128x128x128-g8-w4-s3"); engine headers and
-the timing cache store those names. The runtime looks a name up here and runs it, so a new family (2:4-sparse,
-FP8) is a `register_gemm` call beside its kernel, with no edit to the runtime or the build.
+the timing cache store those names. The runtime looks a name up here and runs it, so a new family (FP8) is a
+`register_gemm` call beside its kernel, with no edit to the runtime or the build.
+
+A `sparse` family (2:4 sparse tensor cores: "cusparselt", INT8 and FP16) computes the GEMM from the weight's 2:4
+compressed form, so it is offered and run only for GEMMs whose weight is 2:4 in an engine built with --sparse
+(the engine says which, `Gemm.sparse`); on a dense weight it would compute something else. The build times it
+against the dense families like any other candidate, so it runs only where it was measured faster.
 """
 from __future__ import annotations
 
@@ -40,13 +45,16 @@ class AttentionRun(Protocol):
 class GemmBackend:
     """One GEMM family. `run(config, a, w, a_scale, w_scale, bias, ...)` computes
     [GELU](a @ w.T * scales + bias) [+ residual], as codes when `out_recip` is given; FP families ignore the
-    scales. `gpu_kernels`: the family launches our Triton kernels, so it runs only where they can."""
+    scales. `gpu_kernels`: the family runs only where our Triton kernels can (it launches them, or a CUDA
+    library); `sparse`: it runs only 2:4 weights of --sparse builds; `available`: its library is present."""
 
     family: str
     format: str                                         # the input format it takes: "int8", "fp"
     configs: Callable[[GemmProblem], Sequence[str]]     # candidate configurations for a problem ("" = no config)
     run: GemmRun
     gpu_kernels: bool = False
+    sparse: bool = False                                # runs 2:4 weights only (module docstring)
+    available: Callable[[], bool] | None = None         # a capability check (a library this torch may lack)
 
     def impls(self, problem: GemmProblem) -> list[str]:
         return [implementation(self.family, c) for c in self.configs(problem)]
@@ -115,22 +123,37 @@ def attention_backend(impl: str, format: str) -> AttentionBackend:
     return _lookup(_ATTENTIONS, impl, format, "attention")
 
 
-def runnable(impl: str, format: str, gpu_kernels: bool, attention: bool = False) -> bool:
-    """Whether `impl` is registered for `format` and can run where our GPU kernels can (`gpu_kernels`) or not."""
+def _usable(b, gpu_kernels: bool, sparse: bool) -> bool:
+    """Whether family b can run here (`gpu_kernels`: where our GPU kernels can) on a GEMM whose weight is 2:4
+    under a --sparse build (`sparse`), and its library is present."""
+    if (b.gpu_kernels and not gpu_kernels) or (getattr(b, "sparse", False) and not sparse):
+        return False
+    available = getattr(b, "available", None)
+    return available is None or available()
+
+
+def runnable(impl: str, format: str, gpu_kernels: bool, attention: bool = False, sparse: bool = False) -> bool:
+    """Whether `impl` is registered for `format` and can run here (`_usable`)."""
     table = _ATTENTIONS if attention else _GEMMS
     found = table.get((split(impl)[0], format))
-    return found is not None and (gpu_kernels or not found.gpu_kernels)
+    return found is not None and _usable(found, gpu_kernels, sparse)
 
 
-def _families(table: dict, format: str, gpu_kernels: bool) -> list:
+def is_sparse(impl: str) -> bool:
+    """Whether `impl` belongs to a sparse GEMM family (of any format)."""
+    return any(b.sparse for (family, _), b in _GEMMS.items() if family == split(impl)[0])
+
+
+def _families(table: dict, format: str, gpu_kernels: bool, sparse: bool = False) -> list:
     """The families registered for `format` that can run here, the reference (LIBRARY) first."""
-    return sorted((b for (_, f), b in table.items() if f == format and (gpu_kernels or not b.gpu_kernels)),
+    return sorted((b for (_, f), b in table.items() if f == format and _usable(b, gpu_kernels, sparse)),
                   key=lambda b: b.family != LIBRARY)
 
 
-def gemm_candidates(problem: GemmProblem, format: str, gpu_kernels: bool) -> list[str]:
-    """Every registered implementation of a `format` GEMM for `problem`, the reference first."""
-    return [impl for b in _families(_GEMMS, format, gpu_kernels) for impl in b.impls(problem)]
+def gemm_candidates(problem: GemmProblem, format: str, gpu_kernels: bool, sparse: bool = False) -> list[str]:
+    """Every registered implementation of a `format` GEMM for `problem`, the reference first; sparse families
+    only where `sparse` (the GEMM's weight is 2:4 under a --sparse build)."""
+    return [impl for b in _families(_GEMMS, format, gpu_kernels, sparse) for impl in b.impls(problem)]
 
 
 def attention_candidates(batch: int, seq_len: int, format: str, gpu_kernels: bool) -> list[str]:
@@ -196,13 +219,19 @@ def linear_gelu_tanh(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> to
 
 def _fp_library(config, a, w, a_scale, w_scale, bias, *, residual=None, residual_scale=None, gelu=False,
                 gelu_tanh=True, out_recip=None, out_dtype=torch.float16):
-    """An FP GEMM (F.linear; cuBLASLt's GELU epilogue for the tanh GELU); a residual carried as codes is
-    dequantized first; the output quantized where `out_recip` is given."""
+    """An FP GEMM (F.linear; cuBLASLt's GELU epilogue for the tanh GELU), then `fp_epilogue`."""
     if gelu and gelu_tanh:
         y = linear_gelu_tanh(a, w, bias)
     else:
         y = F.linear(a, w, bias)
         y = F.gelu(y) if gelu else y
+    return fp_epilogue(y, residual, residual_scale, out_recip)
+
+
+def fp_epilogue(y: torch.Tensor, residual: torch.Tensor | None, residual_scale: float | torch.Tensor | None,
+                out_recip: float | torch.Tensor | None) -> torch.Tensor:
+    """What follows an FP GEMM (and its GELU): + the residual (one carried as codes dequantized first), and the
+    output's codes where `out_recip` is given."""
     if residual_scale is not None:
         from plugins.int8_linear import residual_codes_value
         y = y + residual_codes_value(residual, residual_scale).to(y.dtype)
@@ -212,6 +241,38 @@ def _fp_library(config, a, w, a_scale, w_scale, bias, *, residual=None, residual
         return y
     from plugins.common import codes_reference
     return codes_reference(y, out_recip)
+
+
+def _cusparselt_configs(problem: GemmProblem) -> list[str]:
+    """cuSPARSELt's configurations (plugins/sparse_linear.py) where the weight's shape and dtype suit it."""
+    from plugins.sparse_linear import CONFIGS, supports
+
+    dtype = getattr(torch, problem.dtype, None)
+    return list(CONFIGS) if isinstance(dtype, torch.dtype) and supports(problem.n, problem.k, dtype) else []
+
+
+def _cusparselt_available() -> bool:
+    from plugins.sparse_linear import available
+
+    return available()
+
+
+def _int8_cusparselt(config, a, w, a_scale, w_scale, bias, *, gelu_tanh=True, **kw):
+    from plugins.sparse_linear import compressed, sparse_linear
+
+    return sparse_linear(a, compressed(w), a_scale, w_scale, bias, config=config, **kw)
+
+
+def _fp_cusparselt(config, a, w, a_scale, w_scale, bias, *, residual=None, residual_scale=None, gelu=False,
+                   gelu_tanh=True, out_recip=None, out_dtype=torch.float16):
+    """The FP library family's function with a 2:4 weight: cuSPARSELt's GEMM with the bias fused, then the
+    GELU and `fp_epilogue`."""
+    from plugins.sparse_linear import compressed, sparse_mm
+
+    y = sparse_mm(a, compressed(w), bias=bias, config=config)
+    if gelu:
+        y = F.gelu(y, approximate="tanh" if gelu_tanh else "none")
+    return fp_epilogue(y, residual, residual_scale, out_recip)
 
 
 def _sdpa(config, qkv, batch, heads, key_bias, *, scales=None, out_recip=None, out_dtype=torch.float16,
@@ -271,6 +332,10 @@ def _reference_only(*_args) -> list[str]:
 register_gemm(GemmBackend(LIBRARY, "int8", _reference_only, _int8_library))
 register_gemm(GemmBackend(TRITON, "int8", _triton_configs, _int8_triton, gpu_kernels=True))
 register_gemm(GemmBackend(LIBRARY, "fp", _reference_only, _fp_library))
+CUSPARSELT = "cusparselt"
+for _format, _run in (("int8", _int8_cusparselt), ("fp", _fp_cusparselt)):
+    register_gemm(GemmBackend(CUSPARSELT, _format, _cusparselt_configs, _run, gpu_kernels=True, sparse=True,
+                              available=_cusparselt_available))
 register_attention(AttentionBackend(LIBRARY, "fp", _reference_only, _sdpa))
 register_attention(AttentionBackend("fused-attention", "fp", _attention_configs(False), _fused_attention,
                                     gpu_kernels=True))

@@ -25,8 +25,9 @@ from quant.spec import QuantSpec
 from common.errors import WorkbenchError
 from data.tokenizer import WordPiece, wordpiece_from_str
 from engines.engine_file import EngineHeader, Profile, load_engine, this_gpu
-from engines.runtime import Engine, engine_tensors
-from engines.tuning import LIBRARY, TimingCache, attention_key, choose, kernel_key, machine_key
+from engines.backends import is_sparse
+from engines.runtime import Engine, engine_tensors, gemm_kernel_key
+from engines.tuning import LIBRARY, TimingCache, attention_key, choose, machine_key
 from model.checkpoint import LoadedModel
 from qat.folder import QatScales
 from qat.prune import prune_2to4
@@ -75,27 +76,38 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
 
 def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.device,
           timing_cache: TimingCache | None) -> dict[str, str]:
-    """Time every implementation of each INT8 GEMM kind at each profile's row count, and of attention at each
-    profile's shape, with padding and without (each graph's case); keep the fastest."""
+    """Time every implementation of each INT8 GEMM kind at each profile's row count (under --sparse the FP16
+    GEMMs too, whose only other candidates are sparse), and of attention at each profile's shape, with padding
+    and without (each graph's case); keep the fastest. Under --sparse, 2:4 kernels are candidates like any other,
+    so a GEMM runs sparse only where it measured faster; `_sparse_note` records why each GEMM runs dense."""
     engine = Engine(header, {k: v for k, v in tensors.items() if k != TOKENIZER_TENSOR}, device)
-    if not engine.use_triton or not engine.policy.int8:
+    policy = engine.policy
+    if not engine.use_triton or not (policy.int8 or policy.sparse):
         return {}
     cache = timing_cache if timing_cache is not None else TimingCache(None)
     machine = machine_key()
     chosen: dict[str, str] = {}
     rows = sorted({p.batch * p.seq_len for p in header.profiles})
-    for m in rows:
-        for kind in GEMMS:
-            if kind == "fc2" and engine.policy.fc2_library_gemm:
-                continue
-            found = engine.gemm_candidates(kind, m)
-            if found is None:
-                continue
-            problem, candidates, calls = found
-            best, times = choose(problem, candidates, cache, machine, calls)
-            chosen[kernel_key(kind, m)] = best
-            log.info("%s m=%d: %s %.3f ms (library %.3f ms)", kind, m, best, times[best], times[LIBRARY])
-    for (b, s), padded in itertools.product(sorted({(p.batch, p.seq_len) for p in header.profiles}), (True, False)):
+    formats = (("int8",) if policy.int8 else ()) + (("fp",) if policy.sparse else ())
+    for m, fmt, kind in itertools.product(rows, formats, GEMMS):
+        if fmt == "int8" and kind == "fc2" and policy.fc2_library_gemm:
+            continue
+        found = engine.gemm_candidates(kind, m, fmt)
+        key = gemm_kernel_key(kind, m, fmt != "fp")
+        if found is None:
+            continue
+        if fmt == "fp" and list(found[1]) == [LIBRARY]:  # nothing to choose: the FP GEMM stays on the library
+            chosen[SPARSE_NOTE + key] = _sparse_note({LIBRARY: 0.0})
+            continue
+        problem, candidates, calls = found
+        best, times = choose(problem, candidates, cache, machine, calls)
+        chosen[key] = best
+        log.info("%s %s m=%d: %s %.3f ms (library %.3f ms)", fmt, kind, m, best, times[best], times[LIBRARY])
+        if policy.sparse and not is_sparse(best):
+            chosen[SPARSE_NOTE + key] = _sparse_note(times)
+            log.info("%s %s m=%d runs dense: %s", fmt, kind, m, chosen[SPARSE_NOTE + key])
+    shapes = sorted({(p.batch, p.seq_len) for p in header.profiles}) if policy.int8 else []  # FP16: SDPA, untimed
+    for (b, s), padded in itertools.product(shapes, (True, False)):
         found = engine.attention_candidates(b, s, padded)
         if found is None:
             continue
@@ -115,13 +127,33 @@ def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.
     return chosen
 
 
+SPARSE_NOTE = "sparse."  # header entries "sparse.gemm.KIND[.fp].mM": why a --sparse build's GEMM runs dense
+
+
+def _sparse_note(times: dict[str, float]) -> str:
+    """Why a GEMM of a --sparse build runs a dense kernel, from its candidates' times (ms per GEMM)."""
+    sparse = {impl: t for impl, t in times.items() if is_sparse(impl)}
+    dense = min(t for impl, t in times.items() if impl not in sparse)
+    finite = {impl: t for impl, t in sparse.items() if t != float("inf")}
+    if finite:
+        impl = min(finite, key=finite.get)
+        return f"slower: {impl} {finite[impl]:.3f} ms against {dense:.3f} ms dense"
+    return "failed: every 2:4 kernel failed or disagreed here" if sparse else "none: no 2:4 kernel for this shape here"
+
+
 def kernel_choices(header: EngineHeader) -> list[str]:
     """One line per profile naming the implementation the build chose for each timed op (nothing for engines
-    that time none: CPU, FP builds), e.g. `1x128: qkv triton:32x64x128-g8-w4-s4-pf, ..., attention sdpa`."""
+    that time none: CPU, FP builds but --sparse ones), e.g. `1x128: qkv triton:32x64x128-g8-w4-s4-pf, ...,
+    attention sdpa`; FP GEMMs as `qkv/fp16`. Under --sparse each GEMM says whether it runs 2:4-sparse, or dense
+    and why (`dense (sparse slower here)`), and a last line sums it up."""
     lines = []
     for p in header.profiles:
         m = p.batch * p.seq_len
-        parts = [f"{g} {header.kernels[kernel_key(g, m)]}" for g in GEMMS if kernel_key(g, m) in header.kernels]
+        parts = []
+        for g, quantized in itertools.product(GEMMS, (True, False)):
+            key = gemm_kernel_key(g, m, quantized)
+            if key in header.kernels:
+                parts.append(f"{g if quantized else g + '/fp16'} {header.kernels[key]}{_sparse_words(header, key)}")
         for padded, label in ((True, "attention"), (False, "dense attention")):
             attention = header.kernels.get(attention_key(p.batch, p.seq_len, padded))
             if attention is not None:
@@ -129,8 +161,33 @@ def kernel_choices(header: EngineHeader) -> list[str]:
         if parts:
             lines.append(f"{p}: {', '.join(parts)}")
     if header.policy.get("sparse"):
-        lines.append("2:4 weights: dense kernels (no sparse GEMM family is registered in engines/backends.py yet)")
+        lines.append(_sparse_summary(header))
     return lines
+
+
+def _sparse_words(header: EngineHeader, key: str) -> str:
+    """What kernel_choices adds to a GEMM of a --sparse build: sparse, or dense and why."""
+    if not header.policy.get("sparse"):
+        return ""
+    if is_sparse(header.kernels[key]):
+        return " (2:4 sparse)"
+    note = header.kernels.get(SPARSE_NOTE + key, "")
+    return {"slower": " dense (sparse slower here)", "failed": " dense (sparse failed here)",
+            "none": " dense (no sparse kernel here)"}.get(note.split(":")[0], "")
+
+
+def _sparse_summary(header: EngineHeader) -> str:
+    gemms = [k for k in header.kernels if k.startswith("gemm.")]
+    sparse = [k for k in gemms if is_sparse(header.kernels[k])]
+    notes = [v.split(":")[0] for k, v in header.kernels.items() if k.startswith(SPARSE_NOTE)]
+    if sparse:
+        return f"2:4 weights: {len(sparse)} of {len(gemms)} GEMM choices run sparse (cuSPARSELt), the others " \
+               "dense kernels on the pruned weights"
+    if "slower" in notes:
+        return "2:4 weights: dense kernels on the pruned weights (sparse GEMMs were slower at every GEMM timed)"
+    if notes:
+        return "2:4 weights: dense kernels on the pruned weights (no sparse GEMM could run here)"
+    return "2:4 weights: dense kernels on the pruned weights (not timed: sparse GEMMs are chosen by CUDA builds)"
 
 
 def quant_spec(loaded: LoadedModel, policy: PrecisionPolicy, calib: CalibrationCache | QatScales | None
@@ -199,8 +256,9 @@ def load_ranges(loaded: LoadedModel, policy: PrecisionPolicy, *, calib_cache: st
 def sparse_model(loaded: LoadedModel, policy: PrecisionPolicy, prune: bool = False) -> torch.nn.Module:
     """The model whose weights the engine takes. Under --sparse every encoder GEMM weight must be 2:4: a dense one
     is refused in one line naming them, or with `prune` pruned here by magnitude (with a warning: accuracy needs
-    the fine-tuning of `cli.py prune`). The engine then runs dense kernels on the 2:4 weights: no sparse kernel
-    family is registered yet (engines/backends.py), which `kernel_choices` says."""
+    the fine-tuning of `cli.py prune`). On CUDA the build then times 2:4-sparse kernels (cuSPARSELt) against the
+    dense ones per GEMM and profile; each GEMM runs whichever was faster, dense kernels on the pruned weights
+    where nothing sparse won, and `kernel_choices` says which and why."""
     if not policy.sparse:
         return loaded.model
     check = gemm_sparsity(loaded.model, loaded.config.num_layers)

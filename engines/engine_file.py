@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -160,6 +160,19 @@ def read_header(path: str | os.PathLike) -> EngineHeader:
     path = Path(path)
     with _open(path) as f:
         return _parse_metadata(f.metadata(), path)[0]
+
+
+def length_buckets(profiles: Sequence[Profile], step: int) -> list[Profile]:
+    """`build --buckets STEP`: beside each profile B x S, B x s for s = STEP, 2 STEP, ... below S (a ladder of
+    sequence lengths). Batches sorted by length then run in the smallest bucket that holds them (pick_profile), so
+    short SQuAD windows stop paying for padding to S; each bucket is one more CUDA graph and one more timing."""
+    if step < 8 or step % 8:
+        raise WorkbenchError(f"--buckets {step}: the step must be a positive multiple of 8 (batches are trimmed to "
+                             "multiples of 8)")
+    out = {p for p in profiles}
+    for p in profiles:
+        out.update(Profile(p.batch, s) for s in range(step, p.seq_len, step))
+    return sorted(out, key=lambda p: (p.batch, p.seq_len))
 
 
 def pick_profile(header: EngineHeader, batch: int, seq_len: int, path: str | os.PathLike | None = None) -> Profile:

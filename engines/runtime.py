@@ -13,7 +13,8 @@ which kernel runs a GEMM or an attention is a name from the registry of kernel f
 the reference of each format (plain torch ops; cuBLASLt's INT8 GEMM through `torch._int_mm` on CUDA; all of it on
 the CPU, which is how CI runs engines) and the families of Triton kernels (CUDA). `build` times the registered
 candidates per profile and records the fastest in the engine header (engines/tuning.py); a CPU engine, and
-anything the header does not name or this workbench cannot run, runs the reference.
+anything the header does not name or this workbench cannot run, runs the reference. In a --sparse build the 2:4
+GEMMs (FP ones too) may run a sparse family where the build timed it faster; a dense weight never does.
 
 Attention without -imh runs PyTorch's fused SDPA, or where the build timed it faster (INT8 builds on CUDA),
 plugins/attention.py's kernel, which reads Q, K, V from the QKV output and writes the context as the next GEMM
@@ -32,6 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from calib.sparsity import is_2to4_sparse
 from common.errors import WorkbenchError
 from engines import backends
 from engines.engine_file import EngineHeader
@@ -66,6 +68,7 @@ class Gemm:
     weight_scale: torch.Tensor | None  # float32 [N] for quantized GEMMs
     input_scale: float | None         # per-tensor scale of the input codes
     format: QuantFormat | None = None  # the spec's format of input and weights; None: floating point
+    sparse: bool = False              # a 2:4 weight of a --sparse build: sparse families may run it
 
     @property
     def quantized(self) -> bool:
@@ -75,6 +78,12 @@ class Gemm:
     def backend_format(self) -> str:
         """The format whose kernel families run it (engines/backends.py)."""
         return self.format.name if self.format is not None else "fp"
+
+
+def gemm_kernel_key(kind: str, m: int, quantized: bool = True) -> str:
+    """The header key of a GEMM kind's implementation at m rows: gemm.KIND.mM for the quantized GEMMs;
+    gemm.KIND.fp.mM for the FP ones (timed in --sparse builds only), so a --keep-fp16 build holds both."""
+    return kernel_key(kind if quantized else f"{kind}.fp", m)
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -124,29 +133,32 @@ class Engine(torch.nn.Module):
         p = f"layers.{i}.{kind}"
         w = self.t[f"{p}.weight"]
         fmt = self.policy.gemm_format(i, kind)
+        sparse = self.policy.sparse and is_2to4_sparse(w)  # checked here: the header's word is not enough
         if fmt is None:
-            return Gemm(kind, w, self.t[f"{p}.bias"], None, None)
+            return Gemm(kind, w, self.t[f"{p}.bias"], None, None, sparse=sparse)
         if w.dtype != fmt.dtype or f"{p}.weight_scale" not in self.t:
             raise WorkbenchError(f"engine tensors do not match its header: {p}.weight is {w.dtype}, the spec says "
                                  f"{fmt.name} with per-channel scales; rebuild the engine")
         return Gemm(kind, w, self.t[f"{p}.bias"].float().contiguous(), self.t[f"{p}.weight_scale"].float(),
-                    self.scale[self.policy.gemm_input_site(i, kind)], fmt)
+                    self.scale[self.policy.gemm_input_site(i, kind)], fmt, sparse)
 
     # ------------------------------------------------------------ kernel choice
 
-    def impl(self, kind: str, m: int, format: str = "int8") -> str:
-        """The implementation of a quantized GEMM kind at m rows: the header's choice for this m, else the choice
-        for the nearest larger m it has, else the reference; the reference too where the choice cannot run here
-        (a family of GPU kernels on the CPU, or one this workbench has not registered)."""
+    def impl(self, kind: str, m: int, format: str = "int8", sparse: bool = False) -> str:
+        """The implementation of a GEMM kind in `format` at m rows: the header's choice for this m, else the
+        choice for the nearest larger m it has, else the reference; the reference too where the choice cannot
+        run here (a family of GPU kernels on the CPU, one this workbench has not registered, a sparse family for
+        a weight that is not 2:4: `sparse` says whether it is)."""
         if kind == "fc2" and self.policy.fc2_library_gemm:
             return LIBRARY
-        chosen = self.kernels.get(kernel_key(kind, m))
+        chosen = self.kernels.get(gemm_kernel_key(kind, m, format != "fp"))
         if chosen is None:
-            known = sorted((int(k.rsplit(".m", 1)[1]), v) for k, v in self.kernels.items()
-                           if k.startswith(f"gemm.{kind}.m"))
+            prefix = gemm_kernel_key(kind, 0, format != "fp")[:-1]  # "gemm.KIND.m" or "gemm.KIND.fp.m"
+            known = sorted((int(k[len(prefix):]), v) for k, v in self.kernels.items()
+                           if k.startswith(prefix) and k[len(prefix):].isdigit())
             larger = [v for km, v in known if km >= m]
             chosen = larger[0] if larger else (known[-1][1] if known else LIBRARY)
-        return chosen if backends.runnable(chosen, format, self.use_triton) else LIBRARY
+        return chosen if backends.runnable(chosen, format, self.use_triton, sparse=sparse) else LIBRARY
 
     def attention_impl(self, b: int, s: int, padded: bool) -> str:
         """The attention implementation at batch b, length s, with the padding bias or without a mask: the
@@ -192,11 +204,13 @@ class Engine(torch.nn.Module):
         if residual is not None:
             res = dict(residual=residual.fp) if residual.fp is not None else \
                 dict(residual=residual.codes, residual_scale=self._site_scale(residual.site))
-        if g.quantized:
-            impl = impl or self.impl(g.kind, a.shape[0], g.backend_format)
-        run = backends.gemm_backend(impl or LIBRARY, g.backend_format).run
-        return run(backends.split(impl or LIBRARY)[1], a, g.weight, g.input_scale, g.weight_scale, g.bias,
-                   gelu=gelu, gelu_tanh=self.policy.gelu_tanh, out_recip=recip, out_dtype=self.dtype, **res)
+        if g.quantized or g.sparse:
+            impl = impl or self.impl(g.kind, a.shape[0], g.backend_format, g.sparse)
+        backend = backends.gemm_backend(impl or LIBRARY, g.backend_format)
+        if backend.sparse and not g.sparse:
+            raise WorkbenchError(f"{name}: {impl} runs 2:4-sparse weights only, and this weight is not one")
+        return backend.run(backends.split(impl or LIBRARY)[1], a, g.weight, g.input_scale, g.weight_scale, g.bias,
+                           gelu=gelu, gelu_tanh=self.policy.gelu_tanh, out_recip=recip, out_dtype=self.dtype, **res)
 
     def _ln(self, name: str, x: torch.Tensor, site: str, fp_out: bool = False) -> Activation:
         """LayerNorm of x as an Activation at `site`: FP, with its codes where the site is quantized. -iln sites
@@ -312,14 +326,16 @@ class Engine(torch.nn.Module):
         step = context_code_step(self._attention_scales(0), self._recip("layer0.context"))
         return functools.partial(agrees, max_step=step)
 
-    def gemm_candidates(self, kind: str, m: int) -> tuple[GemmProblem, dict[str, callable], int] | None:
-        """The INT8 `kind` GEMM at m rows as the forward launches it (random input codes, each layer's weights
-        and epilogue), one zero-argument call per implementation for build-time timing, and how many GEMMs one
-        call runs. At few rows the weights are most of the traffic, so a call runs the GEMM of every INT8 layer
-        of this kind with the same epilogue, each with its own weights, as a forward does (one layer's weights
-        would sit in L2 and time too fast); at many rows it runs the first such layer only. Calls return the
-        first layer's output, which the candidates must agree on."""
-        layers = [i for i in range(self.cfg.num_layers) if self.gemms[f"layers.{i}.{kind}"].quantized]
+    def gemm_candidates(self, kind: str, m: int, format: str = "int8"
+                        ) -> tuple[GemmProblem, dict[str, callable], int] | None:
+        """The `format` `kind` GEMM at m rows as the forward launches it (random input codes, or FP values for
+        the "fp" GEMMs a --sparse build times; each layer's weights and epilogue), one zero-argument call per
+        implementation for build-time timing, and how many GEMMs one call runs. At few rows the weights are most
+        of the traffic, so a call runs the GEMM of every such layer of this kind with the same epilogue, each with
+        its own weights, as a forward does (one layer's weights would sit in L2 and time too fast); at many rows
+        it runs the first such layer only. Calls return the first layer's output, which the candidates must
+        agree on. Sparse families are candidates only where the weights are 2:4 (Gemm.sparse)."""
+        layers = [i for i in range(self.cfg.num_layers) if self.gemms[f"layers.{i}.{kind}"].backend_format == format]
         if not layers:
             return None
 
@@ -328,13 +344,18 @@ class Engine(torch.nn.Module):
                 return f"layer{i}.fc2_in"
             return f"layer{i}.qkv" if kind == "qkv" and self.policy.imh else None
 
-        layers = [i for i in layers if (out_site(i) is None) == (out_site(layers[0]) is None)]
+        first = layers[0]  # the layers timed together share its epilogue and its weights' kind (2:4 or not)
+        layers = [i for i in layers if (out_site(i) is None) == (out_site(first) is None)
+                  and self.gemms[f"layers.{i}.{kind}"].sparse == self.gemms[f"layers.{first}.{kind}"].sparse]
         if m > ROTATE_WEIGHTS_UP_TO_ROWS:
             layers = layers[:1]
         g = self.gemms[f"layers.{layers[0]}.{kind}"]
         n, k = g.weight.shape
         gen = torch.Generator(device=self.device).manual_seed(m)
-        a = torch.randint(-127, 128, (m, k), generator=gen, device=self.device, dtype=torch.int8)
+        if g.quantized:
+            a = torch.randint(-127, 128, (m, k), generator=gen, device=self.device, dtype=torch.int8)
+        else:
+            a = torch.randn(m, k, generator=gen, device=self.device).to(self.dtype)
         residual = None
         if kind in ("attn_out", "fc2"):  # the residual as the forward carries it (codes alone under -iln)
             site = self.policy.gemm_input_site(layers[0], "qkv" if kind == "attn_out" else "fc1")
@@ -345,13 +366,15 @@ class Engine(torch.nn.Module):
         epilogue = "bias" + ("+gelu" if gelu else "") + \
             ("" if residual is None else "+residual" if residual.fp is not None else "+residual8") + \
             ("->int8" if out_site(layers[0]) else f"->{str(self.dtype).removeprefix('torch.')}")
-        problem = GemmProblem(kind, m, n, k, g.backend_format, epilogue)
+        problem = GemmProblem(kind, m, n, k, g.backend_format if g.quantized else str(a.dtype).removeprefix("torch."),
+                              epilogue)
 
         def call(impl: str) -> torch.Tensor:
             return [self._linear(f"layers.{i}.{kind}", a, residual=residual, gelu=gelu, out_site=out_site(i),
                                  impl=impl) for i in layers][0]
 
-        impls = backends.gemm_candidates(problem, g.backend_format, gpu_kernels=True)  # timed on CUDA only
+        impls = backends.gemm_candidates(problem, g.backend_format, gpu_kernels=True,  # timed on CUDA only
+                                         sparse=g.sparse)
         return problem, {impl: (lambda impl=impl: call(impl)) for impl in impls}, len(layers)
 
 

@@ -175,7 +175,11 @@ def time_pipelined(runner, inputs, iterations: int, warmup: int) -> float:
 EXAMPLES = """examples:
   python cli.py bench -e engines/int8.engine                  # every profile of the engine
   python cli.py bench -e engines/int8.engine -b 1 -s 128 --iterations 1000 --fuse
-  python cli.py bench -e engines/int8.engine -b 64 -s 384 --padded 0.3   # 30% padding: the general graph"""
+  python cli.py bench -e engines/int8.engine -b 64 -s 384 --padded 0.3   # 30% padding: the general graph
+  python cli.py build --model DIR --int8 --fp16 -b 64 -s 384 --buckets 64 --calib-cache calib.json \\
+      -o engines/buckets.engine          # profiles 64x64, 64x128, ..., 64x384: one graph per bucket
+  python cli.py bench -e engines/buckets.engine --squad dev-v1.1.json --hf --single-stream 1000
+      # samples/s over every dev window (bucketed, padded to 384, HF eager FP16) and per-window latency"""
 
 
 def check_counts(iterations: int, warmup: int) -> None:
@@ -199,7 +203,14 @@ def bench_shapes(profiles, batches=None, seq_lens=None) -> list:
 
 
 def bench_from_flags(flags) -> None:
-    """`cli.py bench`: bench_engine_file with its flags, each block printed as soon as it is timed."""
+    """`cli.py bench`: bench_engine_file with its flags (with --squad: eval.throughput's offline benchmark), each
+    block printed as soon as it is timed."""
+    if getattr(flags, "squad", None):
+        from eval.throughput import bench_squad_from_flags
+
+        for lines in bench_squad_from_flags(flags):
+            print(lines, flush=True)
+        return
     for lines in bench_engine_file(flags.engine, device=flags.device, batches=flags.batch_size,
                                    seq_lens=flags.seq_length, iterations=flags.iterations, warmup=flags.warmup,
                                    padded=flags.padded, fuse=flags.fuse, backend=flags.backend):

@@ -27,7 +27,9 @@ EXAMPLES = """examples:
   python cli.py build --model DIR --int8 --fp16 -iln -b 64 -s 384 --calib-cache calib.json -o engines/int8.engine
   python cli.py build -c DIR -v DIR/vocab.txt --fp16 -b 1 -b 8 -s 128 -tcf timing.json -o engines/b1-b8.engine
       # the TensorRT demo's spellings; one -s goes with every -b: profiles 1x128 and 8x128
-  python cli.py build --model bert-large --fp16 -b 1 -s 128 -o engines/large.engine    # random weights: timing"""
+  python cli.py build --model bert-large --fp16 -b 1 -s 128 -o engines/large.engine    # random weights: timing
+  python cli.py build --model DIR --int8 --fp16 -b 64 -s 384 --buckets 64 --calib-cache calib.json \\
+      -o engines/buckets.engine   # + 64x64, 64x128, ..., 64x320: length-sorted batches run in the smallest"""
 CPU_FP16 = ("FP16 on the CPU is emulated and several times slower than FP32 (about 7 questions/s for the MiniLM): "
             "use --precision fp32 (or bf16) on the CPU")
 
@@ -204,13 +206,13 @@ def check_memory(cfg, policy, profiles, device: torch.device, model=None) -> Non
 
 def engine_file_from_flags(flags, say=print) -> str:
     """`cli.py build`: the engine file its flags (argparse.Namespace: model, trust_pickle, output, device, fp16,
-    int8, strict, iln, imh, g, batch_size, seq_length, calib_cache, keep_fp16, timing_cache) describe, built and
-    written; `say` gets the warnings and kernel choices, the returned line says what was built."""
+    int8, strict, iln, imh, g, batch_size, seq_length, buckets, calib_cache, keep_fp16, timing_cache) describe,
+    built and written; `say` gets the warnings and kernel choices, the returned line says what was built."""
     import time
 
     from data.tokenizer import load_wordpiece
     from engines.build import kernel_choices, load_ranges, policy_from_flags
-    from engines.engine_file import Profile
+    from engines.engine_file import Profile, length_buckets
     from model.checkpoint import load_model
     from model.runner import pick_device
     from eval.sweep import pair_profiles
@@ -218,6 +220,8 @@ def engine_file_from_flags(flags, say=print) -> str:
     t0, device = time.perf_counter(), pick_device(flags.device)
     policy = policy_from_flags(flags)
     profiles = [Profile(b, s) for b, s in pair_profiles(flags.batch_size, flags.seq_length, [(1, 128)], 128)]
+    if getattr(flags, "buckets", None):
+        profiles = length_buckets(profiles, flags.buckets)
     loaded = load_model(flags.model, trust_pickle=flags.trust_pickle)
     calib = load_ranges(loaded, policy, calib_cache=flags.calib_cache, qat_scales=flags.qat_scales,
                         ignore_unmodelled=flags.ignore_unmodelled, say=say)

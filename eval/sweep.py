@@ -7,9 +7,10 @@ QAT folder). The default grid is
     INT8 x {entropy, entropy --smooth, percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}
     x --sparse when the model's GEMM weights are 2:4 sparse
 
-and `--grid FILE` takes a JSON list of rows instead (see `load_grid`). Sparse rows are skipped with a message: when
-the weights are not 2:4 sparse there is nothing for sparse kernels to skip, and when they are, `build --sparse`
-would still run dense kernels on them: no sparse GEMM family is registered yet (no row is faked).
+and `--grid FILE` takes a JSON list of rows instead (see `load_grid`). Sparse rows are built `--sparse` when the
+model's GEMM weights are 2:4 (`cli.py prune`): each build times the 2:4 family (cuSPARSELt) against the dense
+kernels per GEMM and profile and keeps the faster; on a dense model they are skipped with a message (nothing for
+sparse kernels to skip; no row is faked).
 
 QAT rows (`--qat DIR`, or "qat": "DIR" in a grid file): `qat` is a scale source beside the calibration methods. A
 `cli.py qat` folder holds trained weights and learned scales (quant_spec.json), so its row builds from that folder,
@@ -111,7 +112,8 @@ DESCRIPTION = (
     "the workbench's answer: build the grid of INT8 builds and the FP16 baseline, evaluate and time each, and pick "
     "the fastest build within the F1 budget. The default grid: FP16; INT8 x {entropy, entropy --smooth 0.8, "
     "percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}; x --sparse when the model's "
-    "GEMM weights are 2:4 sparse (sparse engines are not available yet: those rows are skipped, with the reason). "
+    "GEMM weights are 2:4 sparse (built --sparse: 2:4 kernels where the build times them faster; skipped, with the "
+    "reason, on a dense model). "
     "--qat DIR adds an INT8 row per `cli.py qat` folder: its trained weights and learned scales, built with the "
     "flags it was trained for, no calibration. "
     "Calibration caches, kernel timings and featurized questions are reused from the workbench cache. Resumable: "
@@ -274,7 +276,7 @@ class GridRow:
         from quant.policy import PrecisionPolicy
 
         kwargs: dict[str, Any] = dict(int8=self.int8, fp16=half if self.fp16 is None else self.fp16, iln=self.iln,
-                                      imh=self.imh, fc2_library_gemm=self.fc2_library_gemm)
+                                      imh=self.imh, fc2_library_gemm=self.fc2_library_gemm, sparse=self.sparse)
         if self.keep_fp16:
             kwargs["fp16_gemms"] = self.keep_fp16
         try:
@@ -702,15 +704,18 @@ def _load_inputs(cfg: SweepConfig) -> _Inputs:
     answer_settings = replace(cfg.answer_settings, version_2_with_negative=eval_squad.version.startswith("2"))
     questions = Questions(eval_squad.examples, eval_squad.version, cfg.feature_settings, answer_settings,
                           wordpiece=wordpiece, cache=cfg.feature_cache, progress=cfg.progress)
-    rows = list(cfg.grid)
-    skipped = [r.name for r in rows if r.sparse]
-    if skipped:
+    rows, skipped = list(cfg.grid), []
+    sparse = [r.name for r in rows if r.sparse]
+    if sparse:
         check = gemm_sparsity(loaded.model, loaded.config.num_layers)
-        why = ("the model's GEMM weights are 2:4 sparse, but sparse engines are not available yet (the engine "
-               "builder has no --sparse)" if check.all_sparse else
-               f"the model's GEMM weights are not 2:4 sparse ({check.summary()})")
-        cfg.say(f"{len(skipped)} sparse row{'s' if len(skipped) > 1 else ''} skipped: {why}")
-        rows = [r for r in rows if not r.sparse]
+        if check.all_sparse:
+            cfg.say(f"{len(sparse)} --sparse row{'s' if len(sparse) > 1 else ''}: the model's GEMM weights are 2:4; "
+                    "each build times the 2:4 kernels (cuSPARSELt) against dense ones per GEMM and keeps the faster")
+        else:
+            skipped = sparse
+            cfg.say(f"{len(skipped)} sparse row{'s' if len(skipped) > 1 else ''} skipped: the model's GEMM weights "
+                    f"are not 2:4 sparse ({check.summary()}; `cli.py prune` makes them so)")
+            rows = [r for r in rows if not r.sparse]
     if baseline.name not in [r.name for r in rows]:
         raise WorkbenchError(f"the baseline row {baseline.name!r} cannot be a sparse row")
     return _Inputs(loaded, wordpiece, eval_squad, calib_squad, questions, rows, skipped, baseline, eval_batch, qat)

@@ -39,27 +39,31 @@ def pick_precision(name: str | None, device: torch.device) -> torch.dtype:
     return PRECISIONS[name]
 
 
-def batches_by_length(attention_mask: np.ndarray, batch_size: int, multiple: int = 8) -> list[tuple[np.ndarray, int]]:
-    """Feature indices grouped longest first, each group with the sequence length it needs."""
+def batches_by_length(attention_mask: np.ndarray, batch_size: int, multiple: int = 8,
+                      pad_to: int | None = None) -> list[tuple[np.ndarray, int]]:
+    """Feature indices grouped longest first, each group with the sequence length it needs (or `pad_to` for every
+    group: the padded path a throughput comparison times beside the trimmed one)."""
     lengths = attention_mask.sum(1)
     order = np.argsort(-lengths, kind="stable")
     out = []
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        seq = int(min(attention_mask.shape[1], -(-int(lengths[idx].max()) // multiple) * multiple))
+        seq = pad_to or int(min(attention_mask.shape[1], -(-int(lengths[idx].max()) // multiple) * multiple))
         out.append((idx, seq))
     return out
 
 
 def run_logits(forward: Forward, features, device: torch.device, batch_size: int = 32, progress: bool = True,
-               desc: str = "inference") -> tuple[np.ndarray, np.ndarray]:
-    """Start/end logits, FP32 [N, S]; columns past a batch's trimmed length hold -inf (padding, never an answer)."""
+               desc: str = "inference", pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Start/end logits, FP32 [N, S]; every padding position holds -inf (never an answer, and so the answers do not
+    depend on how far a batch was padded: to its longest window rounded up to 8, to a bucket, or to `pad_to`, the
+    padded path a throughput comparison times)."""
     if batch_size < 1:
         raise WorkbenchError(f"--batch-size must be at least 1, got {batch_size}")
     n, s = features.input_ids.shape
     start = np.full((n, s), -np.inf, dtype=np.float32)
     end = np.full((n, s), -np.inf, dtype=np.float32)
-    batches = batches_by_length(features.attention_mask, batch_size)
+    batches = batches_by_length(features.attention_mask, batch_size, pad_to=pad_to)
     host = ([torch.from_numpy(a[idx, :seq]).long() for a in (features.input_ids, features.token_type_ids,
                                                               features.attention_mask)] for idx, seq in batches)
     pipelined = getattr(forward, "pipelined", None)  # engines: copies overlap compute on a side stream
@@ -73,4 +77,6 @@ def run_logits(forward: Forward, features, device: torch.device, batch_size: int
             start[idx, :seq] = s_logits.float().numpy()
             end[idx, :seq] = e_logits.float().numpy()
             bar.update(len(idx))
+    padding = features.attention_mask == 0
+    start[padding] = end[padding] = -np.inf
     return start, end

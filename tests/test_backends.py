@@ -145,3 +145,94 @@ def test_the_flags_compile_to_one_spec():
     assert PrecisionPolicy(fp16=True).spec(2, {}) == QuantSpec()
     with pytest.raises(WorkbenchError, match="no range for embeddings.ln_out"):
         policy.spec(2, {})
+
+
+# ------------------------------------------------------------------ sparse families: 2:4 weights of --sparse builds
+
+def pruned_model(seed: int = 0):
+    """A random model whose encoder GEMM weights keep the 2 largest |w| of every 4 along K (2:4)."""
+    loaded = loaded_model(seed)
+    with torch.no_grad():
+        for name, p in loaded.model.named_parameters():
+            if name.startswith("layers.") and name.endswith("weight") and p.dim() == 2:
+                groups = p.view(p.shape[0], -1, 4)
+                drop = groups.abs().argsort(dim=-1)[..., :2]
+                groups.scatter_(-1, drop, 0.0)
+    return loaded
+
+
+@pytest.fixture
+def toy_sparse():
+    """A toy sparse GEMM family (INT8 and FP) that runs the reference and records every call."""
+    calls: list[str] = []
+    for fmt in ("int8", "fp"):
+        reference = backends.gemm_backend(LIBRARY, fmt).run
+
+        def run(config, a, *args, reference=reference, **kw):
+            calls.append(config)
+            return reference("", a, *args, **kw)
+
+        backends.register_gemm(backends.GemmBackend("toy24", fmt, lambda problem: ["x"], run, sparse=True))
+    yield calls
+    for fmt in ("int8", "fp"):
+        backends.unregister("toy24", fmt)
+
+
+def test_a_sparse_family_is_a_candidate_only_for_2to4_weights(toy_sparse):
+    problem = GemmProblem("qkv", 64, 192, 64, "int8", "bias")
+    assert "toy24:x" not in backends.gemm_candidates(problem, "int8", gpu_kernels=True)
+    assert backends.gemm_candidates(problem, "int8", gpu_kernels=False, sparse=True)[-1] == "toy24:x"
+    assert not backends.runnable("toy24:x", "int8", gpu_kernels=True)
+    assert backends.runnable("toy24:x", "int8", gpu_kernels=False, sparse=True)
+    assert backends.is_sparse("toy24:x") and backends.is_sparse("cusparselt:alg0")
+    assert not backends.is_sparse("triton:a") and not backends.is_sparse(LIBRARY)
+
+
+def test_an_engine_never_offers_or_runs_a_sparse_family_on_dense_weights(toy_sparse):
+    loaded = pruned_model()
+    calib = max_calibration(loaded)
+    dense = build(loaded, PrecisionPolicy(int8=True), calib)  # 2:4 weights, but not a --sparse build
+    sparse = build(loaded, PrecisionPolicy(int8=True, sparse=True), calib)
+    assert not any(g.sparse for g in dense.gemms.values()) and all(g.sparse for g in sparse.gemms.values())
+    for kind in ("qkv", "attn_out", "fc1", "fc2"):
+        assert "toy24:x" not in dense.gemm_candidates(kind, 64)[1]
+        assert "toy24:x" in sparse.gemm_candidates(kind, 64)[1]
+    assert dense.gemm_candidates("qkv", 64, "fp") is None  # no FP GEMMs in this build
+    chosen = {kernel_key("qkv", 64): "toy24:x", kernel_key("fc1", 64): "toy24:x"}
+    x = inputs(batch=2, seq=32)
+    with torch.no_grad():
+        want = dense(*x)
+        on_dense = Engine(dataclasses.replace(dense.header, kernels={**dense.header.kernels, **chosen}), dense.t,
+                          dense.device)
+        assert on_dense.impl("qkv", 64, "int8", sparse=False) == LIBRARY
+        for g, w in zip(on_dense(*x), want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        assert toy_sparse == []
+        with pytest.raises(WorkbenchError, match="runs 2:4-sparse weights only"):
+            on_dense._linear("layers.0.qkv", torch.zeros(4, CFG.hidden_size, dtype=torch.int8), impl="toy24:x")
+        on_sparse = Engine(dataclasses.replace(sparse.header, kernels={**sparse.header.kernels, **chosen}),
+                           sparse.t, sparse.device)
+        for g, w in zip(on_sparse(*x), want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert toy_sparse == ["x"] * 2 * CFG.num_layers
+
+
+def test_the_fp_gemms_of_a_sparse_build_are_timing_candidates_under_their_own_key(toy_sparse):
+    """FP GEMMs are timed in --sparse builds only, under gemm.KIND.fp.mM (a --keep-fp16 build holds both)."""
+    from engines.runtime import gemm_kernel_key
+
+    loaded = pruned_model(seed=3)
+    policy = PrecisionPolicy(int8=True, sparse=True, fp16_gemms=("layer1.fc1",))
+    engine = build(loaded, policy, max_calibration(loaded))
+    problem, candidates, calls = engine.gemm_candidates("fc1", 16, "fp")
+    assert calls == 1 and problem.dtype == "float32" and problem.epilogue == "bias+gelu->int8"
+    assert list(candidates) == [LIBRARY, "toy24:x"]
+    assert torch.equal(candidates["toy24:x"](), candidates[LIBRARY]())
+    assert gemm_kernel_key("fc1", 16, quantized=False) == "gemm.fc1.fp.m16"
+    header = dataclasses.replace(engine.header, kernels={**engine.header.kernels, "gemm.fc1.fp.m64": "toy24:x"})
+    toy = Engine(header, engine.t, engine.device)
+    assert toy.impl("fc1", 64, "fp", sparse=True) == "toy24:x" and toy.impl("fc1", 64, "int8", sparse=True) == LIBRARY
+    toy_sparse.clear()
+    with torch.no_grad():
+        toy(*inputs(batch=2, seq=32))
+    assert toy_sparse == ["x"]  # layer 1's FP fc1 only

@@ -549,3 +549,27 @@ def test_sweep_with_a_vocab_file_keys_rows_and_engines_by_it(tiny_inputs, tmp_pa
     assert sweep(str(vocab), base + qat_rows([qat], base)).reused == ("fp32", "int8-qat")
     with pytest.raises(WorkbenchError, match="qat: its tokenizer differs from that of the sweep's model"):
         sweep(None, base + qat_rows([qat], base))  # without -v the folder's vocab.txt is not the model's
+
+
+def test_sparse_rows_build_on_a_2to4_model(tiny_inputs, tmp_path):
+    """On a 2:4-pruned model the --sparse rows are built (the engine times 2:4 kernels against dense ones where it
+    can: on the CPU it runs the dense reference on the pruned weights), not skipped."""
+    from engines.engine_file import read_header
+    from model.checkpoint import load_model
+    from qat.folder import save_model_folder
+
+    model, train, dev = tiny_inputs
+    loaded = load_model(model)
+    with torch.no_grad():
+        for name, p in loaded.model.named_parameters():
+            if name.startswith("layers.") and name.endswith("weight") and p.dim() == 2:
+                groups = p.view(p.shape[0], -1, 4)
+                groups.scatter_(-1, groups.abs().argsort(dim=-1)[..., :2], 0.0)
+    pruned = save_model_folder(tmp_path / "pruned", loaded.model, model)
+    lines: list[str] = []
+    result = run_sweep(tiny_config((pruned, train, dev), tmp_path / "report", lines))
+    assert result.skipped == () and "int8-max-sparse" in result.computed
+    assert any("1 --sparse row: the model's GEMM weights are 2:4" in line for line in lines)
+    engines = tmp_path / "report" / "engines"
+    assert read_header(engines / "int8-max-sparse.engine").policy["sparse"]
+    assert not read_header(engines / "int8-max.engine").policy["sparse"]

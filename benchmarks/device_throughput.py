@@ -1,0 +1,81 @@
+"""Issue 20's offline throughput on the GPU: random-weight BERT-large and BERT-base over every window of the official
+dev set (their real token lengths), bucketed against padded to 384 and HF eager FP16, one run per model.
+
+    python -m benchmarks.device_throughput --squad dev-v1.1.json --presets bert-large bert-base --batch 128 \
+        --buckets 64 --variants "int8 -iln" fp16 --out throughput.md
+
+Each variant is built once with profiles batch x {STEP, 2 STEP, ..., 384} (`engines.engine_file.length_buckets`;
+INT8 scales from a max calibration on random tokens, benchmarks.bench_engines.max_ranges), then
+`eval.throughput.offline_run` times it bucketed and padded to 384 over the same windows; HF eager FP16 (SDPA) runs
+the bucketed batches once per model. The windows are tokenized with the assets/ MiniLM's BERT uncased vocabulary.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.bench_engines import VARIANTS, max_ranges
+from common.files import atomic_write_text
+from data.tokenizer import load_wordpiece
+from engines.build import build_engine, kernel_choices
+from engines.engine_file import Profile, length_buckets
+from engines.graphs import GraphRunner
+from engines.runtime import Engine
+from engines.tuning import TimingCache
+from eval.sweep import DEFAULT_MODEL
+from eval.throughput import hf_eager, offline_run, squad_features
+from model.checkpoint import load_model
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--squad", required=True)
+    ap.add_argument("--presets", nargs="+", default=["bert-large", "bert-base"])
+    ap.add_argument("--variants", nargs="+", default=["int8 -iln", "fp16"], choices=list(VARIANTS))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--buckets", type=int, default=64)
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--out", default="throughput.md")
+    args = ap.parse_args(argv)
+    device, timing = torch.device("cuda"), TimingCache("/tmp/timing.json")
+    features = squad_features(args.squad, load_wordpiece(DEFAULT_MODEL, 30522), 384)
+    lengths = features.attention_mask.sum(1)
+    lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; {len(lengths):,} windows of "
+             f"{args.squad}, mean {lengths.mean():.0f} real tokens of 384; batches of {args.batch}; buckets every "
+             f"{args.buckets}", ""]
+
+    def say(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+        atomic_write_text(args.out, "\n".join(lines) + "\n")
+
+    for preset in args.presets:
+        loaded = load_model(preset)
+        profiles = length_buckets([Profile(args.batch, 384)], args.buckets)
+        for name in args.variants:
+            policy = VARIANTS[name]
+            calib = max_ranges(loaded, device) if policy.int8 else None
+            header, tensors = build_engine(loaded, policy, profiles, calib, device, None, timing)
+            runner = GraphRunner(Engine(header, tensors, device).eval(), f"{preset} {name}")
+            bucketed = offline_run(f"{preset} {name}, bucketed", runner, features, device, args.batch,
+                                   passes=args.passes)
+            say(bucketed.row())
+            say(offline_run(f"{preset} {name}, padded to 384", runner, features, device, args.batch,
+                            passes=args.passes, pad_to=384).row(bucketed))
+            say("  kernels: " + "; ".join(kernel_choices(header)[-1:]))
+            del runner, tensors
+            torch.cuda.empty_cache()
+        if not args.no_hf:
+            forward = hf_eager(loaded.config, device)
+            if forward is not None:
+                say(offline_run(f"{preset} HF eager fp16, bucketed", forward, features, device, args.batch,
+                                passes=1).row())
+            del forward
+            torch.cuda.empty_cache()
+        say("")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Throughput on the real windows of a SQuAD file (`cli.py bench --squad`), as MLPerf's BERT Offline scenario counts
+it: every window of the file is one sample; samples/s over a whole pass.
+
+Padded-to-384 figures overstate the work: the official dev set's windows are mostly far shorter than 384 tokens.
+So the engine is timed three ways in one run: **bucketed** (windows sorted by length, batches at the engine's
+largest batch, each trimmed to its longest window rounded up to 8 and run in the smallest profile that holds it:
+an engine built with `--buckets` has a ladder of them), **padded** (the same batches padded to the engine's longest
+profile: what a single-profile engine does), and with `--hf` Hugging Face transformers' eager FP16 BERT (SDPA) on the
+same trimmed batches, random weights (only its speed is compared). Each pass goes through eval's own path
+(model.runner.run_logits: host batches in, FP32 logits out, copies overlapped with compute on CUDA); one untimed
+pass first captures every bucket's graph. A single-stream distribution (one window per call, in file order) gives
+per-window latency. Windows come from the file tokenized with the engine's tokenizer (a preset engine has none:
+the model folder in assets/ lends its BERT uncased vocabulary, or -v names one); preset engines' weights are random,
+so their token ids only need the real lengths.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from common.errors import WorkbenchError
+from model.runner import Forward, run_logits
+
+
+@dataclass(frozen=True)
+class OfflineRun:
+    """One way of running every window once, timed over `passes` passes (the median counts)."""
+
+    name: str
+    windows: int
+    real_tokens: int       # tokens of the windows themselves
+    computed_tokens: int   # tokens the batches held (padding included)
+    seconds: list[float]   # each timed pass
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.windows / self.median_s
+
+    def row(self, base: "OfflineRun | None" = None) -> str:
+        ratio = f"  {self.samples_per_s / base.samples_per_s:5.2f}x" if base is not None else ""
+        return (f"{self.name:<28} {self.samples_per_s:>10,.0f} samples/s  {self.median_s * 1e3:9.1f} ms a pass "
+                f"(median of {len(self.seconds)})  {self.real_tokens / self.computed_tokens:5.1%} of computed tokens "
+                f"real{ratio}")
+
+
+def batch_tokens(mask: np.ndarray, batch: int, pad_to: int | None = None) -> int:
+    """Tokens the batches of run_logits hold: batch rows x its length, summed."""
+    from model.runner import batches_by_length
+
+    return sum(len(idx) * seq for idx, seq in batches_by_length(mask, batch, pad_to=pad_to))
+
+
+def offline_run(name: str, forward: Forward, features, device: torch.device, batch: int, *, passes: int = 3,
+                pad_to: int | None = None) -> OfflineRun:
+    """Every window through `forward` once untimed (graphs captured, kernels warm), then `passes` timed passes."""
+    if passes < 1:
+        raise WorkbenchError(f"--passes must be at least 1, got {passes}")
+
+    def one_pass() -> float:
+        t0 = time.perf_counter()
+        run_logits(forward, features, device, batch_size=batch, progress=False, pad_to=pad_to)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    one_pass()
+    seconds = [one_pass() for _ in range(passes)]
+    mask = features.attention_mask
+    return OfflineRun(name, len(mask), int(mask.sum()), batch_tokens(mask, batch, pad_to), seconds)
+
+
+def single_stream(forward: Forward, features, device: torch.device, n: int, warmup: int = 10) -> dict[str, float]:
+    """Per-window latency, one window per call in file order (trimmed to its length rounded up to 8): the first `n`
+    windows after `warmup` untimed ones; milliseconds at p50, p90, p99 and the mean."""
+    count = min(n, len(features.input_ids))
+    if count < 1:
+        raise WorkbenchError("--single-stream needs at least one window")
+    lengths = features.attention_mask.sum(1)
+    samples = []
+    with torch.inference_mode():
+        for i in [*range(min(warmup, count)), *range(count)]:
+            seq = int(min(features.input_ids.shape[1], -(-int(lengths[i]) // 8) * 8))
+            args = [torch.from_numpy(a[i:i + 1, :seq]).long().to(device) for a in
+                    (features.input_ids, features.token_type_ids, features.attention_mask)]
+            t0 = time.perf_counter()
+            forward(*args)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            samples.append((time.perf_counter() - t0) * 1e3)
+    timed = np.array(samples[min(warmup, count):])
+    return {"p50": float(np.percentile(timed, 50)), "p90": float(np.percentile(timed, 90)),
+            "p99": float(np.percentile(timed, 99)), "mean": float(timed.mean()), "n": len(timed)}
+
+
+def hf_eager(config, device: torch.device) -> Forward | None:
+    """Hugging Face transformers' BertForQuestionAnswering with `config`'s shape, random weights, FP16 (FP32 on the
+    CPU), SDPA attention; None where transformers is not installed."""
+    try:
+        from transformers import BertConfig as HFConfig, BertForQuestionAnswering
+    except ImportError:
+        return None
+    c = config
+    hf = BertForQuestionAnswering(HFConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings, attn_implementation="sdpa"))
+    hf = (hf.half() if device.type == "cuda" else hf).to(device).eval()
+
+    def forward(input_ids, token_type_ids, attention_mask):
+        out = hf(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+        return out.start_logits, out.end_logits
+    return forward
+
+
+def squad_features(squad: str | Path, wordpiece, max_seq_length: int, limit: int | None = None):
+    """The windows of a SQuAD file as eval featurizes them at `max_seq_length` (doc stride 128, or what fits a
+    shorter window; 64 question tokens; the featurization cache applies)."""
+    from data.features import FeatureSettings, featurize, fitting_stride
+    from data.squad import load_squad
+
+    stride, _ = fitting_stride(max_seq_length, 64)
+    return featurize(load_squad(squad, limit).examples, wordpiece, FeatureSettings(max_seq_length, stride, 64),
+                     progress=False)
+
+
+def _tokenizer(engine_path, wordpiece, vocab_file: str | None, vocab_size: int):
+    """The engine's own tokenizer; for a preset engine, -v or the BERT uncased vocabulary of assets/'s model."""
+    from data.tokenizer import load_wordpiece
+    from eval.sweep import DEFAULT_MODEL
+
+    if wordpiece is not None and vocab_file is None:
+        return wordpiece, "the engine's tokenizer"
+    if vocab_file is None and not DEFAULT_MODEL.is_dir():
+        raise WorkbenchError(f"{engine_path}: a random-weight engine has no tokenizer; give -v VOCAB.txt to make "
+                             "its windows")
+    wp = load_wordpiece(Path(vocab_file).parent if vocab_file else DEFAULT_MODEL, vocab_size=vocab_size,
+                        vocab_file=vocab_file)
+    return wp, (vocab_file or f"{DEFAULT_MODEL.name}'s vocabulary (the preset's weights are random)")
+
+
+def bench_squad(path, squad: str | Path, *, device: str | None = None, passes: int = 3, hf: bool = False,
+                single: int = 0, vocab_file: str | None = None, limit: int | None = None) -> Iterator[str]:
+    """`cli.py bench --squad`: the engine file's offline throughput over every window of `squad`, bucketed and
+    padded (and HF eager with `hf`), then `single` windows one at a time; a line (or block) at a time."""
+    from engines.build import load_runnable
+    from engines.graphs import GraphRunner
+    from model.runner import pick_device
+
+    if str(path).endswith(".onnx"):
+        raise WorkbenchError(f"{path}: bench --squad times engine files (`cli.py build`); time an ONNX export with "
+                             "bench -e FILE.onnx -b B -s S")
+    dev = pick_device(device)
+    engine, wordpiece = load_runnable(path, dev)
+    header = engine.header
+    longest = max(p.seq_len for p in header.profiles)
+    wordpiece, source = _tokenizer(path, wordpiece, vocab_file, engine.cfg.vocab_size)
+    features = squad_features(squad, wordpiece, longest, limit)
+    batch = max(p.batch for p in header.profiles if p.seq_len == longest)
+    lengths = features.attention_mask.sum(1)
+    yield (f"{path}: {engine.policy.describe()} on {dev.type}{' (' + header.gpu_name + ')' if header.gpu_name else ''}"
+           f"; {len(lengths):,} windows of {squad} ({source}; {longest} tokens at most, mean {lengths.mean():.0f}, "
+           f"median {np.median(lengths):.0f}); batches of {batch}; profiles {', '.join(map(str, header.profiles))}")
+    runner = GraphRunner(engine, str(path))
+    runs = [offline_run("engine, bucketed", runner, features, dev, batch, passes=passes)]
+    yield runs[0].row()
+    runs.append(offline_run(f"engine, padded to {longest}", runner, features, dev, batch, passes=passes,
+                            pad_to=longest))
+    yield runs[1].row(runs[0])
+    if hf:
+        forward = hf_eager(engine.cfg, dev)
+        if forward is None:
+            yield "HF eager: transformers is not installed here, not timed"
+        else:
+            runs.append(offline_run("HF eager fp16, bucketed" if dev.type == "cuda" else "HF eager fp32, bucketed",
+                                    forward, features, dev, batch, passes=passes))
+            yield runs[-1].row(runs[0])
+            del forward
+    if single:
+        s = single_stream(runner, features, dev, single)
+        yield (f"single stream, {s['n']} windows one at a time: p50 {s['p50']:.3f} ms, p90 {s['p90']:.3f} ms, "
+               f"p99 {s['p99']:.3f} ms, mean {s['mean']:.3f} ms")
+    yield "(ratios: against the bucketed engine; samples/s = windows / median pass time)"
+
+
+def bench_squad_from_flags(flags) -> Iterator[str]:
+    return bench_squad(flags.engine, flags.squad, device=flags.device, passes=flags.passes, hf=flags.hf,
+                       single=flags.single_stream, vocab_file=flags.vocab_file)
+
+
+__all__ = ["OfflineRun", "batch_tokens", "bench_squad", "bench_squad_from_flags", "hf_eager", "offline_run",
+           "single_stream", "squad_features"]
