@@ -15,7 +15,9 @@ are (the masks are the zeros of the weights themselves).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import warnings
 from typing import Iterable, Sequence
 
@@ -50,8 +52,9 @@ def prune_2to4(model: BertQA, method: str = "magnitude", exclude: Sequence[str] 
     config = {"data_loader": list(calibration) if calibration is not None else None,
               "collect_func": lambda batch: tuple(batch)}
     # modelopt warns that it skips the 2-wide QA head (restored below anyway), that its transformers version check
-    # fails (we do not use its Hugging Face support) and about torch.jit deprecations inside it: not the user's.
-    with warnings.catch_warnings():
+    # fails (we do not use its Hugging Face support) and about torch.jit deprecations inside it, and prints a line
+    # per module it searches ("Searching for sparse mask ..."): not the user's; our own line says what was pruned.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         import modelopt.torch.sparsity as mts
 
