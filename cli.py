@@ -265,7 +265,7 @@ def _train_parser(p, mode: str) -> None:
     a("-o", "--output", required=True, metavar="DIR", help="model folder to write (Hugging Face layout"
       + (" + quant_spec.json, the learned scales `cli.py build --int8` takes)" if qat else ")"))
     a("--epochs", type=float, default=2.0, help="passes over the training windows (default 2)")
-    a("--max-steps", type=int, metavar="N", help="optimizer steps (overrides --epochs)")
+    a("--max-steps", type=int, metavar="N", help="optimizer steps (overrides --epochs; 0: none, e.g. prune only)")
     a("--lr", type=float, default=3e-5, help="peak learning rate, linear warm-up (10%%) and decay (default 3e-5)")
     a("--batch-size", type=int, default=32, help="windows per step (default 32)")
     a("--distill", action="store_true", help="also match the starting model's start/end distributions")

@@ -72,7 +72,8 @@ class TrainConfig:
 
     output_dir: str                    # the model folder written at the end; checkpoints under checkpoints/
     epochs: float = 2.0                # passes over the training windows (fractions allowed)
-    max_steps: int | None = None       # optimizer steps; overrides epochs when given
+    max_steps: int | None = None       # optimizer steps; overrides epochs when given (0: no training, e.g. the
+    #                                    pruned model before fine-tuning, to measure what fine-tuning recovers)
     batch_size: int = 32
     lr: float = 3e-5                   # peak learning rate of the weights
     scale_lr: float = 1e-3             # peak learning rate of the amax parameters (absolute units of amax)
@@ -94,7 +95,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = (
             (self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
-            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
+            (self.max_steps is None or self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0 and self.scale_lr >= 0, "learning rates must be positive"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),

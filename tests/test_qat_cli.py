@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import cli
 from engines.engine_file import read_header
@@ -185,3 +186,20 @@ def test_training_with_a_vocab_file_writes_that_vocab_and_no_tokenizer_json(inpu
     assert cli.main(["build", "--model", str(out), *flags, "-b", "1", "-s", "32", "--device", "cpu",
                      "-o", str(engine)]) == 0
     assert load_runnable(engine, torch.device("cpu"))[1].tokenizer.to_str() == trained
+
+
+def test_prune_with_no_steps_writes_the_pruned_model_before_fine_tuning(inputs, capsys):
+    """`prune --max-steps 0`: the 2:4 model as pruned, not trained (what fine-tuning then recovers is measured
+    against it); the same run with steps starts from exactly those weights."""
+    from calib.sparsity import gemm_sparsity
+    from model.checkpoint import load_model
+
+    tmp, folder, squad, _ = inputs
+    no_steps = [a if a != "2" else "0" for a in TRAIN]
+    assert cli.main(["prune", "--model", str(folder), "--squad", str(squad), "-o", str(tmp / "p0"), *no_steps]) == 0
+    assert "after 0 steps (no steps" in capsys.readouterr().out
+    pruned, dense = load_model(tmp / "p0"), load_model(folder)
+    assert gemm_sparsity(pruned.model, pruned.config.num_layers).all_sparse
+    for (name, p), (_, d) in zip(pruned.model.named_parameters(), dense.model.named_parameters()):
+        kept = p != 0
+        assert torch.equal(p[kept], d[kept]), name  # pruning only zeroes weights; nothing was trained
