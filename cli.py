@@ -49,8 +49,9 @@ def _run_flags(p, device: str = "default: cuda when a GPU is present, else cpu",
     `fuse` (verbs that run engines): --fuse and --backend."""
     p.add_argument("--device", choices=("cpu", "cuda"), help=device)
     if fuse:
-        p.add_argument("--backend", choices=("workbench", "onnxruntime"), help="what runs an engine: our runtime "
-                       "(engine files) or ONNX Runtime (.onnx files from `cli.py export-onnx`; default: by extension)")
+        p.add_argument("--backend", choices=("workbench", "onnxruntime", "tensorrt"), help="what runs an engine: "
+                       "our runtime (engine files), ONNX Runtime (.onnx files from `cli.py export-onnx`) or TensorRT "
+                       "(.plan files, where it is installed); default: by extension")
         p.add_argument("--fuse", action="store_true", help="CUDA: compile the engine's elementwise work into fused "
                        "kernels (TorchInductor) before capturing its CUDA graphs; slower start, faster steady state")
     if precision == "any":
@@ -307,6 +308,8 @@ def _build_parser(p) -> None:
     _precision_flags(p)
     a("-g", "--force-fc2-gemm", dest="g", action="store_true", help="FC2 on cuBLASLt, not the fused Triton kernel")
     _profile_flags(p, f"profile batch size (default 1); {PAIRS}", "profile sequence length (default 128)")
+    a("--backend", choices=("workbench", "tensorrt"), default="workbench", help="tensorrt: export to ONNX and "
+      "build a TensorRT plan (-o X.plan) where TensorRT 10 is installed (not here: never run in this workplace)")
     a("--buckets", type=int, metavar="STEP", help="also every STEP tokens below each -s, at its -b: batches sorted by "
       "length run in the smallest bucket that holds them (e.g. -b 64 -s 384 --buckets 64)")
     a("--timing-cache", "-tcf", "--timing-cache-file", dest="timing_cache", metavar="FILE", help="CUDA kernel "

@@ -225,11 +225,15 @@ def bench_engine_file(path, *, device: str | None = None, batches=None, seq_lens
     from engines.graphs import GraphRunner
     from model.runner import pick_device
 
-    from eval.runnables import runs_in_onnxruntime
+    from eval.runnables import file_backend
 
     check_counts(iterations, warmup)
-    if runs_in_onnxruntime(path, backend):
+    runner = file_backend(path, backend)
+    if runner == "onnxruntime":
         yield from _bench_onnx_file(path, device, batches, seq_lens, iterations, warmup, padded)
+        return
+    if runner == "tensorrt":
+        yield from _bench_plan_file(path, device, batches, seq_lens, iterations, warmup, padded)
         return
     dev = pick_device(device)
     engine, _ = load_runnable(path, dev)
@@ -252,6 +256,23 @@ def _bench_onnx_file(path, device, batches, seq_lens, iterations: int, warmup: i
         x = random_inputs(shape.batch, shape.seq_len, int(forward.config()["vocab_size"]), torch.device("cpu"),
                           padded=padded)
         samples = time_compute(forward, x, iterations, warmup, torch.device("cpu"))
+        yield f"compute     {Latency.from_samples(shape.batch, shape.seq_len, samples).row()}"
+
+
+def _bench_plan_file(path, device, batches, seq_lens, iterations: int, warmup: int, padded: float):
+    """A TensorRT plan (`cli.py build --backend tensorrt`; only where TensorRT imports) timed at its profiles (or
+    the -b x -s shapes): CUDA events around its execution, as for our engines' compute figure."""
+    from engines.engine_file import Profile
+    from interop.tensorrt_backend import TrtForward
+
+    forward = TrtForward(path, device=device)
+    shapes = bench_shapes([Profile(b, s) for b, s in forward.profiles], batches, seq_lens)
+    yield (f"{path}: TensorRT plan on {forward.device}; median of {iterations} after {warmup} warm-up; "
+           f"{f'{padded:.0%} of each sequence padded' if padded else 'no padding'}")
+    vocab = 30522  # the plan holds no config: BERT uncased ids (timing does not depend on which)
+    for shape in shapes:
+        x = random_inputs(shape.batch, shape.seq_len, vocab, forward.device, padded=padded)
+        samples = time_compute(forward, x, iterations, warmup, forward.device)
         yield f"compute     {Latency.from_samples(shape.batch, shape.seq_len, samples).row()}"
 
 

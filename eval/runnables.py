@@ -51,23 +51,48 @@ def load_builds(*, model: str | None, engines: Sequence[str] = (), device: str |
                        batch_size=batch_size, max_seq_length=max_seq_length, vocab_file=vocab_file)] if model else []
     dev = pick_device(device)
     for path in engines:
-        if runs_in_onnxruntime(path, backend):
+        runner = file_backend(path, backend)
+        if runner == "onnxruntime":
             from interop.ort_runner import ort_build
 
             out.append(ort_build(path, device=device, batch_size=batch_size, max_seq_length=max_seq_length))
+        elif runner == "tensorrt":
+            out.append(plan_build(path, device=device, batch_size=batch_size))
         else:
             out.append(engine_file_build(path, dev, max_seq_length=max_seq_length, fuse=fuse))
     return out
 
 
+BACKEND_FILES = {"workbench": "engine files (cli.py build)", "onnxruntime": "ONNX files (cli.py export-onnx)",
+                 "tensorrt": "TensorRT plans (cli.py build --backend tensorrt)"}
+
+
+def file_backend(path, backend: str | None = None) -> str:
+    """What runs an engine argument, by its suffix: ONNX Runtime a `.onnx` export, TensorRT a `.plan`, our runtime
+    an engine file; a `--backend` that does not fit the file is a one-line error."""
+    name = str(path)
+    found = "onnxruntime" if name.endswith(".onnx") else "tensorrt" if name.endswith(".plan") else "workbench"
+    if backend is not None and backend != found:
+        raise WorkbenchError(f"{path}: --backend {backend} runs {BACKEND_FILES[backend]}")
+    return found
+
+
 def runs_in_onnxruntime(path, backend: str | None = None) -> bool:
-    """Whether an engine argument is an exported ONNX file (ONNX Runtime runs it) rather than an engine file; a
-    `--backend` that does not fit the file is a one-line error."""
-    onnx = str(path).endswith(".onnx")
-    if backend is not None and onnx != (backend == "onnxruntime"):
-        raise WorkbenchError(f"{path}: --backend {backend} runs "
-                             f"{'ONNX files (cli.py export-onnx)' if backend == 'onnxruntime' else 'engine files'}")
-    return onnx
+    """Whether an engine argument is an exported ONNX file (ONNX Runtime runs it); see file_backend."""
+    return file_backend(path, backend) == "onnxruntime"
+
+
+def plan_build(path, *, device: str | None = None, batch_size: int | None = None) -> Build:
+    """A TensorRT plan (interop/tensorrt_backend.py; only where TensorRT imports, else one line saying how to
+    install it) as a Build: its tokenizer is the export's, beside the plan's .onnx."""
+    from data.tokenizer import load_wordpiece
+    from interop.tensorrt_backend import TrtForward
+
+    forward = TrtForward(path, device=device)
+    wordpiece = load_wordpiece(Path(path).parent)
+    batch = batch_size or max(b for b, _ in forward.profiles)
+    return Build(Path(path).stem, forward, forward.device, batch, wordpiece.tokenizer.get_vocab_size(), wordpiece,
+                 label=f"{Path(path).name} [TensorRT]", kind="engine", options="TensorRT plan", path=str(path))
 
 
 def model_build(model: str, *, device: str | None = None, precision: str | None = None, trust_pickle: bool = False,
@@ -217,11 +242,15 @@ def engine_file_from_flags(flags, say=print) -> str:
     from model.runner import pick_device
     from eval.sweep import pair_profiles
 
-    t0, device = time.perf_counter(), pick_device(flags.device)
-    policy = policy_from_flags(flags)
     profiles = [Profile(b, s) for b, s in pair_profiles(flags.batch_size, flags.seq_length, [(1, 128)], 128)]
     if getattr(flags, "buckets", None):
         profiles = length_buckets(profiles, flags.buckets)
+    if getattr(flags, "backend", None) == "tensorrt":
+        from interop.tensorrt_backend import plan_from_flags
+
+        return plan_from_flags(flags, [(p.batch, p.seq_len) for p in profiles], say=say)
+    t0, device = time.perf_counter(), pick_device(flags.device)
+    policy = policy_from_flags(flags)
     loaded = load_model(flags.model, trust_pickle=flags.trust_pickle)
     calib = load_ranges(loaded, policy, calib_cache=flags.calib_cache, qat_scales=flags.qat_scales,
                         ignore_unmodelled=flags.ignore_unmodelled, say=say)

@@ -164,14 +164,14 @@ def build_plan(onnx_path: str | Path, plan_path: str | Path, *, profiles: Sequen
     return plan_path
 
 
-def plan_from_flags(flags, say=print) -> str:
+def plan_from_flags(flags, profiles: Sequence[tuple[int, int]], say=print) -> str:
     """`cli.py build --backend tensorrt`: the flags of `cli.py build` (model, trust_pickle, output, fp16, int8,
     iln, imh, keep_fp16, calib_cache, qat_scales, sparse, prune_2to4, batch_size, seq_length, timing_cache; optionally
-    fp8, opset, symmetric_clamp; interop.onnx_export.export_from_flags reads them). The
+    fp8, opset, symmetric_clamp; interop.onnx_export.export_from_flags reads them), with the profiles they make
+    (batch, seq_len; -b/-s paired as in every verb). The
     model is exported first (interop.onnx_export, to OUTPUT with the suffix .onnx, tokenizer beside it), then
     built into OUTPUT (a .plan file)."""
     import argparse
-    import itertools
 
     from interop.onnx_export import export_from_flags
 
@@ -180,7 +180,6 @@ def plan_from_flags(flags, say=print) -> str:
     onnx_path = output.with_suffix(".onnx")
     export_flags = argparse.Namespace(**{**vars(flags), "output": str(onnx_path), "trt_cache": None})
     say(export_from_flags(export_flags, say=say))
-    profiles = list(itertools.product(flags.batch_size or [1], flags.seq_length or [128]))
     build_plan(onnx_path, output, profiles=profiles, fp16=bool(getattr(flags, "fp16", False)),
                timing_cache=getattr(flags, "timing_cache", None), say=say)
     return f"built {output} (TensorRT) from {onnx_path}"
