@@ -49,7 +49,7 @@ def ceilings(lines: list[str]) -> None:
 
 
 def gemms(lines: list[str], hidden: int, inter: int) -> None:
-    lines += ["", f"| M | N | K | fp16 linear ms | TFLOP/s | int8 _int_mm ms | TOP/s | _int_mm + dequant ms |",
+    lines += ["", "| M | N | K | fp16 linear ms | TFLOP/s | int8 _int_mm ms | TOP/s | _int_mm + dequant ms |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in (128, 49152):
         for n, k in ((3 * hidden, hidden), (hidden, hidden), (inter, hidden), (hidden, inter)):
@@ -116,7 +116,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="profile.md")
     ap.add_argument("--parts", nargs="+", default=["ceilings", "gemms", "attention", "engines"])
-    ap.add_argument("--variants", nargs="+", default=["fp16 fused", "int8"], help="fp16|int8|int8 -iln|int8 -iln -imh [fused]")
+    ap.add_argument("--variants", nargs="+", default=["fp16 fused", "int8"],
+                    help="fp16|int8|int8 -iln|int8 -imh|int8 -iln -imh [fused]")
     ap.add_argument("--preset", default="bert-large", help="a preset or a model folder")
     ap.add_argument("--shapes", nargs="+", default=["128x384", "1x128"])
     args = ap.parse_args(argv)

@@ -251,7 +251,8 @@ def _bench_onnx_file(path, device, batches, seq_lens, iterations: int, warmup: i
     forward = OrtForward(path, device=device)
     shapes = bench_shapes([Profile(1, 128)], batches, seq_lens)
     yield (f"{path}: onnxruntime {forward.metadata.get('policy', '?')} on {forward.provider}; median of "
-           f"{iterations} after {warmup} warm-up; {f'{padded:.0%} of each sequence padded' if padded else 'no padding'}")
+           f"{iterations} after {warmup} warm-up; "
+           f"{f'{padded:.0%} of each sequence padded' if padded else 'no padding'}")
     for shape in shapes:
         x = random_inputs(shape.batch, shape.seq_len, int(forward.config()["vocab_size"]), torch.device("cpu"),
                           padded=padded)

@@ -28,10 +28,10 @@ at every profile (eval.measure; `REPORT_DIR/predictions/NAME.json`; the question
 row), and store the row as `REPORT_DIR/rows/NAME.json` (atomically) with a key of everything its accuracy depends
 on (model and tokenizer digests, calibration key, policy, profiles, the evaluation file's digest and question
 limit, feature and answer settings, device type and GPU, workbench version) and a timing key (the machine: CPU
-model, cores and torch threads, or GPU; library versions; the timing settings). A rerun skips every row whose stored keys match ("finished earlier"),
-recomputes those whose inputs changed, and re-times (reusing the accuracy) those timed on another machine or whose
-timing was not stable, so an interrupted sweep resumes where it stopped and no figure from another device or a
-noisy moment is kept.
+model, cores and torch threads, or GPU; library versions; the timing settings). A rerun skips every row whose stored
+keys match ("finished earlier"), recomputes those whose inputs changed, and re-times (reusing the accuracy) those
+timed on another machine or whose timing was not stable, so an interrupted sweep resumes where it stopped and no
+figure from another device or a noisy moment is kept.
 
 Timing: each profile is timed in rounds until two agree (eval.benchmark.time_until_stable), and builds within
 timing noise of the fastest tie (eval.report). A machine whose load changes during the sweep can still slow every

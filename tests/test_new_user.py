@@ -185,7 +185,8 @@ def test_ctrl_c_under_force_suggests_the_rerun_without_it(tiny, tmp_path):
 
 def test_an_engine_of_another_model_is_named(tiny, tmp_path, capsys):
     engine = tmp_path / "other.engine"
-    code, _, err = run_main(capsys, "build", "--model", tiny["other"], "--device", "cpu", "-b", 4, "-s", 96, "-o", engine)
+    code, _, err = run_main(capsys, "build", "--model", tiny["other"], "--device", "cpu", "-b", 4, "-s", 96,
+                            "-o", engine)
     assert code == 0, err
     code, out, err = run_main(capsys, "eval", "--squad", tiny["dev"], "--model", tiny["model"], engine, "--device",
                               "cpu", "--no-progress", "--bench-iterations", 1, "--bench-warmup", 0, "-o",
