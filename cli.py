@@ -284,6 +284,8 @@ def _precision_flags(p) -> None:
     a = p.add_argument
     a("--fp16", action="store_true", help="run what is not INT8 in FP16 (default FP32)")
     a("--int8", action="store_true", help="INT8 GEMMs: per-channel weight scales, activation scales from --calib-cache")
+    a("--fp8", action="store_true", help="FP8 E4M3 GEMMs instead (compute capability 8.9+ or the CPU): scales amax/448 "
+      "from the same --calib-cache (max, percentile or mse)")
     a("--strict", action="store_true", help="no fallback to higher precision (ours never falls back: only recorded)")
     a("-iln", "--int8-layernorm", dest="iln", action="store_true", help="INT8 skip-LayerNorm outputs (INT8 residual)")
     a("-imh", "--int8-mha", dest="imh", action="store_true", help="INT8 attention (Q, K, V, probabilities, context)")

@@ -4,6 +4,8 @@ The one place a cache's ranges become a build's spec: the engine builder and QAT
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from calib.cache import CalibrationCache
@@ -12,6 +14,8 @@ from model.config import BertConfig
 from quant.policy import PrecisionPolicy
 from quant.smoothing import check_vectors
 from quant.spec import QuantSpec, ScaleSource
+
+log = logging.getLogger(__name__)
 
 
 def spec_from_cache(calib: CalibrationCache, policy: PrecisionPolicy, config: BertConfig, model_digest: str,
@@ -25,6 +29,9 @@ def spec_from_cache(calib: CalibrationCache, policy: PrecisionPolicy, config: Be
     if missing:
         raise WorkbenchError(f"{where} has no range for {missing[0]} ({len(missing)} sites missing): recalibrate "
                              "with this workbench")
+    if policy.fp8 and calib.method == "entropy":
+        log.warning("%s was calibrated with entropy, whose threshold rule is INT8's uniform grid: for --fp8 "
+                    "prefer a max, percentile or mse cache", where)
     smooth = {site: torch.tensor(r.smooth, dtype=torch.float32) for site, r in calib.ranges.items()
               if r.smooth is not None}
     check_vectors(smooth, config.num_layers, config.hidden_size, config.intermediate_size, where)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from common.errors import WorkbenchError
 from engines.tuning import LIBRARY, GemmProblem  # LIBRARY: the reference family of every format
+from quant.formats import FP8_E4M3, INT8, QuantFormat
 
 # Configurations meant for a few rows (split K, weight prefetch: batch 1) are timed up to this many rows.
 SMALL_M_ROWS = 2048
@@ -45,11 +46,13 @@ class AttentionRun(Protocol):
 class GemmBackend:
     """One GEMM family. `run(config, a, w, a_scale, w_scale, bias, ...)` computes
     [GELU](a @ w.T * scales + bias) [+ residual], as codes when `out_recip` is given; FP families ignore the
-    scales. `gpu_kernels`: the family runs only where our Triton kernels can (it launches them, or a CUDA
-    library); `sparse`: it runs only 2:4 weights of --sparse builds; `available`: its library is present."""
+    scales. Codes are INT8's unless the engine passes `out_format` (the FP and FP8 families take it: an FP8
+    build's next GEMM reads FP8; INT8 kernels write INT8 alone). `gpu_kernels`: the family runs only where our
+    Triton kernels can (it launches them, or a CUDA library); `sparse`: it runs only 2:4 weights of --sparse
+    builds; `available`: its library is present (and the GPU can run it)."""
 
     family: str
-    format: str                                         # the input format it takes: "int8", "fp"
+    format: str                                         # the input format it takes: "int8", "fp8_e4m3", "fp"
     configs: Callable[[GemmProblem], Sequence[str]]     # candidate configurations for a problem ("" = no config)
     run: GemmRun
     gpu_kernels: bool = False
@@ -218,20 +221,20 @@ def linear_gelu_tanh(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> to
 
 
 def _fp_library(config, a, w, a_scale, w_scale, bias, *, residual=None, residual_scale=None, gelu=False,
-                gelu_tanh=True, out_recip=None, out_dtype=torch.float16):
+                gelu_tanh=True, out_recip=None, out_format=INT8, out_dtype=torch.float16):
     """An FP GEMM (F.linear; cuBLASLt's GELU epilogue for the tanh GELU), then `fp_epilogue`."""
     if gelu and gelu_tanh:
         y = linear_gelu_tanh(a, w, bias)
     else:
         y = F.linear(a, w, bias)
         y = F.gelu(y) if gelu else y
-    return fp_epilogue(y, residual, residual_scale, out_recip)
+    return fp_epilogue(y, residual, residual_scale, out_recip, out_format)
 
 
 def fp_epilogue(y: torch.Tensor, residual: torch.Tensor | None, residual_scale: float | torch.Tensor | None,
-                out_recip: float | torch.Tensor | None) -> torch.Tensor:
+                out_recip: float | torch.Tensor | None, out_format: QuantFormat = INT8) -> torch.Tensor:
     """What follows an FP GEMM (and its GELU): + the residual (one carried as codes dequantized first), and the
-    output's codes where `out_recip` is given."""
+    output's codes (`out_format`'s: the next GEMM's input) where `out_recip` is given."""
     if residual_scale is not None:
         from plugins.int8_linear import residual_codes_value
         y = y + residual_codes_value(residual, residual_scale).to(y.dtype)
@@ -240,7 +243,7 @@ def fp_epilogue(y: torch.Tensor, residual: torch.Tensor | None, residual_scale: 
     if out_recip is None:
         return y
     from plugins.common import codes_reference
-    return codes_reference(y, out_recip)
+    return codes_reference(y, out_recip, out_format)
 
 
 def _cusparselt_configs(problem: GemmProblem) -> list[str]:
@@ -264,7 +267,7 @@ def _int8_cusparselt(config, a, w, a_scale, w_scale, bias, *, gelu_tanh=True, **
 
 
 def _fp_cusparselt(config, a, w, a_scale, w_scale, bias, *, residual=None, residual_scale=None, gelu=False,
-                   gelu_tanh=True, out_recip=None, out_dtype=torch.float16):
+                   gelu_tanh=True, out_recip=None, out_format=INT8, out_dtype=torch.float16):
     """The FP library family's function with a 2:4 weight: cuSPARSELt's GEMM with the bias fused, then the
     GELU and `fp_epilogue`."""
     from plugins.sparse_linear import compressed, sparse_mm
@@ -272,7 +275,31 @@ def _fp_cusparselt(config, a, w, a_scale, w_scale, bias, *, residual=None, resid
     y = sparse_mm(a, compressed(w), bias=bias, config=config)
     if gelu:
         y = F.gelu(y, approximate="tanh" if gelu_tanh else "none")
-    return fp_epilogue(y, residual, residual_scale, out_recip)
+    return fp_epilogue(y, residual, residual_scale, out_recip, out_format)
+
+
+def _fp8_library(config, a, w, a_scale, w_scale, bias, *, gelu_tanh=True, out_format=INT8, **kw):
+    from plugins.fp8_linear import fp8_linear_reference
+
+    return fp8_linear_reference(a, w, a_scale, w_scale, bias, out_format=out_format, **kw)
+
+
+def _fp8_cublaslt(config, a, w, a_scale, w_scale, bias, *, gelu_tanh=True, out_format=INT8, **kw):
+    from plugins.fp8_linear import fp8_scaled_mm
+
+    return fp8_scaled_mm(a, w, a_scale, w_scale, bias, out_format=out_format, **kw)
+
+
+def _cublaslt_fp8_configs(problem: GemmProblem) -> list[str]:
+    from plugins.fp8_linear import scaled_mm_supports
+
+    return [""] if scaled_mm_supports(problem.n, problem.k) else []
+
+
+def _cublaslt_fp8_available() -> bool:
+    from plugins.fp8_linear import scaled_mm_available
+
+    return scaled_mm_available()
 
 
 def _sdpa(config, qkv, batch, heads, key_bias, *, scales=None, out_recip=None, out_dtype=torch.float16,
@@ -336,6 +363,10 @@ CUSPARSELT = "cusparselt"
 for _format, _run in (("int8", _int8_cusparselt), ("fp", _fp_cusparselt)):
     register_gemm(GemmBackend(CUSPARSELT, _format, _cusparselt_configs, _run, gpu_kernels=True, sparse=True,
                               available=_cusparselt_available))
+register_gemm(GemmBackend(LIBRARY, FP8_E4M3.name, _reference_only, _fp8_library))  # the FP8 math: any device
+CUBLASLT = "cublaslt"
+register_gemm(GemmBackend(CUBLASLT, FP8_E4M3.name, _cublaslt_fp8_configs, _fp8_cublaslt, gpu_kernels=True,
+                          available=_cublaslt_fp8_available))
 register_attention(AttentionBackend(LIBRARY, "fp", _reference_only, _sdpa))
 register_attention(AttentionBackend("fused-attention", "fp", _attention_configs(False), _fused_attention,
                                     gpu_kernels=True))

@@ -1,6 +1,6 @@
-"""Build an engine: a model plus (for --int8) a calibration cache, turned into one engine file.
+"""Build an engine: a model plus (for --int8 or --fp8) a calibration cache, turned into one engine file.
 
-The INT8 weights are rounded per output channel by quant.quantizer, activation scales come from the cache for
+The INT8 or FP8 weights are rounded per output channel by quant.quantizer, activation scales come from the cache for
 exactly the sites the precision policy quantizes, and the engine carries its tokenizer so that `eval` and `infer`
 need nothing but the engine file.
 """
@@ -55,6 +55,7 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
         if p.seq_len > cfg.max_position_embeddings:
             raise WorkbenchError(f"profile {p}: sequence length exceeds the model's max_position_embeddings "
                                  f"{cfg.max_position_embeddings}")
+    check_fp8_device(policy, device)
     spec, smooth = quant_spec(loaded, policy, calib)
     tensors = engine_tensors(sparse_model(loaded, policy, prune), policy, smooth)
     if wordpiece is not None:
@@ -64,33 +65,49 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
     header = EngineHeader(
         model_config=cfg.to_json(), policy=_policy_json(policy), profiles=tuple(profiles), quant=spec.to_json(),
         model_digest=loaded.digest,
-        calib_digest=calib.key() if calib is not None and policy.int8 else None,
+        calib_digest=calib.key() if calib is not None and policy.quantized else None,
         device=device.type, gpu_name=gpu[0] if gpu else None, compute_capability=gpu[1] if gpu else None,
         versions=_versions(), kernels=_kernels(cfg.num_layers, policy, device),
         build_seconds=0.0, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=loaded.source,
-        calibration=calib.describe() if calib is not None and policy.int8 else "")
+        calibration=calib.describe() if calib is not None and policy.quantized else "")
     if device.type == "cuda":
         header = replace(header, kernels={**header.kernels, **_tune(header, tensors, device, timing_cache)})
     return replace(header, build_seconds=time.perf_counter() - t0), tensors
 
 
+def check_fp8_device(policy: PrecisionPolicy, device: torch.device) -> None:
+    """Refuse, in one line, an --fp8 build for a CUDA GPU without FP8 tensor cores (compute capability < 8.9);
+    the CPU runs FP8 engines on the reference path."""
+    if not policy.fp8 or device.type != "cuda":
+        return
+    from plugins.fp8_linear import MIN_CAPABILITY
+
+    gpu = this_gpu(device)
+    if gpu is None:
+        return  # no CUDA here: the build fails where it first touches the device, as any CUDA build does
+    name, capability = gpu
+    if tuple(int(p) for p in capability.split(".")) < MIN_CAPABILITY:
+        raise WorkbenchError(f"--fp8 needs FP8 tensor cores (compute capability 8.9 or later: Ada, Hopper); "
+                             f"{name} is {capability}: build --int8, or --fp8 with --device cpu")
+
+
 def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.device,
           timing_cache: TimingCache | None) -> dict[str, str]:
-    """Time every implementation of each INT8 GEMM kind at each profile's row count (under --sparse the FP16
-    GEMMs too, whose only other candidates are sparse), and of attention at each profile's shape, with padding
+    """Time every implementation of each quantized (INT8 or FP8) GEMM kind at each profile's row count (under
+    --sparse the FP16 GEMMs too, whose only other candidates are sparse), and of attention at each profile's shape, with padding
     and without (each graph's case); keep the fastest. Under --sparse, 2:4 kernels are candidates like any other,
     so a GEMM runs sparse only where it measured faster; `_sparse_note` records why each GEMM runs dense."""
     engine = Engine(header, {k: v for k, v in tensors.items() if k != TOKENIZER_TENSOR}, device)
     policy = engine.policy
-    if not engine.use_triton or not (policy.int8 or policy.sparse):
+    if not engine.use_triton or not (policy.quantized or policy.sparse):
         return {}
     cache = timing_cache if timing_cache is not None else TimingCache(None)
     machine = machine_key()
     chosen: dict[str, str] = {}
     rows = sorted({p.batch * p.seq_len for p in header.profiles})
-    formats = (("int8",) if policy.int8 else ()) + (("fp",) if policy.sparse else ())
+    formats = ((policy.format.name,) if policy.quantized else ()) + (("fp",) if policy.sparse else ())
     for m, fmt, kind in itertools.product(rows, formats, GEMMS):
-        if fmt == "int8" and kind == "fc2" and policy.fc2_library_gemm:
+        if fmt != "fp" and kind == "fc2" and policy.fc2_library_gemm:
             continue
         found = engine.gemm_candidates(kind, m, fmt)
         key = gemm_kernel_key(kind, m, fmt != "fp")
@@ -106,7 +123,8 @@ def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.
         if policy.sparse and not is_sparse(best):
             chosen[SPARSE_NOTE + key] = _sparse_note(times)
             log.info("%s %s m=%d runs dense: %s", fmt, kind, m, chosen[SPARSE_NOTE + key])
-    shapes = sorted({(p.batch, p.seq_len) for p in header.profiles}) if policy.int8 else []  # FP16: SDPA, untimed
+    # FP16 and FP8: SDPA, untimed (the fused attention kernels write INT8 context codes)
+    shapes = sorted({(p.batch, p.seq_len) for p in header.profiles}) if policy.int8 else []
     for (b, s), padded in itertools.product(shapes, (True, False)):
         found = engine.attention_candidates(b, s, padded)
         if found is None:
@@ -197,8 +215,8 @@ def quant_spec(loaded: LoadedModel, policy: PrecisionPolicy, calib: CalibrationC
     if policy.format is None:
         return QuantSpec(), {}
     if calib is None:
-        raise WorkbenchError("--int8 needs activation scales: make a calibration cache with "
-                             "`cli.py calibrate --squad train.json --model DIR -o calib.json` and pass "
+        raise WorkbenchError(f"{'--int8' if policy.int8 else '--fp8'} needs activation scales: make a calibration "
+                             "cache with `cli.py calibrate --squad train.json --model DIR -o calib.json` and pass "
                              "--calib-cache calib.json, or build from a `cli.py qat` model folder")
     if isinstance(calib, QatScales):
         return calib.spec_for(policy, loaded.config.num_layers, f"the QAT scales of {loaded.source}")
@@ -206,14 +224,12 @@ def quant_spec(loaded: LoadedModel, policy: PrecisionPolicy, calib: CalibrationC
 
 
 def policy_from_flags(flags) -> PrecisionPolicy:
-    """The PrecisionPolicy of `cli.py build`'s or `cli.py export-onnx`'s flags (int8, fp16, iln, imh, strict, g,
-    sparse, keep_fp16, prune_2to4; fp8 refused until the policy has FP8 builds). Absent attributes are off."""
+    """The PrecisionPolicy of `cli.py build`'s or `cli.py export-onnx`'s flags (int8, fp8, fp16, iln, imh, strict,
+    g, sparse, keep_fp16, prune_2to4). Absent attributes are off."""
     from quant.policy import parse_gemm_list
 
-    if getattr(flags, "fp8", False):
-        raise WorkbenchError("--fp8: FP8 builds are not in the precision policy yet (the exporter writes FP8 Q/DQ "
-                             "for an FP8 QuantSpec, at --opset 19 or later)")
-    on = {name: bool(getattr(flags, name, False)) for name in ("int8", "fp16", "iln", "imh", "strict", "sparse")}
+    on = {name: bool(getattr(flags, name, False)) for name in ("int8", "fp8", "fp16", "iln", "imh", "strict",
+                                                               "sparse")}
     if getattr(flags, "prune_2to4", False) and not on["sparse"]:
         raise WorkbenchError("--prune-2to4 prunes for a --sparse build: add --sparse")
     return PrecisionPolicy(**on, fc2_library_gemm=bool(getattr(flags, "g", False)),
@@ -225,12 +241,13 @@ def load_ranges(loaded: LoadedModel, policy: PrecisionPolicy, *, calib_cache: st
                 say=print) -> CalibrationCache | QatScales | None:
     """Where a build (or an export) takes its ranges from: a calibration cache file; QAT made elsewhere
     (`qat_scales`: qat/imports.py); else, under --int8, the model folder's own quant_spec.json (a `cli.py qat`
-    folder). None without --int8 (with a warning when ranges were given). `say` names the source."""
+    folder). None without --int8 or --fp8 (with a warning when ranges were given). `say` names the source."""
     if calib_cache and qat_scales:
         raise WorkbenchError("give --calib-cache or --qat-scales, not both")
-    if not policy.int8:
+    if not policy.quantized:
         if calib_cache or qat_scales:
-            say(f"warning: {'--calib-cache' if calib_cache else '--qat-scales'} is not used without --int8")
+            say(f"warning: {'--calib-cache' if calib_cache else '--qat-scales'} is not used without --int8 or "
+                "--fp8")
         return None
     if calib_cache:
         from calib.cache import load_cache
@@ -282,9 +299,13 @@ def _policy_json(policy: PrecisionPolicy) -> dict:
 
 
 def _kernels(num_layers: int, policy: PrecisionPolicy, device: torch.device) -> dict[str, str]:
-    """What runs each op, in words; INT8 GEMMs on CUDA are then timed per profile (gemm.KIND.mROWS entries)."""
-    int8 = ("cuBLASLt int8 (torch._int_mm) or a timed Triton kernel" if device.type == "cuda"
-            else "cpu int8 (torch._int_mm)") + ", fused epilogue"
+    """What runs each op, in words; quantized GEMMs on CUDA are then timed per profile (gemm.KIND.mROWS entries)."""
+    if policy.fp8:
+        int8 = ("fp8 e4m3: cuBLASLt (torch._scaled_mm) or the reference, timed" if device.type == "cuda"
+                else "cpu fp8 e4m3 (reference: float32 accumulation of the codes)") + ", fp32 epilogue"
+    else:
+        int8 = ("cuBLASLt int8 (torch._int_mm) or a timed Triton kernel" if device.type == "cuda"
+                else "cpu int8 (torch._int_mm)") + ", fused epilogue"
     fp = f"{'fp16' if policy.fp16 else 'fp32'} library gemm (F.linear)"
     attention = ("int8 attention (reference ops, or the timed fused kernel)" if policy.imh
                  else "sdpa (F.scaled_dot_product_attention)" + (" or the timed fused kernel" if device.type == "cuda"

@@ -33,7 +33,7 @@ FORMAT = "bert-int8-workbench/engine"
 FORMAT_VERSION = 2
 
 # Weights, scales and parameters; uint8 for opaque bytes stored alongside them (e.g. the embedded tokenizer).
-DTYPES = (torch.int8, torch.float16, torch.float32, torch.bfloat16, torch.uint8)
+DTYPES = (torch.int8, torch.float16, torch.float32, torch.bfloat16, torch.uint8, torch.float8_e4m3fn)
 
 
 @dataclass(frozen=True)
@@ -273,7 +273,7 @@ def _prepare(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Te
             raise WorkbenchError(f"{path}: cannot save: {name!r} is a {type(t).__name__}, not a dense torch.Tensor")
         if t.dtype not in DTYPES:
             raise WorkbenchError(f"{path}: cannot save: {name!r} is {t.dtype}; "
-                                 "engines hold int8, float16, float32, bfloat16 and uint8 tensors")
+                                 "engines hold int8, float8_e4m3fn, float16, float32, bfloat16 and uint8 tensors")
         t = t.detach().to("cpu").contiguous()
         storage = t.untyped_storage()
         if storage.data_ptr() in seen or t.data_ptr() != storage.data_ptr() or t.nbytes != storage.nbytes():

@@ -39,7 +39,7 @@ from engines import backends
 from engines.engine_file import EngineHeader
 from engines.tuning import LIBRARY, GemmProblem, agrees, attention_agrees, attention_key, kernel_key
 from model.config import BertConfig
-from quant.formats import QuantFormat
+from quant.formats import INT8, QuantFormat
 from quant.policy import GEMMS, PrecisionPolicy
 from quant.quantizer import dequantize, quantize, reciprocal, weight_scales
 from quant.smoothing import channel_scales, smoothed_weight
@@ -182,6 +182,11 @@ class Engine(torch.nn.Module):
             return self.channel_recip[site]
         return reciprocal(self.scale[site], self.device) if site in self.scale else None
 
+    def _format(self, site: str) -> QuantFormat:
+        """The format of a site's codes: the spec's (-imh's QKV pseudo-sites are INT8, as -imh is)."""
+        found = self.spec.sites.get(site)
+        return found.format if found is not None else INT8
+
     def _site_scale(self, site: str) -> float | torch.Tensor:
         """A quantized site's scale: a number, or a float32 vector per channel where smoothed."""
         return self.channel_scale.get(site, self.scale.get(site))
@@ -209,6 +214,8 @@ class Engine(torch.nn.Module):
         backend = backends.gemm_backend(impl or LIBRARY, g.backend_format)
         if backend.sparse and not g.sparse:
             raise WorkbenchError(f"{name}: {impl} runs 2:4-sparse weights only, and this weight is not one")
+        if recip is not None and self._format(out_site) is not INT8:  # INT8 families write INT8 codes alone
+            res["out_format"] = self._format(out_site)
         return backend.run(backends.split(impl or LIBRARY)[1], a, g.weight, g.input_scale, g.weight_scale, g.bias,
                            gelu=gelu, gelu_tanh=self.policy.gelu_tanh, out_recip=recip, out_dtype=self.dtype, **res)
 
@@ -221,11 +228,12 @@ class Engine(torch.nn.Module):
         rounded = recip is not None and site in self.produced_int8
         if rounded and fp_out:
             args += (self._site_scale(site),)
-        if self.use_triton:
+        fmt = self._format(site)
+        if self.use_triton and fmt is INT8:
             from plugins.layernorm import layernorm_quant as run
-        else:
-            from plugins.layernorm import layernorm_quant_reference as run
-        return Activation(*run(*args, codes_only=rounded and not fp_out), site)
+            return Activation(*run(*args, codes_only=rounded and not fp_out), site)
+        from plugins.layernorm import layernorm_quant_reference as run  # (the Triton LayerNorm writes INT8 alone)
+        return Activation(*run(*args, codes_only=rounded and not fp_out, fmt=fmt), site)
 
     def _attend(self, i: int, qkv: torch.Tensor, b: int, s: int, key_bias: torch.Tensor | None,
                 impl: str) -> torch.Tensor:
@@ -235,13 +243,17 @@ class Engine(torch.nn.Module):
         quantized_out = self.gemms[f"layers.{i}.attn_out"].quantized
         site = f"layer{i}.context"
         imh = self.policy.imh
+        int8_out = (quantized_out and self._format(site) is INT8) or imh  # attention kernels write INT8 codes
         run = backends.attention_backend(impl, self._attention_format).run
         context = run(backends.split(impl)[1], qkv, b, self.cfg.num_heads, key_bias,
                       scales=self._attention_scales(i) if imh else None,
-                      out_recip=self._recip(site) if quantized_out or imh else None, out_dtype=self.dtype,
+                      out_recip=self._recip(site) if int8_out else None, out_dtype=self.dtype,
                       gpu_kernels=self.use_triton)
         if imh and not quantized_out:
             return dequantize(context, self._site_scale(site), self.dtype)
+        if quantized_out and not int8_out:  # FP8: the context's codes in a pass of their own
+            from plugins.common import codes_reference
+            return codes_reference(context, self._recip(site), self._format(site))
         return context
 
     def _attention_scales(self, i: int):
@@ -352,8 +364,10 @@ class Engine(torch.nn.Module):
         g = self.gemms[f"layers.{layers[0]}.{kind}"]
         n, k = g.weight.shape
         gen = torch.Generator(device=self.device).manual_seed(m)
-        if g.quantized:
+        if g.format is INT8:
             a = torch.randint(-127, 128, (m, k), generator=gen, device=self.device, dtype=torch.int8)
+        elif g.quantized:  # FP8: normal values over a quarter of the range, as an activation's codes look
+            a = g.format.codes(torch.randn(m, k, generator=gen, device=self.device) * (g.format.qmax / 4))
         else:
             a = torch.randn(m, k, generator=gen, device=self.device).to(self.dtype)
         residual = None
@@ -365,7 +379,8 @@ class Engine(torch.nn.Module):
         gelu = kind == "fc1"
         epilogue = "bias" + ("+gelu" if gelu else "") + \
             ("" if residual is None else "+residual" if residual.fp is not None else "+residual8") + \
-            ("->int8" if out_site(layers[0]) else f"->{str(self.dtype).removeprefix('torch.')}")
+            (f"->{self._format(out_site(layers[0])).name}" if out_site(layers[0])
+             else f"->{str(self.dtype).removeprefix('torch.')}")
         problem = GemmProblem(kind, m, n, k, g.backend_format if g.quantized else str(a.dtype).removeprefix("torch."),
                               epilogue)
 

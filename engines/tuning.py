@@ -140,14 +140,24 @@ def time_ms(fn: Callable[[], object], calls: int = 1, rep: int = 50) -> float:
         return float("inf")
 
 
+def fp8_steps(codes: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn codes as signed integers one apart per representable step (the magnitude bits are ordered
+    like the values, +0 and -0 both 0), so codes compare by how many FP8 steps apart they are."""
+    bits = codes.view(torch.uint8).int()
+    magnitude = bits & 0x7F
+    return torch.where(bits >= 0x80, -magnitude, magnitude)
+
+
 def agrees(out: torch.Tensor, ref: torch.Tensor, codes_off: float = 1e-3, max_step: int = 1) -> bool:
     """Whether a candidate computed the library's function: FP outputs within 1e-3 relative error; INT8 codes
     within `max_step` and differing in under `codes_off` of places (GELU's hardware tanh, rounding at .5
-    boundaries), as the plugin tests allow."""
+    boundaries), as the plugin tests allow; FP8 codes the same, in FP8 steps (one step is 1/8 or 1/16 of a
+    value, so a relative error over the tensor would fail a candidate that only summed in another order)."""
     if out.shape != ref.shape or out.dtype != ref.dtype:
         return False
-    if ref.dtype == torch.int8:
-        diff = (out.int() - ref.int()).abs()
+    if ref.dtype in (torch.int8, torch.float8_e4m3fn):
+        steps = fp8_steps if ref.dtype == torch.float8_e4m3fn else torch.Tensor.int
+        diff = (steps(out) - steps(ref)).abs()
         return int(diff.max()) <= max_step and float((diff > 0).float().mean()) < codes_off
     out, ref = out.float(), ref.float()
     return bool(torch.isfinite(out).all()) and float((out - ref).norm() / ref.norm().clamp_min(1e-30)) < 1e-3

@@ -261,7 +261,7 @@ def engine_file_from_flags(flags, say=print) -> str:
     loaded_s = time.perf_counter() - t0
     header, timing = build_engine_file(flags.output, loaded, policy, profiles, calib, device, wordpiece,
                                        timing_cache=flags.timing_cache, prune=flags.prune_2to4)
-    if timing is not None and policy.int8:
+    if timing is not None and policy.quantized:
         say(f"{timing.summary()} ({timing.path})")
         for line in kernel_choices(header):
             say(f"kernels {line}")

@@ -291,7 +291,7 @@ def onnx_model(loaded: LoadedModel, policy: PrecisionPolicy, spec: QuantSpec | N
     opsets = [helper.make_opsetid("", opset)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name=PRODUCER,
                               ir_version=helper.find_min_ir_version_for(opsets))
-    precision = "int8" if policy.int8 else "fp16" if policy.fp16 else "fp32"
+    precision = "int8" if policy.int8 else "fp8" if policy.fp8 else "fp16" if policy.fp16 else "fp32"
     meta = {"policy": policy.describe(), "precision": precision, "spec": json.dumps(spec.to_json()),
             "smoothed": ",".join(sorted(k for k in (smooth or {}) if k in spec.sites)),
             "model_config": json.dumps(loaded.config.to_json()), "model_digest": loaded.digest,
@@ -411,7 +411,7 @@ def export_from_flags(flags, say=print) -> str:
                                  "cache holds one scale per tensor: calibrate without --smooth for it")
         trt_ranges = cache
     loaded = load_model(flags.model, trust_pickle=bool(getattr(flags, "trust_pickle", False)))
-    calib = scales_from_flags(flags, loaded, policy, say) if (policy.int8 or not trt_cache) else None
+    calib = scales_from_flags(flags, loaded, policy, say) if (policy.quantized or not trt_cache) else None
     try:
         spec, smooth = quant_spec(loaded, policy, calib)
     except WorkbenchError as e:  # name the file the ranges came from
@@ -427,7 +427,7 @@ def export_from_flags(flags, say=print) -> str:
         loaded = replace(loaded, model=model)
     opset = getattr(flags, "opset", None) or OPSET
     export_onnx(loaded, policy, spec, smooth, output, opset=opset,
-                calibration=calib.describe() if calib is not None and policy.int8 else "",
+                calibration=calib.describe() if calib is not None and policy.quantized else "",
                 symmetric_clamp=bool(getattr(flags, "symmetric_clamp", False)))
     if trt_ranges is not None:
         write_trt_cache(trt_cache, trt_ranges.ranges, trt_ranges.method)

@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from quant.quantizer import QMAX, reciprocal
+from quant.formats import INT8, QuantFormat
+from quant.quantizer import reciprocal
 from plugins import interpreted
 
 # Tests set this to fill every output with a value no kernel writes (int8 -128, float NaN) before the launch,
@@ -76,13 +77,14 @@ def out_recip(scale: float) -> float:
     return reciprocal(float(scale), torch.device("cpu"))
 
 
-def codes_reference(y: torch.Tensor, recip: float | torch.Tensor) -> torch.Tensor:
-    """clamp(round_half_even(float32(y) * recip), -127, 127) as int8.
+def codes_reference(y: torch.Tensor, recip: float | torch.Tensor, fmt: QuantFormat = INT8) -> torch.Tensor:
+    """`fmt`'s codes of float32(y) * recip: INT8's clamp(round_half_even(.), -127, 127) as int8, or FP8's
+    saturating cast.
 
-    quant.quantizer.quantize(y, scale) is exactly this with recip = out_recip(scale) (a test holds them equal);
-    the kernels take the reciprocal itself so that no division happens on the device.
+    quant.quantizer.quantize(y, scale, fmt) is exactly this with recip = out_recip(scale) (a test holds them
+    equal); the kernels take the reciprocal itself so that no division happens on the device.
     """
-    return torch.clamp(torch.round(y.float() * recip), -QMAX, QMAX).to(torch.int8)
+    return fmt.codes(y.float() * recip)
 
 
 @triton.jit

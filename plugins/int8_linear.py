@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from model.bert import gelu_tanh
+from quant.formats import INT8, QuantFormat
 from plugins import common, interpreted
 from plugins.common import await_inputs, codes_reference, int8_codes, pdl, tma_ok
 
@@ -643,9 +644,10 @@ def int8_linear_reference(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, 
 def int8_epilogue_reference(acc: torch.Tensor, a_scale: float, w_scale: torch.Tensor, bias: torch.Tensor, *,
                             residual: torch.Tensor | None = None, residual_scale: float | torch.Tensor | None = None,
                             gelu: bool = False, out_recip: float | torch.Tensor | None = None,
-                            out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """The epilogue of int8_linear_reference on an exact int32 accumulator (any library's: cuBLASLt, cuSPARSELt),
-    one float32 op at a time."""
+                            out_format: QuantFormat = INT8, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The epilogue of every quantized GEMM, one float32 op at a time, on its accumulator of code products: the
+    exact int32 one of int8_linear_reference (any library's: cuBLASLt, cuSPARSELt) or FP8's float32 one
+    (plugins/fp8_linear.py). Output codes are `out_format`'s, the next GEMM's input format."""
     s = w_scale.float() * float(a_scale)  # a Python float meets a float32 tensor as float32(a_scale)
     y = acc.float() * s + bias.float()
     if gelu:
@@ -655,7 +657,7 @@ def int8_epilogue_reference(acc: torch.Tensor, a_scale: float, w_scale: torch.Te
     elif residual is not None:
         y = y + residual.float()
     if out_recip is not None:
-        return codes_reference(y, out_recip)
+        return codes_reference(y, out_recip, out_format)
     return y.to(out_dtype)
 
 

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from plugins import common
 from plugins.common import await_inputs, codes_reference, int8_codes, sum_op
+from quant.formats import INT8, QuantFormat
 
 
 @triton.jit
@@ -181,9 +182,10 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
 
 def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                               out_recip: float | torch.Tensor | None = None,
-                              round_scale: float | torch.Tensor | None = None, *, codes_only: bool = False
-                              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The definition of layernorm_quant's outputs in plain float32 torch ops (module docstring)."""
+                              round_scale: float | torch.Tensor | None = None, *, codes_only: bool = False,
+                              fmt: QuantFormat = INT8) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The definition of layernorm_quant's outputs in plain float32 torch ops (module docstring); codes in `fmt`
+    (FP8 builds run this on every device: the Triton kernel writes INT8 codes)."""
     _check_outputs(out_recip, round_scale, codes_only)
     xf = x.float()
     mean = xf.mean(dim=-1, keepdim=True)
@@ -192,7 +194,7 @@ def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
     y = (d * (1.0 / torch.sqrt(var + eps)) * weight.float() + bias.float()).to(x.dtype)
     if out_recip is None:
         return y, None
-    q = codes_reference(y, out_recip)
+    q = codes_reference(y, out_recip, fmt)
     if codes_only:
         return None, q
     if round_scale is not None:

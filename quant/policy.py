@@ -5,12 +5,15 @@ policy which sites a given set of build flags quantizes. Site names are the tap 
 tensor names of our TensorRT calibration-cache export.
 
     --int8   the inputs of every encoder GEMM (QKV, attention output, FC1, FC2); weights per output channel
+    --fp8    the same GEMMs in FP8 E4M3 (Hopper's FP8 tensor cores): per-tensor activation scales amax / 448 from
+             the same calibration ranges, weights per output channel, FP32 accumulation; -iln and -imh stay
+             INT8-only
     -imh     INT8 multi-head attention: Q, K, V, the attention probabilities and the context
     -iln     INT8 skip-LayerNorm: the outputs of the embedding LayerNorm and the two skip-LayerNorms of each layer,
              so the residual stream itself is INT8
 
-Mixed precision (`fp16_gemms`, the build's --keep-fp16): named GEMMs stay in FP16 under --int8, their inputs and
-weights unquantized; what a sensitivity analysis suggests for the few points that cost the most accuracy.
+Mixed precision (`fp16_gemms`, the build's --keep-fp16): named GEMMs stay in FP16 under --int8 or --fp8, their
+inputs and weights unquantized; what a sensitivity analysis suggests for the few points that cost the most accuracy.
 
 A LayerNorm output is also the next GEMM's input, so under --int8 alone it is quantized where the GEMM reads it
 (the residual stays FP16) and under -iln at the LayerNorm (the residual too); both use the same scale.
@@ -24,7 +27,7 @@ from typing import Container, Mapping, Sequence
 
 from common.errors import WorkbenchError
 from model.bert import all_sites
-from quant.formats import INT8, QuantFormat
+from quant.formats import FP8_E4M3, INT8, QuantFormat
 from quant.spec import PER_CHANNEL, PER_TENSOR, QuantSpec, ScaleSource, SiteSpec
 
 GEMMS = ("qkv", "attn_out", "fc1", "fc2")
@@ -43,25 +46,35 @@ class PrecisionPolicy:
     fc2_library_gemm: bool = False  # -g: FC2 on the plain library GEMM
     fp16_gemms: tuple[str, ...] = ()  # --keep-fp16: "layer3.fc2" (one GEMM) or "fc2" (that GEMM in every layer)
     sparse: bool = False  # --sparse: every encoder GEMM weight is 2:4 (sparse tensor-core kernels may run it)
+    fp8: bool = False     # --fp8: the --int8 GEMMs in FP8 E4M3 instead
 
     def __post_init__(self) -> None:
+        if self.int8 and self.fp8:
+            raise WorkbenchError("give --int8 or --fp8, not both")
+        if (self.iln or self.imh) and self.fp8:
+            raise WorkbenchError("-iln and -imh are INT8-only for now: drop them with --fp8, or build --int8")
         if (self.iln or self.imh) and not self.int8:
             raise WorkbenchError("-iln and -imh quantize on top of --int8: add --int8")
         object.__setattr__(self, "fp16_gemms", tuple(sorted(set(self.fp16_gemms))))  # JSON gives lists
         check_gemm_names(self.fp16_gemms, "--keep-fp16")
-        if self.fp16_gemms and not self.int8:
-            raise WorkbenchError("--keep-fp16 keeps GEMMs out of INT8: it needs --int8")
+        if self.fp16_gemms and not self.quantized:
+            raise WorkbenchError("--keep-fp16 keeps GEMMs out of INT8 or FP8: it needs --int8 or --fp8")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether these flags quantize anything (--int8 or --fp8): the build then needs ranges."""
+        return self.int8 or self.fp8
 
     @property
     def gelu_tanh(self) -> bool:
         """Whether the engine's GELU is the tanh form (model.bert.gelu_tanh), as TensorRT's BERT plugins compute
         it: the form our INT8 GEMMs fuse into their epilogue and cuBLASLt fuses into an FP16 GEMM's. FP32 engines
         keep BERT's erf GELU and reproduce the reference model."""
-        return self.int8 or self.fp16
+        return self.quantized or self.fp16
 
     def quantizes_gemm(self, layer: int, gemm: str) -> bool:
-        """Whether this GEMM runs in INT8 (its input site and its weights quantized)."""
-        return self.int8 and not names_gemm(self.fp16_gemms, layer, gemm)
+        """Whether this GEMM runs quantized, in `format` (its input site and its weights)."""
+        return self.quantized and not names_gemm(self.fp16_gemms, layer, gemm)
 
     def quantized_gemms(self, num_layers: int) -> list[tuple[int, str, str]]:
         """(layer, GEMM, its input site) of every GEMM these flags quantize, in forward order."""
@@ -80,7 +93,7 @@ class PrecisionPolicy:
     def quantized_sites(self, num_layers: int) -> tuple[str, ...]:
         """Every site these flags quantize, in forward order."""
         wanted: set[str] = set()
-        if self.int8:
+        if self.quantized:
             wanted |= {self.gemm_input_site(i, g) for i in range(num_layers) for g in GEMMS
                        if self.quantizes_gemm(i, g)}
         if self.imh:
@@ -100,7 +113,7 @@ class PrecisionPolicy:
     @property
     def format(self) -> QuantFormat | None:
         """The format of every site and GEMM weight these flags quantize (None: nothing is quantized)."""
-        return INT8 if self.int8 else None
+        return INT8 if self.int8 else FP8_E4M3 if self.fp8 else None
 
     def gemm_format(self, layer: int, gemm: str) -> QuantFormat | None:
         """The format this GEMM's input and weights run in; None: floating point."""
@@ -122,7 +135,7 @@ class PrecisionPolicy:
                           for s in sites}, fmt)
 
     def describe(self) -> str:
-        flags = [f for f, on in (("--int8", self.int8), ("--fp16", self.fp16), ("-iln", self.iln),
+        flags = [f for f, on in (("--int8", self.int8), ("--fp8", self.fp8), ("--fp16", self.fp16), ("-iln", self.iln),
                                  ("-imh", self.imh), ("-g", self.fc2_library_gemm), ("--sparse", self.sparse),
                                  ("--strict", self.strict)) if on]
         if self.fp16_gemms:

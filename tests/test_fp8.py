@@ -1,0 +1,209 @@
+"""--fp8 builds (issue 21): the policy, the FP8 GEMM reference, the engine's CPU path against the fake-quant
+reference, FP8 scales from an existing cache, engine files, the pre-Hopper refusal; _scaled_mm on CUDA."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+import cli
+from common.errors import WorkbenchError
+from engines import backends
+from engines.build import build_engine, load_runnable
+from engines.engine_file import Profile, read_header, save_engine
+from engines.runtime import Engine
+from engines.tuning import agrees, fp8_steps
+from plugins.fp8_linear import fp8_linear_reference, fp8_scaled_mm
+from plugins.int8_linear import int8_epilogue_reference
+from quant.formats import FP8_E4M3, INT8
+from quant.policy import PrecisionPolicy
+from quant.quantizer import fake_quantize, quantize, scale_from_amax, weight_scales
+from tests.test_engines import assert_matches_fake_quant, build, inputs, loaded_model, max_calibration
+
+FP8_POLICIES = {
+    "fp8": PrecisionPolicy(fp8=True),
+    "fp8 --keep-fp16 qkv,layer1.fc2": PrecisionPolicy(fp8=True, fp16_gemms=("qkv", "layer1.fc2")),
+    "fp8 --keep-fp16 attn_out,layer0.fc1": PrecisionPolicy(fp8=True, fp16_gemms=("attn_out", "layer0.fc1")),
+}
+
+
+def test_policy_formats_and_spec_scales_from_an_int8_cache():
+    """--fp8 quantizes --int8's sites, in E4M3, with scale amax / 448 from the same cache's ranges."""
+    loaded = loaded_model()
+    calib = max_calibration(loaded)
+    policy = PrecisionPolicy(fp8=True, fp16_gemms=("layer1.fc2",))
+    assert policy.format is FP8_E4M3 and policy.gemm_format(0, "qkv") is FP8_E4M3
+    assert policy.gemm_format(1, "fc2") is None and "--fp8" in policy.describe()
+    assert policy.quantized_sites(2) == PrecisionPolicy(int8=True, fp16_gemms=("layer1.fc2",)).quantized_sites(2)
+    header, tensors = build_engine(loaded, policy, [Profile(1, 32)], calib, torch.device("cpu"), None)
+    assert header.spec.weight_format is FP8_E4M3 and header.calibration == "max (4 q)"
+    for site, s in header.spec.sites.items():
+        assert s.format is FP8_E4M3
+        assert s.scale == float(scale_from_amax(calib.ranges[site].amax, FP8_E4M3))
+        assert s.scale == pytest.approx(calib.ranges[site].amax / 448, rel=1e-6)
+    w = tensors["layers.0.fc1.weight"]
+    assert w.dtype == torch.float8_e4m3fn and tensors["layers.0.fc1.weight_scale"].shape == (w.shape[0],)
+    assert float(w.float().abs().amax(dim=1).min()) == 448.0  # every row uses its full range
+    assert tensors["layers.1.fc2.weight"].dtype == torch.float32  # --keep-fp16: floating point
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(int8=True, fp8=True), "give --int8 or --fp8, not both"),
+    (dict(fp8=True, iln=True), "INT8-only"),
+    (dict(fp8=True, imh=True), "INT8-only"),
+])
+def test_policy_refuses_fp8_with_int8_options(kwargs, message):
+    with pytest.raises(WorkbenchError, match=message):
+        PrecisionPolicy(**kwargs)
+
+
+@pytest.mark.parametrize("flags, message", [(["--int8", "--fp8"], "give --int8 or --fp8, not both"),
+                                            (["--fp8", "-iln"], "INT8-only")])
+def test_cli_build_refuses_in_one_line(flags, message, tmp_path, capsys):
+    assert cli.main(["build", "--model", "bert-base", "--device", "cpu", *flags, "-o", str(tmp_path / "x")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_fp8_reference_is_the_epilogue_of_the_exact_products():
+    """Float32 accumulation of E4M3 products (each exact, the sums rounded) then the shared epilogue; FP8 codes."""
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(24, 64, generator=g), torch.randn(48, 64, generator=g)
+    a_scale, w_scale = float(scale_from_amax(a.abs().max(), FP8_E4M3)), weight_scales(w, FP8_E4M3)
+    a_q, w_q = quantize(a, a_scale, FP8_E4M3), quantize(w, w_scale, FP8_E4M3)
+    bias, residual = torch.randn(48, generator=g), torch.randn(24, 48, generator=g)
+    y = fp8_linear_reference(a_q, w_q, a_scale, w_scale.view(-1), bias, residual=residual, gelu=True,
+                             out_dtype=torch.float32)
+    exact = (a_q.double() @ w_q.double().t()).float()  # float32 sums round: the same up to summation order
+    assert torch.allclose(y, int8_epilogue_reference(exact, a_scale, w_scale.view(-1), bias, residual=residual,
+                                                     gelu=True, out_dtype=torch.float32), rtol=1e-5, atol=1e-5)
+    fq = torch.nn.functional.gelu(fake_quantize(a, a_scale, FP8_E4M3) @ fake_quantize(w, w_scale, FP8_E4M3).t()
+                                  + bias, approximate="tanh") + residual
+    assert (y - fq).abs().max() < 1e-4
+    codes = fp8_linear_reference(a_q, w_q, a_scale, w_scale.view(-1), bias, out_recip=0.25)
+    assert codes.dtype == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="float8"):
+        fp8_linear_reference(a_q.to(torch.int8), w_q, a_scale, w_scale.view(-1), bias)
+
+
+def test_fp8_codes_agree_by_steps():
+    x = torch.tensor([0.0, 1.0, -1.0, 448.0, 2.0 ** -9]).to(torch.float8_e4m3fn)
+    assert fp8_steps(x).tolist() == [0, 56, -56, 126, 1]
+    ref = torch.linspace(-400, 400, 4000).to(torch.float8_e4m3fn)
+    one_step = ref.clone()
+    one_step[0] = torch.tensor(-416.0).to(torch.float8_e4m3fn)  # -400 rounds to -384 or -416: one step apart
+    assert agrees(ref, ref) and agrees(one_step, ref)
+    assert not agrees((-ref.float()).to(torch.float8_e4m3fn), ref)
+    one_step[:10] = torch.tensor(-416.0).to(torch.float8_e4m3fn)  # 1 place in 400 is too many
+    assert not agrees(one_step, ref)
+
+
+@pytest.mark.parametrize("name", list(FP8_POLICIES))
+def test_fp8_engine_matches_fake_quant_reference(name):
+    """The engine's CPU path (FP8 codes between ops, the FP8 reference GEMMs) computes the fake-quant function."""
+    loaded = loaded_model(seed=3)
+    assert_matches_fake_quant(loaded, FP8_POLICIES[name], max_calibration(loaded))
+
+
+def test_fp8_codes_flow_between_ops():
+    """LayerNorms, attention and FC1 write the next FP8 GEMM's codes: E4M3, never INT8."""
+    loaded = loaded_model()
+    engine = build(loaded, PrecisionPolicy(fp8=True), max_calibration(loaded))
+    seen = []
+    run = backends.gemm_backend(backends.LIBRARY, FP8_E4M3.name).run
+
+    def spy(config, a, *args, **kw):
+        seen.append((a.dtype, kw.get("out_format")))
+        return run(config, a, *args, **kw)
+
+    backends.register_gemm(dataclasses.replace(backends.gemm_backend(backends.LIBRARY, FP8_E4M3.name), run=spy))
+    try:
+        with torch.no_grad():
+            engine(*inputs())
+    finally:
+        backends.register_gemm(dataclasses.replace(backends.gemm_backend(backends.LIBRARY, FP8_E4M3.name), run=run))
+    assert len(seen) == 8 and all(dtype == torch.float8_e4m3fn for dtype, _ in seen)
+    assert [fmt for _, fmt in seen].count(FP8_E4M3) == 2  # each FC1 writes FC2's FP8 codes
+
+
+def test_fp8_engine_file_round_trips(tmp_path):
+    loaded = loaded_model()
+    header, tensors = build_engine(loaded, PrecisionPolicy(fp8=True, fp16=True), [Profile(4, 64)],
+                                   max_calibration(loaded), torch.device("cpu"), None)
+    save_engine(tmp_path / "x.engine", header, tensors)
+    saved = read_header(tmp_path / "x.engine")
+    assert saved.policy["fp8"] and saved.spec.weight_format is FP8_E4M3
+    engine, _ = load_runnable(tmp_path / "x.engine", torch.device("cpu"))
+    assert engine.t["layers.0.qkv.weight"].dtype == torch.float8_e4m3fn
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(engine(*x)[0], Engine(header, tensors, torch.device("cpu"))(*x)[0])
+
+
+def test_entropy_cache_warns_for_fp8(caplog):
+    loaded = loaded_model()
+    calib = dataclasses.replace(max_calibration(loaded), method="entropy")
+    with caplog.at_level(logging.WARNING, logger="calib.spec"):
+        build_engine(loaded, PrecisionPolicy(fp8=True), [Profile(1, 32)], calib, torch.device("cpu"), None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "entropy" in warnings[0] and "mse" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="calib.spec"):
+        build_engine(loaded, PrecisionPolicy(int8=True), [Profile(1, 32)], calib, torch.device("cpu"), None)
+    assert not caplog.records
+
+
+def test_pre_hopper_gpu_is_refused_at_build(monkeypatch):
+    monkeypatch.setattr("engines.build.this_gpu", lambda device=None: ("Tesla V100-SXM2-16GB", "7.0"))
+    loaded = loaded_model()
+    with pytest.raises(WorkbenchError, match="V100.*7.0") as e:
+        build_engine(loaded, PrecisionPolicy(fp8=True), [Profile(1, 32)], max_calibration(loaded),
+                     torch.device("cuda"), None)
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr("engines.build.this_gpu", lambda device=None: ("NVIDIA H200", "9.0"))
+    from engines.build import check_fp8_device
+    check_fp8_device(PrecisionPolicy(fp8=True), torch.device("cuda"))  # no error
+
+
+def test_int8_codes_reference_is_unchanged():
+    y = torch.randn(64, 64) * 40
+    assert torch.equal(backends.fp_epilogue(y, None, None, 1.0), torch.clamp(torch.round(y), -127, 127).to(torch.int8))
+    assert torch.equal(backends.fp_epilogue(y, None, None, 1.0, INT8), quantize(y, 1.0))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [8, 128])
+@pytest.mark.parametrize("out", ["fp16", "codes"])
+def test_scaled_mm_family_agrees_with_the_reference(m, out):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9")
+    g = torch.Generator(device="cuda").manual_seed(m)
+    a, w = torch.randn(m, 256, generator=g, device="cuda"), torch.randn(384, 256, generator=g, device="cuda")
+    a_scale, w_scale = float(scale_from_amax(a.abs().max(), FP8_E4M3)), weight_scales(w, FP8_E4M3).view(-1)
+    a_q, w_q = quantize(a, a_scale, FP8_E4M3), quantize(w, w_scale.view(-1, 1), FP8_E4M3)
+    bias = torch.randn(384, generator=g, device="cuda")
+    kw = dict(gelu=True, out_recip=0.5 if out == "codes" else None)
+    ref = fp8_linear_reference(a_q, w_q, a_scale, w_scale, bias, **kw)
+    got = fp8_scaled_mm(a_q, w_q, a_scale, w_scale, bias, **kw)
+    assert agrees(got, ref)
+    impl = backends.gemm_candidates(backends.GemmProblem("fc1", m, 384, 256, FP8_E4M3.name, "bias+gelu"),
+                                    FP8_E4M3.name, gpu_kernels=True)
+    assert impl == [backends.LIBRARY, backends.CUBLASLT]
+
+
+@pytest.mark.cuda
+def test_cuda_fp8_engine_agrees_with_cpu_engine():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9")
+    loaded = loaded_model()
+    calib = max_calibration(loaded)
+    policy = PrecisionPolicy(fp8=True, fp16=True)
+    cpu, gpu = build(loaded, policy, calib), build(loaded, policy, calib, device="cuda")
+    x = inputs()
+    with torch.no_grad():
+        want = cpu(*x)[0]
+        got = gpu(*(t.cuda() for t in x))[0].cpu()
+    mask = x[2].bool()
+    assert float((got[mask] - want[mask]).norm() / want[mask].norm()) < 2e-2
