@@ -94,8 +94,8 @@ def check_fp8_device(policy: PrecisionPolicy, device: torch.device) -> None:
 def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.device,
           timing_cache: TimingCache | None) -> dict[str, str]:
     """Time every implementation of each quantized (INT8 or FP8) GEMM kind at each profile's row count (under
-    --sparse the FP16 GEMMs too, whose only other candidates are sparse), and of attention at each profile's shape, with padding
-    and without (each graph's case); keep the fastest. Under --sparse, 2:4 kernels are candidates like any other,
+    --sparse the FP16 GEMMs too, whose only other candidates are sparse), and of attention at each profile's
+    shape, with padding and without (each graph's case); keep the fastest. Under --sparse, 2:4 kernels are candidates like any other,
     so a GEMM runs sparse only where it measured faster; `_sparse_note` records why each GEMM runs dense."""
     engine = Engine(header, {k: v for k, v in tensors.items() if k != TOKENIZER_TENSOR}, device)
     policy = engine.policy

@@ -3,7 +3,7 @@
 An FP8 GEMM reads activation codes (one scale per tensor) and weight codes (one scale per output channel), both
 float8_e4m3fn as quant.quantizer writes them, and accumulates their products in float32. An E4M3 value has four
 significant bits, so each product is exact in float32; only the sum rounds, in whatever order a library adds.
-Then the epilogue of every quantized GEMM (plugins.int8_linear.int8_epilogue_reference): the accumulator times
+Then the epilogue of every quantized GEMM (plugins.int8_linear.quantized_epilogue_reference): the accumulator times
 a_scale * w_scale, + bias, GELU, + residual, and the output in FP or as the next GEMM's codes (FP8 ones in an FP8
 build). `fp8_linear_reference` is the definition (any device); `fp8_scaled_mm` is the same function on Hopper's
 FP8 tensor cores through torch._scaled_mm, with unit scales so that it returns the float32 accumulator itself and
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from plugins.int8_linear import int8_epilogue_reference
+from plugins.int8_linear import quantized_epilogue_reference
 from quant.formats import FP8_E4M3, QuantFormat
 
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) on
@@ -46,9 +46,9 @@ def fp8_linear_reference(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w
     """The definition of an FP8 GEMM's output: float32 accumulation of the code products, then the shared
     epilogue (module docstring); codes in `out_format` where `out_recip` is given."""
     _check(a_q, w_q)
-    return int8_epilogue_reference(fp8_matmul(a_q, w_q), a_scale, w_scale, bias, residual=residual,
-                                   residual_scale=residual_scale, gelu=gelu, out_recip=out_recip,
-                                   out_format=out_format, out_dtype=out_dtype)
+    return quantized_epilogue_reference(fp8_matmul(a_q, w_q), a_scale, w_scale, bias, residual=residual,
+                                        residual_scale=residual_scale, gelu=gelu, out_recip=out_recip,
+                                        out_format=out_format, out_dtype=out_dtype)
 
 
 def scaled_mm_supports(n: int, k: int) -> bool:
@@ -70,4 +70,4 @@ def fp8_scaled_mm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale:
     _check(a_q, w_q)
     one = torch.ones((), dtype=torch.float32, device=a_q.device)
     acc = torch._scaled_mm(a_q.contiguous(), w_q.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
-    return int8_epilogue_reference(acc, a_scale, w_scale, bias, out_format=out_format, **epilogue)
+    return quantized_epilogue_reference(acc, a_scale, w_scale, bias, out_format=out_format, **epilogue)

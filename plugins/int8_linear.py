@@ -637,14 +637,16 @@ def int8_linear_reference(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, 
     if (residual is not None and residual.dtype == torch.int8) != (residual_scale is not None):
         raise ValueError("int8_linear_reference: an int8 residual (codes) needs its residual_scale, and only it "
                          "takes one")
-    return int8_epilogue_reference(int32_matmul(a_q, w_q), a_scale, w_scale, bias, residual=residual,
-                                   residual_scale=residual_scale, gelu=gelu, out_recip=out_recip, out_dtype=out_dtype)
+    return quantized_epilogue_reference(int32_matmul(a_q, w_q), a_scale, w_scale, bias, residual=residual,
+                                        residual_scale=residual_scale, gelu=gelu, out_recip=out_recip,
+                                        out_dtype=out_dtype)
 
 
-def int8_epilogue_reference(acc: torch.Tensor, a_scale: float, w_scale: torch.Tensor, bias: torch.Tensor, *,
-                            residual: torch.Tensor | None = None, residual_scale: float | torch.Tensor | None = None,
-                            gelu: bool = False, out_recip: float | torch.Tensor | None = None,
-                            out_format: QuantFormat = INT8, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def quantized_epilogue_reference(acc: torch.Tensor, a_scale: float, w_scale: torch.Tensor, bias: torch.Tensor, *,
+                                 residual: torch.Tensor | None = None,
+                                 residual_scale: float | torch.Tensor | None = None, gelu: bool = False,
+                                 out_recip: float | torch.Tensor | None = None, out_format: QuantFormat = INT8,
+                                 out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The epilogue of every quantized GEMM, one float32 op at a time, on its accumulator of code products: the
     exact int32 one of int8_linear_reference (any library's: cuBLASLt, cuSPARSELt) or FP8's float32 one
     (plugins/fp8_linear.py). Output codes are `out_format`'s, the next GEMM's input format."""

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from plugins.int8_linear import int8_epilogue_reference
+from plugins.int8_linear import quantized_epilogue_reference
 
 # "alg0": the library's default algorithm; "search": the one _cslt_sparse_mm_search picks for the problem.
 CONFIGS = ("alg0", "search")
@@ -186,6 +186,7 @@ def sparse_linear(a_q: torch.Tensor, cw: Compressed, a_scale: float, w_scale: to
     with the int32 GEMM on sparse tensor cores; `config` is one of CONFIGS or "algN"."""
     _check(a_q, cw, w_scale, bias, residual, residual_scale)
     acc = sparse_mm(a_q, cw, out_dtype=torch.int32, config=config)
-    return int8_epilogue_reference(acc, a_scale, w_scale, bias, residual=residual, residual_scale=residual_scale,
-                                   gelu=gelu, out_recip=out_recip, out_dtype=out_dtype)
+    return quantized_epilogue_reference(acc, a_scale, w_scale, bias, residual=residual,
+                                        residual_scale=residual_scale, gelu=gelu, out_recip=out_recip,
+                                        out_dtype=out_dtype)
 

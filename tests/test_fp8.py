@@ -16,7 +16,7 @@ from engines.engine_file import Profile, read_header, save_engine
 from engines.runtime import Engine
 from engines.tuning import agrees, fp8_steps
 from plugins.fp8_linear import fp8_linear_reference, fp8_scaled_mm
-from plugins.int8_linear import int8_epilogue_reference
+from plugins.int8_linear import quantized_epilogue_reference
 from quant.formats import FP8_E4M3, INT8
 from quant.policy import PrecisionPolicy
 from quant.quantizer import fake_quantize, quantize, scale_from_amax, weight_scales
@@ -77,7 +77,7 @@ def test_fp8_reference_is_the_epilogue_of_the_exact_products():
     y = fp8_linear_reference(a_q, w_q, a_scale, w_scale.view(-1), bias, residual=residual, gelu=True,
                              out_dtype=torch.float32)
     exact = (a_q.double() @ w_q.double().t()).float()  # float32 sums round: the same up to summation order
-    assert torch.allclose(y, int8_epilogue_reference(exact, a_scale, w_scale.view(-1), bias, residual=residual,
+    assert torch.allclose(y, quantized_epilogue_reference(exact, a_scale, w_scale.view(-1), bias, residual=residual,
                                                      gelu=True, out_dtype=torch.float32), rtol=1e-5, atol=1e-5)
     fq = torch.nn.functional.gelu(fake_quantize(a, a_scale, FP8_E4M3) @ fake_quantize(w, w_scale, FP8_E4M3).t()
                                   + bias, approximate="tanh") + residual
