@@ -180,7 +180,9 @@ EXAMPLES = """examples:
   python cli.py build --model DIR --int8 --fp16 -b 64 -s 384 --buckets 64 --calib-cache calib.json \\
       -o engines/buckets.engine          # profiles 64x64, 64x128, ..., 64x384: one graph per bucket
   python cli.py bench -e engines/buckets.engine --squad dev-v1.1.json --hf --single-stream 1000
-      # samples/s over every dev window (bucketed, padded to 384, HF eager FP16) and per-window latency"""
+      # samples/s over every dev window (bucketed, padded to 384, packed, HF eager FP16) and per-window latency
+  python cli.py build --model DIR --int8 --fp16 -b 64 -s 384 --buckets 64 --varlen --calib-cache calib.json \\
+      -o engines/packed.engine           # padding-free: bench, eval and infer run it packed"""
 
 
 def check_counts(iterations: int, warmup: int) -> None:

@@ -185,7 +185,7 @@ def _tokenizer(engine_path, wordpiece, vocab_file: str | None, vocab_size: int):
 def bench_squad(path, squad: str | Path, *, device: str | None = None, passes: int = 3, hf: bool = False,
                 single: int = 0, vocab_file: str | None = None, limit: int | None = None) -> Iterator[str]:
     """`cli.py bench --squad`: the engine file's offline throughput over every window of `squad`, bucketed and
-    padded (and HF eager with `hf`), then `single` windows one at a time; a line (or block) at a time."""
+    padded and packed (and HF eager with `hf`), then `single` windows one at a time; a line (or block) at a time."""
     from engines.build import load_runnable
     from engines.graphs import GraphRunner
     from model.runner import pick_device

@@ -63,14 +63,14 @@ def varlen_attention_kernel(qkv_ptr, cu_ptr, out_ptr, out_recip, HEADS, qk_scale
                             INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr, D: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     # Row r of qkv holds [q | k | v], each HEADS * D wide, head h at columns h * D (as the padded kernel's).
+    hidden = HEADS * D
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
     await_inputs(PDL)
     h, first, length, offs_m = _window(cu_ptr, HEADS, BLOCK_M)
-    if tl.program_id(0) * BLOCK_M < length:
-        hidden = HEADS * D
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        m_ok = offs_m < length
-        rows = (first + offs_m).to(tl.int64)
+    m_ok = offs_m < length
+    rows = (first + offs_m).to(tl.int64)
+    if tl.program_id(0) * BLOCK_M < length:  # else a block past the window: nothing to compute
         q = tl.load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
@@ -99,14 +99,14 @@ def varlen_attention_int8_kernel(qkv_ptr, cu_ptr, out_ptr, out_recip, HEADS, qk_
                                  stride_qkv, stride_out, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
                                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     # The layout of varlen_attention_kernel with qkv holding codes; the math is the padded INT8 kernel's.
+    hidden = HEADS * D
+    i8_dot: tl.constexpr = D >= 32
+    offs_d = tl.arange(0, D)
     await_inputs(PDL)
     h, first, length, offs_m = _window(cu_ptr, HEADS, BLOCK_M)
+    m_ok = offs_m < length
+    rows = (first + offs_m).to(tl.int64)
     if tl.program_id(0) * BLOCK_M < length:
-        hidden = HEADS * D
-        i8_dot: tl.constexpr = D >= 32
-        offs_d = tl.arange(0, D)
-        m_ok = offs_m < length
-        rows = (first + offs_m).to(tl.int64)
         q = tl.load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :], mask=m_ok[:, None], other=0)
         ctx = int8_context(q, qkv_ptr, qkv_ptr, first, length, hidden + h * D, 2 * hidden + h * D,
                            tl.arange(0, BLOCK_N), offs_d, stride_qkv, qk_scale, p_recip, pv_scale, False, False,

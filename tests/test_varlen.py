@@ -276,7 +276,7 @@ def test_triton_varlen_attention_in_the_engine(imh, monkeypatch):
     """The engine's packed path on our Triton kernel (interpreter) against its library path: the same logits
     within attention's FP16 error."""
     engine = varlen_engine(PrecisionPolicy(int8=True, fp16=True, imh=imh), seed=12)
-    x = features(4, 40, seed=5, vocab=CFG.vocab_size)
+    x = features(3, 24, seed=5, vocab=CFG.vocab_size)
     batch = pack_padded(*(torch.from_numpy(a) for a in (x.input_ids, x.token_type_ids, x.attention_mask)))
     with torch.no_grad():
         want = engine.forward_packed(*batch.tensors, batch.max_seqlen)
@@ -298,15 +298,15 @@ def test_build_time_candidates_agree_with_the_library(monkeypatch, poison):
     kernels("quantize")  # the library path's INT8 context pass, in the interpreter
     engine = varlen_engine(PrecisionPolicy(int8=True, fp16=True), seed=4)
     monkeypatch.setattr(engine, "use_triton", True)
-    problem, candidates, calls = varlen_attention_candidates(engine, 3, 96, 40)
+    problem, candidates, calls = varlen_attention_candidates(engine, 3, 56, 24)
     assert problem.gemm == "varlen-attention" and problem.epilogue == "w3->int8" and calls == 1
     assert list(candidates)[0] == LIBRARY and f"{backends.VARLEN_ATTENTION}:16x64-w4-s2" in candidates
     ref = candidates[LIBRARY]()
-    assert ref.shape == (80, CFG.hidden_size)  # windows of 40 and 40 and an empty one; 16 tail rows left out
+    assert ref.shape == (48, CFG.hidden_size)  # windows of 24 and 24 and an empty one; 8 tail rows left out
     got = candidates[f"{backends.VARLEN_ATTENTION}:16x64-w4-s2"]()
     assert engine.attention_agreement()(got, ref)
     monkeypatch.setattr(engine, "use_triton", False)
-    assert varlen_attention_candidates(engine, 3, 96, 40) is None
+    assert varlen_attention_candidates(engine, 3, 56, 24) is None
 
 
 def test_same_answers_packed_bucketed_and_padded(tmp_path):
