@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 PATH_KEY = "path"              # header kernels: "packed" or "bucketed", where the build timed both
 PATH_TIMES_KEY = "path.times"  # header kernels: both paths' times, in words
 PACKED, BUCKETED = "packed", "bucketed"
-PATH_AGREEMENT = 2e-2          # relative error of the two paths' start logits (FP16 attention, INT8 code flips)
+# The most the two paths' start logits may differ in any window, relative to that window's (FP16 attention kernels
+# and GEMM algorithms that differ between row counts, INT8 codes flipping at rounding boundaries, over 24 layers);
+# a packed path that mixes windows or misplaces positions is off by the order of the logits themselves.
+PATH_AGREEMENT = 5e-2
 
 
 def varlen_attention_key(tokens: int) -> str:
@@ -123,7 +126,7 @@ def synthetic_windows(header: EngineHeader, vocab_size: int, seed: int = 0):
 def _choose_path(engine, cache: TimingCache, machine: str) -> dict[str, str]:
     """Packed against bucketed over the synthetic windows: each path's median pass in ms (whole forwards replayed
     from their graphs, inputs already on the GPU, logits left there), the faster recorded; packed only where its
-    logits agree with the bucketed path's (PATH_AGREEMENT)."""
+    logits agree with the bucketed path's in every window (PATH_AGREEMENT)."""
     from engines.graphs import GraphRunner
 
     runner = GraphRunner(engine, "the engine being built")
@@ -131,16 +134,15 @@ def _choose_path(engine, cache: TimingCache, machine: str) -> dict[str, str]:
     passes = {BUCKETED: _bucketed_pass(runner, ids, types, mask, batch),
               PACKED: _packed_pass(runner, ids, types, mask, batch)}
     logits = {name: assemble(run()) for name, (run, assemble) in passes.items()}  # graphs captured here
-    real = mask.astype(bool)
-    packed, bucketed = logits[PACKED][real], logits[BUCKETED][real]
-    error = float(np.linalg.norm(packed - bucketed) / max(float(np.linalg.norm(bucketed)), 1e-30))
+    error = max(float(np.linalg.norm(p[:n] - b[:n]) / max(float(np.linalg.norm(b[:n])), 1e-30))
+                for p, b, n in zip(logits[PACKED], logits[BUCKETED], mask.sum(1)))  # the worst window
     key = _path_problem(engine, int(mask.sum()))
     times = {name: cache.get(key.key(name, machine), lambda run=run: _median_ms(run))
              for name, (run, _) in passes.items()}
     best = PACKED if times[PACKED] <= times[BUCKETED] else BUCKETED
     if error > PATH_AGREEMENT:
-        log.warning("the packed path's logits differ from the bucketed path's by %.2g (relative): this build runs "
-                    "bucketed", error)
+        log.warning("the packed path's logits differ from the bucketed path's by %.2g (relative, in the worst window): "
+                    "this build runs bucketed", error)
         best = BUCKETED
     words = f"packed {times[PACKED]:.3f} ms, bucketed {times[BUCKETED]:.3f} ms over {len(mask)} synthetic windows"
     log.info("path: %s (%s)", best, words)

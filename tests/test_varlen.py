@@ -80,7 +80,7 @@ def real_rows(padded, lengths, s):
 def test_references_match_the_padded_references_on_random_lengths(seed):
     """Per-window references = the padded references' real rows, FP and INT8, FP out and codes (one scale and
     per channel); windows of length 1 and the maximum among them."""
-    heads, d, s = 2, 16, 48
+    heads, d, s = 3, 16, 48
     lengths = random_lengths(6, s, seed)
     qkv, cu = windows(lengths, heads, d, seed, device="cpu")
     rows, bias = padded_batch(qkv, lengths, s)
