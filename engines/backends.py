@@ -19,6 +19,7 @@ forward (Engine.forward_packed) looks its choice up with varlen=True.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -452,8 +453,10 @@ def _varlen_configs(int8: bool) -> Callable[[int, int], list[str]]:
     return configs
 
 
+@functools.lru_cache(maxsize=None)
 def _torch_varlen_available() -> bool:
-    """torch.nn.attention.varlen (PyTorch 2.9 and later; flash attention: FP16/BF16 on Ampere or later)."""
+    """torch.nn.attention.varlen (PyTorch 2.9 and later; flash attention: FP16/BF16 on Ampere or later); asked
+    once per process (every packed forward looks its attention up)."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         return False
     try:
