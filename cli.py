@@ -314,6 +314,9 @@ def _build_parser(p) -> None:
       "build a TensorRT plan (-o X.plan) where TensorRT 10 is installed (not here: never run in this workplace)")
     a("--buckets", type=int, metavar="STEP", help="also every STEP tokens below each -s, at its -b: batches sorted by "
       "length run in the smallest bucket that holds them (e.g. -b 64 -s 384 --buckets 64)")
+    a("--varlen", action="store_true", help="padding-free: eval, bench and infer pack the windows of a batch into "
+      "one token stream; each profile B x S is a budget of B*S tokens in at most B windows, and CUDA builds time "
+      "packed against bucketed (e.g. -b 64 -s 384 --buckets 64 --varlen)")
     a("--timing-cache", "-tcf", "--timing-cache-file", dest="timing_cache", metavar="FILE", help="CUDA kernel "
       "timings reused across builds (default: timing.json in the workbench cache)")
 

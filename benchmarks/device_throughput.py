@@ -8,6 +8,8 @@ Each variant is built once with profiles batch x {STEP, 2 STEP, ..., 384} (`engi
 INT8 scales from a max calibration on random tokens, benchmarks.bench_engines.max_ranges), then
 `eval.throughput.offline_run` times it bucketed and padded to 384 over the same windows; HF eager FP16 (SDPA) runs
 the bucketed batches once per model. The windows are tokenized with the assets/ MiniLM's BERT uncased vocabulary.
+`--varlen` builds each variant --varlen (issue 20, item 2) and adds its packed row: the windows packed into the
+same profiles as token budgets; the build's own path timing (packed or bucketed) is printed with its kernels.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def main(argv=None) -> None:
     ap.add_argument("--buckets", type=int, default=64)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--varlen", action="store_true", help="build --varlen and time the packed path too")
     ap.add_argument("--out", default="throughput.md")
     args = ap.parse_args(argv)
     device, timing = torch.device("cuda"), TimingCache("/tmp/timing.json")
@@ -57,14 +60,19 @@ def main(argv=None) -> None:
         for name in args.variants:
             policy = VARIANTS[name]
             calib = max_ranges(loaded, device) if policy.int8 else None
-            header, tensors = build_engine(loaded, policy, profiles, calib, device, None, timing)
+            header, tensors = build_engine(loaded, policy, profiles, calib, device, None, timing, varlen=args.varlen)
             runner = GraphRunner(Engine(header, tensors, device).eval(), f"{preset} {name}")
             bucketed = offline_run(f"{preset} {name}, bucketed", runner, features, device, args.batch,
                                    passes=args.passes)
             say(bucketed.row())
-            say(offline_run(f"{preset} {name}, padded to 384", runner, features, device, args.batch,
-                            passes=args.passes, pad_to=384).row(bucketed))
-            say("  kernels: " + "; ".join(kernel_choices(header)[-1:]))
+            padded = offline_run(f"{preset} {name}, padded to 384", runner, features, device, args.batch,
+                                 passes=args.passes, pad_to=384)
+            say(padded.row(bucketed))
+            if args.varlen:
+                packed = offline_run(f"{preset} {name}, packed", runner, features, device, args.batch,
+                                     passes=args.passes, packed=True)
+                say(packed.row(bucketed) + f"  ({packed.samples_per_s / padded.samples_per_s:.2f}x padded)")
+            say("  kernels: " + "; ".join(kernel_choices(header)[-2 if args.varlen else -1:]))
             del runner, tensors
             torch.cuda.empty_cache()
         if not args.no_hf:

@@ -11,9 +11,15 @@ A `sparse` family (2:4 sparse tensor cores: "cusparselt", INT8 and FP16) compute
 compressed form, so it is offered and run only for GEMMs whose weight is 2:4 in an engine built with --sparse
 (the engine says which, `Gemm.sparse`); on a dense weight it would compute something else. The build times it
 against the dense families like any other candidate, so it runs only where it was measured faster.
+
+Attention families come in two layouts, in the same table: padded ([batch, S] with a key bias) and `varlen`
+(the windows packed back to back, cu_seqlens; plugins/varlen_attention.py), each with its own library family per
+format. A family name means one layout: "fused-attention" is padded, "varlen-attention" packed; the packed
+forward (Engine.forward_packed) looks its choice up with varlen=True.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -38,6 +44,12 @@ class GemmRun(Protocol):
 
 class AttentionRun(Protocol):
     def __call__(self, config: str, qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.Tensor | None, *,
+                 scales=None, out_recip: float | torch.Tensor | None = None,
+                 out_dtype: torch.dtype = torch.float16, gpu_kernels: bool = False) -> torch.Tensor: ...
+
+
+class VarlenAttentionRun(Protocol):
+    def __call__(self, config: str, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, heads: int, *,
                  scales=None, out_recip: float | torch.Tensor | None = None,
                  out_dtype: torch.dtype = torch.float16, gpu_kernels: bool = False) -> torch.Tensor: ...
 
@@ -67,20 +79,23 @@ class GemmBackend:
 class AttentionBackend:
     """One attention family: softmax(Q K^T / sqrt(d) + key bias) V from the QKV GEMM's output [b*s, 3H] to the
     context [b*s, H] (its codes when `out_recip` is given). `format`: "fp" takes the FP QKV output, "int8" the
-    -imh codes with their AttentionScales."""
+    -imh codes with their AttentionScales. `varlen`: the packed layout instead, run as VarlenAttentionRun
+    (configs then get (windows, max_seqlen)); `available`: its library is present (and the GPU can run it)."""
 
     family: str
     format: str
     configs: Callable[[int, int], Sequence[str]]        # (batch, seq_len) -> candidate configurations
-    run: AttentionRun
+    run: AttentionRun | VarlenAttentionRun
     gpu_kernels: bool = False
+    varlen: bool = False
+    available: Callable[[], bool] | None = None
 
     def impls(self, batch: int, seq_len: int) -> list[str]:
         return [implementation(self.family, c) for c in self.configs(batch, seq_len)]
 
 
 _GEMMS: dict[tuple[str, str], GemmBackend] = {}
-_ATTENTIONS: dict[tuple[str, str], AttentionBackend] = {}
+_ATTENTIONS: dict[tuple[str, str, bool], AttentionBackend] = {}  # (family, format, varlen)
 
 
 def implementation(family: str, config: str) -> str:
@@ -100,18 +115,19 @@ def register_gemm(backend: GemmBackend) -> GemmBackend:
 
 
 def register_attention(backend: AttentionBackend) -> AttentionBackend:
-    _ATTENTIONS[backend.family, backend.format] = backend
+    _ATTENTIONS[backend.family, backend.format, backend.varlen] = backend
     return backend
 
 
 def unregister(family: str, format: str) -> None:
     """Remove a family (tests register toy ones)."""
     _GEMMS.pop((family, format), None)
-    _ATTENTIONS.pop((family, format), None)
+    for varlen in (False, True):
+        _ATTENTIONS.pop((family, format, varlen), None)
 
 
-def _lookup(table: dict, impl: str, format: str, what: str):
-    found = table.get((split(impl)[0], format))
+def _lookup(table: dict, key: tuple, impl: str, format: str, what: str):
+    found = table.get(key)
     if found is None:
         raise WorkbenchError(f"no {format} {what} implementation {impl!r} is registered in this workbench: "
                              "rebuild the engine here")
@@ -119,11 +135,12 @@ def _lookup(table: dict, impl: str, format: str, what: str):
 
 
 def gemm_backend(impl: str, format: str) -> GemmBackend:
-    return _lookup(_GEMMS, impl, format, "GEMM")
+    return _lookup(_GEMMS, (split(impl)[0], format), impl, format, "GEMM")
 
 
-def attention_backend(impl: str, format: str) -> AttentionBackend:
-    return _lookup(_ATTENTIONS, impl, format, "attention")
+def attention_backend(impl: str, format: str, varlen: bool = False) -> AttentionBackend:
+    return _lookup(_ATTENTIONS, (split(impl)[0], format, varlen), impl, format,
+                   "variable-length attention" if varlen else "attention")
 
 
 def _usable(b, gpu_kernels: bool, sparse: bool) -> bool:
@@ -135,10 +152,11 @@ def _usable(b, gpu_kernels: bool, sparse: bool) -> bool:
     return available is None or available()
 
 
-def runnable(impl: str, format: str, gpu_kernels: bool, attention: bool = False, sparse: bool = False) -> bool:
-    """Whether `impl` is registered for `format` and can run here (`_usable`)."""
-    table = _ATTENTIONS if attention else _GEMMS
-    found = table.get((split(impl)[0], format))
+def runnable(impl: str, format: str, gpu_kernels: bool, attention: bool = False, sparse: bool = False,
+             varlen: bool = False) -> bool:
+    """Whether `impl` is registered for `format` (an attention family of the `varlen` layout) and can run here
+    (`_usable`)."""
+    found = _ATTENTIONS.get((split(impl)[0], format, varlen)) if attention else _GEMMS.get((split(impl)[0], format))
     return found is not None and _usable(found, gpu_kernels, sparse)
 
 
@@ -147,10 +165,11 @@ def is_sparse(impl: str) -> bool:
     return any(b.sparse for (family, _), b in _GEMMS.items() if family == split(impl)[0])
 
 
-def _families(table: dict, format: str, gpu_kernels: bool, sparse: bool = False) -> list:
-    """The families registered for `format` that can run here, the reference (LIBRARY) first."""
-    return sorted((b for (_, f), b in table.items() if f == format and _usable(b, gpu_kernels, sparse)),
-                  key=lambda b: b.family != LIBRARY)
+def _families(table: dict, format: str, gpu_kernels: bool, sparse: bool = False, varlen: bool = False) -> list:
+    """The families registered for `format` (attention: of the `varlen` layout) that can run here, the reference
+    (LIBRARY) first."""
+    return sorted((b for b in table.values() if b.format == format and getattr(b, "varlen", False) == varlen
+                   and _usable(b, gpu_kernels, sparse)), key=lambda b: b.family != LIBRARY)
 
 
 def gemm_candidates(problem: GemmProblem, format: str, gpu_kernels: bool, sparse: bool = False) -> list[str]:
@@ -159,8 +178,12 @@ def gemm_candidates(problem: GemmProblem, format: str, gpu_kernels: bool, sparse
     return [impl for b in _families(_GEMMS, format, gpu_kernels, sparse) for impl in b.impls(problem)]
 
 
-def attention_candidates(batch: int, seq_len: int, format: str, gpu_kernels: bool) -> list[str]:
-    return [impl for b in _families(_ATTENTIONS, format, gpu_kernels) for impl in b.impls(batch, seq_len)]
+def attention_candidates(batch: int, seq_len: int, format: str, gpu_kernels: bool, varlen: bool = False
+                         ) -> list[str]:
+    """Every registered attention implementation of `format` for the shape, the reference first; `varlen`: of
+    the packed layout, for `batch` windows of up to `seq_len` tokens."""
+    return [impl for b in _families(_ATTENTIONS, format, gpu_kernels, varlen=varlen)
+            for impl in b.impls(batch, seq_len)]
 
 
 # ---------------------------------------------------------------- the Triton INT8 GEMM's configuration names
@@ -310,15 +333,22 @@ def _sdpa(config, qkv, batch, heads, key_bias, *, scales=None, out_recip=None, o
     q, k, v = qkv.view(batch, s, 3, heads, d).permute(2, 0, 3, 1, 4)
     mask_bias = None if key_bias is None else key_bias.view(batch, 1, 1, s)
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias).transpose(1, 2)  # [b, s, h, d]
+    return _context_rows(context, out_recip, gpu_kernels)
+
+
+def _context_rows(context: torch.Tensor, out_recip, gpu_kernels: bool) -> torch.Tensor:
+    """A library attention's context ([..., heads, d], any strides) as [tokens, hidden] rows: as it is, or
+    (where the next GEMM is INT8) its codes in one pass on CUDA."""
+    rows, hidden = context.shape[:-2].numel(), context.shape[-2] * context.shape[-1]
     if out_recip is None:
-        return context.reshape(batch * s, heads * d)
+        return context.reshape(rows, hidden)
     if gpu_kernels:
         from plugins.quantize import quantize_rows
         codes = quantize_rows(context, out_recip)
     else:
         from plugins.quantize import quantize_rows_reference
         codes = quantize_rows_reference(context, out_recip)
-    return codes.view(batch * s, heads * d)
+    return codes.view(rows, hidden)
 
 
 def _fused_attention(config, qkv, batch, heads, key_bias, *, scales=None, out_recip=None, out_dtype=torch.float16,
@@ -356,6 +386,104 @@ def _reference_only(*_args) -> list[str]:
     return [""]
 
 
+# ---------------------------------------------------------------- variable-length (packed) attention families
+
+def _padded_windows(attend, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, bias_dtype: torch.dtype,
+                    hidden: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """A padded family's function `attend(padded_qkv, windows, key_bias)` on packed windows: each window gathered
+    into a row of [windows, max_seqlen] with the padding bias, the context scattered back to its rows (rows past
+    the last window zero). Device index ops only, no host read: a CUDA graph captures it."""
+    from plugins.varlen_attention import padded_layout
+
+    n, tokens = cu_seqlens.numel() - 1, qkv.shape[0]
+    if n == 0 or max_seqlen == 0 or tokens == 0:
+        return torch.zeros(tokens, hidden, dtype=out_dtype, device=qkv.device)
+    gather, scatter, real = padded_layout(cu_seqlens, max_seqlen, tokens)
+    bias = torch.zeros(real.shape, dtype=bias_dtype, device=qkv.device).masked_fill_(~real,
+                                                                                     torch.finfo(bias_dtype).min)
+    context = attend(qkv.index_select(0, gather), n, bias)
+    out = torch.zeros(tokens + 1, hidden, dtype=context.dtype, device=qkv.device)  # row `tokens`: padding's
+    return out.index_copy_(0, scatter, context)[:tokens]
+
+
+def _varlen_sdpa(config, qkv, cu_seqlens, max_seqlen, heads, *, scales=None, out_recip=None,
+                 out_dtype=torch.float16, gpu_kernels=False):
+    """The FP library family of packed windows: SDPA over the windows padded to max_seqlen (_padded_windows)."""
+    return _padded_windows(lambda x, n, bias: _sdpa("", x, n, heads, bias, out_recip=out_recip,
+                                                    gpu_kernels=gpu_kernels),
+                           qkv, cu_seqlens, max_seqlen, qkv.dtype, qkv.shape[1] // 3,
+                           torch.int8 if out_recip is not None else qkv.dtype)
+
+
+def _varlen_int8_library(config, codes, cu_seqlens, max_seqlen, heads, *, scales=None, out_recip=None,
+                         out_dtype=torch.float16, gpu_kernels=False):
+    """The -imh library family of packed windows: the INT8 reference over the windows padded to max_seqlen."""
+    from plugins.attention import attention_int8_reference
+
+    return _padded_windows(lambda x, n, bias: attention_int8_reference(x, n, heads, scales, bias, out_recip=out_recip,
+                                                                       out_dtype=out_dtype),
+                           codes, cu_seqlens, max_seqlen, out_dtype, codes.shape[1] // 3,
+                           torch.int8 if out_recip is not None else out_dtype)
+
+
+def _varlen_attention(config, qkv, cu_seqlens, max_seqlen, heads, *, scales=None, out_recip=None,
+                      out_dtype=torch.float16, gpu_kernels=True):
+    from plugins.attention import AttentionConfig
+    from plugins.varlen_attention import fused_varlen_attention
+
+    return fused_varlen_attention(qkv, cu_seqlens, max_seqlen, heads, out_recip=out_recip, out_dtype=out_dtype,
+                                  config=AttentionConfig.parse(implementation("fused-attention", config)))
+
+
+def _varlen_int8_attention(config, codes, cu_seqlens, max_seqlen, heads, *, scales=None, out_recip=None,
+                           out_dtype=torch.float16, gpu_kernels=True):
+    from plugins.attention import AttentionConfig
+    from plugins.varlen_attention import fused_varlen_attention_int8
+
+    return fused_varlen_attention_int8(codes, cu_seqlens, max_seqlen, heads, scales, out_recip=out_recip,
+                                       out_dtype=out_dtype,
+                                       config=AttentionConfig.parse(implementation("int8-attention", config)))
+
+
+def _varlen_configs(int8: bool) -> Callable[[int, int], list[str]]:
+    def configs(windows: int, max_seqlen: int) -> list[str]:
+        from plugins.varlen_attention import CANDIDATE_CONFIGS, INT8_CANDIDATE_CONFIGS
+
+        return [split(c.name)[1] for c in (INT8_CANDIDATE_CONFIGS if int8 else CANDIDATE_CONFIGS)]
+    return configs
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_available() -> bool:
+    """torch.nn.attention.varlen (PyTorch 2.9 and later; flash attention: FP16/BF16 on Ampere or later); asked
+    once per process (every packed forward looks its attention up)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _torch_varlen(config, qkv, cu_seqlens, max_seqlen, heads, *, scales=None, out_recip=None,
+                  out_dtype=torch.float16, gpu_kernels=True):
+    """PyTorch's varlen_attn (flash attention over cu_seqlens) on strided Q, K, V views of the QKV output; the
+    context's codes, where the next GEMM is INT8, in a pass of their own (as SDPA's). Called with the seven
+    positional arguments every release since 2.9 takes (later ones made the rest keyword-only)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    tokens, d = qkv.shape[0], qkv.shape[1] // (3 * heads)
+    q, k, v = qkv.view(tokens, 3, heads, d).unbind(1)
+    context = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)  # [tokens, heads, d]
+    return _context_rows(context, out_recip, gpu_kernels)
+
+
+VARLEN_ATTENTION = "varlen-attention"
+VARLEN_INT8_ATTENTION = "varlen-int8-attention"
+TORCH_VARLEN = "torch-varlen"
+
+
 register_gemm(GemmBackend(LIBRARY, "int8", _reference_only, _int8_library))
 register_gemm(GemmBackend(TRITON, "int8", _triton_configs, _int8_triton, gpu_kernels=True))
 register_gemm(GemmBackend(LIBRARY, "fp", _reference_only, _fp_library))
@@ -373,3 +501,11 @@ register_attention(AttentionBackend("fused-attention", "fp", _attention_configs(
 register_attention(AttentionBackend(LIBRARY, "int8", _reference_only, _int8_attention_library))
 register_attention(AttentionBackend("int8-attention", "int8", _attention_configs(True), _int8_attention,
                                     gpu_kernels=True))
+register_attention(AttentionBackend(LIBRARY, "fp", _reference_only, _varlen_sdpa, varlen=True))
+register_attention(AttentionBackend(VARLEN_ATTENTION, "fp", _varlen_configs(False), _varlen_attention,
+                                    gpu_kernels=True, varlen=True))
+register_attention(AttentionBackend(TORCH_VARLEN, "fp", _reference_only, _torch_varlen, gpu_kernels=True,
+                                    varlen=True, available=_torch_varlen_available))
+register_attention(AttentionBackend(LIBRARY, "int8", _reference_only, _varlen_int8_library, varlen=True))
+register_attention(AttentionBackend(VARLEN_INT8_ATTENTION, "int8", _varlen_configs(True), _varlen_int8_attention,
+                                    gpu_kernels=True, varlen=True))

@@ -2,7 +2,8 @@
 
 The INT8 or FP8 weights are rounded per output channel by quant.quantizer, activation scales come from the cache for
 exactly the sites the precision policy quantizes, and the engine carries its tokenizer so that `eval` and `infer`
-need nothing but the engine file.
+need nothing but the engine file. `varlen` (build --varlen) makes a packed engine: its profiles are also token
+budgets, and on CUDA the build times the packed path against the bucketed one (engines/packed.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from common.errors import WorkbenchError
 from data.tokenizer import WordPiece, wordpiece_from_str
 from engines.engine_file import EngineHeader, Profile, load_engine, this_gpu
 from engines.backends import is_sparse
+from engines.packed import PATH_TIMES_KEY, runs_packed, varlen_attention_key
 from engines.runtime import Engine, engine_tensors, gemm_kernel_key
 from engines.tuning import LIBRARY, TimingCache, attention_key, choose, machine_key
 from model.checkpoint import LoadedModel
@@ -39,12 +41,13 @@ TOKENIZER_TENSOR = "tokenizer.json"  # the serialized tokenizer, as UTF-8 bytes 
 
 def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequence[Profile],
                  calib: CalibrationCache | QatScales | None, device: torch.device, wordpiece: WordPiece | None,
-                 timing_cache: TimingCache | None = None, *,
-                 prune: bool = False) -> tuple[EngineHeader, dict[str, torch.Tensor]]:
+                 timing_cache: TimingCache | None = None, *, prune: bool = False,
+                 varlen: bool = False) -> tuple[EngineHeader, dict[str, torch.Tensor]]:
     """The engine's header and tensors. `calib`: where the ranges come from, a calibration cache or the learned
     scales of a QAT folder (qat/folder.py). On CUDA, kernel implementations are timed per profile (`timing_cache`
     keeps those timings for later builds; None times without keeping them). `prune` (--prune-2to4): under
-    --sparse, dense GEMM weights are pruned to 2:4 by magnitude here instead of refused."""
+    --sparse, dense GEMM weights are pruned to 2:4 by magnitude here instead of refused. `varlen` (--varlen):
+    the engine runs packed (engines/packed.py)."""
     t0 = time.perf_counter()
     cfg = loaded.config
     if not profiles:
@@ -67,9 +70,9 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
         model_digest=loaded.digest,
         calib_digest=calib.key() if calib is not None and policy.quantized else None,
         device=device.type, gpu_name=gpu[0] if gpu else None, compute_capability=gpu[1] if gpu else None,
-        versions=_versions(), kernels=_kernels(cfg.num_layers, policy, device),
+        versions=_versions(), kernels=_kernels(cfg.num_layers, policy, device, varlen),
         build_seconds=0.0, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=loaded.source,
-        calibration=calib.describe() if calib is not None and policy.quantized else "")
+        calibration=calib.describe() if calib is not None and policy.quantized else "", varlen=varlen)
     if device.type == "cuda":
         header = replace(header, kernels={**header.kernels, **_tune(header, tensors, device, timing_cache)})
     return replace(header, build_seconds=time.perf_counter() - t0), tensors
@@ -95,11 +98,12 @@ def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.
           timing_cache: TimingCache | None) -> dict[str, str]:
     """Time every implementation of each quantized (INT8 or FP8) GEMM kind at each profile's row count (under
     --sparse the FP16 GEMMs too, whose only other candidates are sparse), and of attention at each profile's
-    shape, with padding and without (each graph's case); keep the fastest. Under --sparse, 2:4 kernels are candidates like any other,
-    so a GEMM runs sparse only where it measured faster; `_sparse_note` records why each GEMM runs dense."""
+    shape, with padding and without (each graph's case); keep the fastest. Under --sparse, 2:4 kernels are
+    candidates like any other, so a GEMM runs sparse only where it measured faster; `_sparse_note` records why each
+    GEMM runs dense. A --varlen build then times its packed path (engines/packed.py: tune_packed)."""
     engine = Engine(header, {k: v for k, v in tensors.items() if k != TOKENIZER_TENSOR}, device)
     policy = engine.policy
-    if not engine.use_triton or not (policy.quantized or policy.sparse):
+    if not engine.use_triton or not (policy.quantized or policy.sparse or header.varlen):
         return {}
     cache = timing_cache if timing_cache is not None else TimingCache(None)
     machine = machine_key()
@@ -138,6 +142,11 @@ def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.
                         "padded" if padded else "dense")
         log.info("attention %dx%d %s: %s %.3f ms (library %.3f ms)", b, s, "padded" if padded else "dense", best,
                  times[best], times[LIBRARY])
+    if header.varlen:
+        from engines.packed import tune_packed
+
+        engine.kernels.update(chosen)  # the packed path's timing runs the kernels just chosen
+        chosen.update(tune_packed(engine, cache, machine))
     cache.save()
     log.info("%s", cache.summary())
     del engine
@@ -176,11 +185,24 @@ def kernel_choices(header: EngineHeader) -> list[str]:
             attention = header.kernels.get(attention_key(p.batch, p.seq_len, padded))
             if attention is not None:
                 parts.append(f"{label} {'sdpa' if attention == LIBRARY else attention}")
+        packed = header.kernels.get(varlen_attention_key(m))
+        if packed is not None:
+            parts.append(f"packed attention {'sdpa on padded windows' if packed == LIBRARY else packed}")
         if parts:
             lines.append(f"{p}: {', '.join(parts)}")
     if header.policy.get("sparse"):
         lines.append(_sparse_summary(header))
+    if header.varlen:
+        lines.append(_path_summary(header))
     return lines
+
+
+def _path_summary(header: EngineHeader) -> str:
+    """kernel_choices' line on a --varlen engine's path: packed or bucketed, and why."""
+    times = header.kernels.get(PATH_TIMES_KEY)
+    if times is None:
+        return "path: packed (built --varlen; the paths are timed by CUDA builds)"
+    return f"path: {'packed' if runs_packed(header) else 'bucketed'} ({times})"
 
 
 def _sparse_words(header: EngineHeader, key: str) -> str:
@@ -298,7 +320,7 @@ def _policy_json(policy: PrecisionPolicy) -> dict:
     return asdict(policy)
 
 
-def _kernels(num_layers: int, policy: PrecisionPolicy, device: torch.device) -> dict[str, str]:
+def _kernels(num_layers: int, policy: PrecisionPolicy, device: torch.device, varlen: bool = False) -> dict[str, str]:
     """What runs each op, in words; quantized GEMMs on CUDA are then timed per profile (gemm.KIND.mROWS entries)."""
     if policy.fp8:
         int8 = ("fp8 e4m3: cuBLASLt (torch._scaled_mm) or the reference, timed" if device.type == "cuda"
@@ -314,6 +336,9 @@ def _kernels(num_layers: int, policy: PrecisionPolicy, device: torch.device) -> 
     if policy.fc2_library_gemm:
         kernels.update({f"layer{i}.fc2": "cuBLASLt int8 (torch._int_mm), -g" for i in range(num_layers)
                         if policy.quantizes_gemm(i, "fc2") and device.type == "cuda"})
+    if varlen:
+        attention += "; packed (--varlen): variable-length attention (the library path on windows padded per " \
+                     "batch" + (", or a timed kernel)" if device.type == "cuda" else ")")
     kernels.update({f"layer{i}.attention": attention for i in range(num_layers)})
     return kernels
 

@@ -64,6 +64,7 @@ class EngineHeader:
     created: str                  # ISO-8601 UTC
     source: str = ""              # model folder or preset name, for reports
     calibration: str = ""         # the calibration cache described ("entropy +smooth 0.8 (100 q)"), for reports
+    varlen: bool = False          # build --varlen: runs packed; each profile B x S also a budget of B*S tokens
 
     @property
     def spec(self) -> QuantSpec:
@@ -108,6 +109,7 @@ class EngineHeader:
             created=get("created", _is_str, "a string"),
             source=get("source", _is_str, "a string"),
             calibration=get("calibration", _is_str, "a string"),
+            varlen=get("varlen", lambda v: isinstance(v, bool), "true or false") if "varlen" in d else False,
         )
 
 
@@ -185,6 +187,20 @@ def pick_profile(header: EngineHeader, batch: int, seq_len: int, path: str | os.
         raise WorkbenchError(f"batch {batch} x length {seq_len} fits no profile of {where} "
                              f"(profiles: {', '.join(map(str, header.profiles))})")
     return min(fits, key=lambda p: (p.batch * p.seq_len, p.seq_len))
+
+
+def pick_budget(header: EngineHeader, tokens: int, windows: int, longest: int,
+                path: str | os.PathLike | None = None) -> Profile:
+    """The packed path's profile for a stream of `tokens` tokens in `windows` windows, none longer than `longest`:
+    the smallest token budget B x S that holds the tokens with at most B windows (a --varlen engine's profiles
+    are token budgets; a window may be as long as the engine's longest profile, in any budget)."""
+    where = path if path is not None else "the engine"
+    most = max(p.seq_len for p in header.profiles)
+    fits = [p for p in header.profiles if p.batch * p.seq_len >= tokens and p.batch >= windows]
+    if longest > most or not fits:
+        raise WorkbenchError(f"{windows} windows of {tokens} tokens (the longest {longest}) fit no token budget of "
+                             f"{where} (profiles: {', '.join(map(str, header.profiles))}, windows up to {most})")
+    return min(fits, key=lambda p: (p.batch * p.seq_len, p.batch))
 
 
 def this_gpu(device: torch.device | str | int | None = None) -> tuple[str, str] | None:

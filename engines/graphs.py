@@ -9,6 +9,12 @@ fastest kernels take none, and a padding bias makes BERT-large's attention at 12
 (docs/attention-h200.md). Whether a batch is such a "dense" batch is read from its mask on the host (the pipelined
 path always knows); for a mask already on the GPU the caller says so, since reading it there would wait for the
 GPU. The graphs of one runner share one memory pool: they never run at the same time.
+
+An engine built --varlen runs packed batches (`packed`: model/packing.py, Engine.forward_packed). Its graphs are
+captured per token budget: a profile B x S holds B*S tokens in at most B windows, each up to the engine's longest
+profile length; cu_seqlens has a fixed B + 1 entries, the windows a batch does not use of length 0, so one graph
+replays any batch that fits. The rows past the batch's tokens belong to no window (row-wise ops compute them,
+attention leaves them, nothing reads them); a ladder of budgets (--buckets) keeps them few.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from engines.engine_file import Profile, pick_profile
+from engines.engine_file import Profile, pick_budget, pick_profile
 from engines.runtime import Engine
 
 
@@ -28,6 +34,17 @@ class CapturedGraph:
     token_type_ids: torch.Tensor
     attention_mask: torch.Tensor
     start: torch.Tensor
+    end: torch.Tensor
+
+
+@dataclass
+class CapturedPacked:
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor      # [B*S]
+    token_type_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor     # int32 [B + 1]
+    start: torch.Tensor          # [B*S]
     end: torch.Tensor
 
 
@@ -43,6 +60,9 @@ class GraphRunner:
     def __init__(self, engine: Engine, path: str = "engine", fuse: bool = False):
         self.engine, self.path = engine, path
         self.graphs: dict[tuple[Profile, bool], CapturedGraph] = {}  # (profile, dense)
+        self.packed_graphs: dict[Profile, CapturedPacked] = {}
+        self.runs_packed = engine.runs_packed  # run_logits runs such a runner packed
+        self.longest = max(p.seq_len for p in engine.header.profiles)  # the packed graphs' max_seqlen
         self.use_graphs = engine.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         if fuse and self.use_graphs:
@@ -96,13 +116,61 @@ class GraphRunner:
         g.graph.replay()
         return g.start[:b, :s], g.end[:b, :s]
 
-    def pipelined(self, batches: Iterable[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def capture_packed(self, profile: Profile) -> CapturedPacked:
+        """The packed graph of `profile`'s token budget (module docstring), captured after two warm-up runs."""
+        if profile in self.packed_graphs:
+            return self.packed_graphs[profile]
+        dev, windows, tokens = self.engine.device, profile.batch, profile.batch * profile.seq_len
+        ids = torch.zeros(tokens, dtype=torch.long, device=dev)
+        types = torch.zeros_like(ids)
+        positions = torch.arange(tokens, device=dev) % profile.seq_len
+        cu = (torch.arange(windows + 1, device=dev) * profile.seq_len).to(torch.int32)
+        args = (ids, types, positions, cu, self.longest)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                self.engine.forward_packed(*args)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
+            start, end = self.engine.forward_packed(*args)
+        self.packed_graphs[profile] = CapturedPacked(graph, ids, types, positions, cu, start, end)
+        return self.packed_graphs[profile]
+
+    def packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor,
+               cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start and end logits [T] of a packed batch (Engine.forward_packed's arguments); on CUDA the graph of
+        the smallest token budget that holds it, replayed."""
+        tokens, windows = input_ids.shape[0], cu_seqlens.numel() - 1
+        profile = pick_budget(self.engine.header, tokens, windows, max_seqlen, self.path)
+        if not self.use_graphs:
+            return self.engine.forward_packed(input_ids, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+        g = self.capture_packed(profile)
+        for static, new in ((g.input_ids, input_ids), (g.token_type_ids, token_type_ids),
+                            (g.position_ids, position_ids), (g.cu_seqlens[:windows + 1], cu_seqlens)):
+            static[:new.shape[0]].copy_(new)
+        g.cu_seqlens[windows + 1:].fill_(tokens)  # the windows this batch leaves unused: length 0
+        g.graph.replay()
+        return g.start[:tokens], g.end[:tokens]
+
+    def pipelined(self, batches: Iterable[tuple[torch.Tensor, ...]],
+                  packed: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Host batches in, host logits out, in order. On CUDA the copies run on a side stream from and to pinned
-        host memory, so batch n+1's inputs go up and batch n-1's logits come down while batch n computes."""
+        host memory, so batch n+1's inputs go up and batch n-1's logits come down while batch n computes.
+        `packed`: each batch is a packed one (PackedBatch.tensors), run by `packed`."""
+        from model.packing import longest_window
+
         dev = self.engine.device
+
+        def host_facts(args) -> dict:  # what a call needs to know of its batch, read on the host
+            return dict(max_seqlen=longest_window(args[3])) if packed else dict(dense=bool(args[2].all()))
+
+        call = self.packed if packed else self
         if not self.use_graphs:
             for args in batches:
-                start, end = self(*(a.to(dev) for a in args))
+                facts = host_facts(args)
+                start, end = call(*(a.to(dev) for a in args), **({} if not packed else facts))
                 yield start.cpu(), end.cpu()
             return
         main, side = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
@@ -110,21 +178,21 @@ class GraphRunner:
         def upload(args):
             if args is None:
                 return None
-            dense = bool(args[2].all())  # read on the host, before the copy
+            facts = host_facts(args)  # read on the host, before the copy
             with torch.cuda.stream(side):
                 on_device = [a.pin_memory().to(dev, non_blocking=True) for a in args]
                 ready = torch.cuda.Event()
                 ready.record(side)
-            return on_device, ready, dense
+            return on_device, ready, facts
 
         batches = iter(batches)
         coming, pending = upload(next(batches, None)), None
         while coming is not None:
-            args, ready, dense = coming
+            args, ready, facts = coming
             main.wait_event(ready)
             for a in args:
                 a.record_stream(main)  # allocated on the side stream, read on the main one
-            start, end = self(*args, dense=dense)
+            start, end = call(*args, **facts)
             outs = (start.clone(), end.clone())  # the next replay overwrites the graph's own outputs
             computed = torch.cuda.Event()
             computed.record(main)

@@ -23,6 +23,12 @@ reads it (its INT8 codes when that GEMM is INT8): one launch for SDPA and the co
 "layerI.qkv") and attention is INT8 attention (plugins/attention.py: fused_attention_int8, which
 attention_int8_reference defines and the CPU runs): integer q.k and p.v, the probabilities rounded with their
 calibrated scale, the context written as codes.
+
+`forward_packed` is the same forward on a packed token stream (build --varlen): the windows of a batch back to
+back, positions per token, cu_seqlens marking the windows. Embeddings, GEMMs and LayerNorms are row-wise, so they
+run the very code of `forward` on real tokens only; attention is the variable-length attention of the same
+format (plugins/varlen_attention.py, its families in engines/backends.py with varlen=True), which attends within
+each window. engines/packed.py holds the rest of the packed path (its graphs and its build-time timing).
 """
 from __future__ import annotations
 
@@ -56,6 +62,24 @@ class Activation:
     fp: torch.Tensor | None
     codes: torch.Tensor | None
     site: str
+
+
+@dataclass(frozen=True)
+class Padded:
+    """The attention layout of `forward`: batch x seq_len rows, with the padding's key bias or None (no padding)."""
+
+    batch: int
+    seq_len: int
+    key_bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The attention layout of `forward_packed`: windows back to back, cu_seqlens int32 [windows + 1] on the
+    device, none longer than max_seqlen."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
 
 
 @dataclass(frozen=True)
@@ -169,6 +193,27 @@ class Engine(torch.nn.Module):
         return chosen if backends.runnable(chosen, self._attention_format, self.use_triton, attention=True) \
             else LIBRARY
 
+    def varlen_attention_impl(self, tokens: int) -> str:
+        """The packed path's attention implementation for a stream of `tokens` rows: the header's choice for that
+        token budget, else for the nearest larger one it has, else the library path (as `impl`)."""
+        from engines.packed import varlen_attention_key
+
+        prefix = varlen_attention_key(0)[:-1]
+        known = sorted((int(k[len(prefix):]), v) for k, v in self.kernels.items()
+                       if k.startswith(prefix) and k[len(prefix):].isdigit())
+        larger = [v for t, v in known if t >= tokens]
+        chosen = larger[0] if larger else (known[-1][1] if known else LIBRARY)
+        return chosen if backends.runnable(chosen, self._attention_format, self.use_triton, attention=True,
+                                           varlen=True) else LIBRARY
+
+    @property
+    def runs_packed(self) -> bool:
+        """Whether eval, bench and infer run this engine packed: built --varlen, and (where the build timed both
+        paths, on CUDA) the packed path was the faster one (engines/packed.py)."""
+        from engines.packed import runs_packed
+
+        return runs_packed(self.header)
+
     @property
     def _attention_format(self) -> str:
         return "int8" if self.policy.imh else "fp"
@@ -235,20 +280,25 @@ class Engine(torch.nn.Module):
         from plugins.layernorm import layernorm_quant_reference as run  # (the Triton LayerNorm writes INT8 alone)
         return Activation(*run(*args, codes_only=rounded and not fp_out, fmt=fmt), site)
 
-    def _attend(self, i: int, qkv: torch.Tensor, b: int, s: int, key_bias: torch.Tensor | None,
-                impl: str) -> torch.Tensor:
-        """Layer i's attention from its QKV output [b*s, 3H] (under -imh its Q, K, V codes) to the
-        attention-output GEMM's input [b*s, H]: the context's codes where that GEMM is quantized (under -imh
-        always: rounded where produced), else the context. key_bias [b, s]: padding, or None."""
+    def _attend(self, i: int, qkv: torch.Tensor, layout: Padded | Packed, impl: str) -> torch.Tensor:
+        """Layer i's attention from its QKV output [rows, 3H] (under -imh its Q, K, V codes) to the
+        attention-output GEMM's input [rows, H]: the context's codes where that GEMM is quantized (under -imh
+        always: rounded where produced), else the context. `layout`: padded batches (with their key bias or
+        none) or packed windows (variable-length attention)."""
         quantized_out = self.gemms[f"layers.{i}.attn_out"].quantized
         site = f"layer{i}.context"
         imh = self.policy.imh
         int8_out = (quantized_out and self._format(site) is INT8) or imh  # attention kernels write INT8 codes
-        run = backends.attention_backend(impl, self._attention_format).run
-        context = run(backends.split(impl)[1], qkv, b, self.cfg.num_heads, key_bias,
-                      scales=self._attention_scales(i) if imh else None,
-                      out_recip=self._recip(site) if int8_out else None, out_dtype=self.dtype,
-                      gpu_kernels=self.use_triton)
+        config, heads = backends.split(impl)[1], self.cfg.num_heads
+        options = dict(scales=self._attention_scales(i) if imh else None,
+                       out_recip=self._recip(site) if int8_out else None, out_dtype=self.dtype,
+                       gpu_kernels=self.use_triton)
+        if isinstance(layout, Packed):
+            run = backends.attention_backend(impl, self._attention_format, varlen=True).run
+            context = run(config, qkv, layout.cu_seqlens, layout.max_seqlen, heads, **options)
+        else:
+            run = backends.attention_backend(impl, self._attention_format).run
+            context = run(config, qkv, layout.batch, heads, layout.key_bias, **options)
         if imh and not quantized_out:
             return dequantize(context, self._site_scale(site), self.dtype)
         if quantized_out and not int8_out:  # FP8: the context's codes in a pass of their own
@@ -271,24 +321,42 @@ class Engine(torch.nn.Module):
                 attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """attention_mask None: no padding anywhere in the batch, so attention takes no mask (SDPA's fastest
         kernels take none: 1.5x faster at BERT-large 128 x 384 than with the padding bias, docs/attention-h200.md)."""
-        t, cfg = self.t, self.cfg
         b, s = input_ids.shape
-        x = (t["embeddings.word.weight"][input_ids] + t["embeddings.position.weight"][:s]
-             + t["embeddings.token_type.weight"][token_type_ids]).view(b * s, cfg.hidden_size)
-        x = self._ln("embeddings.ln", x, "embeddings.ln_out")
+        x = self._embed(input_ids, token_type_ids, self.t["embeddings.position.weight"][:s])
         key_bias = None if attention_mask is None else self._key_bias(attention_mask)
         attention = self.attention_impl(b, s, padded=key_bias is not None)
-        for i in range(cfg.num_layers):
-            x = self._layer(i, x, b, s, key_bias, attention, last=i == cfg.num_layers - 1)
-        logits = F.linear(self._fp(x), t["qa.weight"], t["qa.bias"]).float().view(b, s, 2)
+        logits = self._encode(x.view(b * s, self.cfg.hidden_size), Padded(b, s, key_bias), attention).view(b, s, 2)
         return logits[..., 0], logits[..., 1]
 
-    def _layer(self, i: int, x: Activation, b: int, s: int, key_bias: torch.Tensor | None, attention: str,
-               last: bool = False) -> Activation:
-        """x: the residual stream [b*s, H], this layer's QKV input; the last layer's output goes to the QA head."""
+    def forward_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor,
+                       cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start and end logits [T] of windows packed back to back: ids, token types and positions [T] per token,
+        cu_seqlens int32 [windows + 1] on the device (windows of length 0 allowed; rows past cu_seqlens[-1]
+        belong to none and their logits mean nothing), max_seqlen at least the longest window (model.packing
+        makes these on the host)."""
+        x = self._embed(input_ids, token_type_ids, self.t["embeddings.position.weight"][position_ids])
+        attention = self.varlen_attention_impl(input_ids.shape[0])
+        logits = self._encode(x, Packed(cu_seqlens, max_seqlen), attention)
+        return logits[:, 0], logits[:, 1]
+
+    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Word + position + token-type embeddings (in this order in both forwards: the same sums)."""
+        t = self.t
+        return t["embeddings.word.weight"][input_ids] + positions + t["embeddings.token_type.weight"][token_type_ids]
+
+    def _encode(self, x: torch.Tensor, layout: Padded | Packed, attention: str) -> torch.Tensor:
+        """The embeddings' rows [rows, H] through the embedding LayerNorm, the layers and the QA head: float32
+        logits [rows, 2]."""
+        x = self._ln("embeddings.ln", x, "embeddings.ln_out")
+        for i in range(self.cfg.num_layers):
+            x = self._layer(i, x, layout, attention, last=i == self.cfg.num_layers - 1)
+        return F.linear(self._fp(x), self.t["qa.weight"], self.t["qa.bias"]).float()
+
+    def _layer(self, i: int, x: Activation, layout: Padded | Packed, attention: str, last: bool = False) -> Activation:
+        """x: the residual stream [rows, H], this layer's QKV input; the last layer's output goes to the QA head."""
         p = f"layers.{i}."
         qkv = self._linear(p + "qkv", self._input(p + "qkv", x), out_site=f"layer{i}.qkv" if self.policy.imh else None)
-        ctx = self._attend(i, qkv, b, s, key_bias, attention)
+        ctx = self._attend(i, qkv, layout, attention)
         y = self._linear(p + "attn_out", ctx, residual=x)
         x1 = self._ln(p + "ln1", y, f"layer{i}.attn_ln_out")
         ffn = self._linear(p + "fc1", self._input(p + "fc1", x1), gelu=True, out_site=f"layer{i}.fc2_in")
@@ -325,7 +393,7 @@ class Engine(torch.nn.Module):
                               "int8-codes" if self.policy.imh else "float16",
                               ("softmax+bias->" if padded else "softmax->") + ("int8" if int8 else "float16"))
         impls = backends.attention_candidates(b, s, self._attention_format, self.use_triton)
-        return problem, {impl: (lambda impl=impl: self._attend(0, qkv, b, s, bias, impl)) for impl in impls}, 1
+        return problem, {impl: (lambda impl=impl: self._attend(0, qkv, Padded(b, s, bias), impl)) for impl in impls}, 1
 
     def attention_agreement(self) -> Callable[[torch.Tensor, torch.Tensor], bool]:
         """How the build holds an attention candidate to the library path's output: tuning.attention_agrees

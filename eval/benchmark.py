@@ -157,15 +157,16 @@ def time_end_to_end(fn, inputs, iterations: int, warmup: int, device: torch.devi
     return samples
 
 
-def time_pipelined(runner, inputs, iterations: int, warmup: int) -> float:
+def time_pipelined(runner, inputs, iterations: int, warmup: int, packed: bool = False) -> float:
     """Mean ms per batch when `iterations` host batches stream through runner.pipelined (copies overlapping
-    compute on a side stream): the steady-state cost of a batch in a long evaluation, not one call's latency."""
+    compute on a side stream): the steady-state cost of a batch in a long evaluation, not one call's latency.
+    `packed`: `inputs` are a packed batch's tensors (model.packing.PackedBatch.tensors)."""
     host = [t.cpu() for t in inputs]
     with torch.inference_mode():
-        for _ in runner.pipelined(host for _ in range(warmup)):
+        for _ in runner.pipelined((host for _ in range(warmup)), packed=packed):
             pass
         t0 = time.perf_counter()
-        for _ in runner.pipelined(host for _ in range(iterations)):
+        for _ in runner.pipelined((host for _ in range(iterations)), packed=packed):
             pass
         return (time.perf_counter() - t0) * 1e3 / iterations
 
@@ -179,7 +180,9 @@ EXAMPLES = """examples:
   python cli.py build --model DIR --int8 --fp16 -b 64 -s 384 --buckets 64 --calib-cache calib.json \\
       -o engines/buckets.engine          # profiles 64x64, 64x128, ..., 64x384: one graph per bucket
   python cli.py bench -e engines/buckets.engine --squad dev-v1.1.json --hf --single-stream 1000
-      # samples/s over every dev window (bucketed, padded to 384, HF eager FP16) and per-window latency"""
+      # samples/s over every dev window (bucketed, padded to 384, packed, HF eager FP16) and per-window latency
+  python cli.py build --model DIR --int8 --fp16 -b 64 -s 384 --buckets 64 --varlen --calib-cache calib.json \\
+      -o engines/packed.engine           # padding-free: bench, eval and infer run it packed"""
 
 
 def check_counts(iterations: int, warmup: int) -> None:
@@ -286,8 +289,12 @@ def bench_lines(engine, runner, device: torch.device, shapes, iterations: int, w
     from eval.gpu_state import GpuMonitor
 
     check_counts(iterations, warmup)
+    packed = bool(getattr(runner, "runs_packed", False))
     padding = f"{padded:.0%} of each sequence padded" if padded else \
         "no padding (the graph whose attention takes no mask; --padded times the general one)"
+    if packed:
+        padding = ("packed (built --varlen): B windows of S tokens in one stream" if not padded else
+                   f"packed (built --varlen): B windows of {1 - padded:.0%} of S tokens in one stream")
     gpu_name = engine.header.gpu_name
     yield (f"{name}: {engine.policy.describe()} on {device.type}{' (' + gpu_name + ')' if gpu_name else ''}; "
            f"median of {iterations} after {warmup} warm-up; {padding}"
@@ -296,14 +303,21 @@ def bench_lines(engine, runner, device: torch.device, shapes, iterations: int, w
     with GpuMonitor(device) as gpu:  # sampling from the start; only the timed calls are read
         for shape in shapes:
             x = random_inputs(shape.batch, shape.seq_len, engine.cfg.vocab_size, device, padded=padded)
+            fn = runner
+            if packed:  # the same windows packed: their real tokens in one stream
+                from model.packing import pack_padded
+
+                batch = pack_padded(*x)
+                x = tuple(t.to(device) for t in batch.tensors)
+                fn = functools.partial(runner.packed, max_seqlen=batch.max_seqlen)
             compute = Latency.from_samples(shape.batch, shape.seq_len, time_compute(
-                runner, x, iterations, warmup, device, gpu, phase=str(shape)))
+                fn, x, iterations, warmup, device, gpu, phase=str(shape)))
             if device.type != "cuda":
                 yield f"compute     {compute.row()}"
                 continue
             e2e = Latency.from_samples(shape.batch, shape.seq_len,
-                                       time_end_to_end(runner, x, iterations, warmup, device))
-            piped = time_pipelined(runner, x, iterations, warmup)
+                                       time_end_to_end(fn, x, iterations, warmup, device))
+            piped = time_pipelined(runner, x, iterations, warmup, packed=packed)
             yield (f"compute     {compute.row()}\n"
                    + f"  GPU while timing compute: {gpu.summary(str(shape))}\n"
                    + f"end-to-end  {e2e.row()}\n"

@@ -29,7 +29,9 @@ EXAMPLES = """examples:
       # the TensorRT demo's spellings; one -s goes with every -b: profiles 1x128 and 8x128
   python cli.py build --model bert-large --fp16 -b 1 -s 128 -o engines/large.engine    # random weights: timing
   python cli.py build --model DIR --int8 --fp16 -b 64 -s 384 --buckets 64 --calib-cache calib.json \\
-      -o engines/buckets.engine   # + 64x64, 64x128, ..., 64x320: length-sorted batches run in the smallest"""
+      -o engines/buckets.engine   # + 64x64, 64x128, ..., 64x320: length-sorted batches run in the smallest
+  python cli.py build --model DIR --int8 --fp16 -b 64 -s 384 --buckets 64 --varlen --calib-cache calib.json \\
+      -o engines/packed.engine    # padding-free: windows packed into token budgets 64 x 64 ... 64 x 384"""
 CPU_FP16 = ("FP16 on the CPU is emulated and several times slower than FP32 (about 7 questions/s for the MiniLM): "
             "use --precision fp32 (or bf16) on the CPU")
 
@@ -164,10 +166,10 @@ def engine_build(engine, name: str, *, batch: int, options: str | None = None, c
 
 
 def build_engine_file(path: str | Path, loaded, policy, profiles, calib, device: torch.device, wordpiece, *,
-                      timing_cache: str | Path | None = None, prune: bool = False):
-    """Build an engine (engines.build.build_engine) and write it to `path`; on CUDA the kernel timings are kept in
-    `timing_cache` (default: timing.json in the workbench cache directory, shared by `cli.py build` and the sweep).
-    Returns the header and the timing cache (None on the CPU)."""
+                      timing_cache: str | Path | None = None, prune: bool = False, varlen: bool = False):
+    """Build an engine (engines.build.build_engine; `varlen`: packed) and write it to `path`; on CUDA the kernel
+    timings are kept in `timing_cache` (default: timing.json in the workbench cache directory, shared by
+    `cli.py build` and the sweep). Returns the header and the timing cache (None on the CPU)."""
     from common.files import cache_root
     from engines.build import build_engine
     from engines.engine_file import Profile, save_engine
@@ -176,7 +178,8 @@ def build_engine_file(path: str | Path, loaded, policy, profiles, calib, device:
     profiles = [p if isinstance(p, Profile) else Profile(*p) for p in profiles]
     check_memory(loaded.config, policy, profiles, device, loaded.model)
     timing = TimingCache(timing_cache or cache_root() / "timing.json") if device.type == "cuda" else None
-    header, tensors = build_engine(loaded, policy, profiles, calib, device, wordpiece, timing, prune=prune)
+    header, tensors = build_engine(loaded, policy, profiles, calib, device, wordpiece, timing, prune=prune,
+                                   varlen=varlen)
     save_engine(path, header, tensors)
     return header, timing
 
@@ -231,7 +234,7 @@ def check_memory(cfg, policy, profiles, device: torch.device, model=None) -> Non
 
 def engine_file_from_flags(flags, say=print) -> str:
     """`cli.py build`: the engine file its flags (argparse.Namespace: model, trust_pickle, output, device, fp16,
-    int8, strict, iln, imh, g, batch_size, seq_length, buckets, calib_cache, keep_fp16, timing_cache) describe,
+    int8, strict, iln, imh, g, batch_size, seq_length, buckets, varlen, calib_cache, keep_fp16, timing_cache) describe,
     built and written; `say` gets the warnings and kernel choices, the returned line says what was built."""
     import time
 
@@ -248,6 +251,10 @@ def engine_file_from_flags(flags, say=print) -> str:
     if getattr(flags, "backend", None) == "tensorrt":
         from interop.tensorrt_backend import plan_from_flags
 
+        if getattr(flags, "varlen", False):
+            raise WorkbenchError("--varlen builds our packed engine; a TensorRT plan (--backend tensorrt) runs "
+                                 "padded profiles: leave one of them out")
+
         return plan_from_flags(flags, [(p.batch, p.seq_len) for p in profiles], say=say)
     t0, device = time.perf_counter(), pick_device(flags.device)
     policy = policy_from_flags(flags)
@@ -259,14 +266,17 @@ def engine_file_from_flags(flags, say=print) -> str:
     wordpiece = load_wordpiece(loaded.model_dir, vocab_size=loaded.config.vocab_size,
                                vocab_file=flags.vocab_file) if loaded.model_dir else None
     loaded_s = time.perf_counter() - t0
+    varlen = bool(getattr(flags, "varlen", False))
     header, timing = build_engine_file(flags.output, loaded, policy, profiles, calib, device, wordpiece,
-                                       timing_cache=flags.timing_cache, prune=flags.prune_2to4)
-    if timing is not None and policy.quantized:
+                                       timing_cache=flags.timing_cache, prune=flags.prune_2to4, varlen=varlen)
+    if timing is not None and (policy.quantized or varlen):
         say(f"{timing.summary()} ({timing.path})")
         for line in kernel_choices(header):
             say(f"kernels {line}")
     size = Path(flags.output).stat().st_size / 2**20
-    return (f"built {flags.output}: {policy.describe()}, profiles {', '.join(map(str, profiles))}, {device.type}"
+    packed = ", packed (--varlen: the profiles are token budgets)" if varlen else ""
+    return (f"built {flags.output}: {policy.describe()}{packed}, profiles {', '.join(map(str, profiles))}, "
+            f"{device.type}"
             f"{' (' + header.gpu_name + ')' if header.gpu_name else ''}, {size:.1f} MiB; engine built in "
             f"{header.build_seconds:.2f} s (the build time reports show), model and scales loaded in {loaded_s:.1f} "
             f"s, {time.perf_counter() - t0:.1f} s in all")

@@ -2,11 +2,14 @@
 it: every window of the file is one sample; samples/s over a whole pass.
 
 Padded-to-384 figures overstate the work: the official dev set's windows are mostly far shorter than 384 tokens.
-So the engine is timed three ways in one run: **bucketed** (windows sorted by length, batches at the engine's
+So the engine is timed several ways in one run: **bucketed** (windows sorted by length, batches at the engine's
 largest batch, each trimmed to its longest window rounded up to 8 and run in the smallest profile that holds it:
 an engine built with `--buckets` has a ladder of them), **padded** (the same batches padded to the engine's longest
-profile: what a single-profile engine does), and with `--hf` Hugging Face transformers' eager FP16 BERT (SDPA) on the
-same trimmed batches, random weights (only its speed is compared). Each pass goes through eval's own path
+profile: what a single-profile engine does), **packed** (no padding at all: the windows of a batch back to back
+in one token stream, model/packing.py, run in the smallest token budget that holds them; what an engine built
+`--varlen` runs, its attention kernels timed at build; other engines run it on the library path), and with `--hf`
+Hugging Face transformers' eager FP16 BERT (SDPA) on the same trimmed batches, random weights (only its speed is
+compared). Each pass goes through eval's own path
 (model.runner.run_logits: host batches in, FP32 logits out, copies overlapped with compute on CUDA); one untimed
 pass first captures every bucket's graph. A single-stream distribution (one window per call, in file order) gives
 per-window latency. Windows come from the file tokenized with the engine's tokenizer (a preset engine has none:
@@ -15,6 +18,7 @@ so their token ids only need the real lengths.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -60,15 +64,28 @@ def batch_tokens(mask: np.ndarray, batch: int, pad_to: int | None = None) -> int
     return sum(len(idx) * seq for idx, seq in batches_by_length(mask, batch, pad_to=pad_to))
 
 
+def packed_tokens(mask: np.ndarray, batch: int, budgets: list[int] | None = None) -> int:
+    """Tokens run_logits' packed batches hold: their real tokens, or on CUDA (`budgets`: the engine's token
+    budgets, batch x seq_len of each profile) the smallest budget holding each batch."""
+    from model.packing import pack_windows, window_lengths
+
+    lengths = window_lengths(mask)
+    held = [int(lengths[idx].sum()) for idx in pack_windows(lengths, batch * mask.shape[1], batch)]
+    if budgets is None:
+        return sum(held)
+    return sum(min((b for b in budgets if b >= t), default=t) for t in held)
+
+
 def offline_run(name: str, forward: Forward, features, device: torch.device, batch: int, *, passes: int = 3,
-                pad_to: int | None = None) -> OfflineRun:
-    """Every window through `forward` once untimed (graphs captured, kernels warm), then `passes` timed passes."""
+                pad_to: int | None = None, packed: bool = False) -> OfflineRun:
+    """Every window through `forward` once untimed (graphs captured, kernels warm), then `passes` timed passes;
+    bucketed (or padded to `pad_to`), or `packed` (the forward's packed entry: an engine's GraphRunner)."""
     if passes < 1:
         raise WorkbenchError(f"--passes must be at least 1, got {passes}")
 
     def one_pass() -> float:
         t0 = time.perf_counter()
-        run_logits(forward, features, device, batch_size=batch, progress=False, pad_to=pad_to)
+        run_logits(forward, features, device, batch_size=batch, progress=False, pad_to=pad_to, packed=packed)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
@@ -76,24 +93,41 @@ def offline_run(name: str, forward: Forward, features, device: torch.device, bat
     one_pass()
     seconds = [one_pass() for _ in range(passes)]
     mask = features.attention_mask
-    return OfflineRun(name, len(mask), int(mask.sum()), batch_tokens(mask, batch, pad_to), seconds)
+    if packed:
+        engine = getattr(forward, "engine", None)
+        budgets = [p.batch * p.seq_len for p in engine.header.profiles] \
+            if engine is not None and device.type == "cuda" else None
+        computed = packed_tokens(mask, batch, budgets)
+    else:
+        computed = batch_tokens(mask, batch, pad_to)
+    return OfflineRun(name, len(mask), int(mask.sum()), computed, seconds)
 
 
 def single_stream(forward: Forward, features, device: torch.device, n: int, warmup: int = 10) -> dict[str, float]:
-    """Per-window latency, one window per call in file order (trimmed to its length rounded up to 8): the first `n`
-    windows after `warmup` untimed ones; milliseconds at p50, p90, p99 and the mean."""
+    """Per-window latency, one window per call in file order (trimmed to its length rounded up to 8; for an engine
+    that runs packed, its real tokens alone through the packed path): the first `n` windows after `warmup`
+    untimed ones; milliseconds at p50, p90, p99 and the mean."""
+    from model.packing import packed_batch, window_lengths
+
     count = min(n, len(features.input_ids))
     if count < 1:
         raise WorkbenchError("--single-stream needs at least one window")
     lengths = features.attention_mask.sum(1)
+    packed = getattr(forward, "runs_packed", False)
+    real = window_lengths(features.attention_mask) if packed else None
     samples = []
     with torch.inference_mode():
         for i in [*range(min(warmup, count)), *range(count)]:
-            seq = int(min(features.input_ids.shape[1], -(-int(lengths[i]) // 8) * 8))
-            args = [torch.from_numpy(a[i:i + 1, :seq]).long().to(device) for a in
-                    (features.input_ids, features.token_type_ids, features.attention_mask)]
+            if packed:
+                one = packed_batch(features.input_ids, features.token_type_ids, real, np.array([i]))
+                call = functools.partial(forward.packed, *(t.to(device) for t in one.tensors), one.max_seqlen)
+            else:
+                seq = int(min(features.input_ids.shape[1], -(-int(lengths[i]) // 8) * 8))
+                call = functools.partial(forward, *(torch.from_numpy(a[i:i + 1, :seq]).long().to(device) for a in
+                                                    (features.input_ids, features.token_type_ids,
+                                                     features.attention_mask)))
             t0 = time.perf_counter()
-            forward(*args)
+            call()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             samples.append((time.perf_counter() - t0) * 1e3)
@@ -151,7 +185,7 @@ def _tokenizer(engine_path, wordpiece, vocab_file: str | None, vocab_size: int):
 def bench_squad(path, squad: str | Path, *, device: str | None = None, passes: int = 3, hf: bool = False,
                 single: int = 0, vocab_file: str | None = None, limit: int | None = None) -> Iterator[str]:
     """`cli.py bench --squad`: the engine file's offline throughput over every window of `squad`, bucketed and
-    padded (and HF eager with `hf`), then `single` windows one at a time; a line (or block) at a time."""
+    padded and packed (and HF eager with `hf`), then `single` windows one at a time; a line (or block) at a time."""
     from engines.build import load_runnable
     from engines.graphs import GraphRunner
     from model.runner import pick_device
@@ -176,6 +210,9 @@ def bench_squad(path, squad: str | Path, *, device: str | None = None, passes: i
     runs.append(offline_run(f"engine, padded to {longest}", runner, features, dev, batch, passes=passes,
                             pad_to=longest))
     yield runs[1].row(runs[0])
+    runs.append(offline_run("engine, packed" + ("" if header.varlen else " (not built --varlen)"), runner, features,
+                            dev, batch, passes=passes, packed=True))
+    yield runs[2].row(runs[0]) + f"  ({runs[2].samples_per_s / runs[1].samples_per_s:.2f}x padded)"
     if hf:
         forward = hf_eager(engine.cfg, dev)
         if forward is None:
@@ -189,7 +226,8 @@ def bench_squad(path, squad: str | Path, *, device: str | None = None, passes: i
         s = single_stream(runner, features, dev, single)
         yield (f"single stream, {s['n']} windows one at a time: p50 {s['p50']:.3f} ms, p90 {s['p90']:.3f} ms, "
                f"p99 {s['p99']:.3f} ms, mean {s['mean']:.3f} ms")
-    yield "(ratios: against the bucketed engine; samples/s = windows / median pass time)"
+    yield ("(ratios: against the bucketed engine; samples/s = windows / median pass time; the engine runs "
+           f"{'packed' if engine.runs_packed else 'bucketed'} in eval and infer)")
 
 
 def bench_squad_from_flags(flags) -> Iterator[str]:
@@ -198,4 +236,4 @@ def bench_squad_from_flags(flags) -> Iterator[str]:
 
 
 __all__ = ["OfflineRun", "batch_tokens", "bench_squad", "bench_squad_from_flags", "hf_eager", "offline_run",
-           "single_stream", "squad_features"]
+           "packed_tokens", "single_stream", "squad_features"]

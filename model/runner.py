@@ -2,7 +2,8 @@
 
 Shared by evaluation, inference and calibration, so every path feeds the model the same way. Features are run
 longest first and each batch is cut to its longest sequence (rounded up to a multiple of 8): padding tokens are
-masked out of attention, so the logits of real tokens do not change, and short SQuAD windows cost less.
+masked out of attention, so the logits of real tokens do not change, and short SQuAD windows cost less. An engine
+built --varlen runs packed instead (model/packing.py): no padding at all, the windows of a batch back to back.
 """
 from __future__ import annotations
 
@@ -54,15 +55,21 @@ def batches_by_length(attention_mask: np.ndarray, batch_size: int, multiple: int
 
 
 def run_logits(forward: Forward, features, device: torch.device, batch_size: int = 32, progress: bool = True,
-               desc: str = "inference", pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               desc: str = "inference", pad_to: int | None = None,
+               packed: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Start/end logits, FP32 [N, S]; every padding position holds -inf (never an answer, and so the answers do not
     depend on how far a batch was padded: to its longest window rounded up to 8, to a bucket, or to `pad_to`, the
-    padded path a throughput comparison times)."""
+    padded path a throughput comparison times; nor on whether it was packed). `packed`: run the windows packed
+    (`forward.packed` or `forward_packed`); None: where the forward says it runs packed (`runs_packed`: an
+    engine built --varlen)."""
     if batch_size < 1:
         raise WorkbenchError(f"--batch-size must be at least 1, got {batch_size}")
     n, s = features.input_ids.shape
     start = np.full((n, s), -np.inf, dtype=np.float32)
     end = np.full((n, s), -np.inf, dtype=np.float32)
+    if packed or (packed is None and pad_to is None and getattr(forward, "runs_packed", False)):
+        _run_packed(forward, features, device, batch_size, progress, desc, start, end)
+        return start, end
     batches = batches_by_length(features.attention_mask, batch_size, pad_to=pad_to)
     host = ([torch.from_numpy(a[idx, :seq]).long() for a in (features.input_ids, features.token_type_ids,
                                                               features.attention_mask)] for idx, seq in batches)
@@ -80,3 +87,29 @@ def run_logits(forward: Forward, features, device: torch.device, batch_size: int
     padding = features.attention_mask == 0
     start[padding] = end[padding] = -np.inf
     return start, end
+
+
+def _run_packed(forward, features, device: torch.device, batch_size: int, progress: bool, desc: str,
+                start: np.ndarray, end: np.ndarray) -> None:
+    """run_logits' packed path: windows packed longest first (at most `batch_size` of them and batch_size x S
+    tokens a batch), each batch's per-token logits scattered back to its windows' rows of start and end."""
+    from model.packing import longest_window, pack_windows, packed_batch, scatter_logits, window_lengths
+
+    entry = getattr(forward, "packed", None) or getattr(forward, "forward_packed", None)
+    if entry is None:
+        raise WorkbenchError("this forward has no packed path (build the engine with --varlen)")
+    lengths = window_lengths(features.attention_mask)
+    batches = [packed_batch(features.input_ids, features.token_type_ids, lengths, idx)
+               for idx in pack_windows(lengths, batch_size * features.input_ids.shape[1], batch_size)]
+    pipelined = getattr(forward, "pipelined", None)
+    if pipelined is None:
+        outputs = ((a.cpu(), b.cpu()) for a, b in (entry(*(t.to(device) for t in batch.tensors),
+                                                         longest_window(batch.cu_seqlens)) for batch in batches))
+    else:
+        outputs = pipelined((batch.tensors for batch in batches), packed=True)
+    with torch.inference_mode(), tqdm(total=len(lengths), desc=desc, unit="feat", disable=not progress,
+                                      leave=False) as bar:
+        for batch, (s_logits, e_logits) in zip(batches, outputs):
+            scatter_logits(start, batch, s_logits)
+            scatter_logits(end, batch, e_logits)
+            bar.update(len(batch.index))

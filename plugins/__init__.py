@@ -8,6 +8,7 @@ reference, and the reference to quant.quantizer, so the INT8 math still lives in
 - layernorm:   LayerNorm -> x.dtype output and, optionally, its INT8 codes in the same pass
 - quantize:    INT8 codes of a strided (e.g. transposed attention-context) tensor, written contiguously
 - attention:   softmax(QK^T)V from the QKV GEMM's output -> the context in the next GEMM's layout, FP or INT8
+- varlen_attention: the same for windows packed back to back (cu_seqlens), no padding (build --varlen)
 
 On Hopper and later GPUs every kernel launches with programmatic dependent launch and waits for the kernel before
 it (plugins.common.await_inputs) before touching a tensor: batch-1 forwards are chains of short kernels, and PDL

@@ -155,7 +155,7 @@ def _program_block(S, HEADS, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _store_context(ctx, out_ptr, out_recip, rows, cols, m_ok, stride_out, INT8_OUT: tl.constexpr,
+def store_context(ctx, out_ptr, out_recip, rows, cols, m_ok, stride_out, INT8_OUT: tl.constexpr,
                    RECIP_PER_CHANNEL: tl.constexpr):
     """A float32 context block into out[rows, cols] ([tokens, hidden]): its INT8 codes (out_recip a float32
     number, or with RECIP_PER_CHANNEL a pointer to float32 [hidden]) or the values in out's dtype."""
@@ -220,18 +220,19 @@ def attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, 
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=tl.float32)
         m_i = m_new
     ctx = acc / l_i[:, None]
-    _store_context(ctx, out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, INT8_OUT, RECIP_PER_CHANNEL)
+    store_context(ctx, out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, INT8_OUT, RECIP_PER_CHANNEL)
 
 
 @triton.jit
-def _int8_scores(q, qkv_ptr, bias_ptr, b, col, start, offs_n, offs_d, S, stride_qkv, qk_scale,
+def _int8_scores(q, qkv_ptr, bias_ptr, row0, col, start, offs_n, offs_d, S, stride_qkv, qk_scale,
                  HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, I8_DOT: tl.constexpr):
-    """Scores of a block of query codes against keys [start, start + BLOCK_N) of sequence b (K's columns start at
-    col), log2 domain: the exact integer q.k times qk_scale (which holds log2 e), plus the key bias times log2 e;
-    keys past S at -inf. I8_DOT: on INT8 tensor cores (K = D of at least 32), else FP16 ones (exact too)."""
+    """Scores of a block of query codes against keys [start, start + BLOCK_N) of the sequence of S tokens whose
+    first token is row row0 of qkv (and of the key bias, [batch, S] contiguous), K's columns from col; log2
+    domain: the exact integer q.k times qk_scale (which holds log2 e), plus the key bias times log2 e; keys past
+    S at -inf. I8_DOT: on INT8 tensor cores (K = D of at least 32), else FP16 ones (exact too)."""
     keys = start + offs_n
     n_ok = keys < S
-    k = _load(qkv_ptr + (b * S + keys).to(tl.int64)[None, :] * stride_qkv + col + offs_d[:, None], n_ok[None, :],
+    k = _load(qkv_ptr + (row0 + keys).to(tl.int64)[None, :] * stride_qkv + col + offs_d[:, None], n_ok[None, :],
               EVEN)  # [D, BLOCK_N]
     if I8_DOT:
         dot = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32)
@@ -239,10 +240,39 @@ def _int8_scores(q, qkv_ptr, bias_ptr, b, col, start, offs_n, offs_d, S, stride_
         dot = tl.dot(q.to(tl.float16), k.to(tl.float16), out_dtype=tl.float32)
     s = dot * qk_scale
     if HAS_BIAS:
-        s += _load(bias_ptr + b * S + keys, n_ok, EVEN).to(tl.float32)[None, :] * 1.4426950408889634
+        s += _load(bias_ptr + row0 + keys, n_ok, EVEN).to(tl.float32)[None, :] * 1.4426950408889634
     if not EVEN:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     return s
+
+
+@triton.jit
+def int8_context(q, qkv_ptr, bias_ptr, row0, S, col_k, col_v, offs_n, offs_d, stride_qkv, qk_scale, p_recip,
+                 pv_scale, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, I8_DOT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """The float32 context of a block of query codes q over the S keys of the sequence whose first token is row
+    row0 (K's columns from col_k, V's from col_v), as the module docstring defines it. Pass 1: each row's maximum
+    m and sum l of exp2(s - m), online; pass 2: p = exp2(s - m) / l, its codes, and their product with V's codes.
+    The padded kernel and the variable-length one (plugins/varlen_attention.py) share it: the math once."""
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+    for start in range(0, S, BLOCK_N):
+        s = _int8_scores(q, qkv_ptr, bias_ptr, row0, col_k, start, offs_n, offs_d, S, stride_qkv, qk_scale,
+                         HAS_BIAS, EVEN, I8_DOT)
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, max_op))  # finite: every block has a key, padding bias is finite
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.reduce(tl.exp2(s - m_new[:, None]), 1, sum_op)
+        m_i = m_new
+    inv_l = tl.fdiv(tl.full((BLOCK_M,), 1.0, tl.float32), l_i)
+    acc = tl.full((BLOCK_M, D), 0.0, tl.float32)
+    for start in range(0, S, BLOCK_N):
+        s = _int8_scores(q, qkv_ptr, bias_ptr, row0, col_k, start, offs_n, offs_d, S, stride_qkv, qk_scale,
+                         HAS_BIAS, EVEN, I8_DOT)
+        pc = int8_codes(tl.exp2(s - m_i[:, None]) * inv_l[:, None], p_recip, False)  # p >= 0: no clamp at -127
+        keys = start + offs_n
+        v = _load(qkv_ptr + (row0 + keys).to(tl.int64)[:, None] * stride_qkv + col_v + offs_d[None, :],
+                  (keys < S)[:, None], EVEN)
+        acc = tl.dot(pc.to(tl.float16), v.to(tl.float16), acc, out_dtype=tl.float32)  # exact: integers < 2**24
+    return acc * pv_scale
 
 
 @triton.jit
@@ -251,33 +281,14 @@ def attention_int8_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_sc
                           RECIP_PER_CHANNEL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
     # Program (query block, sequence * HEADS + head), the layout of attention_kernel with qkv holding codes.
-    # Pass 1: each row's maximum m and sum l of exp2(s - m), online; pass 2: p = exp2(s - m) / l, its codes, and
-    # their product with V's codes.
     b, h, offs_m, offs_n, offs_d, m_ok, rows = _program_block(S, HEADS, D, BLOCK_M, BLOCK_N)
     hidden = HEADS * D
     i8_dot: tl.constexpr = D >= 32
     await_inputs(PDL)
     q = _load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :], m_ok[:, None], EVEN)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
-    for start in range(0, S, BLOCK_N):
-        s = _int8_scores(q, qkv_ptr, bias_ptr, b, hidden + h * D, start, offs_n, offs_d, S, stride_qkv, qk_scale,
-                         HAS_BIAS, EVEN, i8_dot)
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, max_op))  # finite: every block has a key, padding bias is finite
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.reduce(tl.exp2(s - m_new[:, None]), 1, sum_op)
-        m_i = m_new
-    inv_l = tl.fdiv(tl.full((BLOCK_M,), 1.0, tl.float32), l_i)
-    acc = tl.full((BLOCK_M, D), 0.0, tl.float32)
-    for start in range(0, S, BLOCK_N):
-        s = _int8_scores(q, qkv_ptr, bias_ptr, b, hidden + h * D, start, offs_n, offs_d, S, stride_qkv, qk_scale,
-                         HAS_BIAS, EVEN, i8_dot)
-        pc = int8_codes(tl.exp2(s - m_i[:, None]) * inv_l[:, None], p_recip, False)  # p >= 0: no clamp at -127
-        keys = start + offs_n
-        v = _load(qkv_ptr + (b * S + keys).to(tl.int64)[:, None] * stride_qkv + 2 * hidden + h * D
-                  + offs_d[None, :], (keys < S)[:, None], EVEN)
-        acc = tl.dot(pc.to(tl.float16), v.to(tl.float16), acc, out_dtype=tl.float32)  # exact: integers < 2**24
-    ctx = acc * pv_scale
-    _store_context(ctx, out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, INT8_OUT, RECIP_PER_CHANNEL)
+    ctx = int8_context(q, qkv_ptr, bias_ptr, b * S, S, hidden + h * D, 2 * hidden + h * D, offs_n, offs_d,
+                       stride_qkv, qk_scale, p_recip, pv_scale, HAS_BIAS, EVEN, i8_dot, BLOCK_M, BLOCK_N, D)
+    store_context(ctx, out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, INT8_OUT, RECIP_PER_CHANNEL)
 
 
 def _check(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.Tensor | None,
@@ -307,7 +318,7 @@ def fused_attention(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.T
     [batch, S] is added to every query's scores (padding), `out_recip` (a float32 number, or a contiguous
     float32 [heads * D] vector) makes the output INT8 codes. See the module docstring."""
     s, d = _check(qkv, batch, heads, key_bias)
-    out, per_channel, recip = _context_out(batch * s, heads * d, out_recip, out_dtype, qkv.device)
+    out, per_channel, recip = context_out(batch * s, heads * d, out_recip, out_dtype, qkv.device)
     if s == 0:
         return out
     cfg = config or CANDIDATE_CONFIGS[0]
@@ -343,7 +354,7 @@ def attention_reference(qkv: torch.Tensor, batch: int, heads: int, key_bias: tor
     return ctx.to(out_dtype)
 
 
-def _context_out(rows: int, hidden: int, out_recip: float | torch.Tensor | None, out_dtype: torch.dtype,
+def context_out(rows: int, hidden: int, out_recip: float | torch.Tensor | None, out_dtype: torch.dtype,
                  device: torch.device) -> tuple[torch.Tensor, bool, float | torch.Tensor]:
     """Both kernels' context output [rows, hidden] (INT8 codes when out_recip is given), whether out_recip is
     per channel (after checking that such a vector fits), and out_recip as the kernels take it."""
@@ -385,14 +396,14 @@ def fused_attention_int8(codes: torch.Tensor, batch: int, heads: int, scales: At
     codes as the QKV GEMM writes them, with `scales`); key_bias and out_recip as in fused_attention. See the
     module docstring for the math."""
     s, d = _check_int8(codes, batch, heads, key_bias)
-    out, per_channel, recip = _context_out(batch * s, heads * d, out_recip, out_dtype, codes.device)
+    out, per_channel, recip = context_out(batch * s, heads * d, out_recip, out_dtype, codes.device)
     if s == 0:
         return out
     cfg = config or INT8_CANDIDATE_CONFIGS[0]
     if not cfg.int8:
         raise ValueError(f"fused_attention_int8: {cfg.name} is not an INT8 attention configuration")
     use_pdl = common.pdl(codes.device)
-    qk, pv = _int8_scales(scales, d)
+    qk, pv = int8_scales(scales, d)
     grid = (triton.cdiv(s, cfg.block_m), batch * heads)
     attention_int8_kernel[grid](
         codes, key_bias if key_bias is not None else codes, out, recip, s, heads, qk * LOG2E,
@@ -403,7 +414,7 @@ def fused_attention_int8(codes: torch.Tensor, batch: int, heads: int, scales: At
     return out
 
 
-def _int8_scales(scales: AttentionScales, d: int) -> tuple[float, float]:
+def int8_scales(scales: AttentionScales, d: int) -> tuple[float, float]:
     """float32(s_q * s_k / sqrt(d)) and float32(s_p * s_v), each product rounded once."""
     f32 = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731
     return f32(scales.q * scales.k / math.sqrt(d)), f32(scales.probs * scales.v)
@@ -415,7 +426,7 @@ def attention_int8_reference(codes: torch.Tensor, batch: int, heads: int, scales
     """The definition of fused_attention_int8's output in torch ops (module docstring): the integer dots exact
     (float64), the rest float32."""
     s, d = _check_int8(codes, batch, heads, key_bias)
-    qk, pv = _int8_scales(scales, d)
+    qk, pv = int8_scales(scales, d)
     q, k, v = codes.double().view(batch, s, 3, heads, d).permute(2, 0, 3, 1, 4)  # each [batch, heads, S, D]
     scores = (q @ k.transpose(-1, -2)).float() * qk
     if key_bias is not None:
