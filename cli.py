@@ -105,6 +105,17 @@ def _bench_flags(p) -> None:
     p.add_argument("--bench-warmup", type=int, metavar="N", help="untimed runs first (default 10 on CUDA, 1 on CPU)")
 
 
+def _distributed_flags(p, unit: str, cpu: str = "") -> None:
+    """--workers and --ray: `sweep` and `sensitivity` over GPUs and hosts with Ray (eval/distributed.py)."""
+    g = p.add_argument_group("across GPUs and hosts (Ray: pip install 'ray==2.60.*'; imported only with these)")
+    g.add_argument("--workers", type=int, metavar="N", help=f"run {unit}s on N workers at once, one {unit} per GPU "
+                   f"(N GPUs of this host; on the CPU N processes{cpu}), e.g. --workers 8; with --ray: at most N at "
+                   "once")
+    g.add_argument("--ray", metavar="ADDRESS", help=f"run {unit}s on an existing Ray cluster, one per GPU ('auto': "
+                   "the one started on this host by `ray start`; or HOST:6379, ray://HOST:10001), every node seeing "
+                   "the same paths (model, data, report folder, workbench cache), e.g. --ray auto")
+
+
 # ---------------------------------------------------------------- verbs
 
 def _thin(module: str, function: str, say: bool = False):
@@ -197,6 +208,7 @@ def _sweep_parser(p) -> None:
     _bench_flags(p)
     _run_flags(p, precision="int8", batch=False)
     a("--force", action="store_true", help="recompute every row, rebuild every engine (calibrations are reused)")
+    _distributed_flags(p, "row", ", the timing done afterwards one row at a time")
     _feature_flags(p, short_s=False)
 
 
@@ -221,6 +233,7 @@ def _sensitivity_parser(p) -> None:
     a("--trim", type=int, default=4, metavar="N", help="while within the budget, return kept GEMMs to INT8 one "
       "measured build at a time, cheapest first, at most N builds (default 4; 0: off)")
     _run_flags(p, precision="int8")
+    _distributed_flags(p, "build")
     _feature_flags(p)
 
 

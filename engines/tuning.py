@@ -9,12 +9,13 @@ the same shapes on the same machine does no timing at all (TensorRT's --timing-c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -104,16 +105,39 @@ class TimingCache:
         return self.times[key]
 
     def save(self) -> None:
+        """Write the timings, merged with what the file holds now: builds running at the same time (`cli.py sweep
+        --workers`, one per GPU) each add theirs instead of the last writer dropping the others'. The merge is
+        under a lock file, and this cache takes the merged timings too (later builds reuse the others' work)."""
         if self.path is None or not self.timed:
             return
-        body = json.dumps(self.times, sort_keys=True).encode()
-        atomic_write_json(self.path, {"format": TIMING_CACHE_FORMAT, "checksum": sha256_bytes(body),
-                                      "times": json.loads(body)})
+        with _locked(self.path.with_name(self.path.name + ".lock")):
+            if self.path.exists():
+                self.times = {**self._read(self.path), **self.times}
+            body = json.dumps(self.times, sort_keys=True).encode()
+            atomic_write_json(self.path, {"format": TIMING_CACHE_FORMAT, "checksum": sha256_bytes(body),
+                                          "times": json.loads(body)})
 
     def summary(self) -> str:
         if not self.timed:
             return f"timing cache: all {self.reused} timings reused, nothing timed"
         return f"timing cache: {self.timed} timed, {self.reused} reused"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created when missing) for the block; no lock where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent saves may drop each other's timings (they are timed again)
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def time_ms(fn: Callable[[], object], calls: int = 1, rep: int = 50) -> float:

@@ -142,10 +142,11 @@ def settings_from_flags(flags, version_2: bool = False) -> tuple[FeatureSettings
             AnswerSettings(flags.n_best_size, flags.max_answer_length, version_2, flags.null_score_diff_threshold))
 
 
-def device_text(device: torch.device) -> str:
+def device_text(device: torch.device, machine: dict | None = None) -> str:
     """The machine a figure was measured on, in words: "cpu: Intel(R) Xeon(R) ... (16 cores, 16 torch threads),
-    torch 2.5.1" or "cuda: NVIDIA H100 80GB HBM3 (compute capability 9.0), torch 2.5.1, CUDA 12.4"."""
-    m = machine_key(device)
+    torch 2.5.1" or "cuda: NVIDIA H100 80GB HBM3 (compute capability 9.0), torch 2.5.1, CUDA 12.4". `machine`:
+    another process's `machine_key` (a Ray worker's), instead of this one's."""
+    m = machine or machine_key(device)
     if device.type == "cuda":
         return f"cuda: {m['gpu']} (compute capability {m['compute_capability']}), torch {m['torch']}, CUDA {m['cuda']}"
     return f"cpu: {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads), torch {m['torch']}"

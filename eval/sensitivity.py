@@ -397,16 +397,59 @@ class SensitivityConfig:
     trust_pickle: bool = False
     vocab_file: str | None = None               # -v: a vocab.txt instead of the model folder's tokenizer
     say: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr, flush=True))
+    report_dir: str | Path | None = None        # measured variants stored in REPORT_DIR/variants/ (None: not)
+    distributed: Any = None                     # eval.distributed.Workers (--workers/--ray); None: this process
+
+
+VARIANT_FORMAT = "bert-int8-workbench sensitivity variant"
+
+
+class _VariantStore:
+    """REPORT_DIR/variants/NAME.json: each variant measured, with a key of everything its numbers depend on (the
+    run's `base` key and the variant's policy), written atomically as it is measured. A rerun, or a distributed
+    run whose driver was killed, measures only the variants not stored under an equal key."""
+
+    def __init__(self, report_dir: str | Path, base: dict):
+        self.folder, self.base = Path(report_dir) / "variants", base
+
+    def _path(self, v: Variant) -> Path:
+        return self.folder / f"{v.name.replace(':', '_')}.json"
+
+    def _key(self, policy: PrecisionPolicy) -> dict:
+        import json
+
+        return json.loads(json.dumps({**self.base, "policy": asdict(policy)}, sort_keys=True))
+
+    def get(self, v: Variant, policy: PrecisionPolicy) -> Measurement | None:
+        path = self._path(v)
+        if not path.exists():
+            return None
+        try:
+            obj = read_json(path, "stored variant")
+            if obj.get("format") != VARIANT_FORMAT or obj.get("key") != self._key(policy):
+                return None
+            m = Measurement.from_json(obj["measurement"])
+        except (WorkbenchError, AttributeError, KeyError, TypeError):
+            return None
+        return replace(m, name=v.name, method=v.method, target=v.target, same_as=None)
+
+    def put(self, v: Variant, policy: PrecisionPolicy, m: Measurement) -> None:
+        atomic_write_json(self._path(v), {"format": VARIANT_FORMAT, "key": self._key(policy),
+                                          "measurement": m.to_json()})
 
 
 class _Evaluator:
     """Builds each variant's engine in memory and measures it (eval.measure, accuracy only) on questions featurized
     once; a policy already measured is not built again."""
 
-    def __init__(self, cfg: SensitivityConfig, loaded, calib, questions):
+    def __init__(self, cfg: SensitivityConfig, loaded, calib, questions, store: _VariantStore | None = None,
+                 remote: Any = None):
+        """`store`: variants measured earlier are taken from it, and each one measured is put there; `remote`
+        (eval.distributed.RemoteBuilds): builds run as Ray tasks instead of here."""
         from engines.engine_file import Profile
 
         self.cfg, self.loaded, self.calib, self.questions = cfg, loaded, calib, questions
+        self.store, self.remote, self.reused = store, remote, set()
         self.device = cfg.device
         self.batch = cfg.batch_size or (64 if self.device.type == "cuda" else 16)
         self.profiles = [Profile(self.batch, cfg.feature_settings.max_seq_length)]
@@ -423,17 +466,42 @@ class _Evaluator:
         return v.policy(self.loaded.config.num_layers, cfg.half, cfg.iln, cfg.imh)
 
     def measure(self, v: Variant) -> Measurement:
+        """The variant's numbers: those of its policy measured before (`same_as`), stored, or built now."""
+        policy = self.policy(v)
+        if policy in self.seen:
+            m = self.seen[policy]
+            return replace(m, name=v.name, method=v.method, target=v.target, build_s=0.0, eval_s=0.0,
+                           same_as=m.same_as or m.name)
+        m = self.remote.ready.pop(v.name, None) if self.remote is not None else None  # prefetched, stored
+        if m is None and self.store is not None and (m := self.store.get(v, policy)) is not None:
+            self.reused.add(v.name)
+        elif m is None:
+            m = self.remote.measure(v) if self.remote is not None else self._build_and_measure(v, policy)
+            if self.store is not None:
+                self.store.put(v, policy, m)
+        self.seen[policy] = m
+        return m
+
+    def prefetch(self, variants: Sequence[Variant]) -> None:
+        """With `remote`: every variant whose policy is neither measured nor stored (the first of each policy)
+        measured at once, in parallel, each stored as it arrives; `measure` then takes them."""
+        if self.remote is None:
+            return
+        todo, policies = [], set(self.seen)
+        for v in variants:
+            policy = self.policy(v)
+            if policy not in policies and (self.store is None or self.store.get(v, policy) is None):
+                policies.add(policy)
+                todo.append(v)
+        self.remote.run(todo, lambda v, m: self.store.put(v, self.policy(v), m) if self.store else None)
+
+    def _build_and_measure(self, v: Variant, policy: PrecisionPolicy) -> Measurement:
         from engines.build import build_engine
         from engines.runtime import Engine
         from eval.measure import measure, release
         from eval.runnables import engine_build
 
-        policy = self.policy(v)
         n_int8 = len(v.int8_gemms) if v.int8_gemms is not None else 0
-        if policy in self.seen:
-            m = self.seen[policy]
-            return replace(m, name=v.name, method=v.method, target=v.target, build_s=0.0, eval_s=0.0,
-                           same_as=m.same_as or m.name)
         t0 = time.perf_counter()
         header, tensors = build_engine(self.loaded, policy, self.profiles, self.calib if policy.int8 else None,
                                        self.device, None, self.timing)
@@ -444,10 +512,8 @@ class _Evaluator:
         del build, engine, tensors
         release(self.device)
         score = measured.score
-        m = Measurement(v.name, v.method, v.target, describe(policy, self.loaded.config.num_layers), n_int8,
-                        score.exact_match, score.f1, score.n, round(build_s, 3), round(measured.eval_s, 3))
-        self.seen[policy] = m
-        return m
+        return Measurement(v.name, v.method, v.target, describe(policy, self.loaded.config.num_layers), n_int8,
+                           score.exact_match, score.f1, score.n, round(build_s, 3), round(measured.eval_s, 3))
 
 
 def device_settings(device: torch.device, *, limit: str | int | None = None,
@@ -477,9 +543,9 @@ def config_from_flags(flags, feature_settings, answer_settings) -> tuple[Sensiti
     options, layers, leave_one_out, no_groups, max_f1_drop, refine, trim, report_dir, device, precision,
     batch_size, no_cache, no_progress, trust_pickle, vocab_file) as a SensitivityConfig, and the notice of what a
     CPU run does differently (None on CUDA, or when the flags said it all)."""
-    from model.runner import pick_device
+    from eval.distributed import device_and_workers
 
-    device = pick_device(flags.device)
+    device, workers = device_and_workers(flags)
     iln, imh = parse_options(flags.options)
     limit, half = device_settings(device, limit=flags.limit, precision=flags.precision)
     notice = cpu_notice(device, limit, limit_given=flags.limit is not None,
@@ -493,7 +559,7 @@ def config_from_flags(flags, feature_settings, answer_settings) -> tuple[Sensiti
         imh=flags.imh or imh, layers=flags.layers, groups=not flags.no_groups, leave_one_out=flags.leave_one_out,
         max_f1_drop=flags.max_f1_drop, refine=flags.refine, trim=flags.trim, batch_size=flags.batch_size,
         feature_cache=not flags.no_cache, progress=not flags.no_progress, trust_pickle=flags.trust_pickle,
-        vocab_file=getattr(flags, "vocab_file", None)), notice
+        vocab_file=getattr(flags, "vocab_file", None), report_dir=flags.report_dir, distributed=workers), notice
 
 
 def describe(policy: PrecisionPolicy, num_layers: int) -> str:
@@ -536,7 +602,8 @@ def _measure_all(cfg: SensitivityConfig, ev: _Evaluator, variants: Sequence[Vari
             measured[v.name] = m
             base = measured.get("baseline")
             delta = f" (ΔF1 {m.f1 - base.f1:+.2f})" if base is not None and v.method != "baseline" else ""
-            how = f"same build as {m.same_as}" if m.same_as else f"built {m.build_s:.1f} s, evaluated {m.eval_s:.1f} s"
+            how = (f"same build as {m.same_as}" if m.same_as else "finished earlier, reused" if v.name in ev.reused
+                   else f"built {m.build_s:.1f} s, evaluated {m.eval_s:.1f} s")
             line = f"  {v.name}: EM {m.exact_match:.2f} F1 {m.f1:.2f}{delta}; {how}"
             if cfg.progress:
                 bar.write(line, file=sys.stderr)
@@ -572,13 +639,14 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
     questions = Questions(squad.examples, squad.version, cfg.feature_settings, cfg.answer_settings,
                           wordpiece=wordpiece, cache=cfg.feature_cache, progress=cfg.progress)
     features, _ = questions.featurized()
-    ev = _Evaluator(cfg, loaded, calib, questions)
+    ev = _evaluator(cfg, loaded, calib, questions, squad)
     precision = "fp16" if cfg.half else "fp32"
     cfg.say(f"sensitivity: {len(variants)} builds of {loaded.source} ({num_layers} layers, layers "
             f"{_layers_text(layers)} analysed) on {cfg.device.type} in {precision}"
             f"{' with ' + ' '.join(f for f, on in (('-iln', cfg.iln), ('-imh', cfg.imh)) if on) if floor else ''}; "
             f"{len(squad.examples):,} questions ({len(features):,} features) of {squad.path}; "
             f"calibration {describe_calibration(calib)} from {cfg.calib_cache}")
+    ev.prefetch(variants)
     measured = _measure_all(cfg, ev, variants)
 
     baseline, all_int8 = measured["baseline"], measured["all-int8"]
@@ -601,6 +669,29 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
     return SensitivityResult(settings=settings, layers=layers, num_layers=num_layers, baseline=baseline,
                              all_int8=all_int8, floor=floor_m, only=only, groups=groups, leave_one_out=loo,
                              suggestion=suggestion, variants=tuple(measured.values()) + tuple(extra))
+
+
+def _evaluator(cfg: SensitivityConfig, loaded, calib, questions, squad) -> _Evaluator:
+    """The evaluator of this run: here, or with --workers/--ray its builds as Ray tasks; with a report folder,
+    the variants stored there under a key of everything their numbers depend on (the device as the workers see
+    it) are reused and each variant measured is stored."""
+    from eval.sweep import device_description
+
+    remote = None
+    if cfg.distributed is not None:
+        from eval.distributed import RemoteBuilds
+
+        remote = RemoteBuilds(cfg)
+    store = None
+    if cfg.report_dir is not None:
+        batch = cfg.batch_size or (64 if cfg.device.type == "cuda" else 16)
+        store = _VariantStore(cfg.report_dir, {
+            "workbench": __version__, "model_digest": loaded.digest, "tokenizer": questions.wordpiece.digest,
+            "calibration_key": calib.key(), "squad_digest": squad.digest, "limit": cfg.limit,
+            "questions": len(squad.examples), "features": asdict(cfg.feature_settings),
+            "answers": asdict(cfg.answer_settings), "batch": batch,
+            "device": remote.description if remote is not None else device_description(cfg.device)})
+    return _Evaluator(cfg, loaded, calib, questions, store, remote)
 
 
 def _check_calibration(loaded, calib, all_int8: PrecisionPolicy, seq_len: int) -> None:

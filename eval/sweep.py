@@ -486,6 +486,7 @@ class SweepConfig:
     say: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr, flush=True))
     on_row_done: Callable[[str], None] | None = None  # called after each row is stored (tests interrupt here)
     timing_tolerance: float | None = None  # rounds agree within it (None: eval.benchmark.STABLE_DEFAULTS)
+    distributed: Any = None          # eval.distributed.Workers: rows on Ray workers (--workers/--ray); None: here
 
 
 @dataclass(frozen=True)
@@ -496,6 +497,7 @@ class SweepResult:
     computed: tuple[str, ...]        # rows measured by this run
     skipped: tuple[str, ...]         # sparse rows that were not built
     files: dict[str, Path]           # report files written
+    failed: dict[str, str] = field(default_factory=dict)  # row -> why (distributed rows that failed twice)
 
 
 def config_from_flags(flags, feature_settings, answer_settings) -> tuple[SweepConfig, str | None]:
@@ -504,10 +506,10 @@ def config_from_flags(flags, feature_settings, answer_settings) -> tuple[SweepCo
     bench_iterations, bench_warmup, device, force, no_cache, no_progress, trust_pickle, vocab_file) as a SweepConfig,
     and the notice of what a CPU run leaves out (None on CUDA, or when the flags said it all). The --qat rows come
     after the rows --methods/--options select."""
+    from eval.distributed import device_and_workers
     from eval.report import parse_profile
-    from model.runner import pick_device
 
-    device = pick_device(flags.device)
+    device, workers = device_and_workers(flags)
     s = device_settings(device, precision=flags.precision, eval_limit=flags.eval_limit, calib_num=flags.calib_num,
                         batch_sizes=flags.batch_size, seq_lengths=flags.seq_length,
                         bench_iterations=flags.bench_iterations, bench_warmup=flags.bench_warmup,
@@ -521,7 +523,7 @@ def config_from_flags(flags, feature_settings, answer_settings) -> tuple[SweepCo
         answer_settings=answer_settings, bench_iterations=s.iterations, bench_warmup=s.warmup, seed=flags.seed,
         max_f1_drop=flags.max_f1_drop, selection_profile=parse_profile(flags.profile) if flags.profile else None,
         force=flags.force, feature_cache=not flags.no_cache, progress=not flags.no_progress,
-        trust_pickle=flags.trust_pickle, vocab_file=getattr(flags, "vocab_file", None))
+        trust_pickle=flags.trust_pickle, vocab_file=getattr(flags, "vocab_file", None), distributed=workers)
     return cfg, cpu_notice(device, s, device_given=bool(flags.device))
 
 
@@ -574,10 +576,13 @@ def row_path(report_dir: Path, name: str) -> Path:
     return report_dir / "rows" / f"{name}.json"
 
 
-def store_row(path: Path, key: dict, result: BuildResult, seconds: float, timing: dict | None = None) -> None:
+def store_row(path: Path, key: dict, result: BuildResult, seconds: float, timing: dict | None = None,
+              timed_on: dict | None = None) -> None:
+    """`timed_on`: the worker that timed it (eval.distributed: its host, GPU index and uuid), when distributed."""
     atomic_write_json(path, {"format": ROW_FORMAT, "format_version": ROW_FORMAT_VERSION, "key": key,
                              "timing_key": timing, "result": result.to_json(), "seconds": round(seconds, 3),
-                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             **({"timed_on": timed_on} if timed_on is not None else {})})
 
 
 def _changed(new: dict, old: Any) -> list[str]:
@@ -945,6 +950,10 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
 
 
 def _sweep(cfg: SweepConfig) -> SweepResult:
+    if cfg.distributed is not None:  # --workers/--ray: the rows as Ray tasks (Ray is imported only there)
+        from eval.distributed import distributed_sweep
+
+        return distributed_sweep(cfg)
     inp = _load_inputs(cfg)
     report_dir, rows, baseline, n = Path(cfg.report_dir), inp.rows, inp.baseline, len(inp.rows)
     cfg.say(f"sweep: {n} builds of {inp.loaded.source} on {cfg.device.type}; evaluating on "
@@ -963,11 +972,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
     for i, row in enumerate(rows, 1):
         rinp = _row_inputs(cfg, inp, row)  # a QAT row's own model, dropped after the row
         policy, ckey = row.policy(cfg.half), calibrations.key(row)
-        key = row_key(model_digest=rinp.loaded.digest, calibration_key=ckey, policy=policy, profiles=cfg.profiles,
-                      eval_digest=inp.eval_squad.digest, eval_limit=cfg.eval_limit,
-                      n_questions=len(inp.questions.examples), feature_settings=cfg.feature_settings,
-                      answer_settings=inp.questions.answer_settings, device=dev_desc,
-                      tokenizer_digest=inp.wordpiece.digest)
+        key = _row_key_for(cfg, inp, rinp, policy, ckey, dev_desc)
         stored_at = row_path(report_dir, row.name)
         result, why, retime = (None, None, None) if cfg.force else stored_row(stored_at, key, tkey)
         measured_now = result is None or retime is not None
@@ -1010,9 +1015,19 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
     return _finish(cfg, inp, results, reused, computed, t_sweep, check, retimed=len(timed_now & set(reused)))
 
 
+def _row_key_for(cfg: SweepConfig, inp: _Inputs, rinp: _Inputs, policy, ckey: str | None, device: dict) -> dict:
+    """The row's `row_key` from the sweep's inputs and `rinp` (its own: a QAT row's folder), on `device`."""
+    return row_key(model_digest=rinp.loaded.digest, calibration_key=ckey, policy=policy, profiles=cfg.profiles,
+                   eval_digest=inp.eval_squad.digest, eval_limit=cfg.eval_limit,
+                   n_questions=len(inp.questions.examples), feature_settings=cfg.feature_settings,
+                   answer_settings=inp.questions.answer_settings, device=device, tokenizer_digest=inp.wordpiece.digest)
+
+
 def _finish(cfg: SweepConfig, inp: _Inputs, results: list[BuildResult], reused: list[str], computed: list[str],
-            t_sweep: float, check: str | None = None, retimed: int = 0) -> SweepResult:
-    """The report of every row (rows stored for builds not in this grid are named, and left out)."""
+            t_sweep: float, check: str | None = None, retimed: int = 0, failed: dict[str, str] | None = None,
+            more: dict[str, str] | None = None) -> SweepResult:
+    """The report of every row (rows stored for builds not in this grid are named, and left out); `failed` rows
+    (distributed, failed twice) are listed in the report's provenance, `more` added to it."""
     report_dir = Path(cfg.report_dir)
     extra = sorted(p.stem for p in (report_dir / "rows").glob("*.json") if p.stem not in {r.name for r in inp.rows})
     if extra:
@@ -1025,19 +1040,25 @@ def _finish(cfg: SweepConfig, inp: _Inputs, results: list[BuildResult], reused: 
     meta["timing"] = timing_policy(cfg.device, cfg.bench_iterations, cfg.bench_warmup, cfg.timing_tolerance)
     if check:
         meta["timing check"] = check.removeprefix("timing check: ")
+    meta.update(more or {})
+    if failed:
+        meta["failed rows"] = "; ".join(f"{name} ({why})" for name, why in failed.items()) + " (rerun to retry)"
     report = build_report(results, cfg.max_f1_drop, cfg.selection_profile, meta)
     files = write_report_dir(report, report_dir)
     cfg.say(f"sweep done in {time.perf_counter() - t_sweep:.1f} s: {len(computed)} rows measured, {len(reused)} "
             f"reused{f' ({retimed} of them timed again)' if retimed else ''}; wrote "
             f"{', '.join(str(p) for p in files.values())}")
-    return SweepResult(report, tuple(results), tuple(reused), tuple(computed), tuple(inp.skipped), files)
+    return SweepResult(report, tuple(results), tuple(reused), tuple(computed), tuple(inp.skipped), files,
+                       dict(failed or {}))
 
 
 def final_lines(result: SweepResult, report_dir: str | Path) -> str:
     """The table, the rule and verdict, and the build to ship with its engine file."""
     chosen = result.report.chosen
     engine = Path(report_dir) / "engines" / f"{chosen.name}.engine"
-    return (render_text(result.report) +
+    failed = "".join(f"FAILED: {name}: {why} (not in the table; rerun to retry)\n"
+                     for name, why in result.failed.items())
+    return (render_text(result.report) + failed +
             f"build to ship: {chosen.name} ({chosen.options}; calibration {chosen.calibration}): {engine}\n")
 
 

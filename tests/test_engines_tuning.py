@@ -66,6 +66,19 @@ def test_damaged_timing_cache_is_said_and_started_afresh(tmp_path, caplog, damag
     assert fresh.times == {} and "damaged or was modified" in caplog.text
 
 
+def test_builds_saving_at_the_same_time_keep_each_others_timings(tmp_path):
+    """`sweep --workers`: two builds open the cache, each times its own problem and saves; neither save drops the
+    other's timing, and the later one's cache takes the earlier one's too."""
+    path = tmp_path / "t.json"
+    a, b = TimingCache(path), TimingCache(path)
+    a.get(PROBLEM.key(LIBRARY, "g"), lambda: 0.5)
+    b.get(PROBLEM.key("triton", "g"), lambda: 0.25)
+    a.save()
+    b.save()
+    assert TimingCache(path).times == {PROBLEM.key(LIBRARY, "g"): 0.5, PROBLEM.key("triton", "g"): 0.25}
+    assert b.times == TimingCache(path).times
+
+
 def test_nothing_timed_writes_nothing(tmp_path):
     cache = TimingCache(tmp_path / "t.json")
     cache.save()

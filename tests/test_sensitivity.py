@@ -368,6 +368,27 @@ def test_run_writes_table_heatmaps_and_json(tiny, tmp_path):
     assert len(load_result(files["json"]).matrix()) == 1
 
 
+def test_variants_are_stored_and_a_rerun_reuses_them(tiny, tmp_path):
+    """With a report folder each variant measured is stored (REPORT_DIR/variants/) under a key of its inputs: a rerun
+    builds nothing it has, and other inputs (fewer questions) measure again."""
+    lines: list[str] = []
+
+    def run(**over):
+        lines.clear()
+        return run_sensitivity(tiny_config(tiny, **{**dict(layers="1", groups=False, limit=4, trim=0,
+                                                           report_dir=tmp_path, say=lines.append), **over}))
+
+    first = run()
+    stored = sorted(p.name for p in (tmp_path / "variants").iterdir())
+    assert "baseline.json" in stored and "only_layer1.fc2.json" in stored and len(stored) >= 6
+    assert not any("finished earlier" in line for line in lines)
+    again = run()
+    assert [(m.name, m.f1, m.same_as) for m in again.variants] == [(m.name, m.f1, m.same_as) for m in first.variants]
+    assert sum("finished earlier, reused" in line for line in lines) == 6
+    run(limit=3)
+    assert not any("finished earlier" in line for line in lines)
+
+
 def test_iln_measures_the_floor(tiny):
     result = run_sensitivity(tiny_config(tiny, iln=True, groups=False, limit=4, max_f1_drop=100.0))
     assert result.floor is not None and result.floor.options == "--int8 -iln (0 of 8 GEMMs INT8)"
