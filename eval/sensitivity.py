@@ -41,10 +41,12 @@ is the all-quantized build's name; its method, and the JSON's `all_int8`, stay).
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
@@ -451,8 +453,9 @@ class _Evaluator:
             return replace(m, name=v.name, method=v.method, target=v.target, build_s=0.0, eval_s=0.0,
                            same_as=m.same_as or m.name)
         t0 = time.perf_counter()
-        header, tensors = build_engine(self.loaded, policy, self.profiles, self.calib if policy.quantized else None,
-                                       self.device, None, self.timing)
+        with _grid_warning_said():
+            header, tensors = build_engine(self.loaded, policy, self.profiles,
+                                           self.calib if policy.quantized else None, self.device, None, self.timing)
         engine = Engine(header, tensors, self.device).eval()
         build_s = time.perf_counter() - t0
         build = engine_build(engine, v.name, batch=self.batch, build_s=build_s)
@@ -464,6 +467,18 @@ class _Evaluator:
                         score.exact_match, score.f1, score.n, round(build_s, 3), round(measured.eval_s, 3))
         self.seen[policy] = m
         return m
+
+
+@contextmanager
+def _grid_warning_said():
+    """calib.spec warns when the cache picked its ranges for the other format's grid (an mse cache under --fp8):
+    said once before the builds (_check_calibration), not again by each of the analysis' builds."""
+    logger = logging.getLogger("calib.spec")
+    before, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = before
 
 
 def device_settings(device: torch.device, *, limit: str | int | None = None,

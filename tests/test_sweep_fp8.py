@@ -262,6 +262,25 @@ def test_sensitivity_fp8_quantizes_one_gemm_at_a_time_in_fp8(tiny_files, max_cac
     assert result.suggestion.command is None or " --fp8 " in result.suggestion.command
 
 
+def test_sensitivity_fp8_from_an_int8_grid_cache_warns_once(tiny_files, max_cache, tmp_path, caplog):
+    """The grid warning comes once, before the builds, not once per variant."""
+    from dataclasses import replace
+
+    from eval.sensitivity import run_sensitivity
+    from tests.test_sensitivity import tiny_config as sensitivity_config
+
+    mse = tmp_path / "mse.json"
+    save_cache(replace(load_cache(max_cache), method="mse"), mse)
+    tiny = {"model": tiny_files["model"], "calib": mse, "dev": tiny_files["dev"]}
+    with caplog.at_level(logging.WARNING, logger="calib.spec"):
+        result = run_sensitivity(sensitivity_config(tiny, fp8=True, layers="0", groups=False, limit=2, trim=0,
+                                                    refine=0))
+    assert len(result.variants) >= 6
+    assert [r.getMessage() for r in caplog.records].count(
+        "the calibration cache was calibrated with mse, which picks ranges for INT8's uniform grid: for --fp8 prefer "
+        "a max, percentile or mse-fp8 cache") == 1 and len(caplog.records) == 1
+
+
 def test_sensitivity_fp8_refuses_int8_options(tiny_files, max_cache, tmp_path, capsys):
     assert_one_line_error_in_process(capsys, "sensitivity", "--fp8", "-iln", "--model", tiny_files["model"],
                                      "--calib-cache", max_cache, "--device", "cpu", "--report-dir", tmp_path / "r",
