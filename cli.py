@@ -184,7 +184,7 @@ def _eval_parser(p) -> None:
 
 def _sweep_parser(p) -> None:
     from eval.sweep import DEFAULT_CALIB_SQUAD as CALIB, DEFAULT_EVAL_SQUAD as DEV, DEFAULT_MODEL, DEFAULT_REPORT_DIR
-    from eval.sweep import METHODS, OPTION_SETS, shown
+    from eval.sweep import METHOD_TAGS, METHODS, OPTION_SETS, shown
 
     a = p.add_argument
     _model_flags(p, default=str(DEFAULT_MODEL), vocab=True)
@@ -192,12 +192,13 @@ def _sweep_parser(p) -> None:
     a("--eval-squad", default=str(DEV), metavar="FILE", help=f"evaluate on it (default {shown(DEV)}: SQuAD v1.1 dev)")
     a("--grid", default="default", metavar="default|FILE",
       help="the builds: the default grid, or a JSON file listing rows (see eval/sweep.py load_grid)")
-    a("--methods", nargs="+", choices=[*METHODS, "percentile", "qat"], metavar="METHOD",
-      help=f"only INT8 rows calibrated by these ({', '.join(METHODS)}; percentile = both; qat: a grid's QAT rows)")
+    a("--methods", nargs="+", choices=METHOD_TAGS, metavar="METHOD",
+      help=f"only INT8 and FP8 rows calibrated by these ({', '.join(METHODS)}; percentile = both; mse = INT8's and "
+      "FP8's, mse-fp8 = FP8's alone; qat: a grid's QAT rows)")
     a("--qat", nargs="+", metavar="DIR", help="add an INT8 row per `cli.py qat` folder: its weights and learned "
       "scales, built with the flags it was trained for (int8-qat[-iln|-imh|-iln-imh]), no calibration")
     a("--options", nargs="+", choices=list(OPTION_SETS), metavar="OPTIONS",
-      help=f"only INT8 rows with these option sets ({', '.join(OPTION_SETS)})")
+      help=f"only INT8 rows with these option sets ({', '.join(OPTION_SETS)}; FP8 rows are plain)")
     _profile_flags(p, f"profile batch size; {PAIRS} (default: 1x128 and 64x384 on CUDA, 1x384 on the CPU)",
                    "profile sequence length (default --max-seq-length when only -b is given)")
     a("--calib-num", type=int, metavar="N", help="calibration questions (default 100 on CUDA, 20 on the CPU)")
@@ -222,6 +223,8 @@ def _sensitivity_parser(p) -> None:
     a("--limit", metavar="N|all", help="evaluate the first N questions (default 50 on the CPU, all on CUDA)")
     a("-iln", "--int8-layernorm", dest="iln", action="store_true", help="analyse -iln builds (in every variant)")
     a("-imh", "--int8-mha", dest="imh", action="store_true", help="analyse -imh builds (in every variant)")
+    a("--fp8", action="store_true", help="analyse FP8 E4M3 builds: one GEMM at a time in FP8 instead of INT8 "
+      "(no -iln/-imh: INT8-only)")
     a("--options", nargs="+", metavar="OPTIONS", help="as `cli.py sweep`'s: plain, iln, imh, iln-imh (or -iln)")
     a("--layers", metavar="LIST", help="analyse these layers: 0,3,5 or 0-2 (default all); the others stay INT8")
     a("--leave-one-out", action="store_true", help="also all INT8 but one GEMM, each: the F1 it recovers")
@@ -245,8 +248,9 @@ def _calibrate_parser(p) -> None:
     a("--calib-num", type=int, default=100, metavar="N", help="SQuAD questions (default 100; all when fewer), drawn "
       "without replacement by numpy default_rng(SEED).choice, kept in file order")
     a("--seed", type=int, default=0, help="seed of the question draw (default 0)")
-    a("--method", choices=("entropy", "percentile", "mse", "max"), default="entropy",
-      help="how a range is picked from the activations (default entropy, TensorRT's EntropyCalibrator2)")
+    a("--method", choices=("entropy", "percentile", "mse", "mse-fp8", "max"), default="entropy",
+      help="how a range is picked from the activations (default entropy, TensorRT's EntropyCalibrator2; mse-fp8: "
+      "least squared error on FP8 E4M3's grid, for --fp8 builds)")
     a("--percentile", type=float, metavar="P", help="--method percentile: the |x| percentile kept (default 99.99)")
     a("--smooth", type=float, metavar="ALPHA", nargs="?", const=0.8, help="SmoothQuant-style: the outlier channels of "
       "the QKV, FC1 and FC2 inputs move into the weights, migration strength ALPHA in [0, 1] (alone: 0.8); "
@@ -298,7 +302,7 @@ def _precision_flags(p) -> None:
     a("--fp16", action="store_true", help="run what is not INT8 in FP16 (default FP32)")
     a("--int8", action="store_true", help="INT8 GEMMs: per-channel weight scales, activation scales from --calib-cache")
     a("--fp8", action="store_true", help="FP8 E4M3 GEMMs instead (compute capability 8.9+ or the CPU): scales amax/448 "
-      "from the same --calib-cache (max, percentile or mse)")
+      "from the same --calib-cache (max, percentile or mse-fp8)")
     a("--strict", action="store_true", help="no fallback to higher precision (ours never falls back: only recorded)")
     a("-iln", "--int8-layernorm", dest="iln", action="store_true", help="INT8 skip-LayerNorm outputs (INT8 residual)")
     a("-imh", "--int8-mha", dest="imh", action="store_true", help="INT8 attention (Q, K, V, probabilities, context)")

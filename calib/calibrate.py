@@ -339,10 +339,12 @@ def calibrate_from_flags(flags, say=print) -> str:
     method, percentile (None: not given), smooth, output, trt_cache, force, eval_squad, max_seq_length,
     doc_stride, max_query_length, no_progress) checked, the cache made or reused, the TensorRT cache written;
     `say` gets what was reused and written, the returned text is the summary table."""
-    from calib.trt_cache import write_trt_cache
+    from calib.trt_cache import check_int8_method, write_trt_cache
     from data.squad import load_squad
     from model.runner import pick_device
 
+    if flags.trt_cache:
+        check_int8_method(flags.method)  # before the slow work
     for bad, why in ((flags.calib_num < 1, f"--calib-num must be at least 1, got {flags.calib_num}"),
                      (flags.batch_size is not None and flags.batch_size < 1,
                       f"--batch-size must be at least 1, got {flags.batch_size}"),

@@ -9,6 +9,7 @@ import logging
 import torch
 
 from calib.cache import CalibrationCache
+from calib.calibrators import GRIDS
 from common.errors import WorkbenchError
 from model.config import BertConfig
 from quant.policy import PrecisionPolicy
@@ -29,12 +30,26 @@ def spec_from_cache(calib: CalibrationCache, policy: PrecisionPolicy, config: Be
     if missing:
         raise WorkbenchError(f"{where} has no range for {missing[0]} ({len(missing)} sites missing): recalibrate "
                              "with this workbench")
-    if policy.fp8 and calib.method == "entropy":
-        log.warning("%s was calibrated with entropy, whose threshold rule is INT8's uniform grid: for --fp8 "
-                    "prefer a max, percentile or mse cache", where)
+    grid_warning(calib.method, policy, where)
     smooth = {site: torch.tensor(r.smooth, dtype=torch.float32) for site, r in calib.ranges.items()
               if r.smooth is not None}
     check_vectors(smooth, config.num_layers, config.hidden_size, config.intermediate_size, where)
     source = ScaleSource("calibration", calib.method, calib.settings.get("smooth_alpha"))
     spec = policy.spec(config.num_layers, {s: r.amax for s, r in calib.ranges.items()}, source, set(smooth))
     return spec, {s: v for s, v in smooth.items() if s in spec.sites}
+
+
+# By format: its grid in words, and the caches whose method picks ranges for it.
+_GRID_WORDS = {"int8": ("INT8's uniform grid", "an entropy, percentile, mse or max cache"),
+               "fp8_e4m3": ("FP8 E4M3's grid", "a max, percentile or mse-fp8 cache")}
+
+
+def grid_warning(method: str, policy: PrecisionPolicy, where: str = "the calibration cache") -> None:
+    """One warning when the cache's method picked its ranges for another grid than the build's format (entropy and
+    mse for INT8's uniform grid, mse-fp8 for FP8 E4M3's): the build works, its ranges are just not the ones a
+    method for this format would choose."""
+    grid, fmt = GRIDS.get(method), policy.format
+    if grid is None or fmt is None or grid is fmt:
+        return
+    log.warning("%s was calibrated with %s, which picks ranges for %s: for %s prefer %s", where, method,
+                _GRID_WORDS[grid.name][0], "--fp8" if policy.fp8 else "--int8", _GRID_WORDS[fmt.name][1])

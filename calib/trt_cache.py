@@ -57,8 +57,7 @@ def to_trt_cache_text(
 ) -> str:
     """`ranges` maps tensor name -> amax; lines come out in name order so identical ranges give identical files."""
     if algorithm is None:
-        if method not in HEADERS:
-            raise WorkbenchError(f"unknown calibration method {method!r}; choose one of {', '.join(HEADERS)}")
+        check_int8_method(method)
         algorithm = HEADERS[method]
     if algorithm not in ALGORITHMS:
         choices = ", ".join(ALGORITHMS)
@@ -71,6 +70,17 @@ def to_trt_cache_text(
             raise WorkbenchError(f"tensor name {name!r} cannot be written to a TensorRT calibration cache")
         lines.append(f"{name}: {scale_to_hex(_amax(ranges[name]) / QMAX)}")
     return "\n".join(lines) + "\n"
+
+
+def check_int8_method(method: str) -> None:
+    """TensorRT's calibration cache holds INT8 scales: a method that picks ranges for another grid (mse-fp8) is
+    refused in one line, as is an unknown one."""
+    if method in HEADERS:
+        return
+    if method == "mse-fp8":
+        raise WorkbenchError("a TensorRT calibration cache holds INT8 scales, and mse-fp8 picks ranges for FP8 "
+                             "E4M3's grid: calibrate with entropy, percentile, mse or max for TensorRT")
+    raise WorkbenchError(f"unknown calibration method {method!r}; choose one of {', '.join(HEADERS)}")
 
 
 def parse_trt_cache_text(text: str) -> tuple[str, dict[str, float]]:

@@ -81,17 +81,25 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
 def check_fp8_device(policy: PrecisionPolicy, device: torch.device) -> None:
     """Refuse, in one line, an --fp8 build for a CUDA GPU without FP8 tensor cores (compute capability < 8.9);
     the CPU runs FP8 engines on the reference path."""
-    if not policy.fp8 or device.type != "cuda":
-        return
+    why = fp8_unsupported(device) if policy.fp8 else None
+    if why:
+        raise WorkbenchError(f"--fp8 needs {why}: build --int8, or --fp8 with --device cpu")
+
+
+def fp8_unsupported(device: torch.device) -> str | None:
+    """What `device` lacks to run FP8 builds, in words (None: it runs them; the CPU on the reference path). The
+    sweep skips FP8 rows with it, as a build refuses them."""
+    if device.type != "cuda":
+        return None
     from plugins.fp8_linear import MIN_CAPABILITY
 
     gpu = this_gpu(device)
     if gpu is None:
-        return  # no CUDA here: the build fails where it first touches the device, as any CUDA build does
+        return None  # no CUDA here: the build fails where it first touches the device, as any CUDA build does
     name, capability = gpu
     if tuple(int(p) for p in capability.split(".")) < MIN_CAPABILITY:
-        raise WorkbenchError(f"--fp8 needs FP8 tensor cores (compute capability 8.9 or later: Ada, Hopper); "
-                             f"{name} is {capability}: build --int8, or --fp8 with --device cpu")
+        return f"FP8 tensor cores (compute capability 8.9 or later: Ada, Hopper); {name} is {capability}"
+    return None
 
 
 def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.device,

@@ -142,7 +142,7 @@ COMPARING_HELP = (
     "noise of it being a tie that the higher F1 wins. Builds of another model than the baseline's are named.")
 BASELINE_HELP = (
     "what the others are compared with. fp16: --model evaluated in FP16 (--precision must be fp16 or unset), or "
-    "without --model the one engine built with --fp16 and without --int8; model: --model at its --precision; "
+    "without --model the one engine built with --fp16 and without --int8 or --fp8; model: --model at its --precision; "
     "ENGINE: one of the engine files given. Default: model when --model is given (FP16 on CUDA), else fp16")
 
 
@@ -215,12 +215,13 @@ class ComparisonPlan:
         if self.choice in ("fp16", "model") and self.has_model:
             return 0
         if self.choice == "fp16":
-            fp16 = [i for i in engines if builds[i].engine.policy.fp16 and not builds[i].engine.policy.int8]
+            fp16 = [i for i in engines if builds[i].engine.policy.fp16 and not builds[i].engine.policy.quantized]
             if not fp16:
                 raise WorkbenchError("no FP16 baseline: give --model DIR (evaluated in FP16 as the baseline), an "
-                                     "engine built with --fp16 and without --int8, or --baseline ENGINE")
+                                     "engine built with --fp16 and without --int8 or --fp8, or --baseline ENGINE")
             if len(fp16) > 1:
-                raise WorkbenchError(f"several FP16 engines without INT8 ({', '.join(self.names[i] for i in fp16)}): "
+                raise WorkbenchError(f"several FP16 engines without INT8 or FP8 "
+                                     f"({', '.join(self.names[i] for i in fp16)}): "
                                      "pick the baseline with --baseline ENGINE")
             return fp16[0]
         wanted = Path(self.choice)

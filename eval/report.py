@@ -407,7 +407,7 @@ class Report:
         if inside:
             return f"{head} (the baseline; {len(inside)} other build(s) within budget, none faster)"
         best = max(others, key=lambda r: (r.f1, r.name))
-        return (f"{head} (the baseline: no INT8 build is within the budget; "
+        return (f"{head} (the baseline: no INT8 or FP8 build is within the budget; "
                 f"closest {best.name} at ΔF1 {delta_f1(best, base):+.2f})")
 
 

@@ -33,13 +33,20 @@ back with `load_result`), sensitivity.png (the heat-map of single-GEMM ΔF1, lay
 One sign convention in everything a person reads (stdout, stderr, sensitivity.md, the heat-maps): ΔF1, a build's
 F1 minus its reference's, negative = worse. Internally (and in sensitivity.json, whose keys say so:
 `only_f1_drop`, `group_f1_drop`, `matrix_f1_drop`) a GEMM's cost is its drop, baseline F1 minus its F1.
+
+With --fp8 the same analysis runs on FP8 builds: every variant quantizes its GEMMs in FP8 E4M3 instead of INT8
+(`cli.py build --fp8`, scales from the same cache; -iln/-imh are INT8-only), the text says FP8, the suggestion's
+command builds --fp8, and the variant names and JSON keys keep "int8" as the name of the quantized role (all-fp8
+is the all-quantized build's name; its method, and the JSON's `all_int8`, stay).
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
@@ -80,7 +87,8 @@ DESCRIPTION = (
     "(the sum of the single-GEMM drops left in INT8) fits --max-f1-drop, then builds and evaluates it and reports "
     "its measured F1 and the `cli.py build --keep-fp16 ...` command that reproduces it. On the CPU it evaluates "
     "50 questions and runs the rest in FP32 unless told (it says so); on CUDA all questions in FP16. Writes "
-    "sensitivity.md, sensitivity.json, sensitivity.png (and leave-one-out.png) to --report-dir.")
+    "sensitivity.md, sensitivity.json, sensitivity.png (and leave-one-out.png) to --report-dir. --fp8: the same "
+    "analysis of FP8 E4M3 builds (one GEMM at a time in FP8 instead of INT8; a max, percentile or mse-fp8 cache).")
 EXAMPLES = """examples:
   python cli.py calibrate --squad assets/squad/train-v1.1-calib-first-paragraphs.json.gz \\
       --model assets/minilm-l6-h384-squad11 -o calib.json
@@ -88,6 +96,7 @@ EXAMPLES = """examples:
   python cli.py sensitivity --model DIR --calib-cache calib.json --squad dev.json --max-f1-drop 0.5 \\
       --report-dir sens/                                      # the table, sensitivity.png, sensitivity.json
   python cli.py sensitivity --calib-cache calib.json -iln --leave-one-out   # also all-but-one builds
+  python cli.py sensitivity --calib-cache calib-mse-fp8.json --fp8         # which GEMMs cost F1 in FP8
   python cli.py sensitivity --calib-cache calib.json --device cpu --limit 20 --layers 0,5
   python cli.py sensitivity -c DIR -v vocab.txt --calib-cache calib.json   # TensorRT demo spellings"""
 
@@ -156,7 +165,8 @@ def _gemm_order(name: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Variant:
-    """One build of the analysis: `int8_gemms` are the GEMMs it quantizes (None: the baseline, no INT8)."""
+    """One build of the analysis: `int8_gemms` are the GEMMs it quantizes, in INT8 or with `fp8` in FP8 E4M3
+    (None: the baseline, nothing quantized)."""
 
     name: str
     method: str                          # baseline, all-int8, options-only, only, group, leave-one-out, suggested,
@@ -164,20 +174,22 @@ class Variant:
     target: str | None                   # the GEMM (or group: "layer3", "fc2") the variant is about
     int8_gemms: tuple[str, ...] | None
 
-    def policy(self, num_layers: int, half: bool, iln: bool, imh: bool) -> PrecisionPolicy:
+    def policy(self, num_layers: int, half: bool, iln: bool, imh: bool, fp8: bool = False) -> PrecisionPolicy:
         if self.int8_gemms is None:
             return PrecisionPolicy(fp16=half)
         quantized = set(self.int8_gemms)
         keep = tuple(g for g in all_gemms(num_layers) if g not in quantized)
-        return PrecisionPolicy(int8=True, fp16=half, iln=iln, imh=imh, fp16_gemms=keep)
+        return PrecisionPolicy(int8=not fp8, fp8=fp8, fp16=half, iln=iln, imh=imh, fp16_gemms=keep)
 
 
 def plan_variants(num_layers: int, layers: Sequence[int] | None = None, *, floor: bool = False,
-                  groups: bool = True, leave_one_out: bool = False) -> list[Variant]:
-    """Every build of the analysis, in evaluation order: baseline, all-INT8, then the rest."""
+                  groups: bool = True, leave_one_out: bool = False, fp8: bool = False) -> list[Variant]:
+    """Every build of the analysis, in evaluation order: baseline, all-INT8 (named all-fp8 with `fp8`; its method,
+    the variant's role, stays all-int8), then the rest."""
     layers = tuple(range(num_layers)) if layers is None else tuple(layers)
     everything = all_gemms(num_layers)
-    out = [Variant("baseline", "baseline", None, None), Variant("all-int8", "all-int8", None, everything)]
+    out = [Variant("baseline", "baseline", None, None),
+           Variant("all-fp8" if fp8 else "all-int8", "all-int8", None, everything)]
     if floor:
         out.append(Variant("options-only", "options-only", None, ()))
     out += [Variant(f"only:{g}", "only", g, (g,)) for g in (gemm_name(i, k) for i in layers for k in GEMMS)]
@@ -283,6 +295,11 @@ class SensitivityResult:
     variants: tuple[Measurement, ...]
 
     @property
+    def quantized_as(self) -> str:
+        """INT8, or FP8 for an --fp8 analysis (older results: INT8)."""
+        return format_word(bool(self.settings.get("fp8")))
+
+    @property
     def all_int8_drop(self) -> float:
         return self.baseline.f1 - self.all_int8.f1
 
@@ -385,6 +402,7 @@ class SensitivityConfig:
     answer_settings: Any                        # data.answers.AnswerSettings
     iln: bool = False
     imh: bool = False
+    fp8: bool = False                           # --fp8: the GEMMs quantized in FP8 E4M3 instead of INT8
     layers: str | None = None                   # --layers text (None: all)
     groups: bool = True                         # per-layer and per-kind group variants
     leave_one_out: bool = False
@@ -463,7 +481,7 @@ class _Evaluator:
 
     def policy(self, v: Variant) -> PrecisionPolicy:
         cfg = self.cfg
-        return v.policy(self.loaded.config.num_layers, cfg.half, cfg.iln, cfg.imh)
+        return v.policy(self.loaded.config.num_layers, cfg.half, cfg.iln, cfg.imh, cfg.fp8)
 
     def measure(self, v: Variant) -> Measurement:
         """The variant's numbers: those of its policy measured before (`same_as`), stored, or built now."""
@@ -503,8 +521,9 @@ class _Evaluator:
 
         n_int8 = len(v.int8_gemms) if v.int8_gemms is not None else 0
         t0 = time.perf_counter()
-        header, tensors = build_engine(self.loaded, policy, self.profiles, self.calib if policy.int8 else None,
-                                       self.device, None, self.timing)
+        with _grid_warning_said():
+            header, tensors = build_engine(self.loaded, policy, self.profiles,
+                                           self.calib if policy.quantized else None, self.device, None, self.timing)
         engine = Engine(header, tensors, self.device).eval()
         build_s = time.perf_counter() - t0
         build = engine_build(engine, v.name, batch=self.batch, build_s=build_s)
@@ -514,6 +533,18 @@ class _Evaluator:
         score = measured.score
         return Measurement(v.name, v.method, v.target, describe(policy, self.loaded.config.num_layers), n_int8,
                            score.exact_match, score.f1, score.n, round(build_s, 3), round(measured.eval_s, 3))
+
+
+@contextmanager
+def _grid_warning_said():
+    """calib.spec warns when the cache picked its ranges for the other format's grid (an mse cache under --fp8):
+    said once before the builds (_check_calibration), not again by each of the analysis' builds."""
+    logger = logging.getLogger("calib.spec")
+    before, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = before
 
 
 def device_settings(device: torch.device, *, limit: str | int | None = None,
@@ -527,48 +558,56 @@ def device_settings(device: torch.device, *, limit: str | int | None = None,
 
 
 def cpu_notice(device: torch.device, limit: int | None, *, limit_given: bool, precision_given: bool,
-               device_given: bool = False) -> str | None:
+               device_given: bool = False, fp8: bool = False) -> str | None:
     """On the CPU, what the analysis does that a GPU run would not (for what the flags left to the defaults)."""
     if device.type != "cpu" or (limit_given and precision_given):
         return None
     said = [f"the first {limit} questions (--limit; CUDA's default is all of them)" if not limit_given else None,
-            "FP32 for what is not INT8 (--precision; FP16 on CUDA)" if not precision_given else None]
+            f"FP32 for what is not {format_word(fp8)} (--precision; FP16 on CUDA)" if not precision_given else None]
     coarse = (" F1 differences on so few questions are coarse: read the ranking, not the decimals."
               if limit is not None and limit <= 500 else "")
     return f"on the CPU{'' if device_given else ' (no CUDA GPU)'}: {'; '.join(s for s in said if s)}.{coarse}"
 
 
 def config_from_flags(flags, feature_settings, answer_settings) -> tuple[SensitivityConfig, str | None]:
-    """`cli.py sensitivity`'s parsed flags (an argparse.Namespace: model, calib_cache, squad, limit, iln, imh,
+    """`cli.py sensitivity`'s parsed flags (an argparse.Namespace: model, calib_cache, squad, limit, iln, imh, fp8,
     options, layers, leave_one_out, no_groups, max_f1_drop, refine, trim, report_dir, device, precision,
     batch_size, no_cache, no_progress, trust_pickle, vocab_file) as a SensitivityConfig, and the notice of what a
     CPU run does differently (None on CUDA, or when the flags said it all)."""
     from eval.distributed import device_and_workers
 
-    device, workers = device_and_workers(flags)
     iln, imh = parse_options(flags.options)
+    iln, imh, fp8 = flags.iln or iln, flags.imh or imh, bool(getattr(flags, "fp8", False))
+    if fp8 and (iln or imh):
+        raise WorkbenchError("-iln and -imh are INT8-only: drop them with --fp8, or analyse INT8 builds")
+    device, workers = device_and_workers(flags)
     limit, half = device_settings(device, limit=flags.limit, precision=flags.precision)
     notice = cpu_notice(device, limit, limit_given=flags.limit is not None,
-                        precision_given=flags.precision is not None, device_given=bool(flags.device))
+                        precision_given=flags.precision is not None, device_given=bool(flags.device), fp8=fp8)
     report_dir = Path(flags.report_dir)
     if report_dir.exists() and not report_dir.is_dir():
         raise WorkbenchError(f"{report_dir}: --report-dir is a file, expected a directory")
     return SensitivityConfig(
         model=flags.model, calib_cache=flags.calib_cache, squad=flags.squad, device=device, half=half, limit=limit,
-        feature_settings=feature_settings, answer_settings=answer_settings, iln=flags.iln or iln,
-        imh=flags.imh or imh, layers=flags.layers, groups=not flags.no_groups, leave_one_out=flags.leave_one_out,
+        feature_settings=feature_settings, answer_settings=answer_settings, iln=iln, imh=imh, fp8=fp8,
+        layers=flags.layers, groups=not flags.no_groups, leave_one_out=flags.leave_one_out,
         max_f1_drop=flags.max_f1_drop, refine=flags.refine, trim=flags.trim, batch_size=flags.batch_size,
         feature_cache=not flags.no_cache, progress=not flags.no_progress, trust_pickle=flags.trust_pickle,
         vocab_file=getattr(flags, "vocab_file", None), report_dir=flags.report_dir, distributed=workers), notice
 
 
 def describe(policy: PrecisionPolicy, num_layers: int) -> str:
-    """The policy's build flags, the --keep-fp16 list shortened to a count of INT8 GEMMs."""
+    """The policy's build flags, the --keep-fp16 list shortened to a count of INT8 (or FP8) GEMMs."""
     words = replace(policy, fp16_gemms=()).describe()
-    if policy.int8 and policy.fp16_gemms:
+    if policy.quantized and policy.fp16_gemms:
         n = sum(policy.quantizes_gemm(i, k) for i in range(num_layers) for k in GEMMS)
-        words += f" ({n} of {num_layers * len(GEMMS)} GEMMs INT8)"
+        words += f" ({n} of {num_layers * len(GEMMS)} GEMMs {format_word(policy.fp8)})"
     return words
+
+
+def format_word(fp8: bool) -> str:
+    """The format the analysed GEMMs are quantized to, as every line a person reads names it."""
+    return "FP8" if fp8 else "INT8"
 
 
 def check_budget(max_f1_drop: float) -> float:
@@ -631,8 +670,9 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
     cfg = replace(cfg, answer_settings=replace(cfg.answer_settings,
                                                version_2_with_negative=squad.version.startswith("2")))
     floor = cfg.iln or cfg.imh
-    variants = plan_variants(num_layers, layers, floor=floor, groups=cfg.groups, leave_one_out=cfg.leave_one_out)
-    _check_calibration(loaded, calib, variants[1].policy(num_layers, cfg.half, cfg.iln, cfg.imh),
+    variants = plan_variants(num_layers, layers, floor=floor, groups=cfg.groups, leave_one_out=cfg.leave_one_out,
+                             fp8=cfg.fp8)
+    _check_calibration(loaded, calib, variants[1].policy(num_layers, cfg.half, cfg.iln, cfg.imh, cfg.fp8),
                        cfg.feature_settings.max_seq_length)
 
     t_start = time.perf_counter()
@@ -642,14 +682,14 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
     ev = _evaluator(cfg, loaded, calib, questions, squad)
     precision = "fp16" if cfg.half else "fp32"
     cfg.say(f"sensitivity: {len(variants)} builds of {loaded.source} ({num_layers} layers, layers "
-            f"{_layers_text(layers)} analysed) on {cfg.device.type} in {precision}"
+            f"{_layers_text(layers)} analysed, GEMMs in {format_word(cfg.fp8)}) on {cfg.device.type} in {precision}"
             f"{' with ' + ' '.join(f for f, on in (('-iln', cfg.iln), ('-imh', cfg.imh)) if on) if floor else ''}; "
             f"{len(squad.examples):,} questions ({len(features):,} features) of {squad.path}; "
             f"calibration {describe_calibration(calib)} from {cfg.calib_cache}")
     ev.prefetch(variants)
     measured = _measure_all(cfg, ev, variants)
 
-    baseline, all_int8 = measured["baseline"], measured["all-int8"]
+    baseline, all_int8 = measured["baseline"], measured[variants[1].name]
     floor_m = measured.get("options-only")
     only = {v.target: baseline.f1 - measured[v.name].f1 for v in variants if v.method == "only"}
     groups = {v.target: baseline.f1 - measured[v.name].f1 for v in variants if v.method == "group"}
@@ -662,7 +702,7 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
         "calib_cache": str(cfg.calib_cache), "calibration": describe_calibration(calib), "calib_key": calib.key(),
         "squad": str(squad.path), "squad_digest": squad.digest, "limit": cfg.limit, "questions": len(squad.examples),
         "features": len(features), "device": cfg.device.type, "precision": precision, "iln": cfg.iln,
-        "imh": cfg.imh, "batch": ev.batch, "max_seq_length": cfg.feature_settings.max_seq_length,
+        "imh": cfg.imh, "fp8": cfg.fp8, "batch": ev.batch, "max_seq_length": cfg.feature_settings.max_seq_length,
         "feature_settings": asdict(cfg.feature_settings), "answer_settings": asdict(cfg.answer_settings),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -695,8 +735,9 @@ def _evaluator(cfg: SensitivityConfig, loaded, calib, questions, squad) -> _Eval
 
 
 def _check_calibration(loaded, calib, all_int8: PrecisionPolicy, seq_len: int) -> None:
-    """build_engine's own checks of the cache (another model's cache, missing ranges) before anything slow runs: a
-    throw-away CPU build of the all-INT8 policy (no kernel timing; quantizing the weights takes a moment)."""
+    """build_engine's own checks of the cache (another model's cache, missing ranges; with --fp8 the warning for a
+    cache made for INT8's grid) before anything slow runs: a throw-away CPU build of the all-INT8 (or all-FP8)
+    policy (no kernel timing; quantizing the weights takes a moment)."""
     import torch
 
     from engines.build import build_engine
@@ -712,7 +753,7 @@ def _suggest(cfg: SensitivityConfig, ev: _Evaluator, num_layers: int, layers: Se
     kept per build) while its measured drop misses the budget, then trimmed (one fewer per build, cheapest first)
     while it stays within. A keep list measured before (all-INT8 is the empty one) is not built again and costs
     neither budget."""
-    budget = cfg.max_f1_drop
+    budget, q = cfg.max_f1_drop, format_word(cfg.fp8)
     all_drop = baseline.f1 - all_int8.f1
     floor = baseline.f1 - floor_m.f1 if floor_m is not None else 0.0
     within = lambda drop: drop <= budget + F1_TOLERANCE  # noqa: E731
@@ -720,21 +761,21 @@ def _suggest(cfg: SensitivityConfig, ev: _Evaluator, num_layers: int, layers: Se
     estimate = lambda keep: floor + sum(c for g, c in plan.costs.items() if g not in keep)  # noqa: E731
     if within(all_drop):
         return Suggestion(budget, (), estimate(()), all_int8, all_drop, True,
-                          note=f"all-INT8 is already within the budget (measured ΔF1 {-all_drop:+.2f}, budget "
-                               f"-{budget:g}): nothing needs to stay out of INT8"), []
+                          note=f"all-{q} is already within the budget (measured ΔF1 {-all_drop:+.2f}, budget "
+                               f"-{budget:g}): nothing needs to stay out of {q}"), []
     if floor_m is not None and not within(floor):
         return Suggestion(budget, (), floor, None, None, False,
-                          note=f"the -iln/-imh points alone measure ΔF1 {_delta(-floor)} (every GEMM out of INT8), "
+                          note=f"the -iln/-imh points alone measure ΔF1 {_delta(-floor)} (every GEMM out of {q}), "
                                f"beyond the budget -{budget:g}: no choice of GEMMs fits; analyse without -iln/-imh"), []
     keep = list(plan.keep)
     candidates = [g for g in plan.order if g not in keep]
     notes = []
     if len(layers) < num_layers:
-        notes.append(f"only layers {_layers_text(layers)} were analysed: the others stay INT8 and their cost is "
+        notes.append(f"only layers {_layers_text(layers)} were analysed: the others stay {q} and their cost is "
                      "not in the estimate")
     if not plan.fits:
         notes.append(f"keeping every GEMM that costs F1 still leaves an estimated ΔF1 {_delta(-plan.estimated_drop)}")
-    cfg.say(f"suggestion: keep {', '.join(keep) or 'nothing'} out of INT8 (estimated ΔF1 "
+    cfg.say(f"suggestion: keep {', '.join(keep) or 'nothing'} out of {q} (estimated ΔF1 "
             f"{_delta(-plan.estimated_drop)}); building and evaluating it")
     known: dict[frozenset[str], Measurement] = {frozenset(): all_int8}
     tried: list[Attempt] = []
@@ -783,12 +824,12 @@ def _trim(cfg: SensitivityConfig, keep: list[str], costs: Mapping[str, float],
     return kept GEMMs to INT8 one build at a time (`attempt`), cheapest first, keeping each change whose measured
     drop still fits, at most cfg.trim builds. A list measured before is skipped: here that is a refine list that
     missed, or all-INT8 (which missed). Returns the keep list and the notes."""
-    order = sorted(keep, key=lambda g: (costs[g], _gemm_order(g)))
+    order, q = sorted(keep, key=lambda g: (costs[g], _gemm_order(g))), format_word(cfg.fp8)
     returned, untried, trims, notes = [], [], 0, []
     for i, g in enumerate(order):
         fewer = [x for x in keep if x != g]
         if frozenset(fewer) in known:
-            cfg.say(f"  trim: {g} back to INT8 gives a keep list measured before to miss the budget; it stays")
+            cfg.say(f"  trim: {g} back to {q} gives a keep list measured before to miss the budget; it stays")
             continue
         if trims == cfg.trim:
             untried = [x for x in order[i:] if frozenset(y for y in keep if y != x) not in known]
@@ -797,19 +838,20 @@ def _trim(cfg: SensitivityConfig, keep: list[str], costs: Mapping[str, float],
         if attempt(fewer, f"trim:{g}", "trim", g).fits:
             keep = fewer
             returned.append(g)
-            cfg.say(f"  trim: {g} back to INT8 still fits the budget: it goes back")
+            cfg.say(f"  trim: {g} back to {q} still fits the budget: it goes back")
         else:
-            cfg.say(f"  trim: {g} back to INT8 misses the budget: it stays out of INT8")
+            cfg.say(f"  trim: {g} back to {q} misses the budget: it stays out of {q}")
     if returned:
-        notes.append(f"measured trims returned {', '.join(returned)} to INT8 (of {len(order)} kept before trimming)")
+        notes.append(f"measured trims returned {', '.join(returned)} to {q} (of {len(order)} kept before trimming)")
     if untried:
-        notes.append(f"--trim {cfg.trim} spent: {', '.join(untried)} not tried back in INT8")
+        notes.append(f"--trim {cfg.trim} spent: {', '.join(untried)} not tried back in {q}")
     return keep, notes
 
 
 def _build_command(cfg: SensitivityConfig, keep: Sequence[str], num_layers: int, batch: int) -> str:
     parts = ["python", "cli.py", "build", "--model", _quote(str(cfg.model))]
-    parts += ["-v", _quote(str(cfg.vocab_file)), "--int8"] if cfg.vocab_file else ["--int8"]
+    parts += ["-v", _quote(str(cfg.vocab_file))] if cfg.vocab_file else []
+    parts.append("--fp8" if cfg.fp8 else "--int8")
     parts += [f for f, on in (("--fp16", cfg.half), ("-iln", cfg.iln), ("-imh", cfg.imh)) if on]
     parts += ["--calib-cache", _quote(str(cfg.calib_cache))]
     if keep:
@@ -857,22 +899,21 @@ def _delta(v: float) -> str:
     return "0.00" if text in ("+0.00", "-0.00") else text
 
 
-def _kept_in(precision: str) -> str:
+def _kept_in(precision: str, q: str = "INT8") -> str:
     """Where --keep-fp16 GEMMs run: FP16 in an FP16 build, the build's FP32 otherwise."""
     return ("FP16 (--keep-fp16)" if precision == "fp16" else
-            "FP32, this build's precision (--keep-fp16 keeps GEMMs out of INT8 at the build's precision)")
+            f"FP32, this build's precision (--keep-fp16 keeps GEMMs out of {q} at the build's precision)")
 
 
 def render_text(r: SensitivityResult, worst: int = 10) -> str:
-    s = r.settings
+    s, q = r.settings, r.quantized_as
     n = r.baseline.n_questions
-    kept_word = _kept_in(s["precision"])
-    lines = [f"ΔF1 (points, negative = worse) when only that GEMM is INT8, against the {s['precision']} baseline (F1 "
+    lines = [f"ΔF1 (points, negative = worse) when only that GEMM is {q}, against the {s['precision']} baseline (F1 "
              f"{r.baseline.f1:.2f}, EM {r.baseline.exact_match:.2f}) on {n:,} questions of {Path(s['squad']).name}; "
              f"one question moves F1 by up to {100 / n:.2f}",
              f"calibration {s['calibration']}; {s['device']}; "
              + ("options " + " ".join(f for f, on in (("-iln", s["iln"]), ("-imh", s["imh"])) if on) if r.floor
-                else "plain --int8 (no -iln/-imh)"),
+                else f"plain --{q.lower()} (no -iln/-imh)"),
              ""]
     has_layer_groups = any(k.startswith("layer") for k in r.groups)
     header = f"{'':<12}" + "".join(f"{k:>10}" for k in GEMMS) + ("   whole layer" if has_layer_groups else "")
@@ -887,45 +928,45 @@ def render_text(r: SensitivityResult, worst: int = 10) -> str:
         lines.append(f"{label:<12}" + "".join(_fmt(r.groups.get(k), 10) for k in GEMMS)
                      + (f"   {'':>11}" if has_layer_groups else ""))
     lines.append("")
-    lines.append(f"all INT8 ({r.all_int8.options}): F1 {r.all_int8.f1:.2f}, ΔF1 {-r.all_int8_drop:+.2f}; "
+    lines.append(f"all {q} ({r.all_int8.options}): F1 {r.all_int8.f1:.2f}, ΔF1 {-r.all_int8_drop:+.2f}; "
                  f"sum of the single-GEMM ΔF1 {_delta(-sum(r.only.values()))}"
                  + (f" (only layers {_layers_text(r.layers)})" if len(r.layers) < r.num_layers else ""))
     if r.floor is not None:
-        lines.append(f"-iln/-imh points alone (no GEMM INT8): F1 {r.floor.f1:.2f}, ΔF1 {-r.floor_drop:+.2f}")
+        lines.append(f"-iln/-imh points alone (no GEMM {q}): F1 {r.floor.f1:.2f}, ΔF1 {-r.floor_drop:+.2f}")
     if r.leave_one_out is not None:
-        lines += ["", "F1 recovered when all but that GEMM is INT8: ΔF1 against all-INT8 (F1 "
+        lines += ["", f"F1 recovered when all but that GEMM is {q}: ΔF1 against all-{q} (F1 "
                   f"{r.all_int8.f1:.2f}), positive = better", f"{'':<12}" + "".join(f"{k:>10}" for k in GEMMS)]
         for i, row in zip(r.layers, r.matrix("leave_one_out")):
             lines.append(f"{'layer' + str(i):<12}" + "".join(_fmt(-v, 10) for v in row))
     ranked = r.ranked()[:worst]
-    recovered = "; and ΔF1 recovered against all-INT8 when only it is not" if r.leave_one_out else ""
-    lines += ["", f"most sensitive GEMMs (ΔF1 when only it is INT8{recovered}):"]
+    recovered = f"; and ΔF1 recovered against all-{q} when only it is not" if r.leave_one_out else ""
+    lines += ["", f"most sensitive GEMMs (ΔF1 when only it is {q}{recovered}):"]
     for k, (g, d) in enumerate(ranked, 1):
         extra = f"   recovered {_delta(r.leave_one_out[g])}" if r.leave_one_out and g in r.leave_one_out else ""
         lines.append(f"  {k:>2}. {g:<16}{_delta(-d):>8}{extra}")
     if not ranked:
         lines.append("  none: no GEMM costs F1 on its own (every single-GEMM ΔF1 is 0.00 or a gain)")
-    lines += ["", *suggestion_lines(r.suggestion, kept_word, r.baseline)]
+    lines += ["", *suggestion_lines(r.suggestion, _kept_in(s["precision"], q), r.baseline, q)]
     return "\n".join(lines) + "\n"
 
 
-def suggestion_lines(sug: Suggestion, kept_word: str, baseline: Measurement) -> list[str]:
+def suggestion_lines(sug: Suggestion, kept_word: str, baseline: Measurement, q: str = "INT8") -> list[str]:
     out = [f"mixed-precision suggestion (--max-f1-drop {sug.max_f1_drop:g}):"]
     if sug.measured is None:
         return out + [f"  none: {sug.note}"]
     if not sug.keep:
-        out.append(f"  keep nothing out of INT8: {sug.note or 'the estimate fits the budget'}")
+        out.append(f"  keep nothing out of {q}: {sug.note or 'the estimate fits the budget'}")
     else:
         n = len(sug.keep)
-        out.append(f"  keep {', '.join(sug.keep)} out of INT8 ({n} GEMM{'s' if n > 1 else ''}), in {kept_word}")
+        out.append(f"  keep {', '.join(sug.keep)} out of {q} ({n} GEMM{'s' if n > 1 else ''}), in {kept_word}")
         out.append(f"  estimated ΔF1 {_delta(-sug.estimated_drop)} = the sum of the single-GEMM ΔF1 of the GEMMs "
-                   "left in INT8 (gains counted as 0); an estimate, not a measurement")
+                   f"left in {q} (gains counted as 0); an estimate, not a measurement")
     m = sug.measured
     out.append(f"  measured: F1 {m.f1:.2f}, EM {m.exact_match:.2f}, ΔF1 {m.f1 - baseline.f1:+.2f} against the "
                f"baseline: {'within' if sug.fits else 'NOT within'} the budget")
     if len(sug.tried) > 1:
         out.append("  tried, in order (one build and evaluation each):")
-        out += [f"    {_attempt_text(a)}" for a in sug.tried]
+        out += [f"    {_attempt_text(a, q)}" for a in sug.tried]
     if sug.note and sug.keep:
         out.append(f"  note: {sug.note}")
     if sug.command:
@@ -933,9 +974,9 @@ def suggestion_lines(sug: Suggestion, kept_word: str, baseline: Measurement) -> 
     return out
 
 
-def _attempt_text(a: Attempt) -> str:
-    what = {"greedy": "the estimate's list" + ("" if a.keep else " (all-INT8)"), "refine": f"keep {a.gemm} too",
-            "trim": f"{a.gemm} back to INT8"}
+def _attempt_text(a: Attempt, q: str = "INT8") -> str:
+    what = {"greedy": "the estimate's list" + ("" if a.keep else f" (all-{q})"), "refine": f"keep {a.gemm} too",
+            "trim": f"{a.gemm} back to {q}"}
     verdict = "within" if a.fits else "misses"
     if a.step == "trim":
         verdict += ": accepted" if a.fits else ": reverted"
@@ -944,17 +985,17 @@ def _attempt_text(a: Attempt) -> str:
 
 
 def render_markdown(r: SensitivityResult, image: str | None, loo_image: str | None) -> str:
-    s = r.settings
+    s, q = r.settings, r.quantized_as
     n = r.baseline.n_questions
     has_layer_groups = any(k.startswith("layer") for k in r.groups)
-    lines = ["# INT8 sensitivity", "",
+    lines = [f"# {q} sensitivity", "",
              f"Model `{_shown(s['model'])}`, calibration {s['calibration']} (`{_shown(s['calib_cache'])}`), {n:,} "
              f"questions of `{_shown(s['squad'])}`, {s['device']}, {s['precision']}"
              + (", " + " ".join(f for f, on in (("-iln", s["iln"]), ("-imh", s["imh"])) if on) if r.floor else "")
              + f". Baseline ({r.baseline.options}): EM {r.baseline.exact_match:.2f}, F1 {r.baseline.f1:.2f}; "
              f"one question moves F1 by up to {100 / n:.2f}. ΔF1: a build's F1 minus its reference's, negative = "
              "worse.", "",
-             "## ΔF1 when only that GEMM is INT8", "",
+             f"## ΔF1 when only that GEMM is {q}", "",
              "| layer | " + " | ".join(GEMMS) + (" | whole layer |" if has_layer_groups else " |"),
              "| --- " * (len(GEMMS) + 1 + has_layer_groups) + "|"]
     for i, row in zip(r.layers, r.matrix("only")):
@@ -963,25 +1004,25 @@ def render_markdown(r: SensitivityResult, image: str | None, loo_image: str | No
     if any(k in r.groups for k in GEMMS):
         cells = [_fmt(r.groups.get(k), 0) for k in GEMMS] + ([""] if has_layer_groups else [])
         lines.append("| every analysed layer | " + " | ".join(cells) + " |")
-    lines += ["", f"All INT8 ({r.all_int8.options}): F1 {r.all_int8.f1:.2f}, ΔF1 {-r.all_int8_drop:+.2f}."]
+    lines += ["", f"All {q} ({r.all_int8.options}): F1 {r.all_int8.f1:.2f}, ΔF1 {-r.all_int8_drop:+.2f}."]
     if r.floor is not None:
         lines.append(f"The -iln/-imh points alone: F1 {r.floor.f1:.2f}, ΔF1 {-r.floor_drop:+.2f}.")
     if image:
         lines += ["", f"![ΔF1 per GEMM]({image})"]
     if r.leave_one_out is not None:
-        lines += ["", "## F1 recovered when all but that GEMM is INT8 (ΔF1 against all-INT8, positive = better)", "",
+        lines += ["", f"## F1 recovered when all but that GEMM is {q} (ΔF1 against all-{q}, positive = better)", "",
                   "| layer | " + " | ".join(GEMMS) + " |", "| --- " * (len(GEMMS) + 1) + "|"]
         for i, row in zip(r.layers, r.matrix("leave_one_out")):
             lines.append(f"| layer{i} | " + " | ".join(_fmt(-v, 0) for v in row) + " |")
         if loo_image:
             lines += ["", f"![F1 recovered per GEMM]({loo_image})"]
     lines += ["", "## Most sensitive GEMMs", "", "GEMMs that cost F1 on their own (ΔF1 -0.01 or worse when only "
-              "they are INT8), costliest first:", "", "| rank | GEMM | ΔF1 |", "| --- | --- | --- |"]
+              f"they are {q}), costliest first:", "", "| rank | GEMM | ΔF1 |", "| --- | --- | --- |"]
     lines += [f"| {k} | {g} | {_delta(-d)} |" for k, (g, d) in enumerate(r.ranked(), 1)]
     if not r.ranked():
         lines.append("| - | none | - |")
-    kept_word = _kept_in(s["precision"])
-    lines += ["", "## Suggestion", "", "```", *suggestion_lines(r.suggestion, kept_word, r.baseline), "```", "",
+    kept_word = _kept_in(s["precision"], q)
+    lines += ["", "## Suggestion", "", "```", *suggestion_lines(r.suggestion, kept_word, r.baseline, q), "```", "",
               "## Every build", "", "| build | options | EM | F1 | ΔF1 | build s | eval s |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for m in r.variants:
@@ -999,15 +1040,15 @@ def write_report(r: SensitivityResult, directory: str | Path) -> dict[str, Path]
         raise WorkbenchError(f"{directory}: --report-dir is a file, expected a directory")
     files = {k: directory / v for k, v in FILES.items()}
     rows = [f"layer{i}" for i in r.layers]
-    n = r.baseline.n_questions
+    n, q = r.baseline.n_questions, r.quantized_as
     delta = [[-v for v in row] for row in r.matrix("only")]
     sensitivity_heatmap(delta, rows, list(GEMMS), files["heatmap"],
-                        f"ΔF1 when only that GEMM is INT8\n{n:,} questions, baseline F1 {r.baseline.f1:.2f}",
+                        f"ΔF1 when only that GEMM is {q}\n{n:,} questions, baseline F1 {r.baseline.f1:.2f}",
                         value_label="ΔF1 (points, negative = worse)", worse="low")
     if r.leave_one_out is not None:
         sensitivity_heatmap(r.matrix("leave_one_out"), rows, list(GEMMS), files["leave_one_out"],
-                            f"F1 recovered when only that GEMM is not INT8\n{n:,} questions, all-INT8 F1 "
-                            f"{r.all_int8.f1:.2f}", value_label="ΔF1 against all-INT8 (points)", worse="low")
+                            f"F1 recovered when only that GEMM is not {q}\n{n:,} questions, all-{q} F1 "
+                            f"{r.all_int8.f1:.2f}", value_label=f"ΔF1 against all-{q} (points)", worse="low")
     else:
         files.pop("leave_one_out")
     atomic_write_json(files["json"], r.to_json())

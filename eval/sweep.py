@@ -5,7 +5,8 @@ QAT folder). The default grid is
 
     fp16 (the baseline; fp32 on the CPU, where FP16 arithmetic is emulated and slower than FP32)
     INT8 x {entropy, entropy --smooth, percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}
-    x --sparse when the model's GEMM weights are 2:4 sparse
+    FP8 (--fp8) x {max, mse on FP8's grid}: skipped on a CUDA GPU below compute capability 8.9 (FP8_METHODS)
+    x --sparse when the model's GEMM weights are 2:4 sparse (the INT8 rows)
 
 and `--grid FILE` takes a JSON list of rows instead (see `load_grid`). Sparse rows are built `--sparse` when the
 model's GEMM weights are 2:4 (`cli.py prune`): each build times the 2:4 family (cuSPARSELt) against the dense
@@ -87,7 +88,17 @@ METHODS: dict[str, tuple[str, float | None, float | None]] = {
 # Option sets: tag (used in row names and --options) -> (-iln, -imh).
 OPTION_SETS: dict[str, tuple[bool, bool]] = {"plain": (False, False), "iln": (True, False), "imh": (False, True),
                                              "iln-imh": (True, True)}
-CALIBRATION_METHODS = ("entropy", "percentile", "mse", "max")
+# FP8 rows of the default grid: tag (row name "fp8-TAG") -> (method, percentile, smooth alpha). Max, and MSE on
+# FP8 E4M3's own grid (calib.calibrators "mse-fp8"): entropy and INT8's mse pick ranges for INT8's uniform grid
+# (an --fp8 build from them warns), and E4M3's steps grow with the value, so clipping percentiles give the bulk
+# no finer steps, only clip the tail (grid files may still ask for them).
+FP8_METHODS: dict[str, tuple[str, float | None, float | None]] = {
+    "max": ("max", None, None),
+    "mse": ("mse-fp8", None, None),
+}
+CALIBRATION_METHODS = ("entropy", "percentile", "mse", "mse-fp8", "max")
+# What --methods takes: the method tags, plus percentile (every percentile row) and qat (QAT rows).
+METHOD_TAGS = (*METHODS, "mse-fp8", "percentile", "qat")
 
 
 @dataclass(frozen=True)
@@ -111,7 +122,8 @@ DEVICE_DEFAULTS = {
 DESCRIPTION = (
     "the workbench's answer: build the grid of INT8 builds and the FP16 baseline, evaluate and time each, and pick "
     "the fastest build within the F1 budget. The default grid: FP16; INT8 x {entropy, entropy --smooth 0.8, "
-    "percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}; x --sparse when the model's "
+    "percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}; FP8 x {max, mse-fp8} (--fp8: "
+    "skipped, with the reason, on a GPU below compute capability 8.9); INT8 x --sparse when the model's "
     "GEMM weights are 2:4 sparse (built --sparse: 2:4 kernels where the build times them faster; skipped, with the "
     "reason, on a dense model). "
     "--qat DIR adds an INT8 row per `cli.py qat` folder: its trained weights and learned scales, built with the "
@@ -131,6 +143,7 @@ EXAMPLES = """examples:
   python cli.py sweep --methods entropy-sm --qat out/qat-iln-imh   # + int8-qat-iln-imh: QAT's weights and scales
   python cli.py sweep --grid grid.json    # a JSON list of rows, e.g.
       # [{"name": "fp16", "fp16": true}, {"name": "int8-mse-iln", "int8": true, "method": "mse", "iln": true},
+      #  {"name": "fp8-p99.99", "fp8": true, "method": "percentile"},
       #  {"name": "int8-qat", "int8": true, "iln": true, "imh": true, "qat": "out/qat-iln-imh"}]"""
 
 
@@ -194,10 +207,13 @@ def cpu_notice(device: torch.device, s: DeviceSettings, device_given: bool = Fal
 
 @dataclass(frozen=True)
 class GridRow:
-    """One build of the grid. `fp16` None follows the sweep's precision (FP16 on CUDA, FP32 on the CPU)."""
+    """One build of the grid. `fp16` None follows the sweep's precision (FP16 on CUDA, FP32 on the CPU). An FP8 row
+    (`fp8`, --fp8) takes a calibration method as an INT8 row does (the same caches); -iln, -imh and QAT folders are
+    INT8's only."""
 
     name: str
     int8: bool = False
+    fp8: bool = False                  # --fp8: FP8 E4M3 GEMMs instead of INT8
     fp16: bool | None = None
     iln: bool = False
     imh: bool = False
@@ -216,19 +232,14 @@ class GridRow:
         object.__setattr__(self, "keep_fp16", tuple(self.keep_fp16))
         if self.qat is not None:
             object.__setattr__(self, "qat", str(self.qat))
-        if self.int8 and self.method is None and self.qat is None:
-            raise WorkbenchError(f"{where}: an INT8 row needs a calibration method ({', '.join(CALIBRATION_METHODS)}) "
-                                 "or a QAT folder (qat)")
-        if not self.int8:
-            extra = [f for f, on in (("method", self.method is not None), ("iln", self.iln), ("imh", self.imh),
-                                     ("keep_fp16", bool(self.keep_fp16)), ("sparse", self.sparse),
-                                     ("percentile", self.percentile is not None),
-                                     ("smooth", self.smooth is not None), ("qat", self.qat is not None)) if on]
-            if extra:
-                raise WorkbenchError(f"{where}: {extra[0]} applies to INT8 rows only (add \"int8\": true)")
+        self._check_format(where)
+        if self.quantized and self.method is None and self.qat is None:
+            raise WorkbenchError(f"{where}: an {'FP8' if self.fp8 else 'INT8'} row needs a calibration method "
+                                 f"({', '.join(CALIBRATION_METHODS)})" + ("" if self.fp8 else " or a QAT folder (qat)"))
+        if not self.quantized:
             return
         if self.baseline:
-            raise WorkbenchError(f"{where}: the baseline is a build without INT8")
+            raise WorkbenchError(f"{where}: the baseline is a build without INT8 or FP8")
         if self.qat is not None:
             if self.method is not None:
                 raise WorkbenchError(f"{where}: give a calibration method or a QAT folder (qat), not both")
@@ -259,9 +270,34 @@ class GridRow:
             except WorkbenchError as e:
                 raise WorkbenchError(f"{where}: {e}") from None
 
+    def _check_format(self, where: str) -> None:
+        """INT8 or FP8 (not both); the fields a row without either cannot have; FP8 without INT8's -iln, -imh and
+        QAT folders (one line each, as `cli.py build` refuses them)."""
+        if self.int8 and self.fp8:
+            raise WorkbenchError(f"{where}: give int8 or fp8, not both")
+        int8_only = [f for f, on in (("iln", self.iln), ("imh", self.imh), ("qat", self.qat is not None)) if on]
+        if self.fp8 and int8_only:
+            raise WorkbenchError(f"{where}: {int8_only[0]} is INT8-only (-iln, -imh and QAT scales): drop it from "
+                                 "the FP8 row, or make the row \"int8\": true")
+        if self.quantized:
+            return
+        if int8_only:
+            raise WorkbenchError(f"{where}: {int8_only[0]} applies to INT8 rows only (add \"int8\": true)")
+        extra = [f for f, on in (("method", self.method is not None), ("keep_fp16", bool(self.keep_fp16)),
+                                 ("sparse", self.sparse), ("percentile", self.percentile is not None),
+                                 ("smooth", self.smooth is not None)) if on]
+        if extra:
+            raise WorkbenchError(f"{where}: {extra[0]} applies to INT8 and FP8 rows only (add \"int8\": true or "
+                                 "\"fp8\": true)")
+
+    @property
+    def quantized(self) -> bool:
+        """An INT8 or an FP8 row: it builds from ranges (a calibration, or for INT8 a QAT folder's)."""
+        return self.int8 or self.fp8
+
     @property
     def method_tag(self) -> str | None:
-        """entropy, p99.9, p99.99, mse, max (+ "-sm" when smoothed), or qat: what --methods selects."""
+        """entropy, p99.9, p99.99, mse, mse-fp8, max (+ "-sm" when smoothed), or qat: what --methods selects."""
         if self.qat is not None:
             return "qat"
         tag = f"p{self.percentile:g}" if self.method == "percentile" else self.method
@@ -275,8 +311,9 @@ class GridRow:
     def policy(self, half: bool):
         from quant.policy import PrecisionPolicy
 
-        kwargs: dict[str, Any] = dict(int8=self.int8, fp16=half if self.fp16 is None else self.fp16, iln=self.iln,
-                                      imh=self.imh, fc2_library_gemm=self.fc2_library_gemm, sparse=self.sparse)
+        kwargs: dict[str, Any] = dict(int8=self.int8, fp8=self.fp8, fp16=half if self.fp16 is None else self.fp16,
+                                      iln=self.iln, imh=self.imh, fc2_library_gemm=self.fc2_library_gemm,
+                                      sparse=self.sparse)
         if self.keep_fp16:
             kwargs["fp16_gemms"] = self.keep_fp16
         try:
@@ -289,7 +326,7 @@ class GridRow:
     def calibration_spec(self, calib_num: int, seed: int, features):
         from calib.calibrate import CalibrationSpec
 
-        if not self.int8 or self.qat is not None:
+        if not self.quantized or self.qat is not None:
             return None
         return CalibrationSpec(self.method, calib_num, seed, self.percentile if self.percentile is not None else 99.99,
                                features=features, smooth=self.smooth)
@@ -297,7 +334,7 @@ class GridRow:
 
 _ROW_FIELDS = {f.name: f for f in fields(GridRow)}
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,), "int8": (bool,), "fp16": (bool, type(None)), "iln": (bool,), "imh": (bool,),
+    "name": (str,), "int8": (bool,), "fp8": (bool,), "fp16": (bool, type(None)), "iln": (bool,), "imh": (bool,),
     "fc2_library_gemm": (bool,), "keep_fp16": (list,), "sparse": (bool,), "method": (str, type(None)),
     "percentile": (int, float, type(None)), "smooth": (int, float, type(None)), "qat": (str, type(None)),
     "baseline": (bool,),
@@ -324,13 +361,15 @@ def row_from_json(obj: Any, where: str) -> GridRow:
 def load_grid(path: str | Path) -> list[GridRow]:
     """A grid file: a JSON list of rows (or {"rows": [...]}), each {"name": ..., "int8": ..., "method": ...}.
 
-    Fields: name, int8, fp16 (omitted: the sweep's precision), iln, imh, fc2_library_gemm, keep_fp16 (GEMM names),
-    sparse, method (entropy, percentile, mse, max), percentile (default 99.99), smooth (alpha), qat (a `cli.py qat`
-    folder, relative to the working directory: its weights and learned scales instead of a method; the row's flags
-    may quantize no site the folder has no range for), baseline. Example:
+    Fields: name, int8, fp8 (FP8 E4M3 GEMMs instead: --fp8, no iln, imh or qat), fp16 (omitted: the sweep's
+    precision), iln, imh, fc2_library_gemm, keep_fp16 (GEMM names), sparse, method (entropy, percentile, mse,
+    mse-fp8, max), percentile (default 99.99), smooth (alpha), qat (a `cli.py qat` folder, relative to the working
+    directory: its weights and learned scales instead of a method; the row's flags may quantize no site the folder
+    has no range for), baseline. Example:
         [{"name": "fp16", "fp16": true},
          {"name": "int8-entropy-iln", "int8": true, "method": "entropy", "iln": true},
          {"name": "int8-p99.9", "int8": true, "method": "percentile", "percentile": 99.9},
+         {"name": "fp8-mse", "fp8": true, "method": "mse-fp8"},
          {"name": "int8-qat-iln", "int8": true, "iln": true, "qat": "out/qat-iln"}]
     """
     obj = read_json(path, "grid file")
@@ -346,7 +385,7 @@ def load_grid(path: str | Path) -> list[GridRow]:
 
 
 def default_grid(half: bool) -> list[GridRow]:
-    """The baseline, then INT8 for every method and option set, then the same again with --sparse."""
+    """The baseline, INT8 for every method and option set, FP8 for FP8_METHODS, then INT8 again with --sparse."""
     rows = [GridRow("fp16" if half else "fp32", fp16=half, baseline=True)]
     for sparse in (False, True):
         for tag, (method, percentile, smooth) in METHODS.items():
@@ -355,11 +394,14 @@ def default_grid(half: bool) -> list[GridRow]:
                                             "sparse" if sparse else "") if p)
                 rows.append(GridRow(name, int8=True, fp16=half, iln=iln, imh=imh, method=method,
                                     percentile=percentile, smooth=smooth, sparse=sparse))
+        if not sparse:
+            rows += [GridRow(f"fp8-{tag}", fp8=True, fp16=half, method=method, percentile=percentile, smooth=smooth)
+                     for tag, (method, percentile, smooth) in FP8_METHODS.items()]
     return rows
 
 
 def check_grid(grid: Sequence[GridRow]) -> GridRow:
-    """Unique names and exactly one baseline (marked, or the one row without INT8); returns the baseline."""
+    """Unique names and exactly one baseline (marked, or the one row without INT8 or FP8); returns the baseline."""
     names = [r.name for r in grid]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -373,23 +415,26 @@ def baseline_row(grid: Sequence[GridRow]) -> GridRow:
         raise WorkbenchError(f"more than one baseline row ({', '.join(r.name for r in marked)}); mark exactly one")
     if marked:
         return marked[0]
-    plain = [r for r in grid if not r.int8]
+    plain = [r for r in grid if not r.quantized]
     if not plain:
-        raise WorkbenchError('the grid has no baseline: add a row without INT8, e.g. {"name": "fp16", "fp16": true}')
+        raise WorkbenchError('the grid has no baseline: add a row without INT8 or FP8, e.g. {"name": "fp16", '
+                             '"fp16": true}')
     if len(plain) > 1:
-        raise WorkbenchError(f"several rows without INT8 ({', '.join(r.name for r in plain)}): mark the baseline "
-                             'with "baseline": true')
+        raise WorkbenchError(f"several rows without INT8 or FP8 ({', '.join(r.name for r in plain)}): mark the "
+                             'baseline with "baseline": true')
     return plain[0]
 
 
 def select_rows(grid: Sequence[GridRow], methods: Sequence[str] | None = None,
                 options: Sequence[str] | None = None) -> list[GridRow]:
-    """INT8 rows restricted to the given method tags (`percentile` = every percentile, `qat` = the QAT rows) and
-    option sets; rows without INT8 (the baseline) always stay."""
+    """INT8 and FP8 rows restricted to the given method tags (`percentile` = every percentile, `mse` = MSE on
+    either grid, mse-fp8 on FP8's alone, `qat` = the QAT rows) and option sets (an FP8 row is plain); rows without
+    either (the baseline) always stay."""
     def method_ok(r: GridRow) -> bool:
-        return methods is None or r.method_tag in methods or ("percentile" in methods and r.method == "percentile")
+        return methods is None or r.method_tag in methods or ("percentile" in methods and r.method == "percentile") \
+            or ("mse" in methods and r.method_tag == "mse-fp8")
 
-    return [r for r in grid if not r.int8 or (method_ok(r) and (options is None or r.options_tag in options))]
+    return [r for r in grid if not r.quantized or (method_ok(r) and (options is None or r.options_tag in options))]
 
 
 def read_qat_folder(folder: str | Path):
@@ -495,7 +540,7 @@ class SweepResult:
     results: tuple[BuildResult, ...]
     reused: tuple[str, ...]          # rows taken from earlier runs
     computed: tuple[str, ...]        # rows measured by this run
-    skipped: tuple[str, ...]         # sparse rows that were not built
+    skipped: tuple[str, ...]         # sparse (and FP8) rows that were not built
     files: dict[str, Path]           # report files written
     failed: dict[str, str] = field(default_factory=dict)  # row -> why (distributed rows that failed twice)
 
@@ -659,10 +704,10 @@ class _Inputs:
     loaded: Any                      # model.checkpoint.LoadedModel
     wordpiece: Any
     eval_squad: Any                  # data.squad.SquadFile
-    calib_squad: Any                 # None without INT8 rows
+    calib_squad: Any                 # None without INT8 or FP8 rows
     questions: Questions             # the evaluation questions, featurized once
     rows: list[GridRow]
-    skipped: list[str]               # sparse rows
+    skipped: list[str]               # sparse rows (on a dense model), FP8 rows (on a GPU without FP8)
     baseline: GridRow
     eval_batch: int                  # features per forward: the largest batch of the profiles that serve -s
     qat: dict[str, Any] = field(default_factory=dict)  # QAT row name -> its folder's qat.folder.QatScales
@@ -691,7 +736,7 @@ def _check_config(cfg: SweepConfig) -> tuple[GridRow, int]:
 
 
 def _load_inputs(cfg: SweepConfig) -> _Inputs:
-    """The model and SQuAD files, checked against the profiles; sparse rows skipped with the reason."""
+    """The model and SQuAD files, checked against the profiles; sparse and FP8 rows skipped with the reason."""
     from calib.calibrate import check_fits, load_calibration_model
     from calib.sparsity import gemm_sparsity
     from data.squad import load_squad
@@ -705,7 +750,7 @@ def _load_inputs(cfg: SweepConfig) -> _Inputs:
                                  f"{loaded.config.max_position_embeddings}")
     qat = _qat_scales(cfg, loaded, wordpiece)
     eval_squad = load_squad(cfg.eval_squad, limit=cfg.eval_limit)
-    calib_squad = load_squad(cfg.calib_squad) if any(r.int8 and r.qat is None for r in cfg.grid) else None
+    calib_squad = load_squad(cfg.calib_squad) if any(r.quantized and r.qat is None for r in cfg.grid) else None
     answer_settings = replace(cfg.answer_settings, version_2_with_negative=eval_squad.version.startswith("2"))
     questions = Questions(eval_squad.examples, eval_squad.version, cfg.feature_settings, answer_settings,
                           wordpiece=wordpiece, cache=cfg.feature_cache, progress=cfg.progress)
@@ -721,9 +766,24 @@ def _load_inputs(cfg: SweepConfig) -> _Inputs:
             cfg.say(f"{len(skipped)} sparse row{'s' if len(skipped) > 1 else ''} skipped: the model's GEMM weights "
                     f"are not 2:4 sparse ({check.summary()}; `cli.py prune` makes them so)")
             rows = [r for r in rows if not r.sparse]
+    fp8_skipped = _skip_fp8(cfg, rows)
+    rows, skipped = [r for r in rows if r.name not in fp8_skipped], skipped + fp8_skipped
     if baseline.name not in [r.name for r in rows]:
         raise WorkbenchError(f"the baseline row {baseline.name!r} cannot be a sparse row")
     return _Inputs(loaded, wordpiece, eval_squad, calib_squad, questions, rows, skipped, baseline, eval_batch, qat)
+
+
+def _skip_fp8(cfg: SweepConfig, rows: Sequence[GridRow]) -> list[str]:
+    """The FP8 rows this device cannot build, said in one line (a CUDA GPU below compute capability 8.9, which
+    `cli.py build --fp8` refuses); the CPU builds them on the reference path."""
+    from engines.build import fp8_unsupported
+
+    fp8 = [r.name for r in rows if r.fp8]
+    why = fp8_unsupported(cfg.device) if fp8 else None
+    if why:
+        cfg.say(f"{len(fp8)} FP8 row{'s' if len(fp8) > 1 else ''} skipped: FP8 GEMMs need {why}")
+        return fp8
+    return []
 
 
 def _qat_scales(cfg: SweepConfig, loaded, wordpiece) -> dict[str, Any]:
@@ -824,7 +884,7 @@ def _engine_file(cfg: SweepConfig, inp: _Inputs, row: GridRow, policy, calib: Ca
         if engine_path.exists() else None)
     if engine_path.exists() and mismatch is None:
         return engine_path, f"engine {engine_path} reused"
-    header, _ = build_engine_file(engine_path, inp.loaded, policy, cfg.profiles, calib() if policy.int8 else None,
+    header, _ = build_engine_file(engine_path, inp.loaded, policy, cfg.profiles, calib() if policy.quantized else None,
                                   cfg.device, inp.wordpiece)
     return engine_path, ((f"engine rebuilt ({mismatch})" if mismatch else "engine built") +
                          f" in {header.build_seconds:.2f} s")

@@ -147,7 +147,7 @@ def test_single_model_report(builds, tmp_path):
     (["half", "int8", "--profile", "2x96"], "--profile 2x96: not a profile of half, int8"),
     (["half", "int8", "--profile", "big"], "profile 'big'"),
     (["half", "int8", "--max-f1-drop", "-1"], "--max-f1-drop"),
-    (["half", "half"], "several FP16 engines without INT8 (half, half-2)"),
+    (["half", "half"], "several FP16 engines without INT8 or FP8 (half, half-2)"),
     (["model", "int8", "--baseline", "fp16", "--precision", "bf16"], "--baseline fp16 evaluates --model in FP16"),
     (["model", "fp32", "--bench-iterations", "0"], "--bench-iterations must be at least 1"),
 ])

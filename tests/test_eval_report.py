@@ -89,7 +89,7 @@ def test_only_baseline_qualifies():
     assert choose(rows, 1.0).name == "fp16"
     verdict = report.verdict()
     assert verdict.startswith("chosen: fp16 — fastest within ΔF1 ≥ -1 at 1×128")
-    assert "no INT8 build is within the budget" in verdict and "int8-pct at ΔF1 -2.50" in verdict
+    assert "no INT8 or FP8 build is within the budget" in verdict and "int8-pct at ΔF1 -2.50" in verdict
     assert render_text(report).rstrip().endswith(verdict)
 
 

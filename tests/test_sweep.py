@@ -41,7 +41,10 @@ def test_default_grid_is_the_standard_grid():
     assert grid[0] == GridRow("fp16", fp16=True, baseline=True)
     dense = [r for r in grid if r.int8 and not r.sparse]
     sparse = [r for r in grid if r.sparse]
-    assert len(grid) == 49 and len(dense) == 24 and len(sparse) == 24
+    fp8 = [r for r in grid if r.fp8]
+    assert len(grid) == 51 and len(dense) == 24 and len(sparse) == 24 and [r.name for r in fp8] == ["fp8-max",
+                                                                                                       "fp8-mse"]
+    assert grid[25:27] == fp8 and [r.method for r in fp8] == ["max", "mse-fp8"]  # after the dense INT8 rows
     assert {r.method_tag for r in dense} == {"entropy", "entropy-sm", "p99.9", "p99.99", "mse", "max"}
     assert {r.options_tag for r in dense} == {"plain", "iln", "imh", "iln-imh"}
     names = [r.name for r in dense]
@@ -54,7 +57,7 @@ def test_default_grid_is_the_standard_grid():
     smoothed = next(r for r in dense if r.name == "int8-entropy-sm-iln")
     assert smoothed.method == "entropy" and smoothed.smooth == SMOOTH_ALPHA and smoothed.iln
     assert smoothed.calibration_spec(10, 0, SETTINGS).smooth == SMOOTH_ALPHA
-    with pytest.raises(WorkbenchError, match="smooth applies to INT8 rows only"):
+    with pytest.raises(WorkbenchError, match="smooth applies to INT8 and FP8 rows only"):
         GridRow("x", smooth=0.5)
     with pytest.raises(WorkbenchError, match=r"\[0, 1\]"):
         GridRow("x", int8=True, method="entropy", smooth=2.0)
@@ -69,19 +72,24 @@ def test_select_rows_keeps_the_baseline():
     grid = default_grid(half=True)
     rows = select_rows(grid, ["max", "percentile"], ["plain", "iln"])
     assert [r.name for r in rows if not r.sparse] == ["fp16", "int8-p99.9", "int8-p99.9-iln", "int8-p99.99",
-                                                      "int8-p99.99-iln", "int8-max", "int8-max-iln"]
+                                                      "int8-p99.99-iln", "int8-max", "int8-max-iln", "fp8-max"]
     assert [r.name for r in select_rows(grid, ["entropy"], ["imh"]) if not r.sparse] == ["fp16", "int8-entropy-imh"]
+    # FP8 rows: selected by their method (mse: either grid's; mse-fp8: FP8's alone), plain as to options.
+    assert [r.name for r in select_rows(grid, ["max"], ["plain"]) if not r.sparse] == ["fp16", "int8-max", "fp8-max"]
+    assert [r.name for r in select_rows(grid, ["mse"], ["plain"]) if not r.sparse] == ["fp16", "int8-mse", "fp8-mse"]
+    assert [r.name for r in select_rows(grid, ["mse-fp8"])] == ["fp16", "fp8-mse"]
+    assert "fp8-max" not in [r.name for r in select_rows(grid, ["max"], ["iln"])]
 
 
 @pytest.mark.parametrize("row, words", [
     (dict(name="a", int8=True), "needs a calibration method"),
-    (dict(name="a", method="max"), "INT8 rows only"),
+    (dict(name="a", method="max"), "INT8 and FP8 rows only"),
     (dict(name="a", iln=True), "INT8 rows only"),
     (dict(name="a", int8=True, method="minmax"), "unknown calibration method"),
     (dict(name="a", int8=True, method="max", percentile=99.0), "method percentile only"),
     (dict(name="a", int8=True, method="percentile", percentile=120), "percentile must be in"),
     (dict(name="a b"), "it names files"),
-    (dict(name="a", int8=True, method="max", baseline=True), "baseline is a build without INT8"),
+    (dict(name="a", int8=True, method="max", baseline=True), "baseline is a build without INT8 or FP8"),
     (dict(name="a", qat="out/qat"), "grid row 'a': qat applies to INT8 rows only"),
     (dict(name="a", int8=True, method="max", qat="out/qat"), "grid row 'a': give a calibration method or a QAT"),
     (dict(name="a", int8=True, qat="out/qat", percentile=99.9), "grid row 'a': percentile applies to calibrated"),
@@ -419,7 +427,8 @@ def test_sweep_qat_bad_folders_are_one_line(tiny_inputs, tmp_path, monkeypatch, 
 # ------------------------------------------------------------------------------ the default run (assets/)
 
 def test_default_run_on_a_few_questions(tmp_path):
-    """`cli.py sweep` on the vendored MiniLM and SQuAD files, cut to two rows and 8 questions; then resumed."""
+    """`cli.py sweep` on the vendored MiniLM and SQuAD files, cut to three rows (max: INT8 and FP8) and 8 questions;
+    then resumed."""
     report_dir = tmp_path / "report"
     args = ["sweep", "--device", "cpu", "--methods", "max", "--options", "plain", "--eval-limit", 8,
             "--calib-num", 4, "--bench-iterations", 2, "--bench-warmup", 0, "--report-dir", report_dir,
@@ -433,21 +442,24 @@ def test_default_run_on_a_few_questions(tmp_path):
     assert "evaluating on 8 questions" in proc.stderr
     table = out[out.index("build"):]
     assert "fp32" in table and "int8-max" in table and "max (4 q)" in table and "1×384 median/p99 ms" in table
+    assert "fp8-max" in table and "--fp8" in table  # the CPU runs FP8 rows on the reference path
     assert "8 questions; ΔEM/ΔF1 and speed-up vs fp32" in out and "chosen: " in out
     last = out.strip().splitlines()[-1]
     assert last.startswith("build to ship: ") and str(report_dir / "engines") in last
     for name in REPORT_FILES:
         assert (report_dir / name).exists()
     report = load_report_json(report_dir / "report.json")
-    assert [r.name for r in report.rows] == ["fp32", "int8-max"]
+    assert [r.name for r in report.rows] == ["fp32", "int8-max", "fp8-max"]
     assert report.baseline.f1 > 50  # the real MiniLM answers the first dev questions
+    assert report.rows[2].options == "--fp8" and report.rows[2].calibration == "max (4 q)"
 
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr
     # Evaluations are reused; a row whose timing was not stable on this (shared, busy) machine is timed again.
-    assert "[1/2] row fp32: finished earlier" in again.stderr
-    assert "[2/2] row int8-max: finished earlier" in again.stderr
-    assert "0 rows measured, 2 reused" in again.stderr
+    assert "[1/3] row fp32: finished earlier" in again.stderr
+    assert "[2/3] row int8-max: finished earlier" in again.stderr
+    assert "[3/3] row fp8-max: finished earlier" in again.stderr
+    assert "0 rows measured, 3 reused" in again.stderr
     assert again.stdout.strip().splitlines()[-1].startswith("build to ship: ")
 
 
