@@ -248,6 +248,9 @@ def engine_file_from_flags(flags, say=print) -> str:
     profiles = [Profile(b, s) for b, s in pair_profiles(flags.batch_size, flags.seq_length, [(1, 128)], 128)]
     if getattr(flags, "buckets", None):
         profiles = length_buckets(profiles, flags.buckets)
+    elif getattr(flags, "varlen", False) and getattr(flags, "backend", None) != "tensorrt":
+        say("--varlen without --buckets: one token budget per profile, so a batch of short windows computes the "
+            "whole budget in its GEMMs; --buckets 64 adds a ladder of smaller budgets")
     if getattr(flags, "backend", None) == "tensorrt":
         from interop.tensorrt_backend import plan_from_flags
 

@@ -396,6 +396,15 @@ def test_build_varlen_round_trips_through_the_engine_file(tmp_path, capsys):
     assert cli.main(["build", "--model", str(folder), "--varlen", "--backend", "tensorrt", "-o",
                      str(tmp_path / "x.plan")]) == 2
     assert "--varlen builds our packed engine" in capsys.readouterr().err
+    # without --buckets each profile is one budget, which the build says (a ladder is what makes packing pay)
+    assert cli.main(["build", "--model", str(folder), "-b", "2", "-s", "64", "--varlen", "-o",
+                     str(tmp_path / "one.engine"), "--device", "cpu"]) == 0
+    said = capsys.readouterr()
+    assert "--varlen without --buckets" in said.out + said.err
+    assert cli.main(["build", "--model", str(folder), "-b", "2", "-s", "64", "--buckets", "32", "--varlen", "-o",
+                     str(tmp_path / "ladder.engine"), "--device", "cpu"]) == 0
+    said = capsys.readouterr()
+    assert "--varlen without --buckets" not in said.out + said.err
 
 
 def test_varlen_attention_choice_follows_the_header():
