@@ -236,6 +236,8 @@ def _sensitivity_parser(p) -> None:
     a("--trim", type=int, default=4, metavar="N", help="while within the budget, return kept GEMMs to INT8 one "
       "measured build at a time, cheapest first, at most N builds (default 4; 0: off)")
     _run_flags(p, precision="int8")
+    a("--force", action="store_true", help="measure every build again (default: a rerun reuses the builds stored in "
+      "REPORT_DIR/variants/ under the same inputs)")
     _distributed_flags(p, "build")
     _feature_flags(p)
 

@@ -417,6 +417,7 @@ class SensitivityConfig:
     say: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr, flush=True))
     report_dir: str | Path | None = None        # measured variants stored in REPORT_DIR/variants/ (None: not)
     distributed: Any = None                     # eval.distributed.Workers (--workers/--ray); None: this process
+    force: bool = False                         # --force: measure every variant again (the store is rewritten)
 
 
 VARIANT_FORMAT = "bert-int8-workbench sensitivity variant"
@@ -425,10 +426,11 @@ VARIANT_FORMAT = "bert-int8-workbench sensitivity variant"
 class _VariantStore:
     """REPORT_DIR/variants/NAME.json: each variant measured, with a key of everything its numbers depend on (the
     run's `base` key and the variant's policy), written atomically as it is measured. A rerun, or a distributed
-    run whose driver was killed, measures only the variants not stored under an equal key."""
+    run whose driver was killed, measures only the variants not stored under an equal key; with `force` (--force)
+    nothing stored is read, and each variant measured replaces its file."""
 
-    def __init__(self, report_dir: str | Path, base: dict):
-        self.folder, self.base = Path(report_dir) / "variants", base
+    def __init__(self, report_dir: str | Path, base: dict, force: bool = False):
+        self.folder, self.base, self.force = Path(report_dir) / "variants", base, force
 
     def _path(self, v: Variant) -> Path:
         return self.folder / f"{v.name.replace(':', '_')}.json"
@@ -440,7 +442,7 @@ class _VariantStore:
 
     def get(self, v: Variant, policy: PrecisionPolicy) -> Measurement | None:
         path = self._path(v)
-        if not path.exists():
+        if self.force or not path.exists():
             return None
         try:
             obj = read_json(path, "stored variant")
@@ -572,8 +574,8 @@ def cpu_notice(device: torch.device, limit: int | None, *, limit_given: bool, pr
 def config_from_flags(flags, feature_settings, answer_settings) -> tuple[SensitivityConfig, str | None]:
     """`cli.py sensitivity`'s parsed flags (an argparse.Namespace: model, calib_cache, squad, limit, iln, imh, fp8,
     options, layers, leave_one_out, no_groups, max_f1_drop, refine, trim, report_dir, device, precision,
-    batch_size, no_cache, no_progress, trust_pickle, vocab_file) as a SensitivityConfig, and the notice of what a
-    CPU run does differently (None on CUDA, or when the flags said it all)."""
+    batch_size, no_cache, no_progress, trust_pickle, vocab_file, workers, ray, force) as a SensitivityConfig, and
+    the notice of what a CPU run does differently (None on CUDA, or when the flags said it all)."""
     from eval.distributed import device_and_workers
 
     iln, imh = parse_options(flags.options)
@@ -593,7 +595,8 @@ def config_from_flags(flags, feature_settings, answer_settings) -> tuple[Sensiti
         layers=flags.layers, groups=not flags.no_groups, leave_one_out=flags.leave_one_out,
         max_f1_drop=flags.max_f1_drop, refine=flags.refine, trim=flags.trim, batch_size=flags.batch_size,
         feature_cache=not flags.no_cache, progress=not flags.no_progress, trust_pickle=flags.trust_pickle,
-        vocab_file=getattr(flags, "vocab_file", None), report_dir=flags.report_dir, distributed=workers), notice
+        vocab_file=getattr(flags, "vocab_file", None), report_dir=flags.report_dir, distributed=workers,
+        force=flags.force), notice
 
 
 def describe(policy: PrecisionPolicy, num_layers: int) -> str:
@@ -730,7 +733,7 @@ def _evaluator(cfg: SensitivityConfig, loaded, calib, questions, squad) -> _Eval
             "calibration_key": calib.key(), "squad_digest": squad.digest, "limit": cfg.limit,
             "questions": len(squad.examples), "features": asdict(cfg.feature_settings),
             "answers": asdict(cfg.answer_settings), "batch": batch,
-            "device": remote.description if remote is not None else device_description(cfg.device)})
+            "device": remote.description if remote is not None else device_description(cfg.device)}, cfg.force)
     return _Evaluator(cfg, loaded, calib, questions, store, remote)
 
 

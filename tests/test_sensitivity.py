@@ -387,6 +387,8 @@ def test_variants_are_stored_and_a_rerun_reuses_them(tiny, tmp_path):
     assert sum("finished earlier, reused" in line for line in lines) == 6
     run(limit=3)
     assert not any("finished earlier" in line for line in lines)
+    run(limit=3, force=True)  # --force: the same inputs, measured again
+    assert not any("finished earlier" in line for line in lines)
 
 
 def test_iln_measures_the_floor(tiny):
