@@ -122,11 +122,13 @@ def round_to_e4m3(y):
     """float32 y (|y| <= 448) rounded to the nearest E4M3 value, ties to even, still in float32. Normal range: a
     carry-propagating round of the bit pattern to 3 mantissa bits (add half an E4M3 step minus one, plus the kept
     lowest bit, then drop the 20 bits below: the float->bfloat16 trick at E4M3's width). Subnormal range: adding
-    1.5 * 2**14, whose float32 spacing is E4M3's subnormal step 2**-9, rounds to it with the FPU's ties-to-even."""
+    1.5 * 2**14, whose float32 spacing is E4M3's subnormal step 2**-9, rounds to it with the FPU's ties-to-even;
+    the sign is put back, so a tiny negative value gives -0 as the hardware's conversion does."""
     bits = y.to(tl.int32, bitcast=True)
-    bits = (bits + (0x7FFFF + ((bits >> 20) & 1))) & -1048576  # & 0xFFF00000
+    normal = (bits + (0x7FFFF + ((bits >> 20) & 1))) & -1048576  # & 0xFFF00000
     # 2**-6 = 0.015625: E4M3's smallest normal value
-    return tl.where(tl.abs(y) < 0.015625, (y + 24576.0) - 24576.0, bits.to(tl.float32, bitcast=True))
+    rounded = tl.where(tl.abs(y) < 0.015625, ((y + 24576.0) - 24576.0).to(tl.int32, bitcast=True), normal)
+    return (rounded | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)  # y's sign: a tiny negative y gives -0
 
 
 @triton.jit

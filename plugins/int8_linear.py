@@ -6,6 +6,11 @@ directly as the INT8 codes the next GEMM reads. GemmConfig picks the tiles and h
 (pointer loads, or Hopper's TMA, optionally persistent); a small-M GEMM with a long K may split K over two
 launches (int32 partials, summed exactly, then the same epilogue), which changes nothing in the math below.
 
+The same kernels run the FP8 E4M3 GEMM (plugins/fp8_linear.py: fp8_linear, launched by `quantized_linear` here,
+the one launch path): E4M3 codes in, each product exact in float32 and the sums float32 (partials of split K
+too), so only the accumulation order differs from its reference; and every kernel writes INT8 or E4M3 codes out
+(OUT_FORMAT; plugins.common.codes).
+
 The math (int8_linear_reference defines it; float32 throughout the epilogue):
 
     acc[m, n] = sum_k a_q[m, k] * w_q[n, k]                      exact, int32
