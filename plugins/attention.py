@@ -338,8 +338,9 @@ def fused_attention(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.T
     attention_kernel[grid](
         qkv, key_bias if key_bias is not None else qkv, out, recip, s, heads, LOG2E / math.sqrt(d),
         qkv.stride(0), out.stride(0), HAS_BIAS=key_bias is not None,
-        OUT_FORMAT=common.out_format(out_recip, out_format), RECIP_PER_CHANNEL=per_channel, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=even, PDL=use_pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl, **descs)
+        OUT_FORMAT=common.out_format(out_recip, out_format), RECIP_PER_CHANNEL=per_channel, D=d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=even, PDL=use_pdl, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, launch_pdl=use_pdl, **descs)
     return out
 
 
@@ -359,7 +360,8 @@ def attention_reference(qkv: torch.Tensor, batch: int, heads: int, key_bias: tor
 
 
 def context_out(rows: int, hidden: int, out_recip: float | torch.Tensor | None, out_dtype: torch.dtype,
-                device: torch.device, out_format: QuantFormat = INT8) -> tuple[torch.Tensor, bool, float | torch.Tensor]:
+                device: torch.device, out_format: QuantFormat = INT8
+                ) -> tuple[torch.Tensor, bool, float | torch.Tensor]:
     """Both kernels' context output [rows, hidden] (`out_format`'s codes when out_recip is given), whether out_recip
     is per channel (after checking that such a vector fits), and out_recip as the kernels take it."""
     per_channel = isinstance(out_recip, torch.Tensor)
