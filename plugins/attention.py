@@ -338,7 +338,7 @@ def fused_attention(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.T
     attention_kernel[grid](
         qkv, key_bias if key_bias is not None else qkv, out, recip, s, heads, LOG2E / math.sqrt(d),
         qkv.stride(0), out.stride(0), HAS_BIAS=key_bias is not None,
-        OUT_FORMAT=common.out_format(out_recip, out_format), RECIP_PER_CHANNEL=per_channel, D=d,
+        OUT_FORMAT=common.kernel_format(out_recip, out_format), RECIP_PER_CHANNEL=per_channel, D=d,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=even, PDL=use_pdl, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, launch_pdl=use_pdl, **descs)
     return out
@@ -414,7 +414,7 @@ def fused_attention_int8(codes: torch.Tensor, batch: int, heads: int, scales: At
     attention_int8_kernel[grid](
         codes, key_bias if key_bias is not None else codes, out, recip, s, heads, qk * LOG2E,
         common.out_recip(scales.probs), pv, codes.stride(0), out.stride(0),
-        HAS_BIAS=key_bias is not None, OUT_FORMAT=common.out_format(out_recip), RECIP_PER_CHANNEL=per_channel, D=d,
+        HAS_BIAS=key_bias is not None, OUT_FORMAT=common.kernel_format(out_recip), RECIP_PER_CHANNEL=per_channel, D=d,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=s % cfg.block_m == 0 and s % cfg.block_n == 0, PDL=use_pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
     return out

@@ -158,7 +158,7 @@ FP = "fp"  # a kernel's OUT_FORMAT when it writes values in its output's dtype, 
 CODE_FORMATS = (INT8, FP8_E4M3)  # the code formats our kernels write
 
 
-def out_format(recip, fmt: QuantFormat = INT8) -> str:
+def kernel_format(recip, fmt: QuantFormat = INT8) -> str:
     """A kernel's OUT_FORMAT: `fmt`'s name where codes are written (an output reciprocal is given), else FP."""
     if recip is None:
         return FP

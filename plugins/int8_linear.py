@@ -558,7 +558,7 @@ def quantized_linear(in_format: QuantFormat, a_q: torch.Tensor, w_q: torch.Tenso
     _check_vector(_NAMES[in_format.name], "out_recip", out_recip, w_q.shape[0], a_q.device)
     m, k = a_q.shape
     n = w_q.shape[0]
-    out_kind = common.out_format(out_recip, out_format)
+    out_kind = common.kernel_format(out_recip, out_format)
     out = common.empty((m, n), out_format.dtype if out_recip is not None else out_dtype, a_q.device)
     if m == 0 or n == 0:
         return out
@@ -606,7 +606,7 @@ def _flags(cfg: GemmConfig, residual: bool, gelu: bool, out_format: str, per_cha
            device: torch.device, res_codes: bool = False, res_per_channel: bool = False,
            recip: float | torch.Tensor = 1.0, fp8: bool = False) -> dict:
     """The GEMM kernels' compile-time switches and launch options for one call (`out_format`: the kernels'
-    OUT_FORMAT, plugins.common.out_format; `fp8`: E4M3 operands)."""
+    OUT_FORMAT, plugins.common.kernel_format; `fp8`: E4M3 operands)."""
     use_pdl = pdl(device)
     # GELU's output is at least GELU_FLOOR, so its codes need no clamp from below while GELU_FLOOR * recip stays
     # above _CLAMP_FREE_ABOVE; a per-channel recip (a device tensor, not read here) keeps the clamp.

@@ -158,7 +158,7 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
         rows = rows.contiguous()
     r = rows.shape[0]
     y = None if codes_only else common.empty(x.shape, x.dtype, x.device)
-    common.out_format(out_recip, fmt)  # a format the kernels write
+    common.kernel_format(out_recip, fmt)  # a format the kernels write
     q = common.empty(x.shape, fmt.dtype, x.device) if out_recip is not None else None
     if r == 0 or h == 0:
         return y, q

@@ -56,7 +56,7 @@ def quantize_rows(x: torch.Tensor, recip: float, fmt: QuantFormat = INT8) -> tor
     like x, so that `.view(-1, H)` gives the GEMM's rows. `recip` is the float32 reciprocal of the scale."""
     if not x.dtype.is_floating_point:
         raise ValueError(f"quantize_rows: x must be floating, got {x.dtype}")
-    common.out_format(recip, fmt)  # a format the kernels write
+    common.kernel_format(recip, fmt)  # a format the kernels write
     q = common.empty(x.shape, fmt.dtype, x.device)
     if x.numel() == 0:
         return q

@@ -229,8 +229,9 @@ def fused_varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seql
     use_pdl = common.pdl(qkv.device)
     varlen_attention_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n * heads)](
         qkv, cu_seqlens, out, recip, heads, LOG2E / math.sqrt(d), qkv.stride(0), out.stride(0),
-        OUT_FORMAT=common.out_format(out_recip, out_format), RECIP_PER_CHANNEL=per_channel, D=d, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, PDL=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
+        OUT_FORMAT=common.kernel_format(out_recip, out_format), RECIP_PER_CHANNEL=per_channel, D=d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PDL=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        launch_pdl=use_pdl)
     return out
 
 
@@ -249,6 +250,7 @@ def fused_varlen_attention_int8(codes: torch.Tensor, cu_seqlens: torch.Tensor, m
     qk, pv = int8_scales(scales, d)
     varlen_attention_int8_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n * heads)](
         codes, cu_seqlens, out, recip, heads, qk * LOG2E, common.out_recip(scales.probs), pv, codes.stride(0),
-        out.stride(0), OUT_FORMAT=common.out_format(out_recip), RECIP_PER_CHANNEL=per_channel, D=d, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, PDL=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
+        out.stride(0), OUT_FORMAT=common.kernel_format(out_recip), RECIP_PER_CHANNEL=per_channel, D=d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PDL=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        launch_pdl=use_pdl)
     return out
