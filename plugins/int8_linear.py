@@ -220,9 +220,11 @@ def _zero_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLOAT_ACC: tl.conste
 @triton.jit
 def _mma(a, w, acc, FP8: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc + a @ w on the tensor cores, in acc's dtype. FP8 (E4M3 x E4M3, float32 sums): Hopper's wgmma adds FP8
-    products in an accumulator that keeps fewer bits than float32 (about 14), and Triton's sm_90 default lets it
-    run over the whole K loop; here each BLOCK_K step's sum is added to acc in float32 (max_num_imprecise_acc),
-    as cuBLASLt does unless asked for fast accumulation, so sums stay within float32 rounding of the reference's."""
+    products in an accumulator that keeps fewer bits than float32 (about 14, DeepSeek-V3's report measured), and
+    Triton's sm_90 default lets it run over the whole K loop; here each BLOCK_K step's sum (64 or 128 products,
+    DeepSeek-V3's interval) is added to acc in float32 (max_num_imprecise_acc), as cuBLASLt does unless asked for
+    fast accumulation (PTX: a fresh wgmma accumulator per step, then add.rn.f32 into acc). Not yet measured on a
+    GPU; the `cuda` tests hold it to the reference."""
     if FP8:
         return tl.dot(a, w, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
     else:
