@@ -1,10 +1,15 @@
 """Engine latency on random-weight BERT-base/large, against HF transformers eager FP16 and torch.compile, one run.
 
     python -m benchmarks.bench_engines --presets bert-base bert-large --shapes 1x128 128x384 --out engines.md
+    python -m benchmarks.bench_engines --presets bert-large --shapes 1x128 128x384 --fuse off --baselines \
+        --variants fp16 "int8 -iln" fp8 "fp8 unfused" --out fp8.md        # issue 21's FP8 speed comparison
 
 Random weights are honest for latency (it does not depend on weight values); the INT8 scales come from a max
-calibration of the same random model on random tokens. Each variant is also checked against its reference on
-fresh inputs (relative error of the start logits), so a fast wrong engine shows up in the table. Needs CUDA.
+calibration of the same random model on random tokens (FP8: the same ranges, scales amax / 448). Each variant is
+also checked against its reference on fresh inputs (relative error of the start logits), so a fast wrong engine
+shows up in the table. "fp8 unfused" is the FP8 build as it ran before our FP8 kernels: cuBLASLt's GEMM with the
+epilogue in torch ops, the LayerNorms' and the context's E4M3 codes in passes of their own. FP8 variants need
+compute capability 8.9 and are skipped (with the reason) below it. Needs CUDA.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import torch
 
 from calib.cache import CalibrationCache, TensorRange
 from quant.policy import PrecisionPolicy, calibration_sites
-from engines.build import build_engine, kernel_choices
+from engines.backends import CUBLASLT, LIBRARY
+from engines.build import build_engine, fp8_unsupported, kernel_choices
 from engines.engine_file import Profile
 from engines.graphs import GraphRunner
 from engines.runtime import Engine
@@ -31,7 +37,36 @@ VARIANTS = {
     "int8 -iln -imh": PrecisionPolicy(int8=True, fp16=True, iln=True, imh=True),
     "int8 -g": PrecisionPolicy(int8=True, fp16=True, fc2_library_gemm=True),
     "int8 library": PrecisionPolicy(int8=True, fp16=True),  # reference ops only (cuBLASLt int8, torch epilogue)
+    "fp8": PrecisionPolicy(fp8=True, fp16=True),
+    "fp8 unfused": PrecisionPolicy(fp8=True, fp16=True),  # cuBLASLt FP8 and the reference ops (module docstring)
 }
+
+
+def unfused_fp8(engine: Engine) -> None:
+    """The FP8 engine as it ran before our FP8 kernels: every GEMM on cuBLASLt (epilogue in torch ops), attention
+    on SDPA, no E4M3 codes from our kernels (the LayerNorms' and the context's from the reference ops)."""
+    engine.kernels = {k: CUBLASLT if k.startswith("gemm.") else LIBRARY if k.startswith("attention.") else v
+                      for k, v in engine.kernels.items()}
+    engine.fp8_kernels = False
+
+
+def variant_engine(loaded, name: str, shapes: list[Profile], calib, timing: TimingCache, preset: str) -> Engine:
+    """Variant `name` built for CUDA at `shapes` (its kernels timed, or forced: "library", "fp8 unfused"); what
+    runs each op is printed."""
+    t0 = time.perf_counter()
+    device = torch.device("cuda")
+    header, tensors = build_engine(loaded, VARIANTS[name.removesuffix(" fused")], shapes, calib, device, None, timing)
+    build_s = time.perf_counter() - t0
+    engine = Engine(header, tensors, device).eval()
+    if name.removesuffix(" fused").endswith("library"):
+        engine.use_triton = False
+    chosen = kernel_choices(header) if engine.use_triton else ["library kernels (forced)"]
+    if name.removesuffix(" fused") == "fp8 unfused":
+        unfused_fp8(engine)
+        chosen = ["cuBLASLt FP8 GEMMs, SDPA, the E4M3 codes in torch ops (forced)"]
+    print(f"{preset} {name}: built in {build_s:.0f} s; chosen:", *(chosen or ["sdpa, library GEMMs"]), sep="\n  ",
+          flush=True)
+    return engine
 
 
 def max_ranges(loaded, device) -> CalibrationCache:
@@ -109,16 +144,10 @@ def bench(args, gpu: GpuMonitor) -> list[str]:
         reference = loaded.model.half().to(device).eval()
         for name in args.variants:
             policy = VARIANTS[name.removesuffix(" fused")]
-            t0 = time.perf_counter()
-            header, tensors = build_engine(loaded, policy, shapes, calib if policy.int8 else None, device, None,
-                                           timing)
-            build_s = time.perf_counter() - t0
-            engine = Engine(header, tensors, device).eval()
-            if name.removesuffix(" fused").endswith("library"):
-                engine.use_triton = False
-            chosen = kernel_choices(header) if engine.use_triton else ["library kernels (forced)"]
-            print(f"{preset} {name}: built in {build_s:.0f} s; chosen:", *(chosen or ["sdpa, library GEMMs"]),
-                  sep="\n  ", flush=True)
+            if policy.fp8 and fp8_unsupported(device):
+                print(f"{preset} {name}: skipped, this GPU lacks {fp8_unsupported(device)}", flush=True)
+                continue
+            engine = variant_engine(loaded, name, shapes, calib if policy.quantized else None, timing, preset)
             fuses = [False, True] if args.fuse == "both" else [args.fuse == "on" or name.endswith(" fused")]
             for fuse in fuses:
                 runner = GraphRunner(engine, fuse=fuse)

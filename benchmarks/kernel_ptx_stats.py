@@ -4,7 +4,7 @@
                                            [--arch 90]
 
 Triton compiles for a target GPU on any machine (ptxas ships with it), so the code a kernel variant becomes can be
-compared where no GPU is lent: per tile, the pointer kernel (plugins.int8_linear.int8_linear_kernel) with a
+compared where no GPU is lent: per tile, the pointer kernel (plugins.int8_linear.quantized_linear_kernel) with a
 residual in FP16, as INT8 codes with one scale, and as codes with one scale per channel (-iln's residual stream,
 smoothed sites). Counts are of static instructions in the PTX (a loop body counts once), not of executed ones:
 a way to see an extra trip through shared memory (st.shared + bar.sync), not a timing. With --attention, the
@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from plugins.attention import attention_int8_kernel, attention_kernel
-from plugins.int8_linear import int8_linear_kernel
+from plugins.int8_linear import quantized_linear_kernel
 
 RESIDUALS = {"fp16": (False, False), "int8": (True, False), "int8-channel": (True, True)}
 # fc1: GELU, INT8 codes out with a scale GELU's floor cannot push below -127 (no clamp there), no residual
@@ -49,15 +49,15 @@ def gemm_compiled(block_m: int, block_n: int, block_k: int, warps: int, stages: 
                  "N": "i32", "K": "i32", "a_scale": "fp32", "out_recip": "fp32",
                  "res_scale": "*fp32" if per_channel else "fp32",
                  "stride_am": "i32", "stride_wn": "i32", "stride_rm": "i32", "stride_om": "i32"}
-    constants = dict(HAS_RESIDUAL=not fc1, GELU=fc1, INT8_OUT=fc1, RECIP_PER_CHANNEL=False, RES_CODES=codes,
-                     CLAMP_LOW=not fc1,
+    constants = dict(HAS_RESIDUAL=not fc1, GELU=fc1, OUT_FORMAT="int8" if fc1 else "fp", RECIP_PER_CHANNEL=False,
+                     RES_CODES=codes, CLAMP_LOW=not fc1, FP8=False,
                      RES_PER_CHANNEL=per_channel, EVEN_K=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                      GROUP_M=8, PDL=arch >= 90, PREFETCH=False)
     signature.update({name: "constexpr" for name in constants})
     # what the JIT infers for BERT's shapes: pointers, sizes and strides all multiples of 16
     aligned = [i for i, name in enumerate(signature) if name.endswith(("_ptr", "stride_am", "stride_wn", "stride_rm",
                                                                         "stride_om")) or name in ("M", "N", "K")]
-    source = ASTSource(fn=int8_linear_kernel, signature=signature, constexprs=constants,
+    source = ASTSource(fn=quantized_linear_kernel, signature=signature, constexprs=constants,
                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),  # as plugins.int8_linear launches it
                           options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
@@ -82,7 +82,7 @@ def attention_ptx(config: str, int8: bool, arch: int, d: int = 64) -> str:
     if int8:
         signature.update(p_recip="fp32", pv_scale="fp32")
     signature.update(stride_qkv="i32", stride_out="i32")
-    constants = dict(HAS_BIAS=False, INT8_OUT=True, RECIP_PER_CHANNEL=False, D=d, BLOCK_M=bm, BLOCK_N=bn, EVEN=True,
+    constants = dict(HAS_BIAS=False, OUT_FORMAT="int8", RECIP_PER_CHANNEL=False, D=d, BLOCK_M=bm, BLOCK_N=bn, EVEN=True,
                      PDL=arch >= 90)
     if not int8:
         constants.update(q_desc=None, kv_desc=None)  # pointer loads

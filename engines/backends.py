@@ -45,13 +45,15 @@ class GemmRun(Protocol):
 class AttentionRun(Protocol):
     def __call__(self, config: str, qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.Tensor | None, *,
                  scales=None, out_recip: float | torch.Tensor | None = None,
-                 out_dtype: torch.dtype = torch.float16, gpu_kernels: bool = False) -> torch.Tensor: ...
+                 out_dtype: torch.dtype = torch.float16, gpu_kernels: bool = False,
+                 out_format: QuantFormat = INT8) -> torch.Tensor: ...
 
 
 class VarlenAttentionRun(Protocol):
     def __call__(self, config: str, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, heads: int, *,
                  scales=None, out_recip: float | torch.Tensor | None = None,
-                 out_dtype: torch.dtype = torch.float16, gpu_kernels: bool = False) -> torch.Tensor: ...
+                 out_dtype: torch.dtype = torch.float16, gpu_kernels: bool = False,
+                 out_format: QuantFormat = INT8) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class GemmBackend:
 @dataclass(frozen=True)
 class AttentionBackend:
     """One attention family: softmax(Q K^T / sqrt(d) + key bias) V from the QKV GEMM's output [b*s, 3H] to the
-    context [b*s, H] (its codes when `out_recip` is given). `format`: "fp" takes the FP QKV output, "int8" the
+    context [b*s, H] (its codes when `out_recip` is given: INT8's, or `out_format`'s, which the engine passes
+    only for FP8 context codes and only to "fp" families). `format`: "fp" takes the FP QKV output, "int8" the
     -imh codes with their AttentionScales. `varlen`: the packed layout instead, run as VarlenAttentionRun
     (configs then get (windows, max_seqlen)); `available`: its library is present (and the GPU can run it)."""
 
@@ -228,6 +231,20 @@ def _int8_triton(config, a, w, a_scale, w_scale, bias, *, gelu_tanh=True, **kw):
     return int8_linear(a, w, a_scale, w_scale, bias, config=parse_triton_impl(implementation(TRITON, config)), **kw)
 
 
+def _fp8_triton(config, a, w, a_scale, w_scale, bias, *, gelu_tanh=True, out_format=INT8, **kw):
+    """plugins.fp8_linear.fp8_linear: the INT8 family's kernels and tiles on E4M3 codes, the epilogue fused."""
+    from plugins.fp8_linear import fp8_linear
+
+    return fp8_linear(a, w, a_scale, w_scale, bias, out_format=out_format,
+                      config=parse_triton_impl(implementation(TRITON, config)), **kw)
+
+
+def _fp8_kernels_available() -> bool:
+    from plugins.fp8_linear import fp8_kernels_available
+
+    return fp8_kernels_available()
+
+
 def _triton_configs(problem: GemmProblem) -> list[str]:
     from plugins.int8_linear import CANDIDATE_CONFIGS
 
@@ -326,37 +343,39 @@ def _cublaslt_fp8_available() -> bool:
 
 
 def _sdpa(config, qkv, batch, heads, key_bias, *, scales=None, out_recip=None, out_dtype=torch.float16,
-          gpu_kernels=False):
-    """PyTorch's fused SDPA, then (where the next GEMM is INT8) the context's codes in one pass on CUDA."""
+          gpu_kernels=False, out_format=INT8):
+    """PyTorch's fused SDPA, then (where the next GEMM is quantized) the context's codes in one pass on CUDA."""
     s = qkv.shape[0] // batch
     d = qkv.shape[1] // (3 * heads)
     q, k, v = qkv.view(batch, s, 3, heads, d).permute(2, 0, 3, 1, 4)
     mask_bias = None if key_bias is None else key_bias.view(batch, 1, 1, s)
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias).transpose(1, 2)  # [b, s, h, d]
-    return _context_rows(context, out_recip, gpu_kernels)
+    return _context_rows(context, out_recip, gpu_kernels, out_format)
 
 
-def _context_rows(context: torch.Tensor, out_recip, gpu_kernels: bool) -> torch.Tensor:
+def _context_rows(context: torch.Tensor, out_recip, gpu_kernels: bool, out_format: QuantFormat = INT8
+                  ) -> torch.Tensor:
     """A library attention's context ([..., heads, d], any strides) as [tokens, hidden] rows: as it is, or
-    (where the next GEMM is INT8) its codes in one pass on CUDA."""
+    (where the next GEMM is quantized) its `out_format` codes in one pass on CUDA."""
     rows, hidden = context.shape[:-2].numel(), context.shape[-2] * context.shape[-1]
     if out_recip is None:
         return context.reshape(rows, hidden)
     if gpu_kernels:
         from plugins.quantize import quantize_rows
-        codes = quantize_rows(context, out_recip)
+        codes = quantize_rows(context, out_recip, out_format)
     else:
         from plugins.quantize import quantize_rows_reference
-        codes = quantize_rows_reference(context, out_recip)
+        codes = quantize_rows_reference(context, out_recip, out_format)
     return codes.view(rows, hidden)
 
 
 def _fused_attention(config, qkv, batch, heads, key_bias, *, scales=None, out_recip=None, out_dtype=torch.float16,
-                     gpu_kernels=True):
+                     gpu_kernels=True, out_format=INT8):
     from plugins.attention import AttentionConfig, fused_attention
 
     return fused_attention(qkv, batch, heads, key_bias, out_recip=out_recip, out_dtype=out_dtype,
-                           config=AttentionConfig.parse(implementation("fused-attention", config)))
+                           config=AttentionConfig.parse(implementation("fused-attention", config)),
+                           out_format=out_format)
 
 
 def _int8_attention_library(config, codes, batch, heads, key_bias, *, scales=None, out_recip=None,
@@ -407,12 +426,12 @@ def _padded_windows(attend, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
 
 
 def _varlen_sdpa(config, qkv, cu_seqlens, max_seqlen, heads, *, scales=None, out_recip=None,
-                 out_dtype=torch.float16, gpu_kernels=False):
+                 out_dtype=torch.float16, gpu_kernels=False, out_format=INT8):
     """The FP library family of packed windows: SDPA over the windows padded to max_seqlen (_padded_windows)."""
     return _padded_windows(lambda x, n, bias: _sdpa("", x, n, heads, bias, out_recip=out_recip,
-                                                    gpu_kernels=gpu_kernels),
+                                                    gpu_kernels=gpu_kernels, out_format=out_format),
                            qkv, cu_seqlens, max_seqlen, qkv.dtype, qkv.shape[1] // 3,
-                           torch.int8 if out_recip is not None else qkv.dtype)
+                           out_format.dtype if out_recip is not None else qkv.dtype)
 
 
 def _varlen_int8_library(config, codes, cu_seqlens, max_seqlen, heads, *, scales=None, out_recip=None,
@@ -427,12 +446,13 @@ def _varlen_int8_library(config, codes, cu_seqlens, max_seqlen, heads, *, scales
 
 
 def _varlen_attention(config, qkv, cu_seqlens, max_seqlen, heads, *, scales=None, out_recip=None,
-                      out_dtype=torch.float16, gpu_kernels=True):
+                      out_dtype=torch.float16, gpu_kernels=True, out_format=INT8):
     from plugins.attention import AttentionConfig
     from plugins.varlen_attention import fused_varlen_attention
 
     return fused_varlen_attention(qkv, cu_seqlens, max_seqlen, heads, out_recip=out_recip, out_dtype=out_dtype,
-                                  config=AttentionConfig.parse(implementation("fused-attention", config)))
+                                  config=AttentionConfig.parse(implementation("fused-attention", config)),
+                                  out_format=out_format)
 
 
 def _varlen_int8_attention(config, codes, cu_seqlens, max_seqlen, heads, *, scales=None, out_recip=None,
@@ -467,16 +487,16 @@ def _torch_varlen_available() -> bool:
 
 
 def _torch_varlen(config, qkv, cu_seqlens, max_seqlen, heads, *, scales=None, out_recip=None,
-                  out_dtype=torch.float16, gpu_kernels=True):
+                  out_dtype=torch.float16, gpu_kernels=True, out_format=INT8):
     """PyTorch's varlen_attn (flash attention over cu_seqlens) on strided Q, K, V views of the QKV output; the
-    context's codes, where the next GEMM is INT8, in a pass of their own (as SDPA's). Called with the seven
+    context's codes, where the next GEMM is quantized, in a pass of their own (as SDPA's). Called with the seven
     positional arguments every release since 2.9 takes (later ones made the rest keyword-only)."""
     from torch.nn.attention.varlen import varlen_attn
 
     tokens, d = qkv.shape[0], qkv.shape[1] // (3 * heads)
     q, k, v = qkv.view(tokens, 3, heads, d).unbind(1)
     context = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)  # [tokens, heads, d]
-    return _context_rows(context, out_recip, gpu_kernels)
+    return _context_rows(context, out_recip, gpu_kernels, out_format)
 
 
 VARLEN_ATTENTION = "varlen-attention"
@@ -495,6 +515,9 @@ register_gemm(GemmBackend(LIBRARY, FP8_E4M3.name, _reference_only, _fp8_library)
 CUBLASLT = "cublaslt"
 register_gemm(GemmBackend(CUBLASLT, FP8_E4M3.name, _cublaslt_fp8_configs, _fp8_cublaslt, gpu_kernels=True,
                           available=_cublaslt_fp8_available))
+# the INT8 Triton family's kernels and tiles on E4M3 codes (FP8 operands are bytes too: the same tiles suit them)
+register_gemm(GemmBackend(TRITON, FP8_E4M3.name, _triton_configs, _fp8_triton, gpu_kernels=True,
+                          available=_fp8_kernels_available))
 register_attention(AttentionBackend(LIBRARY, "fp", _reference_only, _sdpa))
 register_attention(AttentionBackend("fused-attention", "fp", _attention_configs(False), _fused_attention,
                                     gpu_kernels=True))

@@ -135,8 +135,8 @@ def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.
         if policy.sparse and not is_sparse(best):
             chosen[SPARSE_NOTE + key] = _sparse_note(times)
             log.info("%s %s m=%d runs dense: %s", fmt, kind, m, chosen[SPARSE_NOTE + key])
-    # FP16 and FP8: SDPA, untimed (the fused attention kernels write INT8 context codes)
-    shapes = sorted({(p.batch, p.seq_len) for p in header.profiles}) if policy.int8 else []
+    # FP16: SDPA, untimed (the fused attention kernels pay where they write the next GEMM's codes)
+    shapes = sorted({(p.batch, p.seq_len) for p in header.profiles}) if policy.quantized else []
     for (b, s), padded in itertools.product(shapes, (True, False)):
         found = engine.attention_candidates(b, s, padded)
         if found is None:
@@ -331,15 +331,16 @@ def _policy_json(policy: PrecisionPolicy) -> dict:
 def _kernels(num_layers: int, policy: PrecisionPolicy, device: torch.device, varlen: bool = False) -> dict[str, str]:
     """What runs each op, in words; quantized GEMMs on CUDA are then timed per profile (gemm.KIND.mROWS entries)."""
     if policy.fp8:
-        int8 = ("fp8 e4m3: cuBLASLt (torch._scaled_mm) or the reference, timed" if device.type == "cuda"
-                else "cpu fp8 e4m3 (reference: float32 accumulation of the codes)") + ", fp32 epilogue"
+        int8 = ("fp8 e4m3: a timed Triton kernel (fused epilogue), cuBLASLt (torch._scaled_mm) or the reference"
+                if device.type == "cuda" else "cpu fp8 e4m3 (reference: float32 accumulation of the codes)") + \
+            ", fp32 epilogue"
     else:
         int8 = ("cuBLASLt int8 (torch._int_mm) or a timed Triton kernel" if device.type == "cuda"
                 else "cpu int8 (torch._int_mm)") + ", fused epilogue"
     fp = f"{'fp16' if policy.fp16 else 'fp32'} library gemm (F.linear)"
     attention = ("int8 attention (reference ops, or the timed fused kernel)" if policy.imh
                  else "sdpa (F.scaled_dot_product_attention)" + (" or the timed fused kernel" if device.type == "cuda"
-                                                                  and policy.int8 and policy.fp16 else ""))
+                                                                  and policy.quantized and policy.fp16 else ""))
     kernels = {f"layer{i}.{g}": int8 if policy.quantizes_gemm(i, g) else fp for i in range(num_layers) for g in GEMMS}
     if policy.fc2_library_gemm:
         kernels.update({f"layer{i}.fc2": "cuBLASLt int8 (torch._int_mm), -g" for i in range(num_layers)

@@ -77,10 +77,8 @@ def varlen_attention_candidates(engine, windows: int, tokens: int, max_seqlen: i
     else:
         qkv = torch.randn(tokens, 3 * cfg.hidden_size, generator=gen, device=device).to(engine.dtype)
     layout = Packed(budget_layout(windows, tokens, max_seqlen, device), max_seqlen)
-    int8 = engine.gemms["layers.0.attn_out"].quantized
     problem = GemmProblem("varlen-attention", tokens, cfg.hidden_size, max_seqlen,
-                          "int8-codes" if engine.policy.imh else "float16",
-                          f"w{windows}->" + ("int8" if int8 else "float16"))
+                          "int8-codes" if engine.policy.imh else "float16", f"w{windows}->{engine.context_output()}")
     impls = backends.attention_candidates(windows, max_seqlen, engine._attention_format, engine.use_triton,
                                           varlen=True)
     covered = int(layout.cu_seqlens[-1])  # rows past the windows hold nothing to compare (kernels leave them)

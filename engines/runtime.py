@@ -16,9 +16,11 @@ candidates per profile and records the fastest in the engine header (engines/tun
 anything the header does not name or this workbench cannot run, runs the reference. In a --sparse build the 2:4
 GEMMs (FP ones too) may run a sparse family where the build timed it faster; a dense weight never does.
 
-Attention without -imh runs PyTorch's fused SDPA, or where the build timed it faster (INT8 builds on CUDA),
-plugins/attention.py's kernel, which reads Q, K, V from the QKV output and writes the context as the next GEMM
-reads it (its INT8 codes when that GEMM is INT8): one launch for SDPA and the context's quantize pass. With
+Attention without -imh runs PyTorch's fused SDPA, or where the build timed it faster (INT8 and FP8 builds on
+CUDA), plugins/attention.py's kernel, which reads Q, K, V from the QKV output and writes the context as the next
+GEMM reads it (its INT8 or E4M3 codes when that GEMM is quantized): one launch for SDPA and the context's quantize
+pass. An FP8 build's LayerNorms write E4M3 codes in the same pass as INT8 builds' write INT8 ones, and its GEMMs
+may run the Triton kernel with the fused epilogue (plugins/fp8_linear.py), cuBLASLt or the reference. With
 -imh, the QKV GEMM writes Q, K and V as INT8 codes (one scale per section of its output, the pseudo-site
 "layerI.qkv") and attention is INT8 attention (plugins/attention.py: fused_attention_int8, which
 attention_int8_reference defines and the CPU runs): integer q.k and p.v, the probabilities rounded with their
@@ -117,6 +119,11 @@ def _triton_usable(device: torch.device) -> bool:
     return available()
 
 
+def _fp8_kernels_usable() -> bool:
+    from plugins.fp8_linear import fp8_kernels_available
+    return fp8_kernels_available()
+
+
 def activation_codes(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """INT8 codes shaped like a calibrated activation's (normal, std 127/4, clamped): the -imh attention tuner's
     QKV. Uniform codes over [-127, 127] make every score huge at real scales, so near-tied keys split a row's
@@ -150,6 +157,7 @@ class Engine(torch.nn.Module):
                 self.channel_scale[f"layer{i}.qkv"] = torch.cat(sections).to(self.device).contiguous()
                 self.channel_recip[f"layer{i}.qkv"] = reciprocal(self.channel_scale[f"layer{i}.qkv"], self.device)
         self.use_triton = _triton_usable(self.device)
+        self.fp8_kernels = self.use_triton and _fp8_kernels_usable()  # our kernels write E4M3 codes here
         self.kernels = dict(header.kernels)
         self.gemms = {f"layers.{i}.{g}": self._gemm_of(i, g) for i in range(self.cfg.num_layers) for g in GEMMS}
 
@@ -274,11 +282,15 @@ class Engine(torch.nn.Module):
         if rounded and fp_out:
             args += (self._site_scale(site),)
         fmt = self._format(site)
-        if self.use_triton and fmt is INT8:
+        if self._kernels_write(fmt):
             from plugins.layernorm import layernorm_quant as run
-            return Activation(*run(*args, codes_only=rounded and not fp_out), site)
-        from plugins.layernorm import layernorm_quant_reference as run  # (the Triton LayerNorm writes INT8 alone)
+        else:
+            from plugins.layernorm import layernorm_quant_reference as run
         return Activation(*run(*args, codes_only=rounded and not fp_out, fmt=fmt), site)
+
+    def _kernels_write(self, fmt: QuantFormat) -> bool:
+        """Whether our Triton kernels run here and can write `fmt`'s codes (E4M3 needs compute capability 8.9)."""
+        return self.use_triton and (fmt is INT8 or self.fp8_kernels)
 
     def _attend(self, i: int, qkv: torch.Tensor, layout: Padded | Packed, impl: str) -> torch.Tensor:
         """Layer i's attention from its QKV output [rows, 3H] (under -imh its Q, K, V codes) to the
@@ -288,11 +300,13 @@ class Engine(torch.nn.Module):
         quantized_out = self.gemms[f"layers.{i}.attn_out"].quantized
         site = f"layer{i}.context"
         imh = self.policy.imh
-        int8_out = (quantized_out and self._format(site) is INT8) or imh  # attention kernels write INT8 codes
+        fmt = INT8 if imh else self._format(site)
         config, heads = backends.split(impl)[1], self.cfg.num_heads
         options = dict(scales=self._attention_scales(i) if imh else None,
-                       out_recip=self._recip(site) if int8_out else None, out_dtype=self.dtype,
-                       gpu_kernels=self.use_triton)
+                       out_recip=self._recip(site) if quantized_out or imh else None, out_dtype=self.dtype,
+                       gpu_kernels=self._kernels_write(fmt))
+        if quantized_out and fmt is not INT8:  # FP8 context codes, written by the attention (INT8's by default)
+            options["out_format"] = fmt
         if isinstance(layout, Packed):
             run = backends.attention_backend(impl, self._attention_format, varlen=True).run
             context = run(config, qkv, layout.cu_seqlens, layout.max_seqlen, heads, **options)
@@ -301,9 +315,6 @@ class Engine(torch.nn.Module):
             context = run(config, qkv, layout.batch, heads, layout.key_bias, **options)
         if imh and not quantized_out:
             return dequantize(context, self._site_scale(site), self.dtype)
-        if quantized_out and not int8_out:  # FP8: the context's codes in a pass of their own
-            from plugins.common import codes_reference
-            return codes_reference(context, self._recip(site), self._format(site))
         return context
 
     def _attention_scales(self, i: int):
@@ -386,14 +397,17 @@ class Engine(torch.nn.Module):
             mask = torch.ones(b, s, device=self.device)
             mask[:, s - s // 4:] = 0.0
             bias = self._key_bias(mask)
-        int8 = self.gemms["layers.0.attn_out"].quantized
         problem = GemmProblem("attention", b * s, cfg.hidden_size, s,
                               # (timing-cache keys: "+padded" once named the two cases timed together; -imh's
                               # "int8" those timed and checked on uniform codes, which few kernels passed)
                               "int8-codes" if self.policy.imh else "float16",
-                              ("softmax+bias->" if padded else "softmax->") + ("int8" if int8 else "float16"))
+                              ("softmax+bias->" if padded else "softmax->") + self.context_output())
         impls = backends.attention_candidates(b, s, self._attention_format, self.use_triton)
         return problem, {impl: (lambda impl=impl: self._attend(0, qkv, Padded(b, s, bias), impl)) for impl in impls}, 1
+
+    def context_output(self) -> str:
+        """What attention writes, in timing-cache keys: the attention-output GEMM's code format, or float16."""
+        return self._format("layer0.context").name if self.gemms["layers.0.attn_out"].quantized else "float16"
 
     def attention_agreement(self) -> Callable[[torch.Tensor, torch.Tensor], bool]:
         """How the build holds an attention candidate to the library path's output: tuning.attention_agrees

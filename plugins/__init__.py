@@ -4,10 +4,11 @@ Each module holds one kernel, the wrapper that allocates its outputs and launche
 function in plain PyTorch that *defines* its math (it runs on the CPU and CUDA): tests hold every kernel to its
 reference, and the reference to quant.quantizer, so the INT8 math still lives in one place.
 
-- int8_linear: INT8 GEMM (int32 accumulation) + dequantize + bias [+ GELU] [+ residual] -> FP16/FP32 or INT8
-- layernorm:   LayerNorm -> x.dtype output and, optionally, its INT8 codes in the same pass
-- quantize:    INT8 codes of a strided (e.g. transposed attention-context) tensor, written contiguously
-- attention:   softmax(QK^T)V from the QKV GEMM's output -> the context in the next GEMM's layout, FP or INT8
+- int8_linear: INT8 GEMM (int32 accumulation) + dequantize + bias [+ GELU] [+ residual] -> FP16/FP32 or codes
+- fp8_linear:  the same kernels on FP8 E4M3 codes (float32 accumulation) -> FP16/FP32 or E4M3 (or INT8) codes
+- layernorm:   LayerNorm -> x.dtype output and, optionally, its INT8 or E4M3 codes in the same pass
+- quantize:    INT8 or E4M3 codes of a strided (e.g. transposed attention-context) tensor, written contiguously
+- attention:   softmax(QK^T)V from the QKV GEMM's output -> the context in the next GEMM's layout, FP or codes
 - varlen_attention: the same for windows packed back to back (cu_seqlens), no padding (build --varlen)
 
 On Hopper and later GPUs every kernel launches with programmatic dependent launch and waits for the kernel before

@@ -4,7 +4,8 @@ The engine's default attention is PyTorch's SDPA on strided views of the QKV out
 attention-output GEMM, a pass that quantizes the transposed context (plugins/quantize.py). This kernel does both
 in one launch, the way TensorRT's fused multi-head attention plugin does: each program takes BLOCK_M queries of
 one (sequence, head), walks the keys in BLOCK_N blocks with an online softmax, and writes its context rows
-straight into the [tokens, hidden] layout, as FP16/FP32 or as INT8 codes. At batch 1 that is one kernel fewer
+straight into the [tokens, hidden] layout, as FP16/FP32 or as the next GEMM's codes (INT8, or FP8 E4M3 in an --fp8
+build). At batch 1 that is one kernel fewer
 per layer and one that takes part in programmatic dependent launch (plugins/common.await_inputs), which SDPA's
 kernels do not; at large batch it saves the context's extra read and write. Whether it is faster than SDPA on a
 given GPU and shape is for the builder's timing to say (engines/runtime.py: attention_candidates).
@@ -14,12 +15,12 @@ The math (attention_reference defines it), per sequence b and head h, keys j < S
     scores[i, j] = float32(q_i . k_j) / sqrt(D) + bias[b, j]        q, k, v: FP16 rows of qkv
     p[i, :]      = softmax(scores[i, :])                            float32
     ctx[i]       = sum_j p[i, j] * float32(v_j)
-    out          = codes(ctx) with out_recip, else ctx.to(out_dtype)
+    out          = codes(ctx) with out_recip (INT8's or E4M3's), else ctx.to(out_dtype)
 
 `bias` is the engine's key-padding bias (0 for a real token, the dtype's lowest value for padding) or absent.
 The kernel computes softmax with exp2 and the running maximum (flash attention's rescaling) and rounds p to
 FP16 before the p.v product, as every flash kernel and SDPA's do; so its context differs from the float32
-reference by about 1e-3 relative, and an INT8 code by 1 where the context sits near a rounding boundary. The
+reference by about 1e-3 relative, and a code by one step where the context sits near a rounding boundary. The
 codes come from the float32 context, with no FP16 rounding in between (one rounding fewer than SDPA + quantize).
 
 INT8 attention (-imh: Q, K, V, the probabilities and the context INT8 where they are produced), one launch,
@@ -51,7 +52,8 @@ import triton
 import triton.language as tl
 
 from plugins import common
-from plugins.common import await_inputs, codes_reference, int8_codes, max_op, sum_op, tma_ok
+from plugins.common import await_inputs, codes, codes_reference, int8_codes, max_op, sum_op, tma_ok
+from quant.formats import INT8, QuantFormat
 
 LOG2E = 1.4426950408889634
 
@@ -155,24 +157,25 @@ def _program_block(S, HEADS, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def store_context(ctx, out_ptr, out_recip, rows, cols, m_ok, stride_out, INT8_OUT: tl.constexpr,
-                   RECIP_PER_CHANNEL: tl.constexpr):
-    """A float32 context block into out[rows, cols] ([tokens, hidden]): its INT8 codes (out_recip a float32
-    number, or with RECIP_PER_CHANNEL a pointer to float32 [hidden]) or the values in out's dtype."""
+def store_context(ctx, out_ptr, out_recip, rows, cols, m_ok, stride_out, OUT_FORMAT: tl.constexpr,
+                  RECIP_PER_CHANNEL: tl.constexpr):
+    """A float32 context block into out[rows, cols] ([tokens, hidden]): its codes in OUT_FORMAT ("int8" or
+    "fp8_e4m3"; out_recip a float32 number, or with RECIP_PER_CHANNEL a pointer to float32 [hidden]), or with
+    OUT_FORMAT "fp" the values in out's dtype."""
     out_ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
-    if INT8_OUT:
+    if OUT_FORMAT == "fp":
+        tl.store(out_ptrs, ctx.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+    else:
         if RECIP_PER_CHANNEL:
             recip = tl.load(out_recip + cols)[None, :]
         else:
             recip = out_recip
-        tl.store(out_ptrs, int8_codes(ctx, recip), mask=m_ok[:, None])
-    else:
-        tl.store(out_ptrs, ctx.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+        tl.store(out_ptrs, codes(ctx, recip, OUT_FORMAT), mask=m_ok[:, None])
 
 
 @triton.jit
 def attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, stride_qkv, stride_out,
-                     HAS_BIAS: tl.constexpr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, OUT_FORMAT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
                      PDL: tl.constexpr, q_desc=None, kv_desc=None):
     # Program (query block, sequence * HEADS + head). Row r of qkv holds [q | k | v], each HEADS * D wide, head h
@@ -220,7 +223,7 @@ def attention_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, 
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=tl.float32)
         m_i = m_new
     ctx = acc / l_i[:, None]
-    store_context(ctx, out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, INT8_OUT, RECIP_PER_CHANNEL)
+    store_context(ctx, out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, OUT_FORMAT, RECIP_PER_CHANNEL)
 
 
 @triton.jit
@@ -277,7 +280,7 @@ def int8_context(q, qkv_ptr, bias_ptr, row0, S, col_k, col_v, offs_n, offs_d, st
 
 @triton.jit
 def attention_int8_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_scale, p_recip, pv_scale,
-                          stride_qkv, stride_out, HAS_BIAS: tl.constexpr, INT8_OUT: tl.constexpr,
+                          stride_qkv, stride_out, HAS_BIAS: tl.constexpr, OUT_FORMAT: tl.constexpr,
                           RECIP_PER_CHANNEL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
     # Program (query block, sequence * HEADS + head), the layout of attention_kernel with qkv holding codes.
@@ -288,7 +291,7 @@ def attention_int8_kernel(qkv_ptr, bias_ptr, out_ptr, out_recip, S, HEADS, qk_sc
     q = _load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :], m_ok[:, None], EVEN)
     ctx = int8_context(q, qkv_ptr, bias_ptr, b * S, S, hidden + h * D, 2 * hidden + h * D, offs_n, offs_d,
                        stride_qkv, qk_scale, p_recip, pv_scale, HAS_BIAS, EVEN, i8_dot, BLOCK_M, BLOCK_N, D)
-    store_context(ctx, out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, INT8_OUT, RECIP_PER_CHANNEL)
+    store_context(ctx, out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, OUT_FORMAT, RECIP_PER_CHANNEL)
 
 
 def _check(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.Tensor | None,
@@ -313,12 +316,13 @@ def _check(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.Tensor | N
 
 def fused_attention(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.Tensor | None = None, *,
                     out_recip: float | torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                    config: AttentionConfig | None = None) -> torch.Tensor:
+                    config: AttentionConfig | None = None, out_format: QuantFormat = INT8) -> torch.Tensor:
     """Context [batch * S, heads * D] of qkv [batch * S, 3 * heads * D] (the QKV GEMM's output); `key_bias`
     [batch, S] is added to every query's scores (padding), `out_recip` (a float32 number, or a contiguous
-    float32 [heads * D] vector) makes the output INT8 codes. See the module docstring."""
+    float32 [heads * D] vector) makes the output `out_format`'s codes (INT8 or FP8 E4M3). See the module
+    docstring."""
     s, d = _check(qkv, batch, heads, key_bias)
-    out, per_channel, recip = context_out(batch * s, heads * d, out_recip, out_dtype, qkv.device)
+    out, per_channel, recip = context_out(batch * s, heads * d, out_recip, out_dtype, qkv.device, out_format)
     if s == 0:
         return out
     cfg = config or CANDIDATE_CONFIGS[0]
@@ -333,15 +337,16 @@ def fused_attention(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.T
     grid = (triton.cdiv(s, cfg.block_m), batch * heads)
     attention_kernel[grid](
         qkv, key_bias if key_bias is not None else qkv, out, recip, s, heads, LOG2E / math.sqrt(d),
-        qkv.stride(0), out.stride(0), HAS_BIAS=key_bias is not None, INT8_OUT=out_recip is not None,
-        RECIP_PER_CHANNEL=per_channel, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=even, PDL=use_pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl, **descs)
+        qkv.stride(0), out.stride(0), HAS_BIAS=key_bias is not None,
+        OUT_FORMAT=common.kernel_format(out_recip, out_format), RECIP_PER_CHANNEL=per_channel, D=d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=even, PDL=use_pdl, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, launch_pdl=use_pdl, **descs)
     return out
 
 
 def attention_reference(qkv: torch.Tensor, batch: int, heads: int, key_bias: torch.Tensor | None = None, *,
-                        out_recip: float | torch.Tensor | None = None,
-                        out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                        out_recip: float | torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
+                        out_format: QuantFormat = INT8) -> torch.Tensor:
     """The definition of fused_attention's output, in float32 torch ops (module docstring)."""
     s, d = _check(qkv, batch, heads, key_bias)
     q, k, v = qkv.float().view(batch, s, 3, heads, d).permute(2, 0, 3, 1, 4)  # each [batch, heads, S, D]
@@ -350,20 +355,21 @@ def attention_reference(qkv: torch.Tensor, batch: int, heads: int, key_bias: tor
         scores = scores + key_bias.float()[:, None, None, :]
     ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch * s, heads * d)
     if out_recip is not None:
-        return codes_reference(ctx, out_recip)
+        return codes_reference(ctx, out_recip, out_format)
     return ctx.to(out_dtype)
 
 
 def context_out(rows: int, hidden: int, out_recip: float | torch.Tensor | None, out_dtype: torch.dtype,
-                 device: torch.device) -> tuple[torch.Tensor, bool, float | torch.Tensor]:
-    """Both kernels' context output [rows, hidden] (INT8 codes when out_recip is given), whether out_recip is
-    per channel (after checking that such a vector fits), and out_recip as the kernels take it."""
+                device: torch.device, out_format: QuantFormat = INT8
+                ) -> tuple[torch.Tensor, bool, float | torch.Tensor]:
+    """Both kernels' context output [rows, hidden] (`out_format`'s codes when out_recip is given), whether out_recip
+    is per channel (after checking that such a vector fits), and out_recip as the kernels take it."""
     per_channel = isinstance(out_recip, torch.Tensor)
     if per_channel and (out_recip.shape != (hidden,) or out_recip.dtype != torch.float32
                         or not out_recip.is_contiguous() or out_recip.device != device):
         raise ValueError(f"fused_attention: a per-channel out_recip must be a contiguous float32 [{hidden}] on "
                          f"{device}, got {out_recip.dtype} {tuple(out_recip.shape)} on {out_recip.device}")
-    out = common.empty((rows, hidden), torch.int8 if out_recip is not None else out_dtype, device)
+    out = common.empty((rows, hidden), out_format.dtype if out_recip is not None else out_dtype, device)
     recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
     return out, per_channel, recip
 
@@ -408,7 +414,7 @@ def fused_attention_int8(codes: torch.Tensor, batch: int, heads: int, scales: At
     attention_int8_kernel[grid](
         codes, key_bias if key_bias is not None else codes, out, recip, s, heads, qk * LOG2E,
         common.out_recip(scales.probs), pv, codes.stride(0), out.stride(0),
-        HAS_BIAS=key_bias is not None, INT8_OUT=out_recip is not None, RECIP_PER_CHANNEL=per_channel, D=d,
+        HAS_BIAS=key_bias is not None, OUT_FORMAT=common.kernel_format(out_recip), RECIP_PER_CHANNEL=per_channel, D=d,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN=s % cfg.block_m == 0 and s % cfg.block_n == 0, PDL=use_pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
     return out

@@ -1,4 +1,5 @@
-"""What the kernels share: the INT8 rounding step (device side) and its PyTorch twin, output allocation."""
+"""What the kernels share: the rounding steps to INT8 and FP8 E4M3 codes (device side) and their PyTorch twin,
+output allocation."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +10,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from quant.formats import INT8, QuantFormat
+from quant.formats import FP8_E4M3, INT8, QuantFormat
 from quant.quantizer import reciprocal
 from plugins import interpreted
 
@@ -106,3 +107,61 @@ def int8_codes(y, recip, CLAMP_LOW: tl.constexpr = True):
         y = tl.maximum(y, -127.0)
     y = tl.minimum(y, 127.0)
     return (y + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+# The hardware's float32 -> E4M3 conversion (cvt.rn.satfinite.e4m3x2.f32 on sm_89 and later, what Triton emits for
+# `.to(tl.float8e4nv)`) rounds to nearest even, as torch's cast (the reference) does. Triton's interpreter (the CPU
+# tests) converts with its own bit arithmetic instead, which rounds ties away from zero and drops the carry when a
+# mantissa rounds up into the exponent (-127.99 became -64 in a check): there the value is first rounded to E4M3's
+# grid in float32 (round_to_e4m3), so the conversion has nothing left to round and the tests see the GPU's math.
+_HW_FP8_CVT = tl.constexpr(not interpreted())
+
+
+@triton.jit
+def round_to_e4m3(y):
+    """float32 y (|y| <= 448) rounded to the nearest E4M3 value, ties to even, still in float32. Normal range: a
+    carry-propagating round of the bit pattern to 3 mantissa bits (add half an E4M3 step minus one, plus the kept
+    lowest bit, then drop the 20 bits below: the float->bfloat16 trick at E4M3's width). Subnormal range: adding
+    1.5 * 2**14, whose float32 spacing is E4M3's subnormal step 2**-9, rounds to it with the FPU's ties-to-even;
+    the sign is put back, so a tiny negative value gives -0 as the hardware's conversion does."""
+    bits = y.to(tl.int32, bitcast=True)
+    normal = (bits + (0x7FFFF + ((bits >> 20) & 1))) & -1048576  # & 0xFFF00000
+    # 2**-6 = 0.015625: E4M3's smallest normal value
+    rounded = tl.where(tl.abs(y) < 0.015625, ((y + 24576.0) - 24576.0).to(tl.int32, bitcast=True), normal)
+    return (rounded | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)  # y's sign: a tiny negative y gives -0
+
+
+@triton.jit
+def fp8_codes(y, recip, CLAMP_LOW: tl.constexpr = True):
+    """Device twin of codes_reference(y, recip, FP8_E4M3) for an fp32 block: y * recip saturated at +-448 (the
+    clamp at -448 left out unless CLAMP_LOW, as int8_codes), then E4M3's round to nearest even."""
+    y = tl.minimum(y * recip, 448.0)
+    if CLAMP_LOW:
+        y = tl.maximum(y, -448.0)
+    if _HW_FP8_CVT:
+        return y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    else:
+        return round_to_e4m3(y).to(tl.float8e4nv)
+
+
+@triton.jit
+def codes(y, recip, FORMAT: tl.constexpr, CLAMP_LOW: tl.constexpr = True):
+    """`FORMAT`'s codes of an fp32 block y times recip: "int8" (int8_codes) or "fp8_e4m3" (fp8_codes), the names
+    of quant.formats' formats; the kernels take the format as this compile-time string."""
+    if FORMAT == "fp8_e4m3":
+        return fp8_codes(y, recip, CLAMP_LOW)
+    else:
+        return int8_codes(y, recip, CLAMP_LOW)
+
+
+FP = "fp"  # a kernel's OUT_FORMAT when it writes values in its output's dtype, not codes
+CODE_FORMATS = (INT8, FP8_E4M3)  # the code formats our kernels write
+
+
+def kernel_format(recip, fmt: QuantFormat = INT8) -> str:
+    """A kernel's OUT_FORMAT: `fmt`'s name where codes are written (an output reciprocal is given), else FP."""
+    if recip is None:
+        return FP
+    if fmt not in CODE_FORMATS:
+        raise ValueError(f"kernels write {' or '.join(f.name for f in CODE_FORMATS)} codes, not {fmt.name}")
+    return fmt.name

@@ -5,15 +5,21 @@ float8_e4m3fn as quant.quantizer writes them, and accumulates their products in 
 significant bits, so each product is exact in float32; only the sum rounds, in whatever order a library adds.
 Then the epilogue of every quantized GEMM (plugins.int8_linear.quantized_epilogue_reference): the accumulator times
 a_scale * w_scale, + bias, GELU, + residual, and the output in FP or as the next GEMM's codes (FP8 ones in an FP8
-build). `fp8_linear_reference` is the definition (any device); `fp8_scaled_mm` is the same function on Hopper's
-FP8 tensor cores through torch._scaled_mm, with unit scales so that it returns the float32 accumulator itself and
-the epilogue is exactly the reference's.
+build). `fp8_linear_reference` is the definition (any device). Two implementations on FP8 tensor cores:
+
+- `fp8_linear`: our Triton GEMM (plugins/int8_linear.py's kernels, their tiles and loads, with E4M3 operands and
+  float32 sums) with the whole epilogue fused: one kernel from codes in to codes (or FP16) out, as the INT8
+  builds' GEMMs. Its output codes are E4M3's (or INT8's) round to nearest even of the float32 value, as the
+  reference's cast; its sums run in another order than the reference's, so an output may differ in the last
+  bits and a code by one step where the float32 value sits at a rounding boundary (engines.tuning.agrees).
+- `fp8_scaled_mm`: cuBLASLt's FP8 GEMM through torch._scaled_mm, with unit scales so that it returns the float32
+  accumulator itself, then the reference epilogue in separate torch ops.
 """
 from __future__ import annotations
 
 import torch
 
-from plugins.int8_linear import quantized_epilogue_reference
+from plugins.int8_linear import GemmConfig, quantized_epilogue_reference, quantized_linear
 from quant.formats import FP8_E4M3, QuantFormat
 
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) on
@@ -51,6 +57,28 @@ def fp8_linear_reference(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w
                                         out_format=out_format, out_dtype=out_dtype)
 
 
+def fp8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: torch.Tensor, bias: torch.Tensor, *,
+               residual: torch.Tensor | None = None, residual_scale: float | torch.Tensor | None = None,
+               gelu: bool = False, out_recip: float | torch.Tensor | None = None,
+               out_format: QuantFormat = FP8_E4M3, out_dtype: torch.dtype = torch.float16,
+               config: GemmConfig | None = None) -> torch.Tensor:
+    """fp8_linear_reference's function in one Triton kernel: a_q float8_e4m3fn [M, K] (per-tensor `a_scale`) times
+    w_q float8_e4m3fn [N, K] (per-row `w_scale` float32 [N]), + float32 `bias` [N], [GELU], [+ residual: FP, or
+    INT8 codes with their `residual_scale`], out as `out_format`'s codes (E4M3 or INT8) where `out_recip` (a
+    float32 number or a contiguous float32 [N]) is given, else `out_dtype`. `config` picks the tiles and loads
+    (plugins.int8_linear.GemmConfig; default_config when None). CUDA with compute capability 8.9 or later
+    (fp8_kernels_available), or Triton's interpreter."""
+    return quantized_linear(FP8_E4M3, a_q, w_q, a_scale, w_scale, bias, residual=residual,
+                            residual_scale=residual_scale, gelu=gelu, out_recip=out_recip, out_format=out_format,
+                            out_dtype=out_dtype, config=config)
+
+
+def fp8_kernels_available() -> bool:
+    """Whether our Triton kernels can read and write FP8 E4M3 here: a CUDA GPU of compute capability 8.9 or
+    later (Triton has no E4M3 type below it)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= MIN_CAPABILITY
+
+
 def scaled_mm_supports(n: int, k: int) -> bool:
     """torch._scaled_mm's shape rule: the reduction and output widths multiples of 16."""
     return n % 16 == 0 and k % 16 == 0
@@ -58,8 +86,7 @@ def scaled_mm_supports(n: int, k: int) -> bool:
 
 def scaled_mm_available() -> bool:
     """Whether this process can run torch._scaled_mm's FP8 GEMM: CUDA with compute capability 8.9 or later."""
-    return torch.cuda.is_available() and hasattr(torch, "_scaled_mm") and \
-        torch.cuda.get_device_capability() >= MIN_CAPABILITY
+    return hasattr(torch, "_scaled_mm") and fp8_kernels_available()
 
 
 def fp8_scaled_mm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: torch.Tensor, bias: torch.Tensor,

@@ -6,6 +6,11 @@ directly as the INT8 codes the next GEMM reads. GemmConfig picks the tiles and h
 (pointer loads, or Hopper's TMA, optionally persistent); a small-M GEMM with a long K may split K over two
 launches (int32 partials, summed exactly, then the same epilogue), which changes nothing in the math below.
 
+The same kernels run the FP8 E4M3 GEMM (plugins/fp8_linear.py: fp8_linear, launched by `quantized_linear` here,
+the one launch path): E4M3 codes in, each product exact in float32 and the sums float32 (partials of split K
+too), so only the accumulation order differs from its reference; and every kernel writes INT8 or E4M3 codes out
+(OUT_FORMAT; plugins.common.codes).
+
 The math (int8_linear_reference defines it; float32 throughout the epilogue):
 
     acc[m, n] = sum_k a_q[m, k] * w_q[n, k]                      exact, int32
@@ -42,9 +47,9 @@ import triton
 import triton.language as tl
 
 from model.bert import gelu_tanh
-from quant.formats import INT8, QuantFormat
+from quant.formats import FP8_E4M3, INT8, QuantFormat
 from plugins import common, interpreted
-from plugins.common import await_inputs, codes_reference, int8_codes, pdl, tma_ok
+from plugins.common import await_inputs, codes, codes_reference, pdl, tma_ok
 
 LOADS = ("ptr", "tma", "tma-persistent")
 
@@ -204,39 +209,73 @@ def _prefetch_weights(w_ptr, offs_n, n_ok, k0, steps, K, stride_wn, BLOCK_K: tl.
 
 
 @triton.jit
+def _zero_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLOAT_ACC: tl.constexpr):
+    """A tile's accumulator: float32 for float operands (FP8 codes, fp16_linear's FP16), else int32."""
+    if FLOAT_ACC:
+        return tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    else:
+        return tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+
+
+@triton.jit
+def _mma(a, w, acc, FP8: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + a @ w on the tensor cores, in acc's dtype. FP8 (E4M3 x E4M3, float32 sums): Hopper's wgmma adds FP8
+    products in an accumulator that keeps fewer bits than float32 (about 14, DeepSeek-V3's report measured), and
+    Triton's sm_90 default lets it run over the whole K loop; here each BLOCK_K step's sum (64 or 128 products,
+    DeepSeek-V3's interval) is added to acc in float32 (max_num_imprecise_acc), as cuBLASLt does unless asked for
+    fast accumulation (PTX: a fresh wgmma accumulator per step, then add.rn.f32 into acc). Not yet measured on a
+    GPU; the `cuda` tests hold it to the reference."""
+    if FP8:
+        return tl.dot(a, w, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
+    else:
+        return tl.dot(a, w, acc, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _load_k(ptrs, k_ok, EVEN_K: tl.constexpr, FP8: tl.constexpr):
+    """An operand tile; without EVEN_K, elements past K (not k_ok) read as zero (FP8 0.0: a masked code must not
+    be a NaN pattern, whose product with 0 would be NaN)."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    elif FP8:
+        return tl.load(ptrs, mask=k_ok, other=0.0)
+    else:
+        return tl.load(ptrs, mask=k_ok, other=0)
+
+
+@triton.jit
 def _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, steps, K, stride_am, stride_wn,
-                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The int32 sum over K in [k0, k0 + steps * BLOCK_K) of an output tile, by pointer loads; EVEN_K: the range
-    lies inside K (no masks). Rows/columns past the edge read row/column 0 instead of masking every load; their
-    results are not stored."""
+                 EVEN_K: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """The sum over K in [k0, k0 + steps * BLOCK_K) of an output tile (int32 exact, or float32 for FP8 codes), by
+    pointer loads; EVEN_K: the range lies inside K (no masks). Rows/columns past the edge read row/column 0
+    instead of masking every load; their results are not stored."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + tl.where(m_ok, offs_m, 0).to(tl.int64)[:, None] * stride_am + (k0 + offs_k)[None, :]
     # a [BLOCK_K, BLOCK_N] tile of W^T, K-major
     w_ptrs = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[None, :] * stride_wn + (k0 + offs_k)[:, None]
-    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    acc = _zero_acc(BLOCK_M, BLOCK_N, FP8)
     for k in range(0, steps):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_left = K - k0 - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        k_left = K - k0 - k * BLOCK_K
+        a = _load_k(a_ptrs, offs_k[None, :] < k_left, EVEN_K, FP8)
+        w = _load_k(w_ptrs, offs_k[:, None] < k_left, EVEN_K, FP8)
+        acc = _mma(a, w, acc, FP8, BLOCK_K)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     return acc
 
 
 @triton.jit
-def int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
-                       M, N, K, a_scale, out_recip, res_scale,
-                       stride_am, stride_wn, stride_rm, stride_om,
-                       HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
-                       RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr,
-                       CLAMP_LOW: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
-                       PREFETCH: tl.constexpr):
+def quantized_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+                            M, N, K, a_scale, out_recip, res_scale,
+                            stride_am, stride_wn, stride_rm, stride_om,
+                            HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, OUT_FORMAT: tl.constexpr,
+                            RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr,
+                            CLAMP_LOW: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
+                            PREFETCH: tl.constexpr):
+    # FP8: the operands are E4M3 codes (float32 sums), else INT8 codes (int32 sums). OUT_FORMAT: "fp" (values in
+    # out's dtype), "int8" or "fp8_e4m3" (that format's codes; plugins.common.codes).
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -247,24 +286,24 @@ def int8_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
         _prefetch_weights(w_ptr, offs_n, n_ok, 0, (K + BLOCK_K - 1) // BLOCK_K, K, stride_wn, BLOCK_K)
     await_inputs(PDL)
     acc = _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, 0, (K + BLOCK_K - 1) // BLOCK_K, K,
-                       stride_am, stride_wn, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                       stride_am, stride_wn, EVEN_K, FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = m_ok[:, None] & n_ok[None, :]
     rows = offs_m.to(tl.int64)[:, None]
     _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
-              res_scale, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL, RES_CODES,
+              res_scale, stride_rm, stride_om, HAS_RESIDUAL, GELU, OUT_FORMAT, RECIP_PER_CHANNEL, RES_CODES,
               RES_PER_CHANNEL, CLAMP_LOW)
 
 
 @triton.jit
-def _int8_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
-                            M, N, K, a_scale, out_recip, res_scale, stride_rm, stride_om,
-                            HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
-                            RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr,
-                            RES_PER_CHANNEL: tl.constexpr, CLAMP_LOW: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
-                            PDL: tl.constexpr, res_desc=None, out_desc=None, FLOAT_IN: tl.constexpr = False):
-    """int8_linear_kernel with operand tiles fetched by TMA (host-made descriptors; the copy engine zero-fills
+def _quantized_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+                                 M, N, K, a_scale, out_recip, res_scale, stride_rm, stride_om,
+                                 HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, OUT_FORMAT: tl.constexpr,
+                                 RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr,
+                                 RES_PER_CHANNEL: tl.constexpr, CLAMP_LOW: tl.constexpr, FP8: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
+                                 PDL: tl.constexpr, res_desc=None, out_desc=None, FLOAT_IN: tl.constexpr = False):
+    """quantized_linear_kernel with operand tiles fetched by TMA (host-made descriptors; the copy engine zero-fills
     past the edges, so no masks and no K-tail branch). PERSISTENT: the grid is at most one program per SM and
     each walks tiles pid, pid + grid, ...; the flattened loop lets the compiler's pipeliner issue the next
     tile's loads while this tile's epilogue runs. out_desc (and res_desc with a residual): the epilogue's tiles
@@ -275,14 +314,12 @@ def _int8_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_
     step = tl.num_programs(0) if PERSISTENT else tiles
     for tile in tl.range(tl.program_id(0), tiles, step, flatten=PERSISTENT):
         pid_m, pid_n = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        if FLOAT_IN:  # fp16_linear: FP16 operands, float32 sums
-            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        else:
-            acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+        acc = _zero_acc(BLOCK_M, BLOCK_N, FLOAT_IN or FP8)  # FLOAT_IN: fp16_linear's FP16 operands
         for k in range(0, k_steps):
             a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
-            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])  # [BLOCK_N, BLOCK_K]: K-major, as wgmma wants int8
-            acc = tl.dot(a, w.T, acc, out_dtype=acc.dtype)
+            # [BLOCK_N, BLOCK_K]: K-major, as wgmma wants INT8 and FP8 operands
+            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+            acc = _mma(a, w.T, acc, FP8, BLOCK_K)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         if out_desc is not None:
@@ -291,23 +328,23 @@ def _int8_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_
                 y = y + _residual(res_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]), offs_n, n_ok, res_scale,
                                   RES_CODES, RES_PER_CHANNEL)
             out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N],
-                           _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT, RECIP_PER_CHANNEL, CLAMP_LOW))
+                           _output(y, offs_n, n_ok, out_recip, out_ptr, OUT_FORMAT, RECIP_PER_CHANNEL, CLAMP_LOW))
         else:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             mask = (offs_m < M)[:, None] & n_ok[None, :]
             _epilogue(acc, offs_n, n_ok, offs_m.to(tl.int64)[:, None], mask, w_scale_ptr, bias_ptr, res_ptr,
-                      out_ptr, a_scale, out_recip, res_scale, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT,
-                      RECIP_PER_CHANNEL, RES_CODES, RES_PER_CHANNEL, CLAMP_LOW)
+                      out_ptr, a_scale, out_recip, res_scale, stride_rm, stride_om, HAS_RESIDUAL, GELU,
+                      OUT_FORMAT, RECIP_PER_CHANNEL, RES_CODES, RES_PER_CHANNEL, CLAMP_LOW)
 
 
 @triton.jit
-def _int8_partial_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_slice, stride_am, stride_wn, stride_part,
-                         EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
-                         PREFETCH: tl.constexpr):
+def _partial_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_slice, stride_am, stride_wn, stride_part,
+                    EVEN_K: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
+                    PREFETCH: tl.constexpr):
     """Split K, step 1: program (tile, s) sums K slice s, [s * k_slice, (s + 1) * k_slice), of its output tile
-    into part[s] (int32 [M, N], stride_part = M * N elements apart); EVEN_K: every slice is whole BLOCK_K
-    steps inside K (no masks)."""
+    into part[s] ([M, N], int32, or float32 for FP8 codes; stride_part = M * N elements apart); EVEN_K: every
+    slice is whole BLOCK_K steps inside K (no masks)."""
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k0 = tl.program_id(1) * k_slice
 
@@ -319,7 +356,7 @@ def _int8_partial_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_slice, stride_am, st
         _prefetch_weights(w_ptr, offs_n, n_ok, k0, k_slice // BLOCK_K, K, stride_wn, BLOCK_K)
     await_inputs(PDL)
     acc = _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_slice // BLOCK_K, K, stride_am, stride_wn,
-                       EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                       EVEN_K, FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     offs = tl.program_id(1).to(tl.int64) * stride_part + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(part_ptr + offs, acc, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -327,24 +364,25 @@ def _int8_partial_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_slice, stride_am, st
 @triton.jit
 def _splitk_epilogue_kernel(part_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, a_scale, out_recip,
                             res_scale, stride_rm, stride_om, stride_part, SPLIT_K: tl.constexpr,
-                            HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, INT8_OUT: tl.constexpr,
+                            HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, OUT_FORMAT: tl.constexpr,
                             RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr,
-                            CLAMP_LOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            PDL: tl.constexpr):
-    """Split K, step 2: the exact int32 sum of the slices' partials, then the one epilogue."""
+                            CLAMP_LOW: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """Split K, step 2: the sum of the slices' partials (exact in int32; for FP8 codes float32, slice by slice),
+    then the one epilogue."""
     await_inputs(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     mask = (offs_m < M)[:, None] & n_ok[None, :]
     rows = offs_m.to(tl.int64)[:, None]
-    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    acc = _zero_acc(BLOCK_M, BLOCK_N, FP8)
     part_ptrs = part_ptr + rows * N + offs_n[None, :]
     for s in range(SPLIT_K):
         acc += tl.load(part_ptrs, mask=mask, other=0)
         part_ptrs += stride_part
     _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
-              res_scale, stride_rm, stride_om, HAS_RESIDUAL, GELU, INT8_OUT, RECIP_PER_CHANNEL, RES_CODES,
+              res_scale, stride_rm, stride_om, HAS_RESIDUAL, GELU, OUT_FORMAT, RECIP_PER_CHANNEL, RES_CODES,
               RES_PER_CHANNEL, CLAMP_LOW)
 
 
@@ -397,17 +435,18 @@ def _epilogue_math(acc, offs_n, n_ok, w_scale_ptr, bias_ptr, a_scale, GELU: tl.c
 
 
 @triton.jit
-def _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
+def _output(y, offs_n, n_ok, out_recip, out_ptr, OUT_FORMAT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
             CLAMP_LOW: tl.constexpr):
-    """What is stored: y's INT8 codes (without the clamp at -127 unless CLAMP_LOW), or y in the output's
-    dtype."""
-    if INT8_OUT:
+    """What is stored: y's codes in OUT_FORMAT ("int8" or "fp8_e4m3"; without the clamp at -qmax unless
+    CLAMP_LOW), or with OUT_FORMAT "fp" y in the output's dtype."""
+    if OUT_FORMAT == "fp":
+        return y.to(out_ptr.dtype.element_ty)
+    else:
         if RECIP_PER_CHANNEL:  # out_recip points at float32 [N]
             recip = tl.load(out_recip + offs_n, mask=n_ok, other=0.0)[None, :]
         else:
             recip = out_recip
-        return int8_codes(y, recip, CLAMP_LOW)
-    return y.to(out_ptr.dtype.element_ty)
+        return codes(y, recip, OUT_FORMAT, CLAMP_LOW)
 
 
 @triton.jit
@@ -441,47 +480,53 @@ def _residual(r, offs_n, n_ok, res_scale, RES_CODES: tl.constexpr, RES_PER_CHANN
 @triton.jit
 def _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
               res_scale, stride_rm, stride_om, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
-              INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr,
+              OUT_FORMAT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr,
               RES_PER_CHANNEL: tl.constexpr, CLAMP_LOW: tl.constexpr):
     y = _epilogue_math(acc, offs_n, n_ok, w_scale_ptr, bias_ptr, a_scale, GELU)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0)
         y = y + _residual(r, offs_n, n_ok, res_scale, RES_CODES, RES_PER_CHANNEL)
     tl.store(out_ptr + rows * stride_om + offs_n[None, :],
-             _output(y, offs_n, n_ok, out_recip, out_ptr, INT8_OUT, RECIP_PER_CHANNEL, CLAMP_LOW), mask=mask)
+             _output(y, offs_n, n_ok, out_recip, out_ptr, OUT_FORMAT, RECIP_PER_CHANNEL, CLAMP_LOW), mask=mask)
 
 
-def _check(a_q, w_q, w_scale, bias, residual, residual_scale, out_dtype):
-    if a_q.dtype != torch.int8 or w_q.dtype != torch.int8 or a_q.dim() != 2 or w_q.dim() != 2:
-        raise ValueError(f"int8_linear: a_q and w_q must be 2-D int8, got {a_q.dtype} {tuple(a_q.shape)} and "
+_NAMES = {INT8.name: "int8_linear", FP8_E4M3.name: "fp8_linear"}  # the wrappers, by input format, for messages
+
+
+def _check(fmt: QuantFormat, a_q, w_q, w_scale, bias, residual, residual_scale, out_dtype):
+    name = _NAMES[fmt.name]
+    if a_q.dtype != fmt.dtype or w_q.dtype != fmt.dtype or a_q.dim() != 2 or w_q.dim() != 2:
+        raise ValueError(f"{name}: a_q and w_q must be 2-D {fmt.dtype}, got {a_q.dtype} {tuple(a_q.shape)} and "
                          f"{w_q.dtype} {tuple(w_q.shape)}")
     (m, k), n = a_q.shape, w_q.shape[0]
     if w_q.shape[1] != k:
-        raise ValueError(f"int8_linear: a_q is [M, {k}] but w_q is {tuple(w_q.shape)}, expected [N, {k}]")
+        raise ValueError(f"{name}: a_q is [M, {k}] but w_q is {tuple(w_q.shape)}, expected [N, {k}]")
     if a_q.stride(1) != 1 or not w_q.is_contiguous():
-        raise ValueError("int8_linear: a_q needs unit stride along K and w_q must be contiguous")
-    for name, t in (("w_scale", w_scale), ("bias", bias)):
+        raise ValueError(f"{name}: a_q needs unit stride along K and w_q must be contiguous")
+    for what, t in (("w_scale", w_scale), ("bias", bias)):
         if t.dtype != torch.float32 or t.shape != (n,) or not t.is_contiguous():
-            raise ValueError(f"int8_linear: {name} must be a contiguous float32 [{n}], got {t.dtype} "
-                             f"{tuple(t.shape)}")
-    codes = residual is not None and residual.dtype == torch.int8
+            raise ValueError(f"{name}: {what} must be a contiguous float32 [{n}], got {t.dtype} {tuple(t.shape)}")
+    res_codes = residual is not None and residual.dtype == torch.int8
     if residual is not None and (residual.shape != (m, n) or residual.stride(1) != 1
-                                 or not (residual.dtype.is_floating_point or codes)):
-        raise ValueError(f"int8_linear: residual must be floating or int8 [{m}, {n}] with unit stride along N, got "
+                                 or not (residual.dtype.is_floating_point or res_codes)):
+        raise ValueError(f"{name}: residual must be floating or int8 [{m}, {n}] with unit stride along N, got "
                          f"{residual.dtype} {tuple(residual.shape)}")
-    if codes != (residual_scale is not None):
-        raise ValueError("int8_linear: an int8 residual (codes) needs its residual_scale, and only it takes one")
-    if isinstance(residual_scale, torch.Tensor) and (residual_scale.shape != (n,) or not residual_scale.is_contiguous()
-                                                     or residual_scale.dtype != torch.float32
-                                                     or residual_scale.device != a_q.device):
-        raise ValueError(f"int8_linear: a per-channel residual_scale must be a contiguous float32 [{n}] on "
-                         f"{a_q.device}, got {residual_scale.dtype} {tuple(residual_scale.shape)} on "
-                         f"{residual_scale.device}")
+    if res_codes != (residual_scale is not None):
+        raise ValueError(f"{name}: an int8 residual (codes) needs its residual_scale, and only it takes one")
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"int8_linear: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+        raise ValueError(f"{name}: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     devices = {t.device for t in (a_q, w_q, w_scale, bias) + ((residual,) if residual is not None else ())}
     if len(devices) != 1:
-        raise ValueError(f"int8_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    _check_vector(name, "residual_scale", residual_scale, n, a_q.device)
+
+
+def _check_vector(name: str, what: str, v, n: int, device: torch.device) -> None:
+    """A per-channel scale or reciprocal (a tensor; a number or None needs no check) must be float32 [n]."""
+    if isinstance(v, torch.Tensor) and (v.shape != (n,) or v.dtype != torch.float32 or not v.is_contiguous()
+                                        or v.device != device):
+        raise ValueError(f"{name}: a per-channel {what} must be a contiguous float32 [{n}] on {device}, got "
+                         f"{v.dtype} {tuple(v.shape)} on {v.device}")
 
 
 def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: torch.Tensor,
@@ -499,33 +544,43 @@ def int8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: t
     host, so calls need no extra launch and capture into CUDA graphs as they are. `config` picks the tiles
     (default_config when None).
     """
-    _check(a_q, w_q, w_scale, bias, residual, residual_scale, out_dtype)
+    return quantized_linear(INT8, a_q, w_q, a_scale, w_scale, bias, residual=residual, residual_scale=residual_scale,
+                            gelu=gelu, out_recip=out_recip, out_format=INT8, out_dtype=out_dtype, config=config)
+
+
+def quantized_linear(in_format: QuantFormat, a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float,
+                     w_scale: torch.Tensor, bias: torch.Tensor, *, residual: torch.Tensor | None,
+                     residual_scale: float | torch.Tensor | None, gelu: bool,
+                     out_recip: float | torch.Tensor | None, out_format: QuantFormat, out_dtype: torch.dtype,
+                     config: GemmConfig | None) -> torch.Tensor:
+    """The one launch path of the quantized GEMM kernels: int8_linear's function for `in_format`'s codes (INT8:
+    int32 sums; FP8 E4M3, plugins.fp8_linear.fp8_linear: float32 sums), the output's codes in `out_format`
+    where `out_recip` is given. Picks the kernel variant the configuration names (pointer, TMA, split K)."""
+    _check(in_format, a_q, w_q, w_scale, bias, residual, residual_scale, out_dtype)
+    _check_vector(_NAMES[in_format.name], "out_recip", out_recip, w_q.shape[0], a_q.device)
     m, k = a_q.shape
     n = w_q.shape[0]
-    per_channel = isinstance(out_recip, torch.Tensor)
-    if per_channel and (out_recip.shape != (n,) or out_recip.dtype != torch.float32
-                        or not out_recip.is_contiguous() or out_recip.device != a_q.device):
-        raise ValueError(f"int8_linear: a per-channel out_recip must be a contiguous float32 [{n}] on "
-                         f"{a_q.device}, got {out_recip.dtype} {tuple(out_recip.shape)} on {out_recip.device}")
-    out = common.empty((m, n), torch.int8 if out_recip is not None else out_dtype, a_q.device)
+    out_kind = common.kernel_format(out_recip, out_format)
+    out = common.empty((m, n), out_format.dtype if out_recip is not None else out_dtype, a_q.device)
     if m == 0 or n == 0:
         return out
     if k == 0:
-        raise ValueError("int8_linear: K must be positive")
+        raise ValueError(f"{_NAMES[in_format.name]}: K must be positive")
     cfg = config or default_config(m, n, a_q.device)
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is off
+    per_channel = isinstance(out_recip, torch.Tensor)
     recip = out_recip if per_channel else float(out_recip) if out_recip is not None else 1.0
     res_per_channel = isinstance(residual_scale, torch.Tensor)
     res_scale = residual_scale if res_per_channel else float(residual_scale) if residual_scale is not None else 1.0
-    flags = _flags(cfg, residual is not None, gelu, out_recip is not None, per_channel, a_q.device,
-                   residual_scale is not None, res_per_channel, recip)
+    flags = _flags(cfg, residual is not None, gelu, out_kind, per_channel, a_q.device, residual_scale is not None,
+                   res_per_channel, recip, fp8=in_format is FP8_E4M3)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if cfg.tma and tma_ok(a_q) and tma_ok(w_q):
         _launch_tma(a_q, w_q, w_scale, bias, residual, out, float(a_scale), recip, res_scale, cfg, flags)
         return out
     if cfg.split_k > 1:
         return _split_k(a_q, w_q, w_scale, bias, res, out, float(a_scale), recip, res_scale, cfg, flags)
-    int8_linear_kernel[(tiles,)](
+    quantized_linear_kernel[(tiles,)](
         a_q, w_q, w_scale, bias, res, out, m, n, k, float(a_scale), recip, res_scale,
         a_q.stride(0), w_q.stride(0), res.stride(0), out.stride(0), EVEN_K=k % cfg.block_k == 0,
         PREFETCH=cfg.prefetch and flags["PDL"], **flags)
@@ -540,21 +595,27 @@ def fp16_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, *, residua
     if not (config.tma and a.dtype == w.dtype == torch.float16 and tma_ok(a) and tma_ok(w) and w.is_contiguous()):
         raise ValueError("fp16_linear: FP16 operands with 16-byte-aligned rows and a TMA configuration only")
     out = common.empty((a.shape[0], w.shape[0]), torch.float16, a.device)
-    flags = _flags(config, residual is not None, gelu, False, False, a.device)
+    flags = _flags(config, residual is not None, gelu, common.FP, False, a.device)
     _launch_tma(a, w, None, bias, residual, out, 1.0, 1.0, 1.0, config, {**flags, "FLOAT_IN": True})
     return out
 
 
-def _flags(cfg: GemmConfig, residual: bool, gelu: bool, int8_out: bool, per_channel: bool,
+# The least y * out_recip that needs no clamp from below: it rounds to a code in range (plugins.common.codes)
+_CLAMP_FREE_ABOVE = {INT8.name: -127.5, FP8_E4M3.name: -448.0}
+
+
+def _flags(cfg: GemmConfig, residual: bool, gelu: bool, out_format: str, per_channel: bool,
            device: torch.device, res_codes: bool = False, res_per_channel: bool = False,
-           recip: float | torch.Tensor = 1.0) -> dict:
-    """The GEMM kernels' compile-time switches and launch options for one call."""
+           recip: float | torch.Tensor = 1.0, fp8: bool = False) -> dict:
+    """The GEMM kernels' compile-time switches and launch options for one call (`out_format`: the kernels'
+    OUT_FORMAT, plugins.common.kernel_format; `fp8`: E4M3 operands)."""
     use_pdl = pdl(device)
-    # GELU's output is at least GELU_FLOOR, so its codes need no clamp at -127 while GELU_FLOOR * recip rounds
-    # to -127 or above; a per-channel recip (a device tensor, not read here) keeps the clamp.
-    floor_free = gelu and int8_out and not per_channel and GELU_FLOOR * float(recip) > -127.5
-    return dict(HAS_RESIDUAL=residual, GELU=bool(gelu), INT8_OUT=int8_out, RECIP_PER_CHANNEL=per_channel,
-                RES_CODES=res_codes, RES_PER_CHANNEL=res_per_channel, CLAMP_LOW=not floor_free,
+    # GELU's output is at least GELU_FLOOR, so its codes need no clamp from below while GELU_FLOOR * recip stays
+    # above _CLAMP_FREE_ABOVE; a per-channel recip (a device tensor, not read here) keeps the clamp.
+    floor_free = gelu and out_format != common.FP and not per_channel and \
+        GELU_FLOOR * float(recip) > _CLAMP_FREE_ABOVE[out_format]
+    return dict(HAS_RESIDUAL=residual, GELU=bool(gelu), OUT_FORMAT=out_format, RECIP_PER_CHANNEL=per_channel,
+                RES_CODES=res_codes, RES_PER_CHANNEL=res_per_channel, CLAMP_LOW=not floor_free, FP8=fp8,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False, PDL=use_pdl,
                 launch_pdl=use_pdl)
@@ -572,7 +633,7 @@ def _launch_tma(a, w, w_scale, bias, residual, out, a_scale: float, recip, res_s
     tile = [cfg.block_m, cfg.block_n]
     store = cfg.tma_store and all(tma_ok(t) for t in (out, residual) if t is not None)
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is off
-    _int8_linear_tma_kernel[(min(tiles, _sm_count(a.device)) if persistent else tiles,)](
+    _quantized_linear_tma_kernel[(min(tiles, _sm_count(a.device)) if persistent else tiles,)](
         TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k]),
         TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]),
         w_scale, bias, res, out, m, n, k, a_scale, recip, res_scale, res.stride(0), out.stride(0),
@@ -587,20 +648,20 @@ _SPLITK_EPILOGUE_TILE = (16, 128)  # step 2 is a streaming pass: small tiles, ma
 def _split_k(a_q, w_q, w_scale, bias, res, out, a_scale, recip, res_scale, cfg: GemmConfig,
              flags: dict) -> torch.Tensor:
     """The two launches of a split-K GEMM (GemmConfig.split_k); the partials live in a workspace of
-    split_k x M x N int32 (2 MB for BERT-large's FC2 at batch 1 x 128, in L2)."""
+    split_k x M x N int32, or float32 for FP8 codes (2 MB for BERT-large's FC2 at batch 1 x 128, in L2)."""
     m, k = a_q.shape
     n = w_q.shape[0]
     steps = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k)  # BLOCK_K steps per slice
-    part = torch.empty((cfg.split_k, m, n), dtype=torch.int32, device=a_q.device)
+    part = torch.empty((cfg.split_k, m, n), dtype=torch.float32 if flags["FP8"] else torch.int32, device=a_q.device)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    _int8_partial_kernel[(tiles, cfg.split_k)](
+    _partial_kernel[(tiles, cfg.split_k)](
         a_q, w_q, part, m, n, k, steps * cfg.block_k, a_q.stride(0), w_q.stride(0), part.stride(0),
-        EVEN_K=k == steps * cfg.block_k * cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        EVEN_K=k == steps * cfg.block_k * cfg.split_k, FP8=flags["FP8"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         PDL=flags["PDL"], launch_pdl=flags["launch_pdl"], PREFETCH=cfg.prefetch and flags["PDL"])
     bm, bn = _SPLITK_EPILOGUE_TILE
-    epilogue_flags = {key: flags[key] for key in ("HAS_RESIDUAL", "GELU", "INT8_OUT", "RECIP_PER_CHANNEL",
-                                                   "RES_CODES", "RES_PER_CHANNEL", "CLAMP_LOW", "PDL",
+    epilogue_flags = {key: flags[key] for key in ("HAS_RESIDUAL", "GELU", "OUT_FORMAT", "RECIP_PER_CHANNEL",
+                                                   "RES_CODES", "RES_PER_CHANNEL", "CLAMP_LOW", "FP8", "PDL",
                                                    "launch_pdl")}
     _splitk_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         part, w_scale, bias, res, out, m, n, a_scale, recip, res_scale, res.stride(0), out.stride(0), part.stride(0),

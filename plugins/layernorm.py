@@ -1,4 +1,4 @@
-"""LayerNorm over the last dimension that can also write the INT8 codes of its output in the same pass.
+"""LayerNorm over the last dimension that can also write the INT8 (or FP8 E4M3) codes of its output in the same pass.
 
 Under --int8 a LayerNorm's output is both the residual stream and the next GEMM's input: one read of x gives
 the x.dtype output and the codes. -iln rounds the output to INT8 where it is produced, so `codes_only` writes the
@@ -14,6 +14,7 @@ The math (layernorm_quant_reference defines it), per row of H values, statistics
     y    = (x - mean) * (1 / sqrt(var + eps)) * weight + bias      float32
     out  = y.to(x.dtype)
     codes = clamp(round_half_even(float32(out) * out_recip), -127, 127)
+          (--fp8: E4M3's codes, float32(out) * out_recip saturated at +-448 and rounded to nearest even)
 
 `out_recip` (and -iln's `round_scale`) is one float32 number, or a float32 vector [H], one per channel, for sites
 calibrated with smoothing (quant/smoothing.py).
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 
 from plugins import common
-from plugins.common import await_inputs, codes_reference, int8_codes, sum_op
+from plugins.common import await_inputs, codes, codes_reference, sum_op
 from quant.formats import INT8, QuantFormat
 
 
@@ -47,7 +48,9 @@ def _store(ptrs, values, mask, EVEN: tl.constexpr):
 def _layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, R, H, eps, out_recip, out_scale,
                       stride_x, stride_y, stride_q,
                       QUANT: tl.constexpr, ROUND: tl.constexpr, PER_CHANNEL: tl.constexpr, ROWS: tl.constexpr,
-                      BLOCK_H: tl.constexpr, PDL: tl.constexpr, STORE_Y: tl.constexpr, EVEN: tl.constexpr):
+                      BLOCK_H: tl.constexpr, PDL: tl.constexpr, STORE_Y: tl.constexpr, EVEN: tl.constexpr,
+                      FORMAT: tl.constexpr):
+    # QUANT: write FORMAT's codes ("int8" or "fp8_e4m3", plugins.common.codes) of the output too.
     # PER_CHANNEL: out_recip and out_scale are pointers to [H] float32 vectors, else float32 scalars.
     # ROWS rows per program, a whole row (H <= BLOCK_H) in registers: one read of x, one write per output.
     # EVEN: H == BLOCK_H and ROWS divides R, so no element needs a mask: the kernel is bound by instruction
@@ -83,9 +86,9 @@ def _layernorm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, R, H, eps, out_recip, o
             recip = tl.load(out_recip + cols, mask=col_ok, other=0.0)[None, :]
         else:
             recip = out_recip
-        q = int8_codes(y.to(tl.float32), recip)
+        q = codes(y.to(tl.float32), recip, FORMAT)
         _store(q_ptr + rows64 * stride_q + cols[None, :], q, mask, EVEN)
-        if ROUND:  # -iln: the output itself is the INT8 value, dequantized
+        if ROUND:  # -iln: the output itself is the quantized value, dequantized
             if PER_CHANNEL:
                 scale = tl.load(out_scale + cols, mask=col_ok, other=0.0)[None, :]
             else:
@@ -121,9 +124,10 @@ def _check_outputs(out_recip, round_scale, codes_only: bool) -> None:
 def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                     out_recip: float | torch.Tensor | None = None,
                     round_scale: float | torch.Tensor | None = None, *, codes_only: bool = False,
-                    rows_per_program: int | None = None,
-                    num_warps: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """LayerNorm of x [..., H] (float16/bfloat16/float32) -> (y in x.dtype, int8 codes of y or None).
+                    rows_per_program: int | None = None, num_warps: int | None = None,
+                    fmt: QuantFormat = INT8) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """LayerNorm of x [..., H] (float16/bfloat16/float32) -> (y in x.dtype, `fmt`'s codes of y or None: int8, or
+    float8_e4m3fn with fmt FP8_E4M3).
 
     Codes are written only when `out_recip` (float32 reciprocal of the output scale) is given; they are the
     codes of y as rounded to x.dtype (module docstring). With `round_scale` (the scale itself; needs
@@ -154,7 +158,8 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
         rows = rows.contiguous()
     r = rows.shape[0]
     y = None if codes_only else common.empty(x.shape, x.dtype, x.device)
-    q = common.empty(x.shape, torch.int8, x.device) if out_recip is not None else None
+    common.kernel_format(out_recip, fmt)  # a format the kernels write
+    q = common.empty(x.shape, fmt.dtype, x.device) if out_recip is not None else None
     if r == 0 or h == 0:
         return y, q
     per, warps = default_launch(r, h)
@@ -176,7 +181,7 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
         QUANT=out_recip is not None, ROUND=round_scale is not None, STORE_Y=not codes_only,
         PER_CHANNEL=per_channel, ROWS=per, EVEN=h == triton.next_power_of_2(h) and r % per == 0,
         BLOCK_H=triton.next_power_of_2(h), num_warps=num_warps, enable_fp_fusion=False, PDL=use_pdl,
-        launch_pdl=use_pdl)
+        launch_pdl=use_pdl, FORMAT=fmt.name)
     return y, q
 
 
@@ -184,8 +189,8 @@ def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
                               out_recip: float | torch.Tensor | None = None,
                               round_scale: float | torch.Tensor | None = None, *, codes_only: bool = False,
                               fmt: QuantFormat = INT8) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The definition of layernorm_quant's outputs in plain float32 torch ops (module docstring); codes in `fmt`
-    (FP8 builds run this on every device: the Triton kernel writes INT8 codes)."""
+    """The definition of layernorm_quant's outputs in plain float32 torch ops (module docstring); codes in
+    `fmt`."""
     _check_outputs(out_recip, round_scale, codes_only)
     xf = x.float()
     mean = xf.mean(dim=-1, keepdim=True)

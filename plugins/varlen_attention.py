@@ -4,7 +4,8 @@ The padded attention (plugins/attention.py) runs [batch, S] with a key bias: eve
 keys however short it is. Here the QKV GEMM's output holds only real tokens, `qkv` [T, 3H], window w being rows
 cu_seqlens[w] to cu_seqlens[w + 1] (int32 [n + 1] on the device, cu_seqlens[0] = 0, non-decreasing; a window of
 length 0 is allowed: CUDA graphs of the packed path keep cu_seqlens at a fixed size that way), and attends only
-within its window; the context comes back in the same rows, [T, H], FP or as the next GEMM's INT8 codes.
+within its window; the context comes back in the same rows, [T, H], FP or as the next GEMM's codes (INT8, or FP8
+E4M3 in an --fp8 build).
 
 The math is the padded references' (attention_reference, attention_int8_reference), run per window:
 varlen_attention_reference and varlen_attention_int8_reference define it that way, so it is written once. A
@@ -34,6 +35,7 @@ from plugins import common
 from plugins.attention import (LOG2E, MAX_INT8_LENGTH, AttentionConfig, AttentionScales, attention_int8_reference,
                                attention_reference, context_out, int8_context, int8_scales, store_context)
 from plugins.common import await_inputs, max_op, sum_op
+from quant.formats import INT8, QuantFormat
 
 # Pointer loads only (TMA tiles would have to start at a window's first row). The padded kernels' block shapes:
 # which is fastest at packed BERT shapes is for the build's timing to say (engines/packed.py).
@@ -60,7 +62,7 @@ def _window(cu_ptr, HEADS, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def varlen_attention_kernel(qkv_ptr, cu_ptr, out_ptr, out_recip, HEADS, qk_scale, stride_qkv, stride_out,
-                            INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr, D: tl.constexpr,
+                            OUT_FORMAT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr, D: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     # Row r of qkv holds [q | k | v], each HEADS * D wide, head h at columns h * D (as the padded kernel's).
     hidden = HEADS * D
@@ -90,13 +92,13 @@ def varlen_attention_kernel(qkv_ptr, cu_ptr, out_ptr, out_recip, HEADS, qk_scale
                         mask=n_ok[:, None], other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=tl.float32)
             m_i = m_new
-        store_context(acc / l_i[:, None], out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, INT8_OUT,
+        store_context(acc / l_i[:, None], out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, OUT_FORMAT,
                       RECIP_PER_CHANNEL)
 
 
 @triton.jit
 def varlen_attention_int8_kernel(qkv_ptr, cu_ptr, out_ptr, out_recip, HEADS, qk_scale, p_recip, pv_scale,
-                                 stride_qkv, stride_out, INT8_OUT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
+                                 stride_qkv, stride_out, OUT_FORMAT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr,
                                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     # The layout of varlen_attention_kernel with qkv holding codes; the math is the padded INT8 kernel's.
     hidden = HEADS * D
@@ -111,7 +113,8 @@ def varlen_attention_int8_kernel(qkv_ptr, cu_ptr, out_ptr, out_recip, HEADS, qk_
         ctx = int8_context(q, qkv_ptr, qkv_ptr, first, length, hidden + h * D, 2 * hidden + h * D,
                            tl.arange(0, BLOCK_N), offs_d, stride_qkv, qk_scale, p_recip, pv_scale, False, False,
                            i8_dot, BLOCK_M, BLOCK_N, D)
-        store_context(ctx, out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, INT8_OUT, RECIP_PER_CHANNEL)
+        store_context(ctx, out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, OUT_FORMAT,
+                      RECIP_PER_CHANNEL)
 
 
 def check_packed(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, heads: int,
@@ -165,10 +168,10 @@ def padded_layout(cu_seqlens: torch.Tensor, max_seqlen: int,
 
 
 def _per_window(attend, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, hidden: int,
-                out_recip, out_dtype: torch.dtype) -> torch.Tensor:
+                out_recip, out_dtype: torch.dtype, out_format: QuantFormat = INT8) -> torch.Tensor:
     """`attend(rows)` (a padded reference on one window, a batch of one) for every window, into [T, hidden];
     rows past the last window zero."""
-    out = torch.zeros(qkv.shape[0], hidden, dtype=torch.int8 if out_recip is not None else out_dtype,
+    out = torch.zeros(qkv.shape[0], hidden, dtype=out_format.dtype if out_recip is not None else out_dtype,
                       device=qkv.device)
     for a, b in window_bounds(cu_seqlens, max_seqlen, qkv.shape[0]):
         if b > a:
@@ -177,12 +180,13 @@ def _per_window(attend, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen:
 
 
 def varlen_attention_reference(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, heads: int, *,
-                               out_recip: float | torch.Tensor | None = None,
-                               out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                               out_recip: float | torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
+                               out_format: QuantFormat = INT8) -> torch.Tensor:
     """The definition of fused_varlen_attention's output: attention_reference on each window alone."""
     _, d = check_packed(qkv, cu_seqlens, max_seqlen, heads)
-    return _per_window(lambda rows: attention_reference(rows, 1, heads, out_recip=out_recip, out_dtype=out_dtype),
-                       qkv, cu_seqlens, max_seqlen, heads * d, out_recip, out_dtype)
+    return _per_window(lambda rows: attention_reference(rows, 1, heads, out_recip=out_recip, out_dtype=out_dtype,
+                                                        out_format=out_format),
+                       qkv, cu_seqlens, max_seqlen, heads * d, out_recip, out_dtype, out_format)
 
 
 def varlen_attention_int8_reference(codes: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, heads: int,
@@ -213,19 +217,21 @@ def _config(config: AttentionConfig | None, int8: bool) -> AttentionConfig:
 
 def fused_varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, heads: int, *,
                            out_recip: float | torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                           config: AttentionConfig | None = None) -> torch.Tensor:
+                           config: AttentionConfig | None = None, out_format: QuantFormat = INT8) -> torch.Tensor:
     """Context [T, heads * D] of the packed windows of qkv [T, 3 * heads * D]; `out_recip` (a float32 number or
-    a contiguous float32 [heads * D]) makes it INT8 codes. See the module docstring."""
+    a contiguous float32 [heads * D]) makes it `out_format`'s codes (INT8 or FP8 E4M3). See the module
+    docstring."""
     n, d = check_packed(qkv, cu_seqlens, max_seqlen, heads)
-    out, per_channel, recip = context_out(qkv.shape[0], heads * d, out_recip, out_dtype, qkv.device)
+    out, per_channel, recip = context_out(qkv.shape[0], heads * d, out_recip, out_dtype, qkv.device, out_format)
     if n == 0 or max_seqlen == 0 or qkv.shape[0] == 0:
         return out
     cfg = _config(config, int8=False)
     use_pdl = common.pdl(qkv.device)
     varlen_attention_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n * heads)](
         qkv, cu_seqlens, out, recip, heads, LOG2E / math.sqrt(d), qkv.stride(0), out.stride(0),
-        INT8_OUT=out_recip is not None, RECIP_PER_CHANNEL=per_channel, D=d, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, PDL=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
+        OUT_FORMAT=common.kernel_format(out_recip, out_format), RECIP_PER_CHANNEL=per_channel, D=d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PDL=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        launch_pdl=use_pdl)
     return out
 
 
@@ -244,6 +250,7 @@ def fused_varlen_attention_int8(codes: torch.Tensor, cu_seqlens: torch.Tensor, m
     qk, pv = int8_scales(scales, d)
     varlen_attention_int8_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n * heads)](
         codes, cu_seqlens, out, recip, heads, qk * LOG2E, common.out_recip(scales.probs), pv, codes.stride(0),
-        out.stride(0), INT8_OUT=out_recip is not None, RECIP_PER_CHANNEL=per_channel, D=d, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, PDL=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl)
+        out.stride(0), OUT_FORMAT=common.kernel_format(out_recip), RECIP_PER_CHANNEL=per_channel, D=d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PDL=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        launch_pdl=use_pdl)
     return out

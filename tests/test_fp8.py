@@ -1,5 +1,7 @@
 """--fp8 builds (issue 21): the policy, the FP8 GEMM reference, the engine's CPU path against the fake-quant
-reference, FP8 scales from an existing cache, engine files, the pre-Hopper refusal; _scaled_mm on CUDA."""
+reference, FP8 scales from an existing cache, engine files, the pre-Hopper refusal, the agreement rule for FP8
+codes; the engine on our FP8 Triton kernels (fused GEMM epilogue, E4M3 codes from the LayerNorms and attention)
+in Triton's interpreter and the build's FP8 candidates; _scaled_mm and FP8 builds on CUDA."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +22,9 @@ from plugins.int8_linear import quantized_epilogue_reference
 from quant.formats import FP8_E4M3, INT8
 from quant.policy import PrecisionPolicy
 from quant.quantizer import fake_quantize, quantize, scale_from_amax, weight_scales
-from tests.test_engines import assert_matches_fake_quant, build, inputs, loaded_model, max_calibration
+from tests.test_engines import (CFG, assert_matches_fake_quant, build, inputs, loaded_model, max_calibration, rel,
+                                valid)
+from tests.test_plugins_common import kernels
 
 FP8_POLICIES = {
     "fp8": PrecisionPolicy(fp8=True),
@@ -167,6 +171,22 @@ def test_pre_hopper_gpu_is_refused_at_build(monkeypatch):
     check_fp8_device(PrecisionPolicy(fp8=True), torch.device("cuda"))  # no error
 
 
+def test_fp8_codes_near_zero_agree_in_value():
+    """E4M3's grid near zero is finer than a float computation in another order holds: codes whose values differ
+    by less than 1e-3 of the tensor's largest magnitude agree however many steps apart (a context value of 0.05
+    code units against 0.0625 is 3 steps); a larger value 3 steps off does not, nor a NaN."""
+    ref = torch.tensor([448.0, -300.0, 0.0625, 2.0, -0.25] + [1.0] * 3000).to(torch.float8_e4m3fn)
+    near = ref.clone()
+    near[2] = 0.05078125  # 3 steps, 0.012 code units: 3e-5 of the range
+    assert int((fp8_steps(near) - fp8_steps(ref)).abs().max()) == 3 and agrees(near, ref)
+    far = ref.clone()
+    far[3] = 2.75  # 3 steps at 2.0
+    assert not agrees(far, ref)
+    nan = ref.clone()
+    nan[4] = float("nan")
+    assert not agrees(nan, ref)
+
+
 def test_int8_codes_reference_is_unchanged():
     y = torch.randn(64, 64) * 40
     assert torch.equal(backends.fp_epilogue(y, None, None, 1.0), torch.clamp(torch.round(y), -127, 127).to(torch.int8))
@@ -190,20 +210,112 @@ def test_scaled_mm_family_agrees_with_the_reference(m, out):
     assert agrees(got, ref)
     impl = backends.gemm_candidates(backends.GemmProblem("fc1", m, 384, 256, FP8_E4M3.name, "bias+gelu"),
                                     FP8_E4M3.name, gpu_kernels=True)
-    assert impl == [backends.LIBRARY, backends.CUBLASLT]
+    assert impl[0] == backends.LIBRARY and backends.CUBLASLT in impl
+    assert {backends.split(i)[0] for i in impl} == {backends.LIBRARY, backends.CUBLASLT, backends.TRITON}
 
 
 @pytest.mark.cuda
 def test_cuda_fp8_engine_agrees_with_cpu_engine():
+    """A CUDA FP8 build times our Triton kernel, cuBLASLt and the reference for every GEMM (and attention: SDPA
+    with the E4M3 codes pass, or the fused kernel writing them), keeps the fastest that agrees, runs the
+    LayerNorms on the Triton kernel writing E4M3 codes, and computes what the CPU engine does."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores need compute capability 8.9")
     loaded = loaded_model()
     calib = max_calibration(loaded)
     policy = PrecisionPolicy(fp8=True, fp16=True)
     cpu, gpu = build(loaded, policy, calib), build(loaded, policy, calib, device="cuda")
+    gemms = {k: v for k, v in gpu.kernels.items() if k.startswith("gemm.")}
+    assert len(gemms) == 4 and {backends.split(v)[0] for v in gemms.values()} <= {
+        backends.LIBRARY, backends.CUBLASLT, backends.TRITON}, gemms
+    assert any(k.startswith("attention.") for k in gpu.kernels) and gpu.fp8_kernels
     x = inputs()
     with torch.no_grad():
         want = cpu(*x)[0]
         got = gpu(*(t.cuda() for t in x))[0].cpu()
     mask = x[2].bool()
     assert float((got[mask] - want[mask]).norm() / want[mask].norm()) < 2e-2
+
+
+# ------------------------------------------------------------------ our FP8 kernels in the engine (interpreter)
+
+TRITON_GEMM = "triton:32x64x32-g2-w4-s1"
+FUSED_ATTENTION = "fused-attention:16x32-w4-s2"
+
+
+def spied(monkeypatch, module, name: str, calls: list):
+    """Record each call of module.name (with its keyword arguments) and run it."""
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append((name, k)) or real(*a, **k))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fp8_engine_on_triton_kernels_matches_its_reference_path(monkeypatch):
+    """The FP8 engine's forward on our Triton kernels (Triton's interpreter): every GEMM on fp8_linear with its
+    fused epilogue (FC1 writing FC2's E4M3 codes), every LayerNorm writing E4M3 codes in its pass, attention
+    writing the context's E4M3 codes (no separate pass), against the same engine's reference path: the same
+    logits within what a code flipped at a rounding boundary moves them. Where our kernels cannot write E4M3 (a
+    GPU below 8.9) the LayerNorms' and the context's codes come from the reference ops."""
+    F8, LN, A, Q = kernels("fp8_linear"), kernels("layernorm"), kernels("attention"), kernels("quantize")
+    kernels("int8_linear")  # fp8_linear's kernels, in the interpreter
+    loaded = loaded_model(seed=5)
+    engine = build(loaded, PrecisionPolicy(fp8=True, fp16=True), max_calibration(loaded))
+    x = inputs(batch=2, seq=24, seed=9)
+    with torch.no_grad():
+        want = engine(*x)
+    calls: list = []
+    for module, name in ((F8, "fp8_linear"), (LN, "layernorm_quant"), (A, "fused_attention"),
+                         (Q, "quantize_rows")):
+        spied(monkeypatch, module, name, calls)
+    monkeypatch.setattr(engine, "use_triton", True)
+    monkeypatch.setattr(engine, "fp8_kernels", True)
+    monkeypatch.setattr(engine, "impl", lambda kind, m, fmt="int8", sparse=False: TRITON_GEMM)
+    monkeypatch.setattr(engine, "attention_impl", lambda b, s, padded: FUSED_ATTENTION)
+    with torch.no_grad():
+        got = engine(*x)
+    names = [name for name, _ in calls]
+    assert names.count("fp8_linear") == 4 * CFG.num_layers
+    assert names.count("layernorm_quant") == 2 * CFG.num_layers + 1 and "quantize_rows" not in names
+    assert [k["out_format"] for name, k in calls if name == "fused_attention"] == [FP8_E4M3] * CFG.num_layers
+    assert [k.get("out_format") for name, k in calls if name == "fp8_linear"].count(FP8_E4M3) == CFG.num_layers
+    assert [k.get("fmt") for name, k in calls if name == "layernorm_quant"].count(FP8_E4M3) == 2 * CFG.num_layers
+    for g, w in zip(got, want):  # about 3e-4 seen
+        assert rel(valid(g, x[2]).float(), valid(w, x[2]).float()) < 5e-3
+    calls.clear()
+    monkeypatch.setattr(engine, "fp8_kernels", False)  # a GPU below 8.9: Triton, but no E4M3 from it
+    monkeypatch.setattr(engine, "impl", lambda kind, m, fmt="int8", sparse=False: backends.LIBRARY)
+    monkeypatch.setattr(engine, "attention_impl", lambda b, s, padded: backends.LIBRARY)
+    with torch.no_grad():
+        got = engine(*x)
+    assert [name for name, _ in calls] == ["layernorm_quant"]  # the last one: FP16 for the QA head, no codes
+    assert rel(valid(got[0], x[2]).float(), valid(want[0], x[2]).float()) < 1e-3  # (its sums' order differs)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fp8_build_candidates_agree_with_the_library(monkeypatch):
+    """What a CUDA FP8 build times, run here in the interpreter: the Triton family (the INT8 family's tiles)
+    beside cuBLASLt and the reference for each GEMM, keyed by FP8 problems; a Triton candidate agrees with the
+    reference as the build requires; attention's candidates write E4M3 context codes and agree with SDPA's path
+    (its codes pass in the quantize kernel) by the build's rule. Without FP8 kernels (the CPU, pre-Ada GPUs)
+    the Triton and cuBLASLt families are not candidates."""
+    kernels("int8_linear"), kernels("fp8_linear"), kernels("quantize"), kernels("attention")
+    loaded = loaded_model(seed=6)
+    engine = build(loaded, PrecisionPolicy(fp8=True, fp16=True), max_calibration(loaded))
+    problem = backends.GemmProblem("fc1", 48, 128, 64, FP8_E4M3.name, "bias+gelu->fp8_e4m3")
+    assert backends.gemm_candidates(problem, FP8_E4M3.name, gpu_kernels=True) == [backends.LIBRARY]
+    monkeypatch.setattr("plugins.fp8_linear.fp8_kernels_available", lambda: True)
+    monkeypatch.setattr(engine, "use_triton", True)
+    monkeypatch.setattr(engine, "fp8_kernels", True)
+    problem, candidates, calls = engine.gemm_candidates("fc1", 48, FP8_E4M3.name)
+    assert problem.dtype == FP8_E4M3.name and problem.epilogue == "bias+gelu->fp8_e4m3" and calls == CFG.num_layers
+    triton = [i for i in candidates if backends.split(i)[0] == backends.TRITON]
+    int8_configs = backends.gemm_candidates(dataclasses.replace(problem, dtype="int8"), "int8", gpu_kernels=True)
+    assert list(candidates)[0] == backends.LIBRARY and backends.CUBLASLT in candidates
+    assert triton == [i for i in int8_configs if backends.split(i)[0] == backends.TRITON]
+    ref = candidates[backends.LIBRARY]()
+    assert ref.dtype == torch.float8_e4m3fn and agrees(candidates["triton:32x64x128-g8-w4-s4"](), ref)
+    problem, candidates, _ = engine.attention_candidates(2, 32, padded=True)
+    assert problem.epilogue == "softmax+bias->fp8_e4m3"
+    ref = candidates[backends.LIBRARY]()
+    got = candidates["fused-attention:16x64-w4-s2"]()
+    assert ref.dtype == got.dtype == torch.float8_e4m3fn and engine.attention_agreement()(got, ref)
