@@ -17,6 +17,7 @@ groups=(
   "$K[int8 --keep-fp16 attn_out,layer0.fc2]" "$K[int8 -iln --keep-fp16 layer1.fc1,qkv]"
   "tests/test_plugins_sparse.py|tests/test_fp8.py|tests/test_interop_tensorrt.py|tests/test_throughput.py"
   "tests/test_plugins_fp8.py"
+  "tests/test_varlen.py|tests/test_ray_sweep.py"
 )
 for i in ${ONLY:-${!groups[@]}}; do
   IFS='|' read -ra argv <<< "${groups[$i]}"
