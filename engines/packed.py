@@ -178,11 +178,11 @@ def _bucketed_pass(runner, ids, types, mask, batch: int):
 
 def _packed_pass(runner, ids, types, mask, batch: int):
     """The packed path over the same windows (model/packing.py's batches, on the GPU first), as _bucketed_pass."""
-    from model.packing import pack_windows, packed_batch, scatter_logits, window_lengths
+    from model.packing import batches_of, packed_batch, scatter_logits
 
     dev = runner.engine.device
-    lengths = window_lengths(mask)
-    packs = [packed_batch(ids, types, lengths, idx) for idx in pack_windows(lengths, batch * mask.shape[1], batch)]
+    lengths, indices = batches_of(mask, batch)
+    packs = [packed_batch(ids, types, lengths, idx) for idx in indices]
     on_device = [([t.to(dev) for t in p.tensors], p.max_seqlen) for p in packs]
 
     def run() -> list[torch.Tensor]:

@@ -67,10 +67,10 @@ def batch_tokens(mask: np.ndarray, batch: int, pad_to: int | None = None) -> int
 def packed_tokens(mask: np.ndarray, batch: int, budgets: list[int] | None = None) -> int:
     """Tokens run_logits' packed batches hold: their real tokens, or on CUDA (`budgets`: the engine's token
     budgets, batch x seq_len of each profile) the smallest budget holding each batch."""
-    from model.packing import pack_windows, window_lengths
+    from model.packing import batches_of
 
-    lengths = window_lengths(mask)
-    held = [int(lengths[idx].sum()) for idx in pack_windows(lengths, batch * mask.shape[1], batch)]
+    lengths, packs = batches_of(mask, batch)
+    held = [int(lengths[idx].sum()) for idx in packs]
     if budgets is None:
         return sum(held)
     return sum(min((b for b in budgets if b >= t), default=t) for t in held)

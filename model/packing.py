@@ -9,7 +9,7 @@ padded row of the window would have), and the forward (engines.runtime.Engine.fo
 each window only.
 
 `pack_windows` groups windows longest first, greedily, into batches of at most `token_budget` tokens and
-`max_windows` windows (model.runner.run_logits: the batch size's worth of windows, within batch size x the
+`max_windows` windows (`batches_of`: the batch size's worth of windows, within batch size x the
 longest window's tokens); an engine's CUDA graphs then run each batch in the smallest token budget that holds it
 (engines/graphs.py). Windows are the prefix of their attention mask (real tokens first, then padding), as
 featurization makes them.
@@ -79,6 +79,13 @@ def pack_windows(lengths: np.ndarray, token_budget: int, max_windows: int) -> li
     if current:
         batches.append(np.array(current))
     return batches
+
+
+def batches_of(attention_mask: np.ndarray, batch_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The windows' lengths and the packed batches every path runs for a batch size: at most `batch_size` windows
+    and batch_size x S tokens a batch (S: the features' padded length), so a batch fits the profile B x S's budget."""
+    lengths = window_lengths(attention_mask)
+    return lengths, pack_windows(lengths, batch_size * attention_mask.shape[1], batch_size)
 
 
 def packed_batch(input_ids: np.ndarray, token_type_ids: np.ndarray, lengths: np.ndarray,

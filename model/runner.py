@@ -93,14 +93,13 @@ def _run_packed(forward, features, device: torch.device, batch_size: int, progre
                 start: np.ndarray, end: np.ndarray) -> None:
     """run_logits' packed path: windows packed longest first (at most `batch_size` of them and batch_size x S
     tokens a batch), each batch's per-token logits scattered back to its windows' rows of start and end."""
-    from model.packing import longest_window, pack_windows, packed_batch, scatter_logits, window_lengths
+    from model.packing import batches_of, longest_window, packed_batch, scatter_logits
 
     entry = getattr(forward, "packed", None) or getattr(forward, "forward_packed", None)
     if entry is None:
         raise WorkbenchError("this forward has no packed path (build the engine with --varlen)")
-    lengths = window_lengths(features.attention_mask)
-    batches = [packed_batch(features.input_ids, features.token_type_ids, lengths, idx)
-               for idx in pack_windows(lengths, batch_size * features.input_ids.shape[1], batch_size)]
+    lengths, packs = batches_of(features.attention_mask, batch_size)
+    batches = [packed_batch(features.input_ids, features.token_type_ids, lengths, idx) for idx in packs]
     pipelined = getattr(forward, "pipelined", None)
     if pipelined is None:
         outputs = ((a.cpu(), b.cpu()) for a, b in (entry(*(t.to(device) for t in batch.tensors),
