@@ -3,7 +3,8 @@
 # --distill, EPOCHS each), at once (one MiniLM training leaves the GPU mostly idle): plain --int8 from entropy and
 # from percentile 99.999, -iln -imh from entropy --smooth; then one sweep on the full dev set: FP16, the calibrated
 # entropy rows (plain and smoothed, plain and -iln -imh) and the three QAT rows. Usage: device_qat_sweep.sh [EPOCHS]
-# (default 1). Each QAT's log is $OUT/qat-NAME.log; the sweep's $OUT/sweep.log and sweep.md.
+# (default 1); QATS="from-entropy iln-imh" trains only those (QAT_TIMEOUT s each, default 330), and the sweep takes
+# the QATs that finished. Each QAT's log is $OUT/qat-NAME.log; the sweep's $OUT/sweep.log and sweep.md.
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 epochs=${1:-1}
@@ -11,14 +12,16 @@ declare -A method=([from-entropy]="entropy" [from-p99.999]="percentile --percent
                    [iln-imh]="entropy --smooth")
 declare -A flags=([from-entropy]="" [from-p99.999]="" [iln-imh]="-iln -imh")
 start=$(date +%s)
-for name in from-entropy from-p99.999 iln-imh; do
+for name in ${QATS:-from-entropy from-p99.999 iln-imh}; do
   python3 cli.py calibrate --squad $TRAIN --model $M --calib-num 100 --method ${method[$name]} -o /tmp/c.$name.json \
     --no-progress 2>&1 | grep -iE "^(entropy|percentile)|error" | head -1
-  timeout 330 python3 cli.py qat --model $M --squad $TRAIN --calib-cache /tmp/c.$name.json ${flags[$name]} --distill \
-    --epochs $epochs -o /tmp/qat/$name --restart --checkpoint-every 100000 --no-progress > $OUT/qat-$name.log 2>&1 &
+  timeout ${QAT_TIMEOUT:-330} python3 cli.py qat --model $M --squad $TRAIN --calib-cache /tmp/c.$name.json \
+    ${flags[$name]} --distill --epochs $epochs -o /tmp/qat/$name --restart --checkpoint-every 100000 --no-progress \
+    > $OUT/qat-$name.log 2>&1 &
 done
-wait; tail -qn 1 $OUT/qat-*.log; echo "three QATs at once, wall: $(( $(date +%s) - start )) s"
+wait; tail -qn 1 $OUT/qat-*.log; echo "QATs at once, wall: $(( $(date +%s) - start )) s"
+done_qats=$(for d in /tmp/qat/*; do [ -f $d/config.json ] && echo $d; done)
 python3 cli.py sweep --model $M --calib-squad $TRAIN --eval-squad $DEV --methods entropy entropy-sm \
-  --options plain iln-imh --qat /tmp/qat/from-entropy /tmp/qat/from-p99.999 /tmp/qat/iln-imh -b 64 -s 384 \
+  --options plain iln-imh --qat $done_qats -b 64 -s 384 \
   --report-dir /tmp/sweep --no-progress 2>&1 | tee $OUT/sweep.log | grep -vE "^  calibration"
 cp /tmp/sweep/report.md $OUT/sweep.md; cp /tmp/sweep/pareto.png $OUT/ 2>/dev/null
