@@ -5,7 +5,8 @@
 # FP8 sensitivity from an mse-fp8 cache of the sweep's calibration data.
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
-python3 -m pytest -q tests/test_fp8.py tests/test_sweep_fp8.py 2>&1 | tail -3
+python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_fp8.py tests/test_sweep_fp8.py > $OUT/fp8-tests.log 2>&1
+tail -3 $OUT/fp8-tests.log
 python3 cli.py sweep --methods max mse --options plain --report-dir /tmp/fp8-sweep --no-progress 2>&1 | tail -14
 cp /tmp/fp8-sweep/report.md /tmp/fp8-sweep/pareto.png $OUT/ 2>/dev/null
 python3 cli.py calibrate --squad assets/squad/train-v1.1-calib-first-paragraphs.json.gz --model $M --calib-num 100 \

@@ -4,7 +4,7 @@
 # from percentile 99.999, -iln -imh from entropy --smooth; then one sweep on the full dev set: FP16, the calibrated
 # entropy rows (plain and smoothed, plain and -iln -imh) and the three QAT rows. Usage: device_qat_sweep.sh [EPOCHS]
 # (default 1); QATS="from-entropy iln-imh" trains only those (QAT_TIMEOUT s each, default 330), and the sweep takes
-# the QATs that finished. Each QAT's log is $OUT/qat-NAME.log; the sweep's $OUT/sweep.log and sweep.md.
+# the QATs that finished, with SWEEP_ARGS (default: the methods and options above). Each QAT's log is $OUT/qat-NAME.log; the sweep's $OUT/sweep.log and sweep.md.
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 epochs=${1:-1}
@@ -21,7 +21,7 @@ for name in ${QATS:-from-entropy from-p99.999 iln-imh}; do
 done
 wait; tail -qn 1 $OUT/qat-*.log; echo "QATs at once, wall: $(( $(date +%s) - start )) s"
 done_qats=$(for d in /tmp/qat/*; do [ -f $d/config.json ] && echo $d; done)
-python3 cli.py sweep --model $M --calib-squad $TRAIN --eval-squad $DEV --methods entropy entropy-sm \
-  --options plain iln-imh --qat $done_qats -b 64 -s 384 \
+python3 cli.py sweep --model $M --calib-squad $TRAIN --eval-squad $DEV \
+  ${SWEEP_ARGS:---methods entropy entropy-sm --options plain iln-imh} --qat $done_qats -b 64 -s 384 \
   --report-dir /tmp/sweep --no-progress 2>&1 | tee $OUT/sweep.log | grep -vE "^  calibration"
 cp /tmp/sweep/report.md $OUT/sweep.md; cp /tmp/sweep/pareto.png $OUT/ 2>/dev/null

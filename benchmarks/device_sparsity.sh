@@ -3,11 +3,13 @@
 # and after one epoch of fine-tuning with --distill (wall times), and 2:4 + INT8 (entropy --smooth), in one `eval`
 # table on the full dev set against the dense FP16 engine; then the sparse-versus-dense GEMM table on random-weight
 # BERT-large (benchmarks/device_sparse_speed.py; SPEED=0 leaves it out, for a call where the GPU is shared).
-# PRUNE_TIMEOUT (s, default 300) bounds each prune.
+# PRUNE_TIMEOUT (s, default 300) bounds each prune; EPOCHS (default 1) of fine-tuning; STAGES="finetuned" skips the
+# pruned-only engine.
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
-for steps in "--max-steps 0" "--epochs 1 --distill"; do
-  tag=$([ "$steps" = "--max-steps 0" ] && echo pruned || echo finetuned)
+for stage in ${STAGES:-pruned finetuned}; do
+  steps=$([ $stage = pruned ] && echo "--max-steps 0" || echo "--epochs ${EPOCHS:-1} --distill")
+  tag=$stage
   start=$(date +%s)
   timeout ${PRUNE_TIMEOUT:-300} python3 cli.py prune --model $M --squad $TRAIN $steps -o /tmp/$tag --restart --no-progress 2>&1 | tail -1
   echo "prune $tag wall: $(( $(date +%s) - start )) s"
@@ -20,6 +22,7 @@ python3 cli.py build --model /tmp/finetuned --int8 --fp16 --sparse -b 64 -s 384 
   -o /tmp/eng/finetuned-int8.engine 2>&1 | grep -iE "^built|^kernels|2:4|error"
 python3 cli.py build --model $M --fp16 -b 64 -s 384 -o /tmp/eng/fp16.engine 2>&1 | grep -iE "^built|error"
 python3 cli.py eval --squad $DEV --no-progress --report-dir /tmp/sparse-report /tmp/eng/fp16.engine \
-  /tmp/eng/pruned-fp16.engine /tmp/eng/finetuned-fp16.engine /tmp/eng/finetuned-int8.engine 2>&1 | tail -9
+  $(ls /tmp/eng/pruned-fp16.engine 2>/dev/null) /tmp/eng/finetuned-fp16.engine /tmp/eng/finetuned-int8.engine 2>&1 \
+  | tail -9
 cp /tmp/sparse-report/report.md $OUT/sparse-accuracy.md 2>/dev/null
 [ "${SPEED:-1}" = 0 ] || timeout 200 python3 -m benchmarks.device_sparse_speed --out $OUT/sparse-speed.md

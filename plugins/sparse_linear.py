@@ -25,8 +25,10 @@ a 2:4 weight the way `sparse_mm` does):
   release); float16/bfloat16 inputs write their own dtype. `alg_id`: the kernel configuration, 0 the library's
   default. Each call plans anew on the host (descriptors, plan, workspace), so it
   is slow in eager mode; the engine replays CUDA graphs, where only the kernels remain.
-- `torch._cslt_sparse_mm_search(...)` (same arguments, no alg_id): runs the library's search on these operands
-  and returns the fastest algorithm id (not the split-K it may also have found). Kept per problem (`_ALG_IDS`).
+- `torch._cslt_sparse_mm_search(...)` (same arguments, no alg_id) runs the library's own search. Not used: on an
+  H100 (torch 2.11.0+cu130) it failed with an internal error in cusparseLtMatmulSearch at every BERT shape and
+  left an illegal instruction behind that poisoned the CUDA context for the rest of the process (2026-12-06). The
+  build times its candidates anyway, so the library's default algorithm (alg0) is the family's one candidate.
 
 Shapes: the sparse operand's rows and columns multiples of 32 for int8, 16 for fp16/bf16 (`supports`); the
 dense operand's rows (M here) multiples of 16 / 8, so M is padded with zero rows and the result sliced.
@@ -41,7 +43,6 @@ F.linear adds it in its epilogue the same way); GELU, residual and codes run aft
 from __future__ import annotations
 
 import functools
-import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -49,8 +50,8 @@ import torch
 
 from plugins.int8_linear import quantized_epilogue_reference
 
-# "alg0": the library's default algorithm; "search": the one _cslt_sparse_mm_search picks for the problem.
-CONFIGS = ("alg0", "search")
+# "alg0": the library's default algorithm (its search is not used: module docstring); "algN" runs N.
+CONFIGS = ("alg0",)
 _SPARSE_MULTIPLE = {torch.int8: 32, torch.float16: 16, torch.bfloat16: 16}   # N and K of the 2:4 weight
 _DENSE_ROWS = {torch.int8: 16, torch.float16: 8, torch.bfloat16: 8}          # M of the activation
 
@@ -122,27 +123,11 @@ def compressed(w: torch.Tensor) -> Compressed:
 
 # ---------------------------------------------------------------------------------- the GEMM
 
-# (device, M padded, N, K, dtype, out dtype, with bias) -> the algorithm id _cslt_sparse_mm_search found
-_ALG_IDS: dict[tuple, int] = {}
-
-
-def _alg_id(config: str, cw: Compressed, b: torch.Tensor, bias, out_dtype) -> int:
-    """The algorithm of a configuration: "algN" is N; "search" is searched on the first call of its problem (it
-    times kernels, so never inside a graph capture) and kept."""
+def _alg_id(config: str) -> int:
+    """The algorithm of a configuration: "algN" is N."""
     if config.startswith("alg") and config[3:].isdigit():
         return int(config[3:])
-    if config != "search":
-        raise ValueError(f"sparse_linear: unknown configuration {config!r} (one of {', '.join(CONFIGS)}, or algN)")
-    key = (b.device, b.shape[1], cw.n, cw.k, cw.dtype, out_dtype, bias is not None)
-    if key not in _ALG_IDS:
-        if b.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("sparse_linear: the algorithm search cannot run inside a CUDA graph capture; run the "
-                               "forward once before capturing")
-        with warnings.catch_warnings():  # newer torch deprecates it for torch._C._cusparselt.mm_search
-            warnings.filterwarnings("ignore", message=".*_cslt_sparse_mm_search.*")
-            _ALG_IDS[key] = int(torch._cslt_sparse_mm_search(cw.data, b, bias=bias, out_dtype=out_dtype,
-                                                             transpose_result=True))
-    return _ALG_IDS[key]
+    raise ValueError(f"sparse_linear: unknown configuration {config!r} (one of {', '.join(CONFIGS)}, or algN)")
 
 
 def sparse_mm(a: torch.Tensor, cw: Compressed, *, bias: torch.Tensor | None = None,
@@ -158,7 +143,7 @@ def sparse_mm(a: torch.Tensor, cw: Compressed, *, bias: torch.Tensor | None = No
     pad = -m % _DENSE_ROWS[a.dtype]
     b = (torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a.contiguous()).t()  # [K, M']: read transposed
     out = torch._cslt_sparse_mm(cw.data, b, bias=bias, out_dtype=out_dtype, transpose_result=True,
-                                alg_id=_alg_id(config, cw, b, bias, out_dtype))
+                                alg_id=_alg_id(config))
     return out[:m] if pad else out
 
 

@@ -75,8 +75,16 @@ def keep_masks(model: BertQA, masks: dict[str, torch.Tensor]) -> list:
         raise WorkbenchError(f"the model has no weight {missing[0]} to keep a 2:4 mask on")
     handles = []
     for name, mask in masks.items():
-        keep = mask.to(params[name].device)
-        handles.append(params[name].register_hook(lambda grad, keep=keep: grad * keep))
+        # On the gradient's device, copied there once: training moves the model (a CUDA run) after the masks
+        # are taken on the CPU, so the weight's device at this point says nothing.
+        on_device = {mask.device: mask}
+
+        def keep(grad, on_device=on_device, mask=mask):
+            if grad.device not in on_device:
+                on_device[grad.device] = mask.to(grad.device)
+            return grad * on_device[grad.device]
+
+        handles.append(params[name].register_hook(keep))
     return handles
 
 

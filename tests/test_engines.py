@@ -330,7 +330,7 @@ def test_triton_kernels_agree_with_library_kernels(name):
         want = engine(*x)[0]
         engine.use_triton = True
         for config in CANDIDATE_CONFIGS:
-            engine.impl = lambda kind, m, fmt="int8", c=config: triton_impl(c)
+            engine.impl = lambda kind, m, fmt="int8", sparse=False, c=config: triton_impl(c)
             got = engine(*x)[0]
             assert rel(valid(got, x[2]).float(), valid(want, x[2]).float()) < 2e-3, config
         # The fused attention kernel (under -imh the INT8 one), each configuration (the GEMMs stay on the last

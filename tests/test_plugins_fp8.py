@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines.tuning import agrees, attention_agrees, fp8_steps
+from engines.tuning import FP8_NEAR_ZERO, agrees, attention_agrees, fp8_steps
 from quant.formats import FP8_E4M3, INT8, QuantFormat
 from tests.test_plugins_common import DEVICE, assert_codes_close, gen, kernels, poison, rel  # noqa: F401
 
@@ -40,8 +40,8 @@ def e4m3_codes(shape, g, exact: bool = True) -> torch.Tensor:
     product is a multiple of 2**-8 below 2**8 and any sum of fewer than 256 of them is exact in float32, whatever
     the order. Else normal values over a quarter of the range, as an activation's codes look (products and sums
     round)."""
-    if not exact:
-        return (torch.randn(shape, generator=g) * 112).to(E4M3)
+    if not exact:  # clamped: torch casts a value past E4M3's 448 to NaN
+        return (torch.randn(shape, generator=g) * 112).clamp(-448, 448).to(E4M3)
     e = torch.randint(-1, 4, shape, generator=g).float()
     v = torch.exp2(e) * (1 + torch.randint(0, 8, shape, generator=g).float() / 8)
     v = torch.where(torch.rand(shape, generator=g) < 0.5, -v, v)
@@ -105,12 +105,16 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def assert_fp8_codes_close(q, ref, rate=1e-3):
-    """E4M3 codes equal but for a rare one-step difference (a value at a rounding boundary); no NaN (poison)."""
+    """E4M3 codes equal but for a rare one-step difference (a value at a rounding boundary), and codes whose values
+    are closer than the build's FP8_NEAR_ZERO (E4M3's grid near zero is finer than float32 sums in another order
+    hold a value that cancels); no NaN (poison)."""
     assert q.dtype == ref.dtype == E4M3 and q.shape == ref.shape
     q, ref = q.cpu(), ref.cpu()
     assert not torch.isnan(q.float()).any(), "unwritten (poisoned) codes"
     diff = (fp8_steps(q) - fp8_steps(ref)).abs()
-    assert int(diff.max()) <= 1, f"codes differ by {int(diff.max())} E4M3 steps"
+    near = (q.float() - ref.float()).abs() <= FP8_NEAR_ZERO * ref.float().abs().max()
+    far = diff.masked_fill(near, 0)
+    assert int(far.max()) <= 1, f"codes differ by {int(far.max())} E4M3 steps away from zero"
     ones = int((diff == 1).sum())
     assert ones <= max(4, rate * diff.numel()), f"{ones} codes of {diff.numel()} differ"
 

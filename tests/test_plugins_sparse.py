@@ -1,7 +1,7 @@
 """plugins.sparse_linear: the cuSPARSELt families against the dense references they must reproduce.
 
 On the CPU: the wrapper's own logic with the library replaced by exact fakes (compression cache, algorithm
-search, padding, operand order, the epilogue), when the family is a candidate, and what the build says about
+choice, padding, operand order, the epilogue), when the family is a candidate, and what the build says about
 2:4 GEMMs. `cuda` tests run the library on random 2:4 weights at small and BERT-sized shapes, every epilogue.
 """
 from __future__ import annotations
@@ -46,15 +46,11 @@ def sparse_problem(m, n, k, seed, epilogue, device=DEVICE):
 def fake_library(monkeypatch):
     """cuSPARSELt replaced by exact CPU fakes: the "compressed" weight is the weight itself, the product is
     computed in float64 (exact for int8), and every call is recorded."""
-    calls = {"compress": 0, "search": 0, "mm": []}
+    calls = {"compress": 0, "mm": []}
 
     def compress(w):
         calls["compress"] += 1
         return w.clone()
-
-    def search(data, b, bias=None, alpha=None, out_dtype=None, transpose_result=False):
-        calls["search"] += 1
-        return 3
 
     def mm(data, b, bias=None, alpha=None, out_dtype=None, transpose_result=False, alg_id=0):
         assert transpose_result and not b.is_contiguous() and b.shape[1] % S._DENSE_ROWS[b.dtype] == 0
@@ -63,9 +59,7 @@ def fake_library(monkeypatch):
         return out.t().contiguous().to(out_dtype or b.dtype)
 
     monkeypatch.setattr(S, "_compress", compress)
-    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", mm)
-    monkeypatch.setattr(S, "_ALG_IDS", {})
     return calls
 
 
@@ -103,14 +97,18 @@ def test_sparse_linear_is_the_reference_around_the_library(fake_library, epilogu
     assert fake_library["mm"] == [5]
 
 
-def test_the_searched_algorithm_is_kept_per_problem(fake_library):
+def test_sparse_mm_pads_rows_and_runs_the_named_algorithm(fake_library):
     w = prune24(torch.randn(64, 96, generator=gen(2)).half(), 2)
     bias = torch.randn(64, generator=gen(3)).half()
     cw = S.compressed(w)
-    for m in (16, 16, 12, 40):  # 12 pads to 16: the same problem
-        out = S.sparse_mm(torch.randn(m, 96, generator=gen(m)).half(), cw, bias=bias, config="search")
+    for m, config in ((16, "alg0"), (12, "alg0"), (40, "alg2")):  # 12 rows padded to 16
+        a = torch.randn(m, 96, generator=gen(m)).half()
+        out = S.sparse_mm(a, cw, bias=bias, config=config)
         assert out.shape == (m, 64) and out.is_contiguous()
-    assert fake_library["search"] == 2 and fake_library["mm"] == [3] * 4
+        assert torch.equal(out, (a.double() @ w.double().t() + bias.double()).half())
+    assert fake_library["mm"] == [0, 0, 2]
+    with pytest.raises(ValueError, match="unknown configuration"):  # the library's search is not offered
+        S.sparse_mm(torch.zeros(8, 96).half(), cw, config="search")
     with pytest.raises(ValueError, match="unknown configuration"):
         S.sparse_mm(torch.zeros(8, 96).half(), cw, config="fastest")
     with pytest.raises(ValueError, match="fused bias must be a contiguous torch.float16"):
@@ -123,11 +121,11 @@ def test_cusparselt_is_a_candidate_only_for_sparse_builds_on_cuda(monkeypatch):
     assert any(i.startswith("cusparselt") for i in here) == S.available()  # never on the CPU
     assert not any(i.startswith("cusparselt") for i in backends.gemm_candidates(int8, "int8", True))  # dense build
     monkeypatch.setattr(S, "available", lambda: True)  # as on a GPU with cuSPARSELt
-    assert backends.gemm_candidates(int8, "int8", True, sparse=True)[-2:] == ["cusparselt:alg0", "cusparselt:search"]
+    assert backends.gemm_candidates(int8, "int8", True, sparse=True)[-1:] == ["cusparselt:alg0"]
     assert not any(i.startswith("cusparselt") for i in backends.gemm_candidates(int8, "int8", True))
     assert not any(i.startswith("cusparselt") for i in backends.gemm_candidates(int8, "int8", False, sparse=True))
-    assert backends.runnable("cusparselt:search", "fp", True, sparse=True)
-    assert not backends.runnable("cusparselt:search", "fp", True, sparse=False)
+    assert backends.runnable("cusparselt:alg0", "fp", True, sparse=True)
+    assert not backends.runnable("cusparselt:alg0", "fp", True, sparse=False)
     for dtype, n, k, offered in (("float16", 1152, 384, True), ("bfloat16", 48, 16, True), ("int8", 48, 64, False),
                                  ("float32", 1152, 384, False), ("int8", 1152, 100, False)):
         fmt = "int8" if dtype == "int8" else "fp"
@@ -144,15 +142,14 @@ def test_a_sparse_build_says_which_gemms_run_sparse_and_why():
     assert kernel_choices(header) == ["2:4 weights: dense kernels on the pruned weights (not timed: sparse GEMMs are "
                                       "chosen by CUDA builds)"]
     timed = dataclasses.replace(header, kernels={
-        **header.kernels, "gemm.qkv.m32": "cusparselt:search", "gemm.fc1.m32": "triton:16x32x128-g8-w4-s4-pf",
-        "sparse.gemm.fc1.m32": _sparse_note({LIBRARY: 0.2, "triton:x": 0.1, "cusparselt:alg0": 0.15,
-                                             "cusparselt:search": float("inf")}),
+        **header.kernels, "gemm.qkv.m32": "cusparselt:alg0", "gemm.fc1.m32": "triton:16x32x128-g8-w4-s4-pf",
+        "sparse.gemm.fc1.m32": _sparse_note({LIBRARY: 0.2, "triton:x": 0.1, "cusparselt:alg0": 0.15}),
         "gemm.attn_out.m32": LIBRARY, "sparse.gemm.attn_out.m32": _sparse_note({LIBRARY: 0.1}),
         "gemm.fc2.fp.m32": LIBRARY,
         "sparse.gemm.fc2.fp.m32": _sparse_note({LIBRARY: 0.1, "cusparselt:x": float("inf")})})
     assert timed.kernels["sparse.gemm.fc1.m32"] == "slower: cusparselt:alg0 0.150 ms against 0.100 ms dense"
     assert kernel_choices(timed) == [
-        "1x32: qkv cusparselt:search (2:4 sparse), attn_out library dense (no sparse kernel here), "
+        "1x32: qkv cusparselt:alg0 (2:4 sparse), attn_out library dense (no sparse kernel here), "
         "fc1 triton:16x32x128-g8-w4-s4-pf dense (sparse slower here), fc2/fp16 library dense (sparse failed here)",
         "2:4 weights: 1 of 4 GEMM choices run sparse (cuSPARSELt), the others dense kernels on the pruned weights"]
     slower = dataclasses.replace(timed, kernels={**timed.kernels, "gemm.qkv.m32": LIBRARY})
@@ -224,12 +221,12 @@ def test_cuda_fp16_sparse_family_matches_the_fp_library(m, n, k, epilogue, confi
 
 @pytest.mark.cuda
 def test_cuda_sparse_linear_replays_in_a_cuda_graph():
-    """Compressed and searched on the warm-up call, captured, replayed on new inputs written in place."""
+    """Compressed on the warm-up call, captured, replayed on new inputs written in place."""
     from plugins.int8_linear import int8_linear_reference
 
     a, w, a_scale, w_scale, bias, kw = sparse_problem(128, 1536, 384, 5, "gelu+int8")
     def run():
-        return S.sparse_linear(a, S.compressed(w), a_scale, w_scale, bias, config="search", **kw)
+        return S.sparse_linear(a, S.compressed(w), a_scale, w_scale, bias, config="alg0", **kw)
 
     run()
     torch.cuda.synchronize()

@@ -50,10 +50,11 @@ def windows(lengths, heads, d, seed, int8=False, tail=0, device=DEVICE):
 
 
 def random_lengths(n, longest, seed):
-    """n window lengths in [1, longest], with 1 and `longest` among them."""
+    """n window lengths in [1, longest], with 1 and `longest` among them (one window: `longest`)."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, longest + 1, n)
-    lengths[rng.choice(n, 2, replace=False)] = (1, longest)
+    picks = rng.choice(n, min(n, 2), replace=False)
+    lengths[picks] = (1, longest)[-len(picks):]
     return [int(x) for x in lengths]
 
 
