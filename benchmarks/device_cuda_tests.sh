@@ -15,7 +15,7 @@ groups=(
   "$E::test_cuda_engine_agrees_with_cpu_engine_and_graphs|$E::test_cuda_build_times_kernels_once|$E::test_pipelined_batches_give_the_same_logits_in_order|tests/test_engine_file.py|$E::test_dense_batches_replay_the_graph_without_a_mask|$E::test_cublaslt_gelu_is_the_tanh_form"
   "$K[int8]" "$K[int8 -iln]" "$K[int8 -imh]" "$K[int8 -iln -imh]"
   "$K[int8 --keep-fp16 attn_out,layer0.fc2]" "$K[int8 -iln --keep-fp16 layer1.fc1,qkv]"
-  "tests/test_plugins_sparse.py|tests/test_fp8.py|tests/test_interop_tensorrt.py|tests/test_throughput.py"
+  "tests/test_plugins_sparse.py|tests/test_qat_prune.py|tests/test_fp8.py|tests/test_interop_tensorrt.py|tests/test_throughput.py"
   "tests/test_plugins_fp8.py"
   "tests/test_varlen.py|tests/test_ray_sweep.py"
 )

@@ -77,6 +77,19 @@ def test_fine_tuning_keeps_the_pattern_and_trains_the_kept_weights(tmp_path):
         assert not torch.equal(state[name], pruned[name])
 
 
+@pytest.mark.cuda
+def test_cuda_fine_tuning_keeps_the_pattern(tmp_path):
+    """Masks are taken on the CPU and training moves the model to CUDA afterwards: the hooks mask the gradients
+    on their own device (a CPU mask times a CUDA gradient raised in the first GPU prune run)."""
+    feats = features_of(model_folder(tmp_path))
+    student = loaded_model().model
+    masks = prune_2to4(student)
+    keep_masks(student, masks)
+    train(student, feats, config(tmp_path, max_steps=2, device="cuda"))
+    state = student.state_dict()
+    assert all(state[name].is_cuda and torch.equal((state[name] != 0).cpu(), mask) for name, mask in masks.items())
+
+
 def _squad(tmp_path):
     squad = tmp_path / "train.json"
     squad.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [
