@@ -3,18 +3,19 @@
 # --distill, EPOCHS each), at once (one MiniLM training leaves the GPU mostly idle): plain --int8 from entropy and
 # from percentile 99.999, -iln -imh from entropy --smooth; then one sweep on the full dev set: FP16, the calibrated
 # entropy rows (plain and smoothed, plain and -iln -imh) and the three QAT rows. Usage: device_qat_sweep.sh [EPOCHS]
-# (default 1); QATS="from-entropy iln-imh" trains only those (QAT_TIMEOUT s each, default 330), and the sweep takes
-# the QATs that finished, with SWEEP_ARGS (default: the methods and options above). Each QAT's log is $OUT/qat-NAME.log; the sweep's $OUT/sweep.log and sweep.md.
+# (default 1); QATS="from-entropy iln-imh" trains only those (also from-mse: plain from mse), QAT_TIMEOUT s each
+# (default 330), and the sweep takes the QATs that finished, with SWEEP_ARGS (default: the methods and options
+# above). Each QAT's log is $OUT/qat-NAME.log; the sweep's $OUT/sweep.log and sweep.md.
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 epochs=${1:-1}
-declare -A method=([from-entropy]="entropy" [from-p99.999]="percentile --percentile 99.999"
+declare -A method=([from-entropy]="entropy" [from-p99.999]="percentile --percentile 99.999" [from-mse]="mse"
                    [iln-imh]="entropy --smooth")
-declare -A flags=([from-entropy]="" [from-p99.999]="" [iln-imh]="-iln -imh")
+declare -A flags=([from-entropy]="" [from-p99.999]="" [from-mse]="" [iln-imh]="-iln -imh")
 start=$(date +%s)
 for name in ${QATS:-from-entropy from-p99.999 iln-imh}; do
   python3 cli.py calibrate --squad $TRAIN --model $M --calib-num 100 --method ${method[$name]} -o /tmp/c.$name.json \
-    --no-progress 2>&1 | grep -iE "^(entropy|percentile)|error" | head -1
+    --no-progress 2>&1 | grep -iE "^(entropy|percentile|mse)|error" | head -1
   timeout ${QAT_TIMEOUT:-330} python3 cli.py qat --model $M --squad $TRAIN --calib-cache /tmp/c.$name.json \
     ${flags[$name]} --distill --epochs $epochs -o /tmp/qat/$name --restart --checkpoint-every 100000 --no-progress \
     > $OUT/qat-$name.log 2>&1 &

@@ -21,7 +21,8 @@ python3 cli.py calibrate --squad $TRAIN --model /tmp/finetuned --calib-num 100 -
 python3 cli.py build --model /tmp/finetuned --int8 --fp16 --sparse -b 64 -s 384 --calib-cache /tmp/c.sparse.json \
   -o /tmp/eng/finetuned-int8.engine 2>&1 | grep -iE "^built|^kernels|2:4|error"
 python3 cli.py build --model $M --fp16 -b 64 -s 384 -o /tmp/eng/fp16.engine 2>&1 | grep -iE "^built|error"
-python3 cli.py eval --squad $DEV --no-progress --report-dir /tmp/sparse-report /tmp/eng/fp16.engine \
+python3 cli.py eval --squad $DEV --no-progress --report-dir /tmp/sparse-report --baseline /tmp/eng/fp16.engine \
+  /tmp/eng/fp16.engine \
   $(ls /tmp/eng/pruned-fp16.engine 2>/dev/null) /tmp/eng/finetuned-fp16.engine /tmp/eng/finetuned-int8.engine 2>&1 \
   | tail -9
 cp /tmp/sparse-report/report.md $OUT/sparse-accuracy.md 2>/dev/null

@@ -178,19 +178,29 @@ def fp8_steps(codes: torch.Tensor) -> torch.Tensor:
 # whose float32 context is within 1e-4 of the reference's); the same share the FP rule allows of a tensor's norm.
 FP8_NEAR_ZERO = 1e-3
 
+# The share of FP8 codes that may sit one step from the reference's (INT8: 1e-3). Hopper's FP8 tensor cores sum
+# within a K step at reduced precision (DeepSeek-V3's report, section 3.3.2) before our kernel promotes each step to
+# float32, and cuBLASLt's FP8 GEMM sums in its own order: outputs within about 1e-4 of the reference, which moves a
+# code at one of E4M3's coarse rounding boundaries. On an H100, BERT-large's FC1 (M 4096, K 1024) on wgmma tiles put
+# 0.5-0.7% of its E4M3 codes one step off (tests/test_plugins_fp8.py, 2026-12-06), while every FP output stayed
+# within 1e-3. A wrong tile moves codes by more than a step or in far more places.
+FP8_CODES_OFF = 0.02
+
 
 def agrees(out: torch.Tensor, ref: torch.Tensor, codes_off: float = 1e-3, max_step: int = 1) -> bool:
     """Whether a candidate computed the library's function: FP outputs within 1e-3 relative error; INT8 codes
     within `max_step` and differing in under `codes_off` of places (GELU's hardware tanh, rounding at .5
     boundaries), as the plugin tests allow; FP8 codes the same, in FP8 steps (one step is 1/8 or 1/16 of a
     value, so a relative error over the tensor would fail a candidate that only summed in another order), where
-    codes closer in value than FP8_NEAR_ZERO of the tensor's largest magnitude count as within the steps."""
+    codes closer in value than FP8_NEAR_ZERO of the tensor's largest magnitude count as within the steps, in under
+    FP8_CODES_OFF of places (the FP8 tensor cores' own summation)."""
     if out.shape != ref.shape or out.dtype != ref.dtype:
         return False
     if ref.dtype == torch.float8_e4m3fn:
         diff = (fp8_steps(out) - fp8_steps(ref)).abs()
         near = (out.float() - ref.float()).abs() <= FP8_NEAR_ZERO * ref.float().abs().max()  # NaN: not near
-        return bool(((diff <= max_step) | near).all()) and float((diff > 0).float().mean()) < codes_off
+        off = float((diff > 0).float().mean())
+        return bool(((diff <= max_step) | near).all()) and off < max(codes_off, FP8_CODES_OFF)
     if ref.dtype == torch.int8:
         diff = (out.int() - ref.int()).abs()
         return int(diff.max()) <= max_step and float((diff > 0).float().mean()) < codes_off

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines.tuning import FP8_NEAR_ZERO, agrees, attention_agrees, fp8_steps
+from engines.tuning import FP8_CODES_OFF, FP8_NEAR_ZERO, agrees, attention_agrees, fp8_steps
 from quant.formats import FP8_E4M3, INT8, QuantFormat
 from tests.test_plugins_common import DEVICE, assert_codes_close, gen, kernels, poison, rel  # noqa: F401
 
@@ -107,7 +107,8 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def assert_fp8_codes_close(q, ref, rate=1e-3):
     """E4M3 codes equal but for a rare one-step difference (a value at a rounding boundary), and codes whose values
     are closer than the build's FP8_NEAR_ZERO (E4M3's grid near zero is finer than float32 sums in another order
-    hold a value that cancels); no NaN (poison)."""
+    hold a value that cancels); no NaN (poison). `rate`: the share that may be a step off (on the GPU's FP8 tensor
+    cores, the build's FP8_CODES_OFF)."""
     assert q.dtype == ref.dtype == E4M3 and q.shape == ref.shape
     q, ref = q.cpu(), ref.cpu()
     assert not torch.isnan(q.float()).any(), "unwritten (poisoned) codes"
@@ -119,15 +120,15 @@ def assert_fp8_codes_close(q, ref, rate=1e-3):
     assert ones <= max(4, rate * diff.numel()), f"{ones} codes of {diff.numel()} differ"
 
 
-def check(out, ref, exact):
+def check(out, ref, exact, rate=1e-3):
     """exact: bit for bit (codes' bits, -0 included). Else FP outputs within 1e-3 and codes within a step, rarely
-    (GELU: its exp in another order, the dequantization in one multiply-add)."""
+    (GELU: its exp in another order, the dequantization in one multiply-add; E4M3 codes in `rate` of places)."""
     assert out.shape == ref.shape and out.dtype == ref.dtype
     if exact:
         out, ref = (bits(out), bits(ref)) if ref.dtype == E4M3 else (out.cpu(), ref.cpu())
         assert torch.equal(out, ref), f"{int((out != ref).sum())} elements differ"
     elif ref.dtype == E4M3:
-        assert_fp8_codes_close(out, ref)
+        assert_fp8_codes_close(out, ref, rate)
     elif ref.dtype == torch.int8:
         assert_codes_close(out, ref)
     else:
@@ -343,8 +344,9 @@ def test_kernels_compile_for_hopper_and_ada():
 @pytest.mark.parametrize("config", range(len(L.CANDIDATE_CONFIGS)))
 def test_cuda_every_config(n, k, config, poison):
     """Every candidate tile at BERT-large's GEMMs (M = 4096) on full-range codes: FP outputs within 1e-3 of the
-    reference and codes within one step at the INT8 tests' rate (the tensor cores sum in another order, and
-    within a K step in their own accumulator); the E4M3 codes those of the kernel's own output, bit for bit."""
+    reference; codes within one step, E4M3 ones in under the build's FP8_CODES_OFF of places (the tensor cores
+    sum in another order, and within a K step at reduced precision); the E4M3 codes those of the kernel's own
+    output, bit for bit."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores need compute capability 8.9")
     cfg = L.CANDIDATE_CONFIGS[config]
@@ -353,7 +355,8 @@ def test_cuda_every_config(n, k, config, poison):
     ops, extra = problem(4096, n, k, seed=n + k + config, exact=False)
     for epilogue in ("fp16", "gelu+fp8", "residual+fp8/channel", "residual8/channel", "gelu+int8"):
         kw = epilogue_kwargs(epilogue, ops, extra)
-        check(F8.fp8_linear(**ops, **kw, config=cfg), F8.fp8_linear_reference(**ops, **kw), exact=False)
+        check(F8.fp8_linear(**ops, **kw, config=cfg), F8.fp8_linear_reference(**ops, **kw), exact=False,
+              rate=FP8_CODES_OFF)
         if kw.get("out_format") is FP8_E4M3:
             assert_codes_of_own_output(ops, kw, cfg)
 
@@ -372,7 +375,7 @@ def test_cuda_default_config_and_graph_capture(m, poison):
         out = F8.fp8_linear(**ops, **kw)
     graph.replay()
     torch.cuda.synchronize()
-    check(out, F8.fp8_linear_reference(**ops, **kw), exact=False)
+    check(out, F8.fp8_linear_reference(**ops, **kw), exact=False, rate=FP8_CODES_OFF)
 
 
 @pytest.mark.cuda
