@@ -289,6 +289,13 @@ def _train_parser(p, mode: str) -> None:
     a("--lr", type=float, default=3e-5, help="peak learning rate, linear warm-up (10%%) and decay (default 3e-5)")
     a("--batch-size", type=int, default=32, help="windows per step (default 32)")
     a("--distill", action="store_true", help="also match the starting model's start/end distributions")
+    a("--distill-alpha", type=float, default=0.5, metavar="A", help="with --distill, the weight of the teacher's "
+      "term (1 - A: the labels'; 1: the teacher alone, e.g. when the labels are noisy; default 0.5)")
+    a("--distill-temperature", type=float, default=2.0, metavar="T", help="with --distill, the softmax "
+      "temperature of both distributions (default 2)")
+    if qat:
+        a("--scale-lr", type=float, default=1e-3, help="peak learning rate of the learned amax values, in the "
+          "activations' own units (default 1e-3)")
     a("--limit", metavar="N|all", help="train on the first N questions (default all)")
     a("--seed", type=int, default=0, help="seed of the shuffling (default 0)")
     a("--checkpoint-every", type=int, default=500, metavar="N", help="steps between checkpoints (default 500); a "

@@ -148,11 +148,14 @@ EXAMPLES = """examples:
 
 def train_config_from_flags(flags) -> TrainConfig:
     """The TrainConfig of `cli.py qat` / `cli.py finetune` flags (output, epochs, max_steps, batch_size, lr,
-    distill, device, seed, checkpoint_every, restart, no_progress; qat also freeze_scales)."""
+    distill and its alpha and temperature, device, seed, checkpoint_every, restart, no_progress; qat also
+    freeze_scales and scale_lr)."""
     return TrainConfig(output_dir=flags.output, epochs=flags.epochs, max_steps=flags.max_steps,
                        batch_size=flags.batch_size, lr=flags.lr, distill=flags.distill, device=flags.device,
                        seed=flags.seed, checkpoint_every=flags.checkpoint_every, resume=not flags.restart,
-                       freeze_scales=getattr(flags, "freeze_scales", False), progress=not flags.no_progress)
+                       freeze_scales=getattr(flags, "freeze_scales", False), progress=not flags.no_progress,
+                       distill_alpha=flags.distill_alpha, distill_temperature=flags.distill_temperature,
+                       scale_lr=getattr(flags, "scale_lr", TrainConfig.scale_lr))
 
 
 def _summary(verb: str, run: RunResult) -> str:
