@@ -122,6 +122,26 @@ def test_distillation_and_finetune_train(tmp_path):
     assert dataset_loss(plain, feats) < before
 
 
+def test_distillation_flags_reach_the_config_and_alpha_one_ignores_the_labels(tmp_path):
+    import cli
+    from qat.run import train_config_from_flags
+    flags = cli.build_parser().parse_args(["qat", "--squad", "t.json", "--model", "m", "--calib-cache", "c.json",
+                                           "-o", str(tmp_path), "--distill", "--distill-alpha", "1",
+                                           "--distill-temperature", "3", "--scale-lr", "2e-3"])
+    cfg = train_config_from_flags(flags)
+    assert (cfg.distill, cfg.distill_alpha, cfg.distill_temperature, cfg.scale_lr) == (True, 1.0, 3.0, 2e-3)
+    assert train_config_from_flags(cli.build_parser().parse_args(
+        ["finetune", "--squad", "t.json", "--model", "m", "-o", str(tmp_path)])).scale_lr == TrainConfig.scale_lr
+    torch.manual_seed(0)
+    start, end = torch.randn(4, 16), torch.randn(4, 16)
+    teacher = (torch.randn(4, 16), torch.randn(4, 16))
+    labels = [torch.randint(0, 16, (4,)) for _ in range(4)]
+    taught = [float(qa_loss(start, end, s, e, teacher, alpha=1.0)) for s, e in (labels[:2], labels[2:])]
+    assert taught[0] == taught[1]          # the labels play no part
+    mixed = [float(qa_loss(start, end, s, e, teacher, alpha=0.5)) for s, e in (labels[:2], labels[2:])]
+    assert mixed[0] != mixed[1]
+
+
 class Interrupt(Exception):
     pass
 
