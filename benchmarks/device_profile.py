@@ -89,7 +89,7 @@ def attention(lines: list[str], batch: int, heads: int, seq: int, dim: int) -> N
 def engine_profile(lines: list[str], preset: str, policy: PrecisionPolicy, label: str, shape: Profile,
                    fuse: bool) -> None:
     loaded = load_model(preset)
-    calib = max_ranges(loaded, torch.device("cuda")) if policy.int8 else None
+    calib = max_ranges(loaded, torch.device("cuda")) if policy.quantized else None
     header, tensors = build_engine(loaded, policy, [shape], calib, torch.device("cuda"), None, TIMING)
     runner = GraphRunner(Engine(header, tensors, torch.device("cuda")).eval(), fuse=fuse)
     chosen = ", ".join(f"{k.split('.')[1]}: {v}" for k, v in header.kernels.items() if k.startswith("gemm."))

@@ -52,8 +52,8 @@ def main(argv=None) -> None:
             times = {}
             for sparse in (False, True):
                 policy = PrecisionPolicy(**VARIANTS[name], sparse=sparse)
-                header, tensors = build_engine(loaded, policy, shapes, calib if policy.int8 else None, device, None,
-                                               timing, prune=sparse)
+                header, tensors = build_engine(loaded, policy, shapes, calib if policy.quantized else None, device,
+                                               None, timing, prune=sparse)
                 runner = GraphRunner(Engine(header, tensors, device).eval(), f"{preset} {name}")
                 for shape in shapes:
                     x = random_inputs(shape.batch, shape.seq_len, loaded.config.vocab_size, device)

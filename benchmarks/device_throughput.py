@@ -59,7 +59,7 @@ def main(argv=None) -> None:
         profiles = length_buckets([Profile(args.batch, 384)], args.buckets)
         for name in args.variants:
             policy = VARIANTS[name]
-            calib = max_ranges(loaded, device) if policy.int8 else None
+            calib = max_ranges(loaded, device) if policy.quantized else None
             header, tensors = build_engine(loaded, policy, profiles, calib, device, None, timing, varlen=args.varlen)
             runner = GraphRunner(Engine(header, tensors, device).eval(), f"{preset} {name}")
             bucketed = offline_run(f"{preset} {name}, bucketed", runner, features, device, args.batch,

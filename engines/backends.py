@@ -421,8 +421,12 @@ def _padded_windows(attend, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seq
     bias = torch.zeros(real.shape, dtype=bias_dtype, device=qkv.device).masked_fill_(~real,
                                                                                      torch.finfo(bias_dtype).min)
     context = attend(qkv.index_select(0, gather), n, bias)
+    # E4M3 codes travel as their bytes: torch has no index_copy_ for float8 (zero bytes are +0.0 in E4M3)
+    fp8 = context.dtype == torch.float8_e4m3fn
+    context = context.view(torch.uint8) if fp8 else context
     out = torch.zeros(tokens + 1, hidden, dtype=context.dtype, device=qkv.device)  # row `tokens`: padding's
-    return out.index_copy_(0, scatter, context)[:tokens]
+    out = out.index_copy_(0, scatter, context)[:tokens]
+    return out.view(torch.float8_e4m3fn) if fp8 else out
 
 
 def _varlen_sdpa(config, qkv, cu_seqlens, max_seqlen, heads, *, scales=None, out_recip=None,

@@ -64,8 +64,9 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def assert_codes_close(q: torch.Tensor, ref: torch.Tensor):
-    """INT8 codes equal, but for a rare 1-off where a value sits on a .5 boundary (FMA, exp, reduction order)."""
+def assert_codes_close(q: torch.Tensor, ref: torch.Tensor, rate: float = 1e-3):
+    """INT8 codes equal, but for a rare 1-off where a value sits on a .5 boundary (FMA, exp, reduction order): in
+    at most `rate` of places (an FP8 GEMM's INT8 codes: engines.tuning.FP8_CODES_OFF, its tensor cores' sums)."""
     assert q.dtype == torch.int8 and q.shape == ref.shape
     q, ref = q.cpu(), ref.cpu()
     assert int(q.min()) >= -127, "unwritten (poisoned) or out-of-range codes"
@@ -73,7 +74,7 @@ def assert_codes_close(q: torch.Tensor, ref: torch.Tensor):
     assert int(diff.max()) <= 1, f"codes differ by {int(diff.max())}"
     # at most 1 in 1,000, or 4 in a small sample (a row of 1,536 codes can hold 2 at a rate of 1 in 2,000)
     ones = int((diff == 1).sum())
-    assert ones <= max(4, 1e-3 * diff.numel()), f"{ones} codes of {diff.numel()} differ"
+    assert ones <= max(4, rate * diff.numel()), f"{ones} codes of {diff.numel()} differ"
 
 
 # ------------------------------------------------------------------------------------------------ tests

@@ -253,7 +253,8 @@ def varlen_engine(policy, seed=3, profiles=(Profile(4, 64),)):
 @pytest.mark.parametrize("name,policy", [("fp32", PrecisionPolicy()), ("int8", PrecisionPolicy(int8=True)),
                                          ("int8 -iln", PrecisionPolicy(int8=True, iln=True)),
                                          ("int8 -imh", PrecisionPolicy(int8=True, imh=True)),
-                                         ("int8 -iln -imh", PrecisionPolicy(int8=True, iln=True, imh=True))])
+                                         ("int8 -iln -imh", PrecisionPolicy(int8=True, iln=True, imh=True)),
+                                         ("fp8", PrecisionPolicy(fp8=True))])
 def test_packed_bucketed_and_padded_logits_agree(name, policy):
     """The CPU reference path: run_logits packed (the default for a --varlen engine), bucketed and padded give
     the same logits at every real position, -inf elsewhere; windows of 1 and 64 tokens among them."""
