@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Several device scripts in one call, at once (accuracy runs and CUDA tests, which need no quiet GPU; never timings):
+# Several device scripts in one call, at once (accuracy runs and CUDA tests, which need no quiet GPU; never timings;
+# and not several trainings, which share the GPU by turns and gain nothing from running at once):
 #   DEADLINE=540 bash benchmarks/device_batch.sh "tests=bash benchmarks/device_cuda_tests.sh" \
 #     "fp8=bash benchmarks/device_fp8.sh"
 # Each NAME=COMMAND runs with OUT=/tmp/r/NAME and its output in /tmp/r/NAME.log; at DEADLINE seconds the unfinished

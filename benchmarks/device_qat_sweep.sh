@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# GPU call behind BENCHMARKS.md's QAT sweep tables (issue 18): three QAT runs on the shared MiniLM (train file,
-# --distill, EPOCHS each), at once (one MiniLM training leaves the GPU mostly idle): plain --int8 from entropy and
-# from percentile 99.999, -iln -imh from entropy --smooth; then one sweep on the full dev set: FP16, the calibrated
-# entropy rows (plain and smoothed, plain and -iln -imh) and the three QAT rows. Usage: device_qat_sweep.sh [EPOCHS]
-# (default 1); QATS="from-entropy iln-imh" trains only those (also from-mse: plain from mse; NAME-kd: NAME taught
-# by the FP16 model alone), QAT_TIMEOUT s each (default 330), QAT_ARGS added to every QAT; the sweep takes the QATs
-# that finished, with SWEEP_ARGS (default: the methods and options above). Each QAT's log is $OUT/qat-NAME.log;
-# the sweep's $OUT/sweep.log and sweep.md.
+# GPU call behind BENCHMARKS.md's QAT sweep tables (issue 18): QAT runs on the shared MiniLM (train file, --distill,
+# EPOCHS each), at once (though trainings at once take about as long as one after another: on an H100 one epoch
+# took 151 s alone, and two beside a prune had not finished in 390 s; BENCHMARKS.md), by default plain --int8 from
+# entropy and from percentile 99.999 and -iln -imh from entropy --smooth; then one sweep on the full dev set: FP16,
+# the calibrated entropy rows (plain and smoothed, plain and -iln -imh) and a row per QAT. Usage:
+# device_qat_sweep.sh [EPOCHS] (default 1); QATS="from-entropy iln-imh" trains only those (also from-mse: plain
+# from mse; NAME-kd: NAME taught by the FP16 model alone), QAT_TIMEOUT s each (default 330), QAT_ARGS added to
+# every QAT; the sweep takes the QATs that finished, with SWEEP_ARGS (default: the methods and options above).
+# Each QAT's log is $OUT/qat-NAME.log; the sweep's $OUT/sweep.log and sweep.md.
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 epochs=${1:-1}

@@ -4,14 +4,16 @@
 # table on the full dev set against the dense FP16 engine; then the sparse-versus-dense GEMM table on random-weight
 # BERT-large (benchmarks/device_sparse_speed.py; SPEED=0 leaves it out, for a call where the GPU is shared).
 # PRUNE_TIMEOUT (s, default 300) bounds each prune; EPOCHS (default 1) of fine-tuning; STAGES="finetuned" skips the
-# pruned-only engine.
+# pruned-only engine; PRUNE_ARGS are added to every prune (e.g. "--method sparsegpt"), DISTILL_ARGS to the
+# fine-tuning one (e.g. "--distill-alpha 1").
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 for stage in ${STAGES:-pruned finetuned}; do
-  steps=$([ $stage = pruned ] && echo "--max-steps 0" || echo "--epochs ${EPOCHS:-1} --distill")
+  steps=$([ $stage = pruned ] && echo "--max-steps 0" || echo "--epochs ${EPOCHS:-1} --distill ${DISTILL_ARGS:-}")
   tag=$stage
   start=$(date +%s)
-  timeout ${PRUNE_TIMEOUT:-300} python3 cli.py prune --model $M --squad $TRAIN $steps -o /tmp/$tag --restart --no-progress 2>&1 | tail -1
+  timeout ${PRUNE_TIMEOUT:-300} python3 cli.py prune --model $M --squad $TRAIN $steps ${PRUNE_ARGS:-} -o /tmp/$tag \
+    --restart --no-progress 2>&1 | tail -1
   echo "prune $tag wall: $(( $(date +%s) - start )) s"
   python3 cli.py build --model /tmp/$tag --fp16 --sparse -b 64 -s 384 -o /tmp/eng/$tag-fp16.engine 2>&1 \
     | grep -iE "^built|^kernels|2:4|error"

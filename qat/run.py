@@ -153,6 +153,10 @@ def train_config_from_flags(flags) -> TrainConfig:
     """The TrainConfig of `cli.py qat` / `cli.py finetune` flags (output, epochs, max_steps, batch_size, lr,
     distill and its alpha and temperature, device, seed, checkpoint_every, restart, no_progress; qat also
     freeze_scales and scale_lr)."""
+    shaped = (flags.distill_alpha, flags.distill_temperature) != (TrainConfig.distill_alpha,
+                                                                 TrainConfig.distill_temperature)
+    if shaped and not flags.distill:
+        raise WorkbenchError("--distill-alpha and --distill-temperature shape the --distill loss: add --distill")
     return TrainConfig(output_dir=flags.output, epochs=flags.epochs, max_steps=flags.max_steps,
                        batch_size=flags.batch_size, lr=flags.lr, distill=flags.distill, device=flags.device,
                        seed=flags.seed, checkpoint_every=flags.checkpoint_every, resume=not flags.restart,

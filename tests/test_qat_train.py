@@ -132,6 +132,9 @@ def test_distillation_flags_reach_the_config_and_alpha_one_ignores_the_labels(tm
     assert (cfg.distill, cfg.distill_alpha, cfg.distill_temperature, cfg.scale_lr) == (True, 1.0, 3.0, 2e-3)
     assert train_config_from_flags(cli.build_parser().parse_args(
         ["finetune", "--squad", "t.json", "--model", "m", "-o", str(tmp_path)])).scale_lr == TrainConfig.scale_lr
+    with pytest.raises(WorkbenchError, match="add --distill"):  # the weight of a loss term that is not there
+        train_config_from_flags(cli.build_parser().parse_args(
+            ["prune", "--squad", "t.json", "--model", "m", "-o", str(tmp_path), "--distill-alpha", "1"]))
     torch.manual_seed(0)
     start, end = torch.randn(4, 16), torch.randn(4, 16)
     teacher = (torch.randn(4, 16), torch.randn(4, 16))
