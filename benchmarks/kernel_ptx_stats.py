@@ -1,7 +1,7 @@
 """What our kernels compile to, without a GPU: memory instructions, barriers and arithmetic in their PTX.
 
     python3 -m benchmarks.kernel_ptx_stats [--tiles 128x128x128-w4-s3 64x64x128-w4-s4] [--attention 128x64-w8-s3]
-                                           [--arch 90]
+                                           [--arch 90] [--sass] [--fp8]
 
 Triton compiles for a target GPU on any machine (ptxas ships with it), so the code a kernel variant becomes can be
 compared where no GPU is lent: per tile, the pointer kernel (plugins.int8_linear.quantized_linear_kernel) with a
@@ -40,19 +40,22 @@ COUNTED = re.compile(r"(ld|st)\.(global|shared)[.a-z0-9]*|ldmatrix[.a-z0-9]*|bar
 ARITHMETIC = re.compile(r"\b(ex2\.approx[.a-z0-9]*|(add|sub|mul|fma\.rn|max|min)\.f32)\b")
 
 
-def gemm_compiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int, epilogue: str, arch: int):
-    """The pointer-epilogue GEMM compiled for sm_<arch>, with one of EPILOGUES."""
+def gemm_compiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int, epilogue: str, arch: int,
+                  fp8: bool = False, fast_accum: bool = False):
+    """The pointer-epilogue GEMM compiled for sm_<arch>, with one of EPILOGUES; `fp8`: E4M3 operands (and FC1's
+    codes E4M3), summed as GemmConfig.fast_accum says."""
     fc1 = epilogue == "fc1"
     codes, per_channel = (False, False) if fc1 else RESIDUALS[epilogue.removeprefix("residual ")]
-    signature = {"a_ptr": "*i8", "w_ptr": "*i8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
-                 "res_ptr": "*i8" if codes else "*fp16", "out_ptr": "*i8" if fc1 else "*fp16", "M": "i32",
+    operand, fc1_out = ("*fp8e4nv", "fp8_e4m3") if fp8 else ("*i8", "int8")
+    signature = {"a_ptr": operand, "w_ptr": operand, "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                 "res_ptr": "*i8" if codes else "*fp16", "out_ptr": operand if fc1 else "*fp16", "M": "i32",
                  "N": "i32", "K": "i32", "a_scale": "fp32", "out_recip": "fp32",
                  "res_scale": "*fp32" if per_channel else "fp32",
                  "stride_am": "i32", "stride_wn": "i32", "stride_rm": "i32", "stride_om": "i32"}
-    constants = dict(HAS_RESIDUAL=not fc1, GELU=fc1, OUT_FORMAT="int8" if fc1 else "fp", RECIP_PER_CHANNEL=False,
-                     RES_CODES=codes, CLAMP_LOW=not fc1, FP8=False,
+    constants = dict(HAS_RESIDUAL=not fc1, GELU=fc1, OUT_FORMAT=fc1_out if fc1 else "fp", RECIP_PER_CHANNEL=False,
+                     RES_CODES=codes, CLAMP_LOW=not fc1, FP8=fp8,
                      RES_PER_CHANNEL=per_channel, EVEN_K=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                     GROUP_M=8, PDL=arch >= 90, PREFETCH=False)
+                     GROUP_M=8, PDL=arch >= 90, PREFETCH=False, FAST_ACC=fast_accum)
     signature.update({name: "constexpr" for name in constants})
     # what the JIT infers for BERT's shapes: pointers, sizes and strides all multiples of 16
     aligned = [i for i, name in enumerate(signature) if name.endswith(("_ptr", "stride_am", "stride_wn", "stride_rm",
@@ -71,6 +74,19 @@ def sass_counts(cubin: bytes) -> collections.Counter:
         f.flush()
         sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
     return collections.Counter(op for op in SASS_OP.findall(sass) if op in SASS_COUNTED)
+
+
+def registers(ptx: str, arch: int) -> str:
+    """ptxas's register and spill report for a kernel's PTX (the ptxas Triton compiles with)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        info = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+    regs, spills = re.search(r"Used (\d+) registers", info), re.search(r"(\d+) bytes spill stores", info)
+    return f"{regs.group(1)} registers, {spills.group(1)} bytes spill stores"
 
 
 def attention_ptx(config: str, int8: bool, arch: int, d: int = 64) -> str:
@@ -103,6 +119,8 @@ def main(argv=None) -> None:
                     help="also the attention kernels at these configurations")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     ap.add_argument("--sass", action="store_true", help="also count the GEMMs' SASS instructions (nvdisasm)")
+    ap.add_argument("--fp8", action="store_true", help="also FC1 on E4M3 codes, each K step's sum added into float32 "
+                    "against fast accumulation (GemmConfig.fast_accum): float adds, registers and spills (ptxas)")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}: static instruction counts in the PTX")
     for config in args.attention:
@@ -122,6 +140,15 @@ def main(argv=None) -> None:
             if args.sass:
                 counts = sass_counts(compiled.asm["cubin"])
                 print(f"{tile} {epilogue} SASS: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        if args.fp8:
+            ptx = gemm_compiled(bm, bn, bk, int(w[1:]), int(s[1:]), "fc1", args.arch).asm["ptx"]
+            print(f"{tile} fc1 INT8 (int32 sums): " + registers(ptx, args.arch))
+        for fast in (False, True) if args.fp8 else ():
+            ptx = gemm_compiled(bm, bn, bk, int(w[1:]), int(s[1:]), "fc1", args.arch, fp8=True,
+                                fast_accum=fast).asm["ptx"]
+            adds = len(re.findall(r"\badd(?:\.rn)?\.f32\b", ptx))
+            print(f"{tile} fc1 FP8 {'fast accumulation' if fast else 'float32 add per K step'}: add.f32 {adds}, "
+                  + registers(ptx, args.arch))
 
 
 if __name__ == "__main__":

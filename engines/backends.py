@@ -20,7 +20,7 @@ forward (Engine.forward_packed) looks its choice up with varlen=True.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -197,9 +197,10 @@ def triton_impl(config) -> str:
     split_k = f"-k{c.split_k}" if c.split_k > 1 else ""
     prefetch = "-pf" if c.prefetch else ""
     store = "-st" if c.tma_store else ""
+    fast = "-fa" if c.fast_accum else ""
     loads = "" if c.loads == "ptr" else f"+{c.loads}"
     return (f"{TRITON}:{c.block_m}x{c.block_n}x{c.block_k}-g{c.group_m}-w{c.num_warps}-s{c.num_stages}"
-            f"{split_k}{prefetch}{store}{loads}")
+            f"{split_k}{prefetch}{store}{fast}{loads}")
 
 
 def parse_triton_impl(impl: str):
@@ -211,7 +212,7 @@ def parse_triton_impl(impl: str):
     bm, bn, bk = map(int, tiles.split("x"))
     split_k = [int(o[1:]) for o in options if o.startswith("k")]
     return GemmConfig(bm, bn, bk, int(g[1:]), int(w[1:]), int(s[1:]), loads or "ptr", split_k[0] if split_k else 1,
-                      prefetch="pf" in options, tma_store="st" in options)
+                      prefetch="pf" in options, tma_store="st" in options, fast_accum="fa" in options)
 
 
 TRITON = "triton"
@@ -249,6 +250,16 @@ def _triton_configs(problem: GemmProblem) -> list[str]:
     from plugins.int8_linear import CANDIDATE_CONFIGS
 
     return [split(triton_impl(c))[1] for c in CANDIDATE_CONFIGS if problem.m <= SMALL_M_ROWS or not c.small_m]
+
+
+def _fp8_triton_configs(problem: GemmProblem) -> list[str]:
+    """The INT8 family's tiles, and each wgmma tile (64 rows or more, no split K) again with fast accumulation
+    (GemmConfig.fast_accum): whether its sums still agree with the reference is the build's timing to find out."""
+    from plugins.int8_linear import CANDIDATE_CONFIGS
+
+    tiles = [c for c in CANDIDATE_CONFIGS if problem.m <= SMALL_M_ROWS or not c.small_m]
+    fast = [replace(c, fast_accum=True) for c in tiles if c.block_m >= 64 and c.split_k == 1]
+    return [split(triton_impl(c))[1] for c in tiles + fast]
 
 
 def linear_gelu_tanh(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -520,7 +531,7 @@ CUBLASLT = "cublaslt"
 register_gemm(GemmBackend(CUBLASLT, FP8_E4M3.name, _cublaslt_fp8_configs, _fp8_cublaslt, gpu_kernels=True,
                           available=_cublaslt_fp8_available))
 # the INT8 Triton family's kernels and tiles on E4M3 codes (FP8 operands are bytes too: the same tiles suit them)
-register_gemm(GemmBackend(TRITON, FP8_E4M3.name, _triton_configs, _fp8_triton, gpu_kernels=True,
+register_gemm(GemmBackend(TRITON, FP8_E4M3.name, _fp8_triton_configs, _fp8_triton, gpu_kernels=True,
                           available=_fp8_kernels_available))
 register_attention(AttentionBackend(LIBRARY, "fp", _reference_only, _sdpa))
 register_attention(AttentionBackend("fused-attention", "fp", _attention_configs(False), _fused_attention,

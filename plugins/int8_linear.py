@@ -80,6 +80,12 @@ class GemmConfig:
     # descriptors (one bulk copy each, clipped at the edges by the copy engine) instead of a masked pointer access
     # per element in the accumulator's register layout.
     tma_store: bool = False
+    # fast_accum (FP8 codes only; INT8 sums are exact int32 whatever it says): the wgmma accumulator runs the whole
+    # K loop at the tensor cores' own precision (Triton's sm_90 default; cuBLASLt's use_fast_accum) instead of
+    # being added into float32 after every BLOCK_K step, which takes a second accumulator's registers and makes
+    # each step wait for its wgmma before the add. Its outputs move further from the reference's float32 sums,
+    # and the build's agreement rule (engines.tuning.agrees) decides per GEMM whether they still agree.
+    fast_accum: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -218,14 +224,16 @@ def _zero_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLOAT_ACC: tl.conste
 
 
 @triton.jit
-def _mma(a, w, acc, FP8: tl.constexpr, BLOCK_K: tl.constexpr):
+def _mma(a, w, acc, FP8: tl.constexpr, BLOCK_K: tl.constexpr, FAST_ACC: tl.constexpr):
     """acc + a @ w on the tensor cores, in acc's dtype. FP8 (E4M3 x E4M3, float32 sums): Hopper's wgmma adds FP8
     products in an accumulator that keeps fewer bits than float32 (about 14, DeepSeek-V3's report measured), and
     Triton's sm_90 default lets it run over the whole K loop; here each BLOCK_K step's sum (64 or 128 products,
     DeepSeek-V3's interval) is added to acc in float32 (max_num_imprecise_acc), as cuBLASLt does unless asked for
-    fast accumulation (PTX: a fresh wgmma accumulator per step, then add.rn.f32 into acc). Not yet measured on a
-    GPU; the `cuda` tests hold it to the reference."""
-    if FP8:
+    fast accumulation (PTX: a fresh wgmma accumulator per step, then add.rn.f32 into acc). FAST_ACC
+    (GemmConfig.fast_accum): the default instead, no step-wise add. The `cuda` tests hold both to the reference."""
+    if FP8 and FAST_ACC:
+        return tl.dot(a, w, acc, out_dtype=tl.float32)
+    elif FP8:
         return tl.dot(a, w, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
     else:
         return tl.dot(a, w, acc, out_dtype=acc.dtype)
@@ -246,7 +254,7 @@ def _load_k(ptrs, k_ok, EVEN_K: tl.constexpr, FP8: tl.constexpr):
 @triton.jit
 def _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, steps, K, stride_am, stride_wn,
                  EVEN_K: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, FAST_ACC: tl.constexpr = False):
     """The sum over K in [k0, k0 + steps * BLOCK_K) of an output tile (int32 exact, or float32 for FP8 codes), by
     pointer loads; EVEN_K: the range lies inside K (no masks). Rows/columns past the edge read row/column 0
     instead of masking every load; their results are not stored."""
@@ -259,7 +267,7 @@ def _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, steps, K, stride_
         k_left = K - k0 - k * BLOCK_K
         a = _load_k(a_ptrs, offs_k[None, :] < k_left, EVEN_K, FP8)
         w = _load_k(w_ptrs, offs_k[:, None] < k_left, EVEN_K, FP8)
-        acc = _mma(a, w, acc, FP8, BLOCK_K)
+        acc = _mma(a, w, acc, FP8, BLOCK_K, FAST_ACC)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     return acc
@@ -273,7 +281,7 @@ def quantized_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_pt
                             RECIP_PER_CHANNEL: tl.constexpr, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr,
                             CLAMP_LOW: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
-                            PREFETCH: tl.constexpr):
+                            PREFETCH: tl.constexpr, FAST_ACC: tl.constexpr = False):
     # FP8: the operands are E4M3 codes (float32 sums), else INT8 codes (int32 sums). OUT_FORMAT: "fp" (values in
     # out's dtype), "int8" or "fp8_e4m3" (that format's codes; plugins.common.codes).
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -286,7 +294,7 @@ def quantized_linear_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_pt
         _prefetch_weights(w_ptr, offs_n, n_ok, 0, (K + BLOCK_K - 1) // BLOCK_K, K, stride_wn, BLOCK_K)
     await_inputs(PDL)
     acc = _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, 0, (K + BLOCK_K - 1) // BLOCK_K, K,
-                       stride_am, stride_wn, EVEN_K, FP8, BLOCK_M, BLOCK_N, BLOCK_K)
+                       stride_am, stride_wn, EVEN_K, FP8, BLOCK_M, BLOCK_N, BLOCK_K, FAST_ACC)
     mask = m_ok[:, None] & n_ok[None, :]
     rows = offs_m.to(tl.int64)[:, None]
     _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out_ptr, a_scale, out_recip,
@@ -302,7 +310,8 @@ def _quantized_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr,
                                  RES_PER_CHANNEL: tl.constexpr, CLAMP_LOW: tl.constexpr, FP8: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
-                                 PDL: tl.constexpr, res_desc=None, out_desc=None, FLOAT_IN: tl.constexpr = False):
+                                 PDL: tl.constexpr, res_desc=None, out_desc=None, FLOAT_IN: tl.constexpr = False,
+                                 FAST_ACC: tl.constexpr = False):
     """quantized_linear_kernel with operand tiles fetched by TMA (host-made descriptors; the copy engine zero-fills
     past the edges, so no masks and no K-tail branch). PERSISTENT: the grid is at most one program per SM and
     each walks tiles pid, pid + grid, ...; the flattened loop lets the compiler's pipeliner issue the next
@@ -319,7 +328,7 @@ def _quantized_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr,
             a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
             # [BLOCK_N, BLOCK_K]: K-major, as wgmma wants INT8 and FP8 operands
             w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
-            acc = _mma(a, w.T, acc, FP8, BLOCK_K)
+            acc = _mma(a, w.T, acc, FP8, BLOCK_K, FAST_ACC)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         if out_desc is not None:
@@ -341,7 +350,7 @@ def _quantized_linear_tma_kernel(a_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr,
 def _partial_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_slice, stride_am, stride_wn, stride_part,
                     EVEN_K: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
-                    PREFETCH: tl.constexpr):
+                    PREFETCH: tl.constexpr, FAST_ACC: tl.constexpr = False):
     """Split K, step 1: program (tile, s) sums K slice s, [s * k_slice, (s + 1) * k_slice), of its output tile
     into part[s] ([M, N], int32, or float32 for FP8 codes; stride_part = M * N elements apart); EVEN_K: every
     slice is whole BLOCK_K steps inside K (no masks)."""
@@ -356,7 +365,7 @@ def _partial_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_slice, stride_am, stride_
         _prefetch_weights(w_ptr, offs_n, n_ok, k0, k_slice // BLOCK_K, K, stride_wn, BLOCK_K)
     await_inputs(PDL)
     acc = _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_slice // BLOCK_K, K, stride_am, stride_wn,
-                       EVEN_K, FP8, BLOCK_M, BLOCK_N, BLOCK_K)
+                       EVEN_K, FP8, BLOCK_M, BLOCK_N, BLOCK_K, FAST_ACC)
     offs = tl.program_id(1).to(tl.int64) * stride_part + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(part_ptr + offs, acc, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -616,7 +625,8 @@ def _flags(cfg: GemmConfig, residual: bool, gelu: bool, out_format: str, per_cha
         GELU_FLOOR * float(recip) > _CLAMP_FREE_ABOVE[out_format]
     return dict(HAS_RESIDUAL=residual, GELU=bool(gelu), OUT_FORMAT=out_format, RECIP_PER_CHANNEL=per_channel,
                 RES_CODES=res_codes, RES_PER_CHANNEL=res_per_channel, CLAMP_LOW=not floor_free, FP8=fp8,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                FAST_ACC=fp8 and cfg.fast_accum, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                GROUP_M=cfg.group_m,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False, PDL=use_pdl,
                 launch_pdl=use_pdl)
 
@@ -658,7 +668,8 @@ def _split_k(a_q, w_q, w_scale, bias, res, out, a_scale, recip, res_scale, cfg: 
         a_q, w_q, part, m, n, k, steps * cfg.block_k, a_q.stride(0), w_q.stride(0), part.stride(0),
         EVEN_K=k == steps * cfg.block_k * cfg.split_k, FP8=flags["FP8"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        PDL=flags["PDL"], launch_pdl=flags["launch_pdl"], PREFETCH=cfg.prefetch and flags["PDL"])
+        PDL=flags["PDL"], launch_pdl=flags["launch_pdl"], PREFETCH=cfg.prefetch and flags["PDL"],
+        FAST_ACC=flags["FAST_ACC"])
     bm, bn = _SPLITK_EPILOGUE_TILE
     epilogue_flags = {key: flags[key] for key in ("HAS_RESIDUAL", "GELU", "OUT_FORMAT", "RECIP_PER_CHANNEL",
                                                    "RES_CODES", "RES_PER_CHANNEL", "CLAMP_LOW", "FP8", "PDL",

@@ -8,6 +8,7 @@ compile-time format strings and flags type-check in compiled mode.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -25,17 +26,23 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 from plugins import attention, int8_linear as L, layernorm, quantize, varlen_attention  # noqa: E402
 
 FOUND = re.compile(r"(wgmma\.mma_async[.\w]*|mma\.sync[.\w]*|cvt\.rn\.satfinite\.e4m3x2\.f32|cp\.async\.bulk\.tensor)")
+FADD = re.compile(r"\badd(?:\.rn)?\.f32\b")
 E4M3 = torch.float8_e4m3fn
 
 
-def ptx(fn, args: dict, constants: dict, arch: int, warps: int = 4, stages: int = 2) -> list[str]:
-    """The distinct instructions of interest in `fn`'s PTX for sm_<arch>: `args` are example arguments (their
-    types make the signature), `constants` the constexprs."""
+def ptx_text(fn, args: dict, constants: dict, arch: int, warps: int = 4, stages: int = 2) -> str:
+    """`fn`'s PTX for sm_<arch>: `args` are example arguments (their types make the signature), `constants` the
+    constexprs."""
     signature = {name: "constexpr" if name in constants else mangle_type(args[name]) for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature, constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
-    return sorted(set(FOUND.findall(compiled.asm["ptx"])))
+    return compiled.asm["ptx"]
+
+
+def ptx(fn, args: dict, constants: dict, arch: int, warps: int = 4, stages: int = 2) -> list[str]:
+    """The distinct instructions of interest in `fn`'s PTX for sm_<arch> (ptx_text's arguments)."""
+    return sorted(set(FOUND.findall(ptx_text(fn, args, constants, arch, warps, stages))))
 
 
 def gemm_flags(cfg: L.GemmConfig, out_format: str, arch: int, **kw) -> dict:
@@ -69,13 +76,22 @@ def gemms() -> dict[str, list[str]]:
     found["gemm-tma-sm90"] = ptx(L._quantized_linear_tma_kernel, args,
                                  {**gemm_flags(tma, "fp", 90, residual=True, gelu=False), "PERSISTENT": False,
                                   "FLOAT_IN": False}, 90)
+    # GemmConfig.fast_accum: without the float32 add of every BLOCK_K step's wgmma sum (add.f32 per accumulator
+    # register and step), the same E4M3 wgmma
+    for fast in (False, True):
+        text = ptx_text(L.quantized_linear_kernel, gemm_args(),
+                        {**gemm_flags(dataclasses.replace(cfg, fast_accum=fast), "fp", 90, gelu=False),
+                         "EVEN_K": True, "PREFETCH": False}, 90, cfg.num_warps, cfg.num_stages)
+        name = f"gemm-ptr-sm90-{'fast' if fast else 'precise'}"
+        found[name] = sorted(set(FOUND.findall(text))) + [f"float adds: {len(FADD.findall(text))}"]
     split = L.GemmConfig(64, 64, 128, split_k=2)
     part = torch.empty(2, 256, 256)
     found["splitk-partial-sm90"] = ptx(
         L._partial_kernel, dict(gemm_args(), part_ptr=part, k_slice=128, stride_part=256 * 256),
-        dict(EVEN_K=True, FP8=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, PDL=True, PREFETCH=False), 90)
+        dict(EVEN_K=True, FP8=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, PDL=True, PREFETCH=False,
+             FAST_ACC=False), 90)
     epilogue = {key: value for key, value in gemm_flags(split, "fp8_e4m3", 90).items()
-                if key not in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+                if key not in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "FAST_ACC")}
     found["splitk-epilogue-sm90"] = ptx(L._splitk_epilogue_kernel, dict(gemm_args(), part_ptr=part,
                                                                         stride_part=256 * 256),
                                         {**epilogue, "SPLIT_K": 2, "BLOCK_M": 16, "BLOCK_N": 128}, 90)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -90,10 +91,27 @@ def test_triton_implementation_names_round_trip():
     from engines.backends import parse_triton_impl, triton_impl
     from plugins.int8_linear import CANDIDATE_CONFIGS
 
-    names = {triton_impl(c) for c in CANDIDATE_CONFIGS}
-    assert len(names) == len(CANDIDATE_CONFIGS)
-    for c in CANDIDATE_CONFIGS:
+    configs = CANDIDATE_CONFIGS + tuple(replace(c, fast_accum=True) for c in CANDIDATE_CONFIGS)
+    names = {triton_impl(c) for c in configs}
+    assert len(names) == len(configs)
+    for c in configs:
         assert parse_triton_impl(triton_impl(c)) == c
+
+
+def test_fp8_family_also_offers_fast_accumulation_on_wgmma_tiles():
+    """FP8 builds time each wgmma tile with and without fast accumulation (GemmConfig.fast_accum); INT8's sums are
+    exact int32, so its family offers no such variant."""
+    pytest.importorskip("triton")
+    from engines.backends import TRITON, gemm_backend, parse_triton_impl
+    from engines.tuning import GemmProblem
+
+    problem = GemmProblem("fc1", 49152, 4096, 1024, "fp8_e4m3", "bias+gelu->fp8_e4m3")
+    fp8 = [parse_triton_impl(i) for i in gemm_backend(TRITON, "fp8_e4m3").impls(problem)]
+    int8 = [parse_triton_impl(i) for i in gemm_backend(TRITON, "int8").impls(problem)]
+    fast = [c for c in fp8 if c.fast_accum]
+    assert not any(c.fast_accum for c in int8) and fast
+    assert all(c.block_m >= 64 and c.split_k == 1 for c in fast)
+    assert {replace(c, fast_accum=False) for c in fast} <= set(int8) == {c for c in fp8 if not c.fast_accum}
 
 
 def test_a_fast_wrong_candidate_is_never_chosen(monkeypatch):

@@ -296,11 +296,11 @@ def test_fp8_engine_on_triton_kernels_matches_its_reference_path(monkeypatch):
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_fp8_build_candidates_agree_with_the_library(monkeypatch):
-    """What a CUDA FP8 build times, run here in the interpreter: the Triton family (the INT8 family's tiles)
-    beside cuBLASLt and the reference for each GEMM, keyed by FP8 problems; a Triton candidate agrees with the
-    reference as the build requires; attention's candidates write E4M3 context codes and agree with SDPA's path
-    (its codes pass in the quantize kernel) by the build's rule. Without FP8 kernels (the CPU, pre-Ada GPUs)
-    the Triton and cuBLASLt families are not candidates."""
+    """What a CUDA FP8 build times, run here in the interpreter: the Triton family (the INT8 family's tiles, and
+    its wgmma tiles with fast accumulation) beside cuBLASLt and the reference for each GEMM, keyed by FP8
+    problems; a Triton candidate agrees with the reference as the build requires; attention's candidates write
+    E4M3 context codes and agree with SDPA's path (its codes pass in the quantize kernel) by the build's rule.
+    Without FP8 kernels (the CPU, pre-Ada GPUs) the Triton and cuBLASLt families are not candidates."""
     kernels("int8_linear"), kernels("fp8_linear"), kernels("quantize"), kernels("attention")
     loaded = loaded_model(seed=6)
     engine = build(loaded, PrecisionPolicy(fp8=True, fp16=True), max_calibration(loaded))
@@ -314,9 +314,12 @@ def test_fp8_build_candidates_agree_with_the_library(monkeypatch):
     triton = [i for i in candidates if backends.split(i)[0] == backends.TRITON]
     int8_configs = backends.gemm_candidates(dataclasses.replace(problem, dtype="int8"), "int8", gpu_kernels=True)
     assert list(candidates)[0] == backends.LIBRARY and backends.CUBLASLT in candidates
-    assert triton == [i for i in int8_configs if backends.split(i)[0] == backends.TRITON]
+    # INT8's tiles, then the wgmma tiles again with fast accumulation (GemmConfig.fast_accum)
+    int8_triton = [i for i in int8_configs if backends.split(i)[0] == backends.TRITON]
+    assert triton[:len(int8_triton)] == int8_triton and all("-fa" in i for i in triton[len(int8_triton):])
     ref = candidates[backends.LIBRARY]()
     assert ref.dtype == torch.float8_e4m3fn and agrees(candidates["triton:32x64x128-g8-w4-s4"](), ref)
+    assert agrees(candidates["triton:64x64x128-g8-w4-s4-fa"](), ref)  # the interpreter's sums are float32
     problem, candidates, _ = engine.attention_candidates(2, 32, padded=True)
     assert problem.epilogue == "softmax+bias->fp8_e4m3"
     ref = candidates[backends.LIBRARY]()

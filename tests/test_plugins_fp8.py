@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,10 @@ CONFIGS = {"tma+store": (L.GemmConfig(64, 64, 32, group_m=2, num_warps=4, num_st
                                       tma_store=True), 96),
            "tma-persistent": (L.GemmConfig(64, 64, 32, group_m=2, num_warps=4, num_stages=2,
                                            loads="tma-persistent"), 96),
-           "split-k3": (L.GemmConfig(16, 32, 32, group_m=2, num_warps=4, num_stages=1, split_k=3), 72)}
+           "split-k3": (L.GemmConfig(16, 32, 32, group_m=2, num_warps=4, num_stages=1, split_k=3), 72),
+           "fast-accum": (L.GemmConfig(16, 32, 32, group_m=2, num_warps=4, num_stages=1, fast_accum=True), 72),
+           "tma fast-accum": (L.GemmConfig(64, 64, 32, group_m=2, num_warps=4, num_stages=2, loads="tma",
+                                           fast_accum=True), 96)}
 
 
 def test_exact_sums_are_exact_in_any_order():
@@ -174,7 +178,8 @@ def test_kernel_matches_reference(epilogue, poison):
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_tma_persistent_and_split_k(config, poison, monkeypatch):
     """The other kernel variants on FP8 operands: TMA loads with the TMA epilogue (ragged edges clipped), the
-    persistent TMA loop on fewer programs than tiles, split K into float32 partials."""
+    persistent TMA loop on fewer programs than tiles, split K into float32 partials, fast accumulation (whose
+    sums the interpreter keeps in float32, so this checks its plumbing; the `cuda` tests its sums)."""
     monkeypatch.setattr(L, "_sm_count", lambda device: 3)
     cfg, k = CONFIGS[config]
     ops, extra = problem(130, 80, k, seed=30 + k)
@@ -334,6 +339,11 @@ def test_kernels_compile_for_hopper_and_ada():
     assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in found["splitk-partial-sm90"]
     for name in ("splitk-epilogue-sm90", "layernorm-sm90", "attention-sm90", "varlen-sm90", "quantize-sm90"):
         assert cvt in found[name], name
+    # fast accumulation (GemmConfig.fast_accum) drops the float32 add of each K step's wgmma sum, nothing else
+    adds = {mode: int(found[f"gemm-ptr-sm90-{mode}"][-1].split(": ")[1]) for mode in ("precise", "fast")}
+    assert adds["fast"] + 32 <= adds["precise"], adds  # 64x64 tile, 4 warps: an add per accumulator (32 a thread)
+    assert found["gemm-ptr-sm90-fast"][:-1] == found["gemm-ptr-sm90-precise"][:-1]
+    assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in found["gemm-ptr-sm90-fast"]
 
 
 # ------------------------------------------------------------------------------------ GPU: BERT-sized problems
@@ -366,6 +376,29 @@ def test_cuda_every_config(n, k, config, poison):
         check(out, F8.fp8_linear_reference(**ops, **kw), exact=False, rate=FP8_CODES_OFF)
         if kw.get("out_format") is FP8_E4M3:
             assert_codes_of_own_output(ops, kw, cfg)
+
+
+FAST_CONFIGS = [replace(c, fast_accum=True) for c in L.CANDIDATE_CONFIGS if c.block_m >= 64 and c.split_k == 1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", range(len(FAST_CONFIGS)))
+def test_cuda_fast_accumulation_is_the_same_product(config, poison):
+    """Fast accumulation (GemmConfig.fast_accum) at BERT-large's longest K (FC2: M 4096, N 1024, K 4096): the same
+    product, summed at the tensor cores' precision: float32 outputs within 1e-2 of the reference (a wrong tile is
+    off by order 1). Whether it is close enough for a build is the build's agreement rule to say, GEMM by GEMM."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("wgmma's reduced-precision accumulation is Hopper's")
+    from triton.runtime.errors import OutOfResources
+
+    ops, extra = problem(4096, 1024, 4096, seed=config, exact=False)
+    kw = epilogue_kwargs("fp32", ops, extra)
+    try:
+        out = F8.fp8_linear(**ops, **kw, config=FAST_CONFIGS[config])
+    except OutOfResources as e:
+        pytest.skip(f"{FAST_CONFIGS[config]} does not fit this GPU with E4M3 operands: {e}")
+    ref = F8.fp8_linear_reference(**ops, **kw)
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-2
 
 
 @pytest.mark.cuda
