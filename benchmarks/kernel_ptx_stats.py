@@ -12,7 +12,9 @@ FP16 attention kernel and the -imh INT8 one (plugins.attention) at BERT's head s
 their float32 arithmetic and exp2 counts beside the memory ones. With --sass, each GEMM's machine code too
 (ptxas's cubin through nvdisasm, both shipped with Triton), with FC1's epilogue (GELU, INT8 codes out) beside
 the residual variants: how many instructions go to the quarter-rate conversion and special-function pipe
-(I2F, F2I, F2F, MUFU), which a GEMM epilogue can be bound by.
+(I2F, F2I, F2F, MUFU), which a GEMM epilogue can be bound by. With --fp8, FC1's kernel on E4M3 codes beside the
+INT8 one: registers and spills (ptxas -v) and float adds, with each K step's sum added into float32 and with
+fast accumulation (GemmConfig.fast_accum).
 """
 from __future__ import annotations
 

@@ -82,9 +82,10 @@ class GemmConfig:
     tma_store: bool = False
     # fast_accum (FP8 codes only; INT8 sums are exact int32 whatever it says): the wgmma accumulator runs the whole
     # K loop at the tensor cores' own precision (Triton's sm_90 default; cuBLASLt's use_fast_accum) instead of
-    # being added into float32 after every BLOCK_K step, which takes a second accumulator's registers and makes
-    # each step wait for its wgmma before the add. Its outputs move further from the reference's float32 sums,
-    # and the build's agreement rule (engines.tuning.agrees) decides per GEMM whether they still agree.
+    # being added into float32 after every BLOCK_K step, which takes a second accumulator's registers and an add
+    # per accumulator register and step (benchmarks/kernel_ptx_stats.py --fp8). Its outputs move further from the
+    # reference's float32 sums, and the build's agreement rule (engines.tuning.agrees) decides per GEMM whether
+    # they still agree.
     fast_accum: bool = False
 
     def __post_init__(self):
