@@ -5,7 +5,8 @@
 # BERT-large (benchmarks/device_sparse_speed.py; SPEED=0 leaves it out, for a call where the GPU is shared).
 # PRUNE_TIMEOUT (s, default 300) bounds each prune; EPOCHS (default 1) of fine-tuning; STAGES="finetuned" skips the
 # pruned-only engine; PRUNE_ARGS are added to every prune (e.g. "--method sparsegpt"), DISTILL_ARGS to the
-# fine-tuning one (e.g. "--distill-alpha 1").
+# fine-tuning one (e.g. "--distill-alpha 1"). Checkpoints every 500 steps: with RESUME=1 a later call on the same
+# warm machine (its /tmp persists) continues a prune that PRUNE_TIMEOUT cut short, so several epochs can span calls.
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 for stage in ${STAGES:-pruned finetuned}; do
@@ -13,7 +14,7 @@ for stage in ${STAGES:-pruned finetuned}; do
   tag=$stage
   start=$(date +%s)
   timeout ${PRUNE_TIMEOUT:-300} python3 cli.py prune --model $M --squad $TRAIN $steps ${PRUNE_ARGS:-} -o /tmp/$tag \
-    --restart --no-progress 2>&1 | tail -1
+    $([ "${RESUME:-0}" = 1 ] || echo --restart) --checkpoint-every 500 --no-progress 2>&1 | tail -1
   echo "prune $tag wall: $(( $(date +%s) - start )) s"
   python3 cli.py build --model /tmp/$tag --fp16 --sparse -b 64 -s 384 -o /tmp/eng/$tag-fp16.engine 2>&1 \
     | grep -iE "^built|^kernels|2:4|error"
