@@ -5,7 +5,7 @@
 # entropy and from percentile 99.999 and -iln -imh from entropy --smooth; then one sweep on the full dev set: FP16,
 # the calibrated entropy rows (plain and smoothed, plain and -iln -imh) and a row per QAT. Usage:
 # device_qat_sweep.sh [EPOCHS] (default 1); QATS="from-entropy iln-imh" trains only those (also from-mse: plain
-# from mse; NAME-kd: NAME taught by the FP16 model alone), QAT_TIMEOUT s each (default 330), QAT_ARGS added to
+# from mse; NAME-kd: NAME taught by the unquantized model alone), QAT_TIMEOUT s each (default 330), QAT_ARGS added to
 # every QAT; the sweep takes the QATs that finished, with SWEEP_ARGS (default: the methods and options above).
 # Each QAT's log is $OUT/qat-NAME.log; the sweep's $OUT/sweep.log and sweep.md.
 set -uo pipefail
@@ -14,7 +14,7 @@ epochs=${1:-1}
 declare -A method=([from-entropy]="entropy" [from-p99.999]="percentile --percentile 99.999" [from-mse]="mse"
                    [iln-imh]="entropy --smooth")
 declare -A flags=([from-entropy]="" [from-p99.999]="" [from-mse]="" [iln-imh]="-iln -imh")
-# NAME-kd: NAME taught by the FP16 model alone (--distill-alpha 1: the rebuilt train file's labels are ~2% wrong)
+# NAME-kd: NAME taught by the unquantized model alone (--distill-alpha 1: the rebuilt train file's labels are ~2% wrong)
 for name in "${!method[@]}"; do method[$name-kd]=${method[$name]}; flags[$name-kd]="${flags[$name]} --distill-alpha 1"
 done
 start=$(date +%s)

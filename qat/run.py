@@ -140,7 +140,7 @@ EXAMPLES = """examples:
       # no --calib-cache: the folder's learned scales are used (and the build says so)
   python cli.py calibrate --model DIR --squad train.json --method mse -o mse.json
   python cli.py qat --model DIR --squad train.json --calib-cache mse.json --epochs 1 --distill --distill-alpha 1 \\
-      -o DIR-qat/       # plain --int8, taught by the FP16 model alone (noisy labels play no part)
+      -o DIR-qat/       # plain --int8, taught by the unquantized model alone (noisy labels play no part)
   python cli.py finetune --model DIR --squad train.json --epochs 1 -o DIR-ft/     # an FP baseline, same loop
   python cli.py qat ... -o minilm-qat/          # run again after an interruption: resumes from its checkpoint
   python cli.py prune --model DIR --squad train.json --method sparsegpt --epochs 1 --distill -o DIR-2to4/
