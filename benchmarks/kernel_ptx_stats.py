@@ -142,10 +142,11 @@ def main(argv=None) -> None:
             if args.sass:
                 counts = sass_counts(compiled.asm["cubin"])
                 print(f"{tile} {epilogue} SASS: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-        if args.fp8:
-            ptx = gemm_compiled(bm, bn, bk, int(w[1:]), int(s[1:]), "fc1", args.arch).asm["ptx"]
-            print(f"{tile} fc1 INT8 (int32 sums): " + registers(ptx, args.arch))
-        for fast in (False, True) if args.fp8 else ():
+        if not args.fp8:
+            continue
+        ptx = gemm_compiled(bm, bn, bk, int(w[1:]), int(s[1:]), "fc1", args.arch).asm["ptx"]
+        print(f"{tile} fc1 INT8 (int32 sums): " + registers(ptx, args.arch))
+        for fast in (False, True):
             ptx = gemm_compiled(bm, bn, bk, int(w[1:]), int(s[1:]), "fc1", args.arch, fp8=True,
                                 fast_accum=fast).asm["ptx"]
             adds = len(re.findall(r"\badd(?:\.rn)?\.f32\b", ptx))

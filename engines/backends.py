@@ -246,18 +246,21 @@ def _fp8_kernels_available() -> bool:
     return fp8_kernels_available()
 
 
-def _triton_configs(problem: GemmProblem) -> list[str]:
+def _tiles(problem: GemmProblem) -> list:
+    """The Triton GEMM configurations timed for `problem` (small-M ones up to SMALL_M_ROWS rows)."""
     from plugins.int8_linear import CANDIDATE_CONFIGS
 
-    return [split(triton_impl(c))[1] for c in CANDIDATE_CONFIGS if problem.m <= SMALL_M_ROWS or not c.small_m]
+    return [c for c in CANDIDATE_CONFIGS if problem.m <= SMALL_M_ROWS or not c.small_m]
+
+
+def _triton_configs(problem: GemmProblem) -> list[str]:
+    return [split(triton_impl(c))[1] for c in _tiles(problem)]
 
 
 def _fp8_triton_configs(problem: GemmProblem) -> list[str]:
     """The INT8 family's tiles, and each wgmma tile (64 rows or more, no split K) again with fast accumulation
     (GemmConfig.fast_accum): whether its sums still agree with the reference is the build's timing to find out."""
-    from plugins.int8_linear import CANDIDATE_CONFIGS
-
-    tiles = [c for c in CANDIDATE_CONFIGS if problem.m <= SMALL_M_ROWS or not c.small_m]
+    tiles = _tiles(problem)
     fast = [replace(c, fast_accum=True) for c in tiles if c.block_m >= 64 and c.split_k == 1]
     return [split(triton_impl(c))[1] for c in tiles + fast]
 

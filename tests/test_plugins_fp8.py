@@ -349,6 +349,17 @@ def test_kernels_compile_for_hopper_and_ada():
 # ------------------------------------------------------------------------------------ GPU: BERT-sized problems
 
 
+def fp8_linear_or_skip(ops, kw, cfg):
+    """fp8_linear at `cfg`, or a skip where that tile's E4M3 kernel needs more shared memory than the GPU has
+    (the build times such a candidate as a failure and never chooses it)."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return F8.fp8_linear(**ops, **kw, config=cfg)
+    except OutOfResources as e:
+        pytest.skip(f"{cfg} does not fit this GPU with E4M3 operands: {e}")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("n,k", [(1024, 1024), (4096, 1024), (1024, 4096)])
 @pytest.mark.parametrize("config", range(len(L.CANDIDATE_CONFIGS)))
@@ -364,16 +375,11 @@ def test_cuda_every_config(n, k, config, poison):
     cfg = L.CANDIDATE_CONFIGS[config]
     if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA loads need sm_90 or newer")
-    from triton.runtime.errors import OutOfResources
-
     ops, extra = problem(4096, n, k, seed=n + k + config, exact=False)
     for epilogue in ("fp16", "gelu+fp8", "residual+fp8/channel", "residual8/channel", "gelu+int8"):
         kw = epilogue_kwargs(epilogue, ops, extra)
-        try:
-            out = F8.fp8_linear(**ops, **kw, config=cfg)
-        except OutOfResources as e:  # the build times such a candidate as a failure and never chooses it
-            pytest.skip(f"{cfg} does not fit this GPU with E4M3 operands: {e}")
-        check(out, F8.fp8_linear_reference(**ops, **kw), exact=False, rate=FP8_CODES_OFF)
+        check(fp8_linear_or_skip(ops, kw, cfg), F8.fp8_linear_reference(**ops, **kw), exact=False,
+              rate=FP8_CODES_OFF)
         if kw.get("out_format") is FP8_E4M3:
             assert_codes_of_own_output(ops, kw, cfg)
 
@@ -389,14 +395,9 @@ def test_cuda_fast_accumulation_is_the_same_product(config, poison):
     off by order 1). Whether it is close enough for a build is the build's agreement rule to say, GEMM by GEMM."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("wgmma's reduced-precision accumulation is Hopper's")
-    from triton.runtime.errors import OutOfResources
-
     ops, extra = problem(4096, 1024, 4096, seed=config, exact=False)
     kw = epilogue_kwargs("fp32", ops, extra)
-    try:
-        out = F8.fp8_linear(**ops, **kw, config=FAST_CONFIGS[config])
-    except OutOfResources as e:
-        pytest.skip(f"{FAST_CONFIGS[config]} does not fit this GPU with E4M3 operands: {e}")
+    out = fp8_linear_or_skip(ops, kw, FAST_CONFIGS[config])
     ref = F8.fp8_linear_reference(**ops, **kw)
     assert torch.isfinite(out).all() and rel(out, ref) < 1e-2
 
