@@ -2,11 +2,12 @@
 dev set (their real token lengths), bucketed against padded to 384 and HF eager FP16, one run per model.
 
     python -m benchmarks.device_throughput --squad dev-v1.1.json --presets bert-large bert-base --batch 128 \
-        --buckets 64 --variants "int8 -iln" fp16 --out throughput.md
+        --buckets 64 16 --variants "int8 -iln" fp16 --out throughput.md
 
 Each variant is built once with profiles batch x {STEP, 2 STEP, ..., 384} (`engines.engine_file.length_buckets`;
 INT8 scales from a max calibration on random tokens, benchmarks.bench_engines.max_ranges), then
-`eval.throughput.offline_run` times it bucketed and padded to 384 over the same windows; HF eager FP16 (SDPA) runs
+`eval.throughput.offline_run` times it bucketed and padded to 384 over the same windows (several `--buckets` steps:
+a build and a bucketed row per step, in one run); HF eager FP16 (SDPA) runs
 the bucketed batches once per model. The windows are tokenized with the assets/ MiniLM's BERT uncased vocabulary.
 `--varlen` builds each variant --varlen (issue 20, item 2) and adds its packed row: the windows packed into the
 same profiles as token budgets; the build's own path timing (packed or bucketed) is printed with its kernels.
@@ -31,13 +32,42 @@ from eval.throughput import hf_eager, offline_run, squad_features
 from model.checkpoint import load_model
 
 
+def _variant_row(say, args, loaded, preset: str, name: str, step: int, features, timing, padded: bool) -> bool:
+    """One variant built with buckets every `step`: its bucketed row (and with `padded` the padded one, with
+    --varlen the packed one) and its kernels; False where it cannot build."""
+    device, policy = torch.device("cuda"), VARIANTS[name]
+    calib = max_ranges(loaded, device) if policy.quantized else None
+    profiles = length_buckets([Profile(args.batch, 384)], step)
+    label = f"{preset} {name}" + (f", buckets every {step}" if len(args.buckets) > 1 else "")
+    try:
+        header, tensors = build_engine(loaded, policy, profiles, calib, device, None, timing, varlen=args.varlen)
+    except WorkbenchError as e:  # one variant that cannot build leaves the others' rows
+        say(f"{label}: not built: {e}")
+        return False
+    runner = GraphRunner(Engine(header, tensors, device).eval(), label)
+    bucketed = offline_run(f"{label}, bucketed", runner, features, device, args.batch, passes=args.passes)
+    say(bucketed.row())
+    if padded:
+        say(offline_run(f"{label}, padded to 384", runner, features, device, args.batch, passes=args.passes,
+                        pad_to=384).row(bucketed))
+    if args.varlen:
+        packed = offline_run(f"{label}, packed", runner, features, device, args.batch, passes=args.passes,
+                             packed=True)
+        say(packed.row(bucketed))
+    say("  kernels: " + "; ".join(kernel_choices(header)[-2 if args.varlen else -1:]))
+    del runner, tensors
+    torch.cuda.empty_cache()
+    return True
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--squad", required=True)
     ap.add_argument("--presets", nargs="+", default=["bert-large", "bert-base"])
     ap.add_argument("--variants", nargs="+", default=["int8 -iln", "fp16"], choices=list(VARIANTS))
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--buckets", type=int, default=64)
+    ap.add_argument("--buckets", type=int, nargs="+", default=[64],
+                    help="bucket steps: one build per step, each with its bucketed row (padded: the first's)")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--varlen", action="store_true", help="build --varlen and time the packed path too")
@@ -48,7 +78,7 @@ def main(argv=None) -> None:
     lengths = features.attention_mask.sum(1)
     lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; {len(lengths):,} windows of "
              f"{args.squad}, mean {lengths.mean():.0f} real tokens of 384; batches of {args.batch}; buckets every "
-             f"{args.buckets}", ""]
+             f"{' or '.join(map(str, args.buckets))}", ""]
 
     def say(line: str) -> None:
         lines.append(line)
@@ -57,30 +87,10 @@ def main(argv=None) -> None:
 
     for preset in args.presets:
         loaded = load_model(preset)
-        profiles = length_buckets([Profile(args.batch, 384)], args.buckets)
         for name in args.variants:
-            policy = VARIANTS[name]
-            calib = max_ranges(loaded, device) if policy.quantized else None
-            try:
-                header, tensors = build_engine(loaded, policy, profiles, calib, device, None, timing,
-                                               varlen=args.varlen)
-            except WorkbenchError as e:  # one variant that cannot build leaves the others' rows
-                say(f"{preset} {name}: not built: {e}")
-                continue
-            runner = GraphRunner(Engine(header, tensors, device).eval(), f"{preset} {name}")
-            bucketed = offline_run(f"{preset} {name}, bucketed", runner, features, device, args.batch,
-                                   passes=args.passes)
-            say(bucketed.row())
-            padded = offline_run(f"{preset} {name}, padded to 384", runner, features, device, args.batch,
-                                 passes=args.passes, pad_to=384)
-            say(padded.row(bucketed))
-            if args.varlen:
-                packed = offline_run(f"{preset} {name}, packed", runner, features, device, args.batch,
-                                     passes=args.passes, packed=True)
-                say(packed.row(bucketed) + f"  ({packed.samples_per_s / padded.samples_per_s:.2f}x padded)")
-            say("  kernels: " + "; ".join(kernel_choices(header)[-2 if args.varlen else -1:]))
-            del runner, tensors
-            torch.cuda.empty_cache()
+            for i, step in enumerate(args.buckets):
+                if not _variant_row(say, args, loaded, preset, name, step, features, timing, padded=i == 0):
+                    break
         if not args.no_hf:
             forward = hf_eager(loaded.config, device)
             if forward is not None:

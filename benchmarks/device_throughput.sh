@@ -3,13 +3,14 @@
 # every window of the official dev set, bucketed against padded to 384 and HF eager FP16 (benchmarks/
 # device_throughput.py, with --varlen: packed too); then the shared MiniLM's full-dev eval padded, with --buckets and
 # with --buckets --varlen (EM/F1 and wall time). PRESETS=none: the MiniLM part alone; VARIANTS ('|'-separated,
-# default "int8 -iln|fp16") and BENCH_TIMEOUT (s) for the first part.
+# default "int8 -iln|fp16"), BUCKETS (steps, default "64 16": a build per step) and BENCH_TIMEOUT (s) for the first
+# part.
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 IFS='|' read -ra variants <<< "${VARIANTS:-int8 -iln|fp16}"
 [ "${PRESETS:-bert-large bert-base}" = none ] || timeout ${BENCH_TIMEOUT:-330} python3 -m benchmarks.device_throughput \
   --squad $DEV --presets ${PRESETS:-bert-large bert-base} --variants "${variants[@]}" --batch 128 \
-  --buckets 64 --varlen --out $OUT/throughput.md 2>&1 | grep -vE "^\s*$"
+  --buckets ${BUCKETS:-64 16} --varlen --out $OUT/throughput.md 2>&1 | grep -vE "^\s*$"
 python3 cli.py calibrate --squad assets/squad/train-v1.1-calib-first-paragraphs.json.gz --model $M --calib-num 100 \
   --method entropy --smooth -o /tmp/c.json --no-progress 2>&1 | grep -iE "^entropy|error"
 for b in "" "--buckets 64" "--buckets 64 --varlen"; do

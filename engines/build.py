@@ -26,10 +26,10 @@ from quant.spec import QuantSpec
 from common.errors import WorkbenchError
 from data.tokenizer import WordPiece, wordpiece_from_str
 from engines.engine_file import EngineHeader, Profile, load_engine, this_gpu
-from engines.backends import is_sparse
+from engines.backends import SMALL_M_ROWS, is_sparse
 from engines.packed import PATH_TIMES_KEY, runs_packed, varlen_attention_key
 from engines.runtime import Engine, engine_tensors, gemm_kernel_key
-from engines.tuning import LIBRARY, TimingCache, attention_key, choose, machine_key
+from engines.tuning import LIBRARY, TimingCache, attention_key, choose, machine_key, timed_rows
 from model.checkpoint import LoadedModel
 from qat.folder import QatScales
 from qat.prune import prune_2to4
@@ -104,39 +104,63 @@ def fp8_unsupported(device: torch.device) -> str | None:
 
 def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.device,
           timing_cache: TimingCache | None) -> dict[str, str]:
-    """Time every implementation of each quantized (INT8 or FP8) GEMM kind at each profile's row count (under
-    --sparse the FP16 GEMMs too, whose only other candidates are sparse), and of attention at each profile's
-    shape, with padding and without (each graph's case); keep the fastest. Under --sparse, 2:4 kernels are
-    candidates like any other, so a GEMM runs sparse only where it measured faster; `_sparse_note` records why each
-    GEMM runs dense. A --varlen build then times its packed path (engines/packed.py: tune_packed)."""
+    """Time every implementation of each quantized (INT8 or FP8) GEMM kind (under --sparse the FP16 GEMMs too,
+    whose only other candidates are sparse), and of attention at each profile's shape, with padding and without
+    (each graph's case); keep the fastest. Under --sparse, 2:4 kernels are candidates like any other, so a GEMM runs
+    sparse only where it measured faster; `_sparse_note` records why each GEMM runs dense. A --varlen build then
+    times its packed path (engines/packed.py: tune_packed)."""
     engine = Engine(header, {k: v for k, v in tensors.items() if k != TOKENIZER_TENSOR}, device)
     policy = engine.policy
     if not engine.use_triton or not (policy.quantized or policy.sparse or header.varlen):
         return {}
     cache = timing_cache if timing_cache is not None else TimingCache(None)
     machine = machine_key()
-    chosen: dict[str, str] = {}
-    rows = sorted({p.batch * p.seq_len for p in header.profiles})
+    chosen = {**_tune_gemms(engine, cache, machine), **_tune_attention(engine, cache, machine)}
+    if header.varlen:
+        from engines.packed import tune_packed
+
+        engine.kernels.update(chosen)  # the packed path's timing runs the kernels just chosen
+        chosen.update(tune_packed(engine, cache, machine))
+    cache.save()
+    log.info("%s", cache.summary())
+    del engine
+    torch.cuda.empty_cache()
+    return chosen
+
+
+def _tune_gemms(engine: Engine, cache: TimingCache, machine: str) -> dict[str, str]:
+    """The GEMM kernels of each profile's row count, timed at the row counts `timed_rows` picks (a row count
+    between two timed ones runs the kernels of the next one up)."""
+    policy, chosen = engine.policy, {}
+    owner = timed_rows((p.batch * p.seq_len for p in engine.header.profiles), SMALL_M_ROWS)
     formats = ((policy.format.name,) if policy.quantized else ()) + (("fp",) if policy.sparse else ())
-    for m, fmt, kind in itertools.product(rows, formats, GEMMS):
+    for m, fmt, kind in itertools.product(sorted(set(owner.values())), formats, GEMMS):
         if fmt != "fp" and kind == "fc2" and policy.fc2_library_gemm:
             continue
         found = engine.gemm_candidates(kind, m, fmt)
-        key = gemm_kernel_key(kind, m, fmt != "fp")
         if found is None:
             continue
+        runs = [r for r, timed in owner.items() if timed == m]
+        keys = [gemm_kernel_key(kind, r, fmt != "fp") for r in runs]
         if fmt == "fp" and list(found[1]) == [LIBRARY]:  # nothing to choose: the FP GEMM stays on the library
-            chosen[SPARSE_NOTE + key] = _sparse_note({LIBRARY: 0.0})
+            chosen.update({SPARSE_NOTE + key: _sparse_note({LIBRARY: 0.0}) for key in keys})
             continue
         problem, candidates, calls = found
         best, times = choose(problem, candidates, cache, machine, calls)
-        chosen[key] = best
-        log.info("%s %s m=%d: %s %.3f ms (library %.3f ms)", fmt, kind, m, best, times[best], times[LIBRARY])
+        chosen.update(dict.fromkeys(keys, best))
+        log.info("%s %s m=%d: %s %.3f ms (library %.3f ms)%s", fmt, kind, m, best, times[best], times[LIBRARY],
+                 "" if len(runs) == 1 else f"; also at m={', '.join(str(r) for r in runs if r != m)}")
         if policy.sparse and not is_sparse(best):
-            chosen[SPARSE_NOTE + key] = _sparse_note(times)
-            log.info("%s %s m=%d runs dense: %s", fmt, kind, m, chosen[SPARSE_NOTE + key])
-    # FP16: SDPA, untimed (the fused attention kernels pay where they write the next GEMM's codes)
-    shapes = sorted({(p.batch, p.seq_len) for p in header.profiles}) if policy.quantized else []
+            chosen.update(dict.fromkeys((SPARSE_NOTE + key for key in keys), _sparse_note(times)))
+            log.info("%s %s m=%d runs dense: %s", fmt, kind, m, _sparse_note(times))
+    return chosen
+
+
+def _tune_attention(engine: Engine, cache: TimingCache, machine: str) -> dict[str, str]:
+    """The attention kernel of each profile's shape, in the graph with padding and in the one without (FP16:
+    SDPA, untimed; the fused attention kernels pay where they write the next GEMM's codes)."""
+    chosen = {}
+    shapes = sorted({(p.batch, p.seq_len) for p in engine.header.profiles}) if engine.policy.quantized else []
     for (b, s), padded in itertools.product(shapes, (True, False)):
         found = engine.attention_candidates(b, s, padded)
         if found is None:
@@ -150,15 +174,6 @@ def _tune(header: EngineHeader, tensors: dict[str, torch.Tensor], device: torch.
                         "padded" if padded else "dense")
         log.info("attention %dx%d %s: %s %.3f ms (library %.3f ms)", b, s, "padded" if padded else "dense", best,
                  times[best], times[LIBRARY])
-    if header.varlen:
-        from engines.packed import tune_packed
-
-        engine.kernels.update(chosen)  # the packed path's timing runs the kernels just chosen
-        chosen.update(tune_packed(engine, cache, machine))
-    cache.save()
-    log.info("%s", cache.summary())
-    del engine
-    torch.cuda.empty_cache()
     return chosen
 
 

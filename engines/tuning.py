@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -60,6 +60,28 @@ def machine_key() -> str:
 def kernel_key(gemm: str, m: int) -> str:
     """The engine header's key for the implementation of one GEMM kind at one row count."""
     return f"gemm.{gemm}.m{m}"
+
+
+# A GEMM row count at most this factor below a timed one runs that one's kernels (timed_rows).
+BORROW_RATIO = 1.25
+
+
+def timed_rows(rows: Iterable[int], always_below: int) -> dict[int, int]:
+    """Each GEMM row count of an engine's profiles -> the row count whose timing chooses its kernels.
+
+    A fine `--buckets` ladder (every 16 tokens: 24 profiles to 384) has neighbours whose best tiles barely differ,
+    and timing each would multiply the build's time; so, as TensorRT times a profile's tactics at one shape and runs
+    them over the profile's range, from the largest count down, a count within BORROW_RATIO below the last timed one
+    runs its kernels, and the first count below that is timed. Counts up to `always_below` rows are always timed:
+    there the candidates differ (small-M tiles) and latency is most sensitive to the tile."""
+    owner: dict[int, int] = {}
+    last = None
+    for m in sorted(set(rows), reverse=True):
+        if m > always_below and last is not None and m * BORROW_RATIO >= last:
+            owner[m] = last
+        else:
+            owner[m] = last = m
+    return owner
 
 
 def attention_key(batch: int, seq_len: int, padded: bool = True) -> str:

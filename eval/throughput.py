@@ -39,7 +39,7 @@ class OfflineRun:
     name: str
     windows: int
     real_tokens: int       # tokens of the windows themselves
-    computed_tokens: int   # tokens the batches held (padding included)
+    computed_tokens: int   # tokens computed, padding included (on CUDA: the profile each batch ran in)
     seconds: list[float]   # each timed pass
 
     @property
@@ -57,11 +57,16 @@ class OfflineRun:
                 f"real{ratio}")
 
 
-def batch_tokens(mask: np.ndarray, batch: int, pad_to: int | None = None) -> int:
-    """Tokens the batches of run_logits hold: batch rows x its length, summed."""
+def batch_tokens(mask: np.ndarray, batch: int, pad_to: int | None = None, header=None) -> int:
+    """Tokens the batches of run_logits hold: batch rows x its length, summed; or on CUDA (`header`: the engine's,
+    whose graphs run each batch padded to the smallest profile that holds it) that profile's batch x length."""
+    from engines.engine_file import pick_profile
     from model.runner import batches_by_length
 
-    return sum(len(idx) * seq for idx, seq in batches_by_length(mask, batch, pad_to=pad_to))
+    if header is None:
+        return sum(len(idx) * seq for idx, seq in batches_by_length(mask, batch, pad_to=pad_to))
+    return sum(p.batch * p.seq_len for p in (pick_profile(header, len(idx), seq)
+                                             for idx, seq in batches_by_length(mask, batch, pad_to=pad_to)))
 
 
 def packed_tokens(mask: np.ndarray, batch: int, budgets: list[int] | None = None) -> int:
@@ -93,13 +98,12 @@ def offline_run(name: str, forward: Forward, features, device: torch.device, bat
     one_pass()
     seconds = [one_pass() for _ in range(passes)]
     mask = features.attention_mask
+    engine = getattr(forward, "engine", None)
+    header = engine.header if engine is not None and device.type == "cuda" else None  # graphs: profile shapes
     if packed:
-        engine = getattr(forward, "engine", None)
-        budgets = [p.batch * p.seq_len for p in engine.header.profiles] \
-            if engine is not None and device.type == "cuda" else None
-        computed = packed_tokens(mask, batch, budgets)
+        computed = packed_tokens(mask, batch, header and [p.batch * p.seq_len for p in header.profiles])
     else:
-        computed = batch_tokens(mask, batch, pad_to)
+        computed = batch_tokens(mask, batch, pad_to, header)
     return OfflineRun(name, len(mask), int(mask.sum()), computed, seconds)
 
 

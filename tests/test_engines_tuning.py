@@ -150,3 +150,49 @@ def test_agreement_rules_for_codes_and_floats():
     x = torch.randn(64, 64)
     assert agrees(x + 1e-5, x) and not agrees(x * 1.01, x) and not agrees(x.half(), x)
     assert not agrees(torch.full_like(x, float("nan")), x)
+
+
+def test_a_fine_bucket_ladder_is_timed_at_fewer_row_counts():
+    """--buckets 16 at batch 128: every row count runs kernels timed at itself or at a count at most BORROW_RATIO
+    above it; small counts are always timed; the largest is timed; fewer counts are timed than there are."""
+    from engines.tuning import BORROW_RATIO, timed_rows
+
+    rows = [128 * s for s in range(16, 385, 16)] + [1 * 128, 8 * 128]
+    owner = timed_rows(rows, always_below=2048)
+    assert set(owner) == set(rows)
+    timed = set(owner.values())
+    assert max(rows) in timed and {128, 1024, 2048} <= timed
+    for m, t in owner.items():
+        assert t in timed and owner[t] == t and m <= t <= m * BORROW_RATIO
+    assert len(timed) < len(rows) * 0.6
+
+
+def test_build_times_each_timed_row_count_once_and_writes_every_profiles_choice(monkeypatch):
+    """engines.build._tune_gemms: the GEMMs are timed only at the row counts timed_rows picks, and the header gets a
+    choice for every profile's row count, the one timed at the count it borrows from."""
+    from types import SimpleNamespace
+
+    import engines.build as B
+    from engines.engine_file import Profile, length_buckets
+    from engines.runtime import gemm_kernel_key
+    from quant.policy import GEMMS
+
+    profiles = length_buckets([Profile(128, 384)], 16)
+    timed_at = []
+
+    def candidates(kind, m, fmt):
+        timed_at.append(m)
+        return (GemmProblem(kind, m, 1, 1, "int8", "bias"), {LIBRARY: None, f"triton:m{m}": None}, 1)
+
+    monkeypatch.setattr(B, "choose", lambda problem, cands, *a, **k: (
+        f"triton:m{problem.m}", {LIBRARY: 2.0, f"triton:m{problem.m}": 1.0}))
+    policy = SimpleNamespace(format=SimpleNamespace(name="int8"), quantized=True, sparse=False,
+                             fc2_library_gemm=False)
+    engine = SimpleNamespace(policy=policy, header=SimpleNamespace(profiles=profiles), gemm_candidates=candidates)
+    chosen = B._tune_gemms(engine, TimingCache(None), "machine")
+    owner = B.timed_rows((p.batch * p.seq_len for p in profiles), B.SMALL_M_ROWS)
+    assert sorted(timed_at) == sorted(m for m in set(owner.values()) for _ in GEMMS)
+    assert len(set(timed_at)) < len(profiles)
+    for p in profiles:
+        m = p.batch * p.seq_len
+        assert all(chosen[gemm_kernel_key(kind, m)] == f"triton:m{owner[m]}" for kind in GEMMS)

@@ -138,9 +138,10 @@ def check(out, ref, exact, rate=1e-3):
 
 def assert_codes_of_own_output(ops, kw, config):
     """The kernel's E4M3 codes are codes_reference of its own float32 output (same tiles, same sums), bit for
-    bit: whatever the accumulation order did, the epilogue's conversion is the reference's."""
-    y32 = F8.fp8_linear(**ops, **{**kw, "out_recip": None, "out_dtype": torch.float32}, config=config)
-    codes = F8.fp8_linear(**ops, **kw, config=config)
+    bit: whatever the accumulation order did, the epilogue's conversion is the reference's. (The float32 output
+    tile may not fit shared memory where the E4M3 one did: a skip, as for any tile that cannot fit.)"""
+    y32 = fp8_linear_or_skip(ops, {**kw, "out_recip": None, "out_dtype": torch.float32}, config)
+    codes = fp8_linear_or_skip(ops, kw, config)
     want = common.codes_reference(y32, kw["out_recip"], FP8_E4M3)
     assert torch.equal(bits(codes), bits(want))
 

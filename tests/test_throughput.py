@@ -52,6 +52,18 @@ def test_padded_batches_hold_the_whole_length():
     assert batch_tokens(mask, 2) == 2 * 16 + 2 * 16 + 8 and batch_tokens(mask, 2, pad_to=16) == 5 * 16
 
 
+def test_graph_runs_count_the_profile_each_batch_ran_in():
+    """On CUDA each batch is padded into its profile's graph: the computed tokens are the profile's, rows too."""
+    class Header:
+        profiles = (Profile(2, 8), Profile(2, 16))
+
+    mask = np.zeros((5, 16), dtype=np.int64)
+    for i, n in enumerate((3, 16, 9, 1, 12)):
+        mask[i, :n] = 1
+    assert batch_tokens(mask, 2, header=Header) == 2 * 16 + 2 * 16 + 2 * 8
+    assert batch_tokens(mask, 2, pad_to=16, header=Header) == 3 * 2 * 16
+
+
 @pytest.fixture(scope="module")
 def bucket_engine(tmp_path_factory):
     """A tiny fine-tuned-shaped model, its SQuAD file and an FP32 CPU engine with a ladder of buckets."""
