@@ -15,6 +15,8 @@ same profiles as token budgets; the build's own path timing (packed or bucketed)
 from __future__ import annotations
 
 import argparse
+import statistics
+from collections import Counter
 
 import torch
 
@@ -23,13 +25,39 @@ from common.errors import WorkbenchError
 from common.files import atomic_write_text
 from data.tokenizer import load_wordpiece
 from engines.build import build_engine, kernel_choices
-from engines.engine_file import Profile, length_buckets
+from engines.engine_file import Profile, length_buckets, pick_profile
 from engines.graphs import GraphRunner
 from engines.runtime import Engine
 from engines.tuning import TimingCache
 from eval.sweep import DEFAULT_MODEL
 from eval.throughput import hf_eager, offline_run, squad_features
 from model.checkpoint import load_model
+from model.runner import batches_by_length
+
+
+def bucket_times(runner: GraphRunner, features, batch: int, replays: int = 10) -> list[str]:
+    """Where a bucketed pass's GPU time goes: each bucket's graph replayed alone (median of `replays`, CUDA events)
+    times the batches the pass runs in it. Their sum against the pass's wall time shows the gaps between batches;
+    ns per computed token per bucket shows which lengths run the kernels slowly."""
+    header = runner.engine.header
+    runs = Counter(pick_profile(header, len(idx), seq) for idx, seq in batches_by_length(features.attention_mask,
+                                                                                           batch))
+    lines, total = [], 0.0
+    for profile, count in sorted(runs.items(), key=lambda kv: kv[0].seq_len):
+        graph = runner.capture(profile).graph
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        ms = statistics.median(times)
+        total += count * ms
+        lines.append(f"    {profile}: {count} batches x {ms:.3f} ms = {count * ms:.1f} ms, "
+                     f"{ms * 1e6 / (profile.batch * profile.seq_len):.0f} ns a computed token")
+    return [f"  each bucket's graph alone x its batches: {total:.1f} ms of GPU time a pass", *lines]
 
 
 def _variant_row(say, args, loaded, preset: str, name: str, step: int, features, timing, padded: bool) -> bool:
@@ -47,6 +75,8 @@ def _variant_row(say, args, loaded, preset: str, name: str, step: int, features,
     runner = GraphRunner(Engine(header, tensors, device).eval(), label)
     bucketed = offline_run(f"{label}, bucketed", runner, features, device, args.batch, passes=args.passes)
     say(bucketed.row())
+    for line in bucket_times(runner, features, args.batch):
+        say(line)
     if padded:
         say(offline_run(f"{label}, padded to 384", runner, features, device, args.batch, passes=args.passes,
                         pad_to=384).row(bucketed))
