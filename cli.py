@@ -293,6 +293,9 @@ def _train_parser(p, mode: str) -> None:
       "term (1 - A: the labels'; 1: the teacher alone, e.g. when the labels are noisy; default 0.5)")
     a("--distill-temperature", type=float, default=2.0, metavar="T", help="with --distill, the softmax "
       "temperature of both distributions (default 2)")
+    a("--distill-hidden", type=float, default=0.0, metavar="W", help="with --distill, also match the teacher's "
+      "hidden states layer by layer (mean squared difference over real tokens) at weight W, e.g. 1 (default 0: "
+      "off)")
     if qat:
         a("--scale-lr", type=float, default=1e-3, help="peak learning rate of the learned amax values, in the "
           "activations' own units (default 1e-3)")

@@ -144,6 +144,7 @@ EXAMPLES = """examples:
   python cli.py finetune --model DIR --squad train.json --epochs 1 -o DIR-ft/     # an FP baseline, same loop
   python cli.py qat ... -o minilm-qat/          # run again after an interruption: resumes from its checkpoint
   python cli.py prune --model DIR --squad train.json --method sparsegpt --epochs 1 --distill -o DIR-2to4/
+  python cli.py prune ... --distill --distill-alpha 1 --distill-hidden 1 -o DIR-2to4/   # taught layer by layer
   python cli.py qat --model DIR-2to4 --squad train.json --calib-cache C --sparse -o DIR-2to4-qat/  # keeps 2:4
   python cli.py finetune -c DIR -v vocab.txt -sq train.json -o DIR-ft/   # TensorRT demo spellings: trained on
       # that vocabulary, and DIR-ft/ holds it as its vocab.txt (no tokenizer.json), so build and eval use it too"""
@@ -151,17 +152,19 @@ EXAMPLES = """examples:
 
 def train_config_from_flags(flags) -> TrainConfig:
     """The TrainConfig of `cli.py qat` / `cli.py finetune` flags (output, epochs, max_steps, batch_size, lr,
-    distill and its alpha and temperature, device, seed, checkpoint_every, restart, no_progress; qat also
+    distill and its alpha, temperature and hidden-state weight, device, seed, checkpoint_every, restart, no_progress; qat also
     freeze_scales and scale_lr)."""
-    shaped = (flags.distill_alpha, flags.distill_temperature) != (TrainConfig.distill_alpha,
-                                                                 TrainConfig.distill_temperature)
+    shaped = (flags.distill_alpha, flags.distill_temperature, flags.distill_hidden) != (
+        TrainConfig.distill_alpha, TrainConfig.distill_temperature, TrainConfig.distill_hidden)
     if shaped and not flags.distill:
-        raise WorkbenchError("--distill-alpha and --distill-temperature shape the --distill loss: add --distill")
+        raise WorkbenchError("--distill-alpha, --distill-temperature and --distill-hidden shape the --distill loss: "
+                             "add --distill")
     return TrainConfig(output_dir=flags.output, epochs=flags.epochs, max_steps=flags.max_steps,
                        batch_size=flags.batch_size, lr=flags.lr, distill=flags.distill, device=flags.device,
                        seed=flags.seed, checkpoint_every=flags.checkpoint_every, resume=not flags.restart,
                        freeze_scales=getattr(flags, "freeze_scales", False), progress=not flags.no_progress,
                        distill_alpha=flags.distill_alpha, distill_temperature=flags.distill_temperature,
+                       distill_hidden=flags.distill_hidden,
                        scale_lr=getattr(flags, "scale_lr", TrainConfig.scale_lr))
 
 

@@ -13,7 +13,11 @@ frozen ranges), fine-tuning the plain copy (qat_model with a policy that quantiz
       loss = (1 - alpha) * CE + alpha * T^2 * (KL(p_T(teacher) || p_T(student))_start + ..._end) / 2
   with p_T = softmax(logits / T). T = `distill_temperature` (default 2: softens the teacher's peaked span
   distributions so the ranks of the runner-up positions carry signal; the T^2 keeps the gradient's size
-  comparable to the CE's as T changes), alpha = `distill_alpha` (default 0.5).
+  comparable to the CE's as T changes), alpha = `distill_alpha` (default 0.5). With `distill_hidden` = beta > 0,
+  also the teacher's hidden states (TinyBERT's intermediate-layer distillation, Jiao et al. 2020): + beta * the
+  mean over layers of the mean squared difference of each encoder layer's output, per element of the real
+  tokens (padding left out). A model that lost half its weights (2:4) or rounds every activation (QAT) is then
+  told, layer by layer, what the dense one computed, not only where its spans end up.
 - AdamW: weight decay on matrices only (not biases, LayerNorms, nor the ranges), the amax parameters in their own
   group at `scale_lr` (qat/fakequant.py says why); the learning rate rises linearly over `warmup_ratio` of the
   steps and falls linearly to 0 (Hugging Face's linear schedule); gradients clipped to `max_grad_norm`. Learned
@@ -44,7 +48,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -84,6 +88,7 @@ class TrainConfig:
     distill: bool = False              # also match a frozen teacher's start/end distributions
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5         # weight of the distillation term (1 - alpha: the labels)
+    distill_hidden: float = 0.0        # weight of the hidden-state term (0: off)
     bf16: bool = True                  # bf16 autocast (CUDA only; the CPU always trains in FP32)
     device: str | None = None          # default: cuda when present, else cpu
     seed: int = 0
@@ -103,6 +108,8 @@ class TrainConfig:
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
             (self.distill_temperature > 0, f"distillation temperature must be > 0, got {self.distill_temperature}"),
             (0 <= self.distill_alpha <= 1, f"distillation alpha must be within [0, 1], got {self.distill_alpha}"),
+            (self.distill_hidden >= 0, f"the hidden-state weight must be >= 0, got {self.distill_hidden}"),
+            (self.distill or not self.distill_hidden, "the hidden-state term needs a teacher: add --distill"),
             (self.checkpoint_every >= 1, f"checkpoint interval must be >= 1, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
         )
@@ -165,6 +172,33 @@ def qa_loss(start: torch.Tensor, end: torch.Tensor, start_positions: torch.Tenso
     kd = sum(F.kl_div(F.log_softmax(s / t, -1), F.log_softmax(tl.float() / t, -1), log_target=True,
                       reduction="batchmean") for s, tl in ((start, teacher[0]), (end, teacher[1]))) / 2
     return (1 - alpha) * ce + alpha * (t * t) * kd
+
+
+@contextlib.contextmanager
+def layer_outputs(model: BertQA, on: bool = True) -> Iterator[list[torch.Tensor]]:
+    """A list that collects the output of each encoder layer (model.layers) during the forwards inside the block;
+    with `on` False it stays empty."""
+    outputs: list[torch.Tensor] = []
+    handles = [layer.register_forward_hook(lambda module, args, out: outputs.append(out))
+               for layer in (model.layers if on else ())]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hidden_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], attention_mask: torch.Tensor
+                ) -> torch.Tensor:
+    """The hidden-state term of the module docstring: per layer, the mean squared difference per element of the
+    real tokens' outputs [B, S, H]; the mean over layers."""
+    if len(student) != len(teacher) or not student:
+        raise WorkbenchError(f"hidden-state distillation compares layer by layer: the student has {len(student)} "
+                             f"layers, the teacher {len(teacher)}")
+    real = attention_mask[..., None].float()
+    per_element = real.sum() * student[0].shape[-1]
+    return sum(((s.float() - t.float()) ** 2 * real).sum() / per_element for s, t in zip(student, teacher)) \
+        / len(student)
 
 
 def features_digest(features: Features) -> str:
@@ -264,15 +298,19 @@ def _step(model: BertQA, teacher: BertQA | None, batch: dict[str, torch.Tensor],
     """One optimizer step on `batch` (span loss, plus distillation against `teacher` with cfg.distill); the
     learned ranges are kept positive after it. Returns the loss."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    hidden = cfg.distill_hidden > 0
     with autocast:
         x = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-        start, end = model(*x)
+        with layer_outputs(model, hidden) as student_h:
+            start, end = model(*x)
         target = None
         if cfg.distill:
-            with torch.no_grad():
+            with torch.no_grad(), layer_outputs(teacher, hidden) as teacher_h:
                 target = teacher(*x)
         loss = qa_loss(start, end, batch["start_positions"], batch["end_positions"], target,
                        cfg.distill_temperature, cfg.distill_alpha)
+        if hidden:
+            loss = loss + cfg.distill_hidden * hidden_loss(student_h, teacher_h, batch["attention_mask"])
     loss.backward()
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)

@@ -130,6 +130,13 @@ def test_distillation_flags_reach_the_config_and_alpha_one_ignores_the_labels(tm
                                            "--distill-temperature", "3", "--scale-lr", "2e-3"])
     cfg = train_config_from_flags(flags)
     assert (cfg.distill, cfg.distill_alpha, cfg.distill_temperature, cfg.scale_lr) == (True, 1.0, 3.0, 2e-3)
+    assert cfg.distill_hidden == 0.0 and train_config_from_flags(cli.build_parser().parse_args(
+        ["prune", "--squad", "t.json", "--model", "m", "-o", str(tmp_path), "--distill", "--distill-hidden",
+         "2"])).distill_hidden == 2.0
+    with pytest.raises(WorkbenchError, match="add --distill"):
+        train_config_from_flags(cli.build_parser().parse_args(
+            ["qat", "--squad", "t.json", "--model", "m", "--calib-cache", "c.json", "-o", str(tmp_path),
+             "--distill-hidden", "1"]))
     assert train_config_from_flags(cli.build_parser().parse_args(
         ["finetune", "--squad", "t.json", "--model", "m", "-o", str(tmp_path)])).scale_lr == TrainConfig.scale_lr
     with pytest.raises(WorkbenchError, match="add --distill"):  # the weight of a loss term that is not there
@@ -266,3 +273,46 @@ def test_qat_steps_on_the_shared_minilm_stay_finite(tmp_path):
     result = train(student, feats, config(tmp_path, max_steps=3, lr=3e-5, scale_lr=1e-3, checkpoint_every=10))
     assert len(result.losses) == 3 and all(np.isfinite(result.losses))
     assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def hidden_mse(student, teacher, feats) -> float:
+    from qat.train import hidden_loss, layer_outputs
+
+    t = lambda a: torch.from_numpy(a).long()  # noqa: E731
+    x = (t(feats.input_ids), t(feats.token_type_ids), t(feats.attention_mask))
+    student.eval()
+    with torch.no_grad(), layer_outputs(student) as hs, layer_outputs(teacher) as ht:
+        student(*x), teacher(*x)
+    return float(hidden_loss(hs, ht, x[2]))
+
+
+def test_hidden_state_loss_compares_real_tokens_layer_by_layer():
+    from qat.train import hidden_loss
+
+    torch.manual_seed(0)
+    teacher = [torch.randn(2, 5, 4) for _ in range(3)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert float(hidden_loss(teacher, teacher, mask)) == 0.0
+    student = [t.clone() for t in teacher]
+    student[1][0, 3:] += 100.0  # padding: no part in the loss
+    assert float(hidden_loss(student, teacher, mask)) == 0.0
+    student[2][1, 0, 0] += 2.0  # one element of 8 real tokens x 4, in one layer of 3: 4 / 32 / 3
+    assert float(hidden_loss(student, teacher, mask)) == pytest.approx(4 / 32 / 3)
+    with pytest.raises(WorkbenchError, match="layer by layer"):
+        hidden_loss(student[:2], teacher, mask)
+    with pytest.raises(WorkbenchError, match="needs a teacher"):
+        TrainConfig(output_dir="x", distill_hidden=1.0)
+
+
+def test_hidden_state_distillation_brings_the_layers_toward_the_teachers(tmp_path):
+    """A student that starts as another model, taught by the teacher's hidden states as well: its layers move
+    toward the teacher's, and more than with the span distributions alone, from the same start and batches."""
+    feats = features_of(model_folder(tmp_path))
+    teacher, after = tiny_model(0), {}
+    for weight in (0.0, 1.0):
+        student = qat_model(tiny_model(1), PrecisionPolicy(), QuantSpec())
+        before = hidden_mse(student, teacher, feats)
+        train(student, feats, config(tmp_path, max_steps=8, distill=True, distill_alpha=1.0, distill_hidden=weight,
+                                     output_dir=str(tmp_path / f"h{weight}")), teacher=teacher)
+        after[weight] = hidden_mse(student, teacher, feats)
+    assert after[1.0] < before and after[1.0] < after[0.0]
