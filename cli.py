@@ -198,7 +198,7 @@ def _sweep_parser(p) -> None:
     a("--qat", nargs="+", metavar="DIR", help="add an INT8 row per `cli.py qat` folder: its weights and learned "
       "scales, built with the flags it was trained for (int8-qat[-iln|-imh|-iln-imh]), no calibration")
     a("--options", nargs="+", choices=list(OPTION_SETS), metavar="OPTIONS",
-      help=f"only INT8 rows with these option sets ({', '.join(OPTION_SETS)}; FP8 rows are plain)")
+      help=f"only INT8 and FP8 rows with these option sets ({', '.join(OPTION_SETS)}; FP8 rows are plain or iln)")
     _profile_flags(p, f"profile batch size; {PAIRS} (default: 1x128 and 64x384 on CUDA, 1x384 on the CPU)",
                    "profile sequence length (default --max-seq-length when only -b is given)")
     a("--calib-num", type=int, metavar="N", help="calibration questions (default 100 on CUDA, 20 on the CPU)")
@@ -223,8 +223,8 @@ def _sensitivity_parser(p) -> None:
     a("--limit", metavar="N|all", help="evaluate the first N questions (default 50 on the CPU, all on CUDA)")
     a("-iln", "--int8-layernorm", dest="iln", action="store_true", help="analyse -iln builds (in every variant)")
     a("-imh", "--int8-mha", dest="imh", action="store_true", help="analyse -imh builds (in every variant)")
-    a("--fp8", action="store_true", help="analyse FP8 E4M3 builds: one GEMM at a time in FP8 instead of INT8 "
-      "(no -iln/-imh: INT8-only)")
+    a("--fp8", action="store_true", help="analyse plain FP8 E4M3 builds: one GEMM at a time in FP8 instead of INT8 "
+      "(no -iln/-imh)")
     a("--options", nargs="+", metavar="OPTIONS", help="as `cli.py sweep`'s: plain, iln, imh, iln-imh (or -iln)")
     a("--layers", metavar="LIST", help="analyse these layers: 0,3,5 or 0-2 (default all); the others stay INT8")
     a("--leave-one-out", action="store_true", help="also all INT8 but one GEMM, each: the F1 it recovers")
@@ -316,7 +316,8 @@ def _precision_flags(p) -> None:
     a("--fp8", action="store_true", help="FP8 E4M3 GEMMs instead (compute capability 8.9+ or the CPU): scales amax/448 "
       "from the same --calib-cache (max, percentile or mse-fp8)")
     a("--strict", action="store_true", help="no fallback to higher precision (ours never falls back: only recorded)")
-    a("-iln", "--int8-layernorm", dest="iln", action="store_true", help="INT8 skip-LayerNorm outputs (INT8 residual)")
+    a("-iln", "--int8-layernorm", dest="iln", action="store_true", help="INT8 skip-LayerNorm outputs (INT8 residual; "
+      "with --fp8: E4M3 codes)")
     a("-imh", "--int8-mha", dest="imh", action="store_true", help="INT8 attention (Q, K, V, probabilities, context)")
     a("--sparse", action="store_true", help="2:4-sparse GEMM weights (`cli.py prune`); dense ones are refused")
     a("--prune-2to4", action="store_true", help="with --sparse: prune dense weights by magnitude (costs accuracy)")

@@ -38,6 +38,7 @@ VARIANTS = {
     "int8 -g": PrecisionPolicy(int8=True, fp16=True, fc2_library_gemm=True),
     "int8 library": PrecisionPolicy(int8=True, fp16=True),  # reference ops only (cuBLASLt int8, torch epilogue)
     "fp8": PrecisionPolicy(fp8=True, fp16=True),
+    "fp8 -iln": PrecisionPolicy(fp8=True, fp16=True, iln=True),  # the residual stream as E4M3 codes
     "fp8 unfused": PrecisionPolicy(fp8=True, fp16=True),  # cuBLASLt FP8 and the reference ops (module docstring)
 }
 

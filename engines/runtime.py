@@ -145,7 +145,7 @@ class Engine(torch.nn.Module):
         self.t = {k: v.to(self.device) for k, v in tensors.items()}
         self.spec = header.spec
         self.scale = self.spec.scales()
-        self.produced_int8 = {s for s in self.scale if self.policy.rounded_where_produced(s)}
+        self.produced_codes = {s for s in self.scale if self.policy.rounded_where_produced(s)}  # -iln, -imh
         # Smoothed sites (quant/smoothing.py) are quantized per channel: their scales and reciprocals, made once.
         smooth = {k.removeprefix(SMOOTH_PREFIX): v for k, v in self.t.items() if k.startswith(SMOOTH_PREFIX)}
         self.channel_scale = {site: channel_scales(self.scale[site], v).contiguous()
@@ -278,7 +278,7 @@ class Engine(torch.nn.Module):
         the codes and their dequantized value, written in the same pass."""
         recip = self._recip(site)
         args = (x, self.t[f"{name}.weight"], self.t[f"{name}.bias"], self.cfg.layer_norm_eps, recip)
-        rounded = recip is not None and site in self.produced_int8
+        rounded = recip is not None and site in self.produced_codes
         if rounded and fp_out:
             args += (self._site_scale(site),)
         fmt = self._format(site)
@@ -420,6 +420,15 @@ class Engine(torch.nn.Module):
         step = context_code_step(self._attention_scales(0), self._recip("layer0.context"))
         return functools.partial(agrees, max_step=step)
 
+    def _timing_operand(self, fmt: QuantFormat | None, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+        """A random GEMM operand as the forward carries it: INT8 codes over the whole range, E4M3 codes of normal
+        values over a quarter of the range (as an activation's codes look), or FP values (`fmt` None)."""
+        if fmt is INT8:
+            return torch.randint(-127, 128, shape, generator=gen, device=self.device, dtype=torch.int8)
+        if fmt is not None:
+            return fmt.codes(torch.randn(shape, generator=gen, device=self.device) * (fmt.qmax / 4))
+        return torch.randn(shape, generator=gen, device=self.device).to(self.dtype)
+
     def gemm_candidates(self, kind: str, m: int, format: str = "int8"
                         ) -> tuple[GemmProblem, dict[str, callable], int] | None:
         """The `format` `kind` GEMM at m rows as the forward launches it (random input codes, or FP values for
@@ -446,21 +455,16 @@ class Engine(torch.nn.Module):
         g = self.gemms[f"layers.{layers[0]}.{kind}"]
         n, k = g.weight.shape
         gen = torch.Generator(device=self.device).manual_seed(m)
-        if g.format is INT8:
-            a = torch.randint(-127, 128, (m, k), generator=gen, device=self.device, dtype=torch.int8)
-        elif g.quantized:  # FP8: normal values over a quarter of the range, as an activation's codes look
-            a = g.format.codes(torch.randn(m, k, generator=gen, device=self.device) * (g.format.qmax / 4))
-        else:
-            a = torch.randn(m, k, generator=gen, device=self.device).to(self.dtype)
-        residual = None
+        a = self._timing_operand(g.format if g.quantized else None, (m, k), gen)
+        residual, res_kind = None, ""
         if kind in ("attn_out", "fc2"):  # the residual as the forward carries it (codes alone under -iln)
             site = self.policy.gemm_input_site(layers[0], "qkv" if kind == "attn_out" else "fc1")
-            residual = Activation(None, torch.randint(-127, 128, (m, n), generator=gen, device=self.device,
-                                                      dtype=torch.int8), site) if site in self.produced_int8 \
-                else Activation(torch.randn(m, n, generator=gen, device=self.device).to(self.dtype), None, site)
+            fmt = self._format(site) if site in self.produced_codes else None
+            r = self._timing_operand(fmt, (m, n), gen)
+            residual = Activation(r, None, site) if fmt is None else Activation(None, r, site)
+            res_kind = "+residual" if fmt is None else "+residual8" if fmt is INT8 else f"+residual:{fmt.name}"
         gelu = kind == "fc1"
-        epilogue = "bias" + ("+gelu" if gelu else "") + \
-            ("" if residual is None else "+residual" if residual.fp is not None else "+residual8") + \
+        epilogue = "bias" + ("+gelu" if gelu else "") + res_kind + \
             (f"->{self._format(out_site(layers[0])).name}" if out_site(layers[0])
              else f"->{str(self.dtype).removeprefix('torch.')}")
         problem = GemmProblem(kind, m, n, k, g.backend_format if g.quantized else str(a.dtype).removeprefix("torch."),

@@ -35,7 +35,7 @@ F1 minus its reference's, negative = worse. Internally (and in sensitivity.json,
 `only_f1_drop`, `group_f1_drop`, `matrix_f1_drop`) a GEMM's cost is its drop, baseline F1 minus its F1.
 
 With --fp8 the same analysis runs on FP8 builds: every variant quantizes its GEMMs in FP8 E4M3 instead of INT8
-(`cli.py build --fp8`, scales from the same cache; -iln/-imh are INT8-only), the text says FP8, the suggestion's
+(`cli.py build --fp8`, scales from the same cache; plain FP8 builds only), the text says FP8, the suggestion's
 command builds --fp8, and the variant names and JSON keys keep "int8" as the name of the quantized role (all-fp8
 is the all-quantized build's name; its method, and the JSON's `all_int8`, stay).
 """
@@ -581,7 +581,7 @@ def config_from_flags(flags, feature_settings, answer_settings) -> tuple[Sensiti
     iln, imh = parse_options(flags.options)
     iln, imh, fp8 = flags.iln or iln, flags.imh or imh, bool(getattr(flags, "fp8", False))
     if fp8 and (iln or imh):
-        raise WorkbenchError("-iln and -imh are INT8-only: drop them with --fp8, or analyse INT8 builds")
+        raise WorkbenchError("sensitivity --fp8 analyses plain FP8 builds: drop -iln/-imh, or analyse INT8 builds")
     device, workers = device_and_workers(flags)
     limit, half = device_settings(device, limit=flags.limit, precision=flags.precision)
     notice = cpu_notice(device, limit, limit_given=flags.limit is not None,

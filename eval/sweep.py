@@ -5,7 +5,8 @@ QAT folder). The default grid is
 
     fp16 (the baseline; fp32 on the CPU, where FP16 arithmetic is emulated and slower than FP32)
     INT8 x {entropy, entropy --smooth, percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}
-    FP8 (--fp8) x {max, mse on FP8's grid}: skipped on a CUDA GPU below compute capability 8.9 (FP8_METHODS)
+    FP8 (--fp8) x {max, mse on FP8's grid} x {plain, -iln}: skipped on a CUDA GPU below compute capability 8.9
+        (FP8_METHODS; -iln carries the residual stream as E4M3 codes)
     x --sparse when the model's GEMM weights are 2:4 sparse (the INT8 rows)
 
 and `--grid FILE` takes a JSON list of rows instead (see `load_grid`). Sparse rows are built `--sparse` when the
@@ -122,8 +123,8 @@ DEVICE_DEFAULTS = {
 DESCRIPTION = (
     "the workbench's answer: build the grid of INT8 builds and the FP16 baseline, evaluate and time each, and pick "
     "the fastest build within the F1 budget. The default grid: FP16; INT8 x {entropy, entropy --smooth 0.8, "
-    "percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}; FP8 x {max, mse-fp8} (--fp8: "
-    "skipped, with the reason, on a GPU below compute capability 8.9); INT8 x --sparse when the model's "
+    "percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}; FP8 x {max, mse-fp8} x "
+    "{plain, -iln} (--fp8: skipped, with the reason, on a GPU below compute capability 8.9); INT8 x --sparse when the model's "
     "GEMM weights are 2:4 sparse (built --sparse: 2:4 kernels where the build times them faster; skipped, with the "
     "reason, on a dense model). "
     "--qat DIR adds an INT8 row per `cli.py qat` folder: its trained weights and learned scales, built with the "
@@ -271,18 +272,21 @@ class GridRow:
                 raise WorkbenchError(f"{where}: {e}") from None
 
     def _check_format(self, where: str) -> None:
-        """INT8 or FP8 (not both); the fields a row without either cannot have; FP8 without INT8's -iln, -imh and
-        QAT folders (one line each, as `cli.py build` refuses them)."""
+        """INT8 or FP8 (not both); the fields a row without either cannot have; FP8 without INT8's -imh and QAT
+        folders (one line each, as `cli.py build` refuses them)."""
         if self.int8 and self.fp8:
             raise WorkbenchError(f"{where}: give int8 or fp8, not both")
-        int8_only = [f for f, on in (("iln", self.iln), ("imh", self.imh), ("qat", self.qat is not None)) if on]
+        int8_only = [f for f, on in (("imh", self.imh), ("qat", self.qat is not None)) if on]
         if self.fp8 and int8_only:
-            raise WorkbenchError(f"{where}: {int8_only[0]} is INT8-only (-iln, -imh and QAT scales): drop it from "
-                                 "the FP8 row, or make the row \"int8\": true")
+            raise WorkbenchError(f"{where}: {int8_only[0]} is INT8-only (-imh and QAT scales): drop it from the FP8 "
+                                 "row, or make the row \"int8\": true")
         if self.quantized:
             return
         if int8_only:
             raise WorkbenchError(f"{where}: {int8_only[0]} applies to INT8 rows only (add \"int8\": true)")
+        if self.iln:
+            raise WorkbenchError(f"{where}: iln applies to INT8 and FP8 rows only (add \"int8\": true or \"fp8\": "
+                                 "true)")
         extra = [f for f, on in (("method", self.method is not None), ("keep_fp16", bool(self.keep_fp16)),
                                  ("sparse", self.sparse), ("percentile", self.percentile is not None),
                                  ("smooth", self.smooth is not None)) if on]
@@ -361,7 +365,7 @@ def row_from_json(obj: Any, where: str) -> GridRow:
 def load_grid(path: str | Path) -> list[GridRow]:
     """A grid file: a JSON list of rows (or {"rows": [...]}), each {"name": ..., "int8": ..., "method": ...}.
 
-    Fields: name, int8, fp8 (FP8 E4M3 GEMMs instead: --fp8, no iln, imh or qat), fp16 (omitted: the sweep's
+    Fields: name, int8, fp8 (FP8 E4M3 GEMMs instead: --fp8, no imh or qat), fp16 (omitted: the sweep's
     precision), iln, imh, fc2_library_gemm, keep_fp16 (GEMM names), sparse, method (entropy, percentile, mse,
     mse-fp8, max), percentile (default 99.99), smooth (alpha), qat (a `cli.py qat` folder, relative to the working
     directory: its weights and learned scales instead of a method; the row's flags may quantize no site the folder
@@ -395,8 +399,9 @@ def default_grid(half: bool) -> list[GridRow]:
                 rows.append(GridRow(name, int8=True, fp16=half, iln=iln, imh=imh, method=method,
                                     percentile=percentile, smooth=smooth, sparse=sparse))
         if not sparse:
-            rows += [GridRow(f"fp8-{tag}", fp8=True, fp16=half, method=method, percentile=percentile, smooth=smooth)
-                     for tag, (method, percentile, smooth) in FP8_METHODS.items()]
+            rows += [GridRow(f"fp8-{tag}" + ("-iln" if iln else ""), fp8=True, fp16=half, iln=iln, method=method,
+                             percentile=percentile, smooth=smooth)
+                     for iln in (False, True) for tag, (method, percentile, smooth) in FP8_METHODS.items()]
     return rows
 
 
@@ -428,7 +433,7 @@ def baseline_row(grid: Sequence[GridRow]) -> GridRow:
 def select_rows(grid: Sequence[GridRow], methods: Sequence[str] | None = None,
                 options: Sequence[str] | None = None) -> list[GridRow]:
     """INT8 and FP8 rows restricted to the given method tags (`percentile` = every percentile, `mse` = MSE on
-    either grid, mse-fp8 on FP8's alone, `qat` = the QAT rows) and option sets (an FP8 row is plain); rows without
+    either grid, mse-fp8 on FP8's alone, `qat` = the QAT rows) and option sets (an FP8 row is plain or iln); rows without
     either (the baseline) always stay."""
     def method_ok(r: GridRow) -> bool:
         return methods is None or r.method_tag in methods or ("percentile" in methods and r.method == "percentile") \

@@ -18,7 +18,7 @@ The math (int8_linear_reference defines it; float32 throughout the epilogue):
     y         = float32(acc) * s[n] + bias[n]
     y         = gelu_tanh(y)                                     if gelu (model.bert.gelu_tanh)
     y         = y + float32(residual[m, n])                      if residual is given (FP)
-    y         = y + float32(residual[m, n]) * res_scale[n]       if it is given as INT8 codes (-iln)
+    y         = y + float32(residual[m, n]) * res_scale[n]       if it is given as codes (-iln: INT8, or E4M3)
     out       = codes(y) if out_recip is given else y.to(out_dtype)
 
 codes(y) = clamp(round_half_even(y * out_recip), -127, 127), with out_recip a float32 number or one per output
@@ -469,8 +469,8 @@ def _codes_to_float(c):
 
 @triton.jit
 def _residual(r, offs_n, n_ok, res_scale, RES_CODES: tl.constexpr, RES_PER_CHANNEL: tl.constexpr):
-    """A residual tile in float32: as stored, or INT8 codes times their scale (-iln's residual stream; res_scale
-    a float32 number, or with RES_PER_CHANNEL a pointer to float32 [N]).
+    """A residual tile in float32: as stored, or codes (INT8, or E4M3 under --fp8 -iln) times their scale (-iln's
+    residual stream; res_scale a float32 number, or with RES_PER_CHANNEL a pointer to float32 [N]).
 
     Codes become floats through _codes_to_float, with no conversion instruction: cast to FP16 and then to
     float32 (an earlier form), each code took an I2F on the quarter-rate pipe, and Triton moved the tile into
@@ -478,7 +478,7 @@ def _residual(r, offs_n, n_ok, res_scale, RES_CODES: tl.constexpr, RES_PER_CHANN
     128x128 epilogue against the FP16 residual's 22). Compiled for sm_90 on the CPU (triton 3.9, SASS through
     nvdisasm: `python3 -m benchmarks.kernel_ptx_stats --sass`), this form has no I2F, 18 barriers and 24 shared-memory
     stores against 22 and 32 for the FP16 residual."""
-    r = _codes_to_float(r) if RES_CODES else r.to(tl.float32)
+    r = _codes_to_float(r) if RES_CODES and r.dtype == tl.int8 else r.to(tl.float32)  # E4M3 codes: exact cast
     if RES_CODES:
         if RES_PER_CHANNEL:
             r = r * tl.load(res_scale + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -494,13 +494,14 @@ def _epilogue(acc, offs_n, n_ok, rows, mask, w_scale_ptr, bias_ptr, res_ptr, out
               RES_PER_CHANNEL: tl.constexpr, CLAMP_LOW: tl.constexpr):
     y = _epilogue_math(acc, offs_n, n_ok, w_scale_ptr, bias_ptr, a_scale, GELU)
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0)
+        r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0)
         y = y + _residual(r, offs_n, n_ok, res_scale, RES_CODES, RES_PER_CHANNEL)
     tl.store(out_ptr + rows * stride_om + offs_n[None, :],
              _output(y, offs_n, n_ok, out_recip, out_ptr, OUT_FORMAT, RECIP_PER_CHANNEL, CLAMP_LOW), mask=mask)
 
 
 _NAMES = {INT8.name: "int8_linear", FP8_E4M3.name: "fp8_linear"}  # the wrappers, by input format, for messages
+CODE_DTYPES = (INT8.dtype, FP8_E4M3.dtype)  # a residual of these dtypes is codes, read with its residual_scale
 
 
 def _check(fmt: QuantFormat, a_q, w_q, w_scale, bias, residual, residual_scale, out_dtype):
@@ -516,13 +517,14 @@ def _check(fmt: QuantFormat, a_q, w_q, w_scale, bias, residual, residual_scale, 
     for what, t in (("w_scale", w_scale), ("bias", bias)):
         if t.dtype != torch.float32 or t.shape != (n,) or not t.is_contiguous():
             raise ValueError(f"{name}: {what} must be a contiguous float32 [{n}], got {t.dtype} {tuple(t.shape)}")
-    res_codes = residual is not None and residual.dtype == torch.int8
+    res_codes = residual is not None and residual.dtype in CODE_DTYPES
     if residual is not None and (residual.shape != (m, n) or residual.stride(1) != 1
                                  or not (residual.dtype.is_floating_point or res_codes)):
-        raise ValueError(f"{name}: residual must be floating or int8 [{m}, {n}] with unit stride along N, got "
+        raise ValueError(f"{name}: residual must be floating or codes [{m}, {n}] with unit stride along N, got "
                          f"{residual.dtype} {tuple(residual.shape)}")
     if res_codes != (residual_scale is not None):
-        raise ValueError(f"{name}: an int8 residual (codes) needs its residual_scale, and only it takes one")
+        raise ValueError(f"{name}: a residual given as codes (int8 or E4M3) needs its residual_scale, and only it "
+                         "takes one")
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"{name}: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     devices = {t.device for t in (a_q, w_q, w_scale, bias) + ((residual,) if residual is not None else ())}
@@ -737,6 +739,6 @@ def quantized_epilogue_reference(acc: torch.Tensor, a_scale: float, w_scale: tor
 
 
 def residual_codes_value(codes: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """float32(codes) * float32(scale): the residual the epilogue adds when it is given as INT8 codes (a Python
-    float meets a float32 tensor as float32(scale); a per-channel scale broadcasts over rows)."""
+    """float32(codes) * float32(scale): the residual the epilogue adds when it is given as codes, INT8 or E4M3 (a
+    Python float meets a float32 tensor as float32(scale); a per-channel scale broadcasts over rows)."""
     return codes.float() * (scale.float() if isinstance(scale, torch.Tensor) else float(scale))

@@ -6,11 +6,11 @@ tensor names of our TensorRT calibration-cache export.
 
     --int8   the inputs of every encoder GEMM (QKV, attention output, FC1, FC2); weights per output channel
     --fp8    the same GEMMs in FP8 E4M3 (Hopper's FP8 tensor cores): per-tensor activation scales amax / 448 from
-             the same calibration ranges, weights per output channel, FP32 accumulation; -iln and -imh stay
-             INT8-only
+             the same calibration ranges, weights per output channel, FP32 accumulation; with -iln the LayerNorms'
+             outputs, the residual stream included, are E4M3 codes; -imh stays INT8-only
     -imh     INT8 multi-head attention: Q, K, V, the attention probabilities and the context
     -iln     INT8 skip-LayerNorm: the outputs of the embedding LayerNorm and the two skip-LayerNorms of each layer,
-             so the residual stream itself is INT8
+             so the residual stream itself is INT8 (E4M3 under --fp8)
 
 Mixed precision (`fp16_gemms`, the build's --keep-fp16): named GEMMs stay in FP16 under --int8 or --fp8, their
 inputs and weights unquantized; what a sensitivity analysis suggests for the few points that cost the most accuracy.
@@ -51,10 +51,10 @@ class PrecisionPolicy:
     def __post_init__(self) -> None:
         if self.int8 and self.fp8:
             raise WorkbenchError("give --int8 or --fp8, not both")
-        if (self.iln or self.imh) and self.fp8:
-            raise WorkbenchError("-iln and -imh are INT8-only for now: drop them with --fp8, or build --int8")
-        if (self.iln or self.imh) and not self.int8:
-            raise WorkbenchError("-iln and -imh quantize on top of --int8: add --int8")
+        if self.imh and self.fp8:
+            raise WorkbenchError("-imh is INT8-only for now: drop it with --fp8, or build --int8")
+        if (self.iln or self.imh) and not self.quantized:
+            raise WorkbenchError("-iln and -imh quantize on top of --int8 (-iln: or --fp8): add --int8")
         object.__setattr__(self, "fp16_gemms", tuple(sorted(set(self.fp16_gemms))))  # JSON gives lists
         check_gemm_names(self.fp16_gemms, "--keep-fp16")
         if self.fp16_gemms and not self.quantized:
@@ -104,8 +104,8 @@ class PrecisionPolicy:
         return tuple(s for s in all_sites(num_layers) if s in wanted)
 
     def rounded_where_produced(self, site: str) -> bool:
-        """-imh and -iln sites are INT8 where they are produced, so every consumer (residual included) sees the
-        rounded tensor; --int8 alone rounds only where a GEMM reads its input."""
+        """-imh and -iln sites are rounded (INT8, or E4M3 under --fp8) where they are produced, so every consumer
+        (residual included) sees the rounded tensor; --int8 alone rounds only where a GEMM reads its input."""
         kind = site.rsplit(".", 1)[1]
         return (self.imh and kind in ("q", "k", "v", "probs", "context")) or \
             (self.iln and kind in ("ln_out", "attn_ln_out", "ffn_ln_out"))

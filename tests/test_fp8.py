@@ -30,6 +30,8 @@ FP8_POLICIES = {
     "fp8": PrecisionPolicy(fp8=True),
     "fp8 --keep-fp16 qkv,layer1.fc2": PrecisionPolicy(fp8=True, fp16_gemms=("qkv", "layer1.fc2")),
     "fp8 --keep-fp16 attn_out,layer0.fc1": PrecisionPolicy(fp8=True, fp16_gemms=("attn_out", "layer0.fc1")),
+    "fp8 -iln": PrecisionPolicy(fp8=True, iln=True),  # the residual stream as E4M3 codes
+    "fp8 -iln --keep-fp16 qkv,layer1.fc2": PrecisionPolicy(fp8=True, iln=True, fp16_gemms=("qkv", "layer1.fc2")),
 }
 
 
@@ -55,8 +57,8 @@ def test_policy_formats_and_spec_scales_from_an_int8_cache():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(int8=True, fp8=True), "give --int8 or --fp8, not both"),
-    (dict(fp8=True, iln=True), "INT8-only"),
     (dict(fp8=True, imh=True), "INT8-only"),
+    (dict(iln=True), "add --int8"),
 ])
 def test_policy_refuses_fp8_with_int8_options(kwargs, message):
     with pytest.raises(WorkbenchError, match=message):
@@ -64,7 +66,7 @@ def test_policy_refuses_fp8_with_int8_options(kwargs, message):
 
 
 @pytest.mark.parametrize("flags, message", [(["--int8", "--fp8"], "give --int8 or --fp8, not both"),
-                                            (["--fp8", "-iln"], "INT8-only")])
+                                            (["--fp8", "-imh"], "INT8-only")])
 def test_cli_build_refuses_in_one_line(flags, message, tmp_path, capsys):
     assert cli.main(["build", "--model", "bert-base", "--device", "cpu", *flags, "-o", str(tmp_path / "x")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
@@ -252,17 +254,13 @@ def spied(monkeypatch, module, name: str, calls: list):
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append((name, k)) or real(*a, **k))
 
 
-@pytest.mark.usefixtures("one_torch_thread")
-def test_fp8_engine_on_triton_kernels_matches_its_reference_path(monkeypatch):
-    """The FP8 engine's forward on our Triton kernels (Triton's interpreter): every GEMM on fp8_linear with its
-    fused epilogue (FC1 writing FC2's E4M3 codes), every LayerNorm writing E4M3 codes in its pass, attention
-    writing the context's E4M3 codes (no separate pass), against the same engine's reference path: the same
-    logits within what a code flipped at a rounding boundary moves them. Where our kernels cannot write E4M3 (a
-    GPU below 8.9) the LayerNorms' and the context's codes come from the reference ops."""
+def triton_forward(monkeypatch, policy: PrecisionPolicy):
+    """An engine of `policy` run on its reference path (want), then on our Triton kernels in the interpreter
+    (got), each kernel call recorded: (engine, inputs, want, got, calls)."""
     F8, LN, A, Q = kernels("fp8_linear"), kernels("layernorm"), kernels("attention"), kernels("quantize")
     kernels("int8_linear")  # fp8_linear's kernels, in the interpreter
     loaded = loaded_model(seed=5)
-    engine = build(loaded, PrecisionPolicy(fp8=True, fp16=True), max_calibration(loaded))
+    engine = build(loaded, policy, max_calibration(loaded))
     x = inputs(batch=2, seq=24, seed=9)
     with torch.no_grad():
         want = engine(*x)
@@ -276,6 +274,33 @@ def test_fp8_engine_on_triton_kernels_matches_its_reference_path(monkeypatch):
     monkeypatch.setattr(engine, "attention_impl", lambda b, s, padded: FUSED_ATTENTION)
     with torch.no_grad():
         got = engine(*x)
+    return engine, x, want, got, calls
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fp8_iln_engine_on_triton_kernels_carries_e4m3_codes(monkeypatch):
+    """--fp8 -iln on our Triton kernels (interpreter): every LayerNorm writes E4M3 codes alone (the last one with
+    their FP values too, for the QA head), and the attention-output and FC2 GEMMs read the residual stream as those
+    E4M3 codes with their scale; the logits match the engine's reference path."""
+    _, x, want, got, calls = triton_forward(monkeypatch, PrecisionPolicy(fp8=True, fp16=True, iln=True))
+    norms = [k for name, k in calls if name == "layernorm_quant"]
+    assert len(norms) == 2 * CFG.num_layers + 1 and all(k["fmt"] is FP8_E4M3 for k in norms)
+    assert [k["codes_only"] for k in norms] == [True] * (2 * CFG.num_layers) + [False]
+    residuals = [k["residual"] for name, k in calls if name == "fp8_linear" and "residual" in k]
+    assert len(residuals) == 2 * CFG.num_layers and all(r.dtype == torch.float8_e4m3fn for r in residuals)
+    assert all(k.get("residual_scale") is not None for name, k in calls if name == "fp8_linear" and "residual" in k)
+    for g, w in zip(got, want):  # about 3e-3 seen
+        assert rel(valid(g, x[2]).float(), valid(w, x[2]).float()) < 1e-2
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fp8_engine_on_triton_kernels_matches_its_reference_path(monkeypatch):
+    """The FP8 engine's forward on our Triton kernels (Triton's interpreter): every GEMM on fp8_linear with its
+    fused epilogue (FC1 writing FC2's E4M3 codes), every LayerNorm writing E4M3 codes in its pass, attention
+    writing the context's E4M3 codes (no separate pass), against the same engine's reference path: the same
+    logits within what a code flipped at a rounding boundary moves them. Where our kernels cannot write E4M3 (a
+    GPU below 8.9) the LayerNorms' and the context's codes come from the reference ops."""
+    engine, x, want, got, calls = triton_forward(monkeypatch, PrecisionPolicy(fp8=True, fp16=True))
     names = [name for name, _ in calls]
     assert names.count("fp8_linear") == 4 * CFG.num_layers
     assert names.count("layernorm_quant") == 2 * CFG.num_layers + 1 and "quantize_rows" not in names

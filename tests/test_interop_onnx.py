@@ -253,15 +253,16 @@ def test_int8_without_scales_and_bad_outputs(tmp_path):
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
-def test_fp8_spec_exports_fp8_qdq(tmp_path):
-    """A QuantSpec in FP8 E4M3 (no build flag makes one yet) exports float8 Q/DQ at opset 19, refused below."""
+@pytest.mark.parametrize("iln", [False, True])
+def test_fp8_builds_export_fp8_qdq(tmp_path, iln):
+    """An --fp8 build's spec (with -iln: the LayerNorms' outputs rounded where produced, in E4M3) exports float8
+    Q/DQ at opset 19, refused below; ONNX Runtime computes the fake-quant function."""
     from quant.formats import FP8_E4M3
-    from quant.spec import QuantSpec, SiteSpec
 
     loaded = loaded_model()
-    policy = PrecisionPolicy(int8=True)
-    spec, _ = spec_from_cache(max_calibration(loaded), policy, CFG, loaded.digest)
-    fp8 = QuantSpec({k: SiteSpec(FP8_E4M3, s.amax) for k, s in spec.sites.items()}, FP8_E4M3)
+    policy = PrecisionPolicy(fp8=True, iln=iln)
+    fp8, _ = spec_from_cache(max_calibration(loaded), policy, CFG, loaded.digest)
+    assert all(s.format is FP8_E4M3 for s in fp8.sites.values())
     with pytest.raises(WorkbenchError, match="opset 19"):
         onnx_model(loaded, policy, fp8)
     model = onnx_model(loaded, policy, fp8, opset=19)

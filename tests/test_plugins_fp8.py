@@ -50,8 +50,8 @@ def e4m3_codes(shape, g, exact: bool = True) -> torch.Tensor:
 
 
 def problem(m, n, k, seed, exact=True, device=DEVICE):
-    """FP8 operands with per-channel weight scales, a bias, an FP16 residual and -iln-style INT8 residual codes
-    with per-channel scales; outputs around +-5."""
+    """FP8 operands with per-channel weight scales, a bias, an FP16 residual, -iln-style INT8 residual codes with
+    per-channel scales and --fp8 -iln's E4M3 residual codes; outputs around +-5."""
     g = gen(seed)
     a, w = e4m3_codes((m, k), g, exact), e4m3_codes((n, k), g, exact)
     w_scale = (torch.rand(n, generator=g) + 0.5) * (0.3 if exact else 3e-4) / k ** 0.5
@@ -59,12 +59,13 @@ def problem(m, n, k, seed, exact=True, device=DEVICE):
     res = (torch.randn(m, n, generator=g) * 2).half()
     res8 = torch.randint(-127, 128, (m, n), dtype=torch.int8, generator=g)
     res_scale = torch.rand(n, generator=g) * 0.03 + 0.01
-    t = [x.to(device) for x in (a, w, w_scale, bias, res, res8, res_scale)]
+    res_e4m3 = e4m3_codes((m, n), g, exact)
+    t = [x.to(device) for x in (a, w, w_scale, bias, res, res8, res_scale, res_e4m3)]
     return dict(a_q=t[0], w_q=t[1], a_scale=0.7, w_scale=t[2], bias=t[3]), dict(residual=t[4], res8=t[5],
-                                                                               res_scale=t[6])
+                                                                               res_scale=t[6], res_e4m3=t[7])
 
 
-EPILOGUES = {  # name: (GELU, residual: None, "fp16", "int8", "int8/channel", output: fp16, fp32 or codes)
+EPILOGUES = {  # name: (GELU, residual: None, "fp16", "int8", "int8/channel", "e4m3", output: fp16, fp32 or codes)
     "fp16": (False, None, "fp16"),
     "fp32": (False, None, "fp32"),
     "gelu": (True, None, "fp16"),
@@ -76,6 +77,7 @@ EPILOGUES = {  # name: (GELU, residual: None, "fp16", "int8", "int8/channel", ou
     "residual+fp8/channel": (False, "fp16", "fp8/channel"),
     "residual8+fp8": (False, "int8", "fp8"),
     "gelu+int8": (True, None, "int8"),             # an FP8 GEMM writing an INT8 GEMM's codes
+    "residual-e4m3+fp8": (False, "e4m3", "fp8"),   # --fp8 -iln: the residual stream as E4M3 codes
 }
 
 
@@ -86,6 +88,8 @@ def epilogue_kwargs(name, operands, extra):
     kw = dict(gelu=gelu, out_dtype=torch.float32 if out == "fp32" else torch.float16)
     if residual == "fp16":
         kw["residual"] = extra["residual"]
+    elif residual == "e4m3":
+        kw.update(residual=extra["res_e4m3"], residual_scale=0.05)
     elif residual is not None:
         kw.update(residual=extra["res8"], residual_scale=extra["res_scale"] if residual.endswith("/channel")
                   else 1 / 57.3)
@@ -184,7 +188,7 @@ def test_tma_persistent_and_split_k(config, poison, monkeypatch):
     monkeypatch.setattr(L, "_sm_count", lambda device: 3)
     cfg, k = CONFIGS[config]
     ops, extra = problem(130, 80, k, seed=30 + k)
-    for epilogue in ("gelu+fp8", "residual+fp8/channel", "residual8/channel"):
+    for epilogue in ("gelu+fp8", "residual+fp8/channel", "residual8/channel", "residual-e4m3+fp8"):
         kw = epilogue_kwargs(epilogue, ops, extra)
         check(F8.fp8_linear(**ops, **kw, config=cfg), F8.fp8_linear_reference(**ops, **kw), exact=not kw["gelu"])
 
@@ -377,7 +381,8 @@ def test_cuda_every_config(n, k, config, poison):
     if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA loads need sm_90 or newer")
     ops, extra = problem(4096, n, k, seed=n + k + config, exact=False)
-    for epilogue in ("fp16", "gelu+fp8", "residual+fp8/channel", "residual8/channel", "gelu+int8"):
+    for epilogue in ("fp16", "gelu+fp8", "residual+fp8/channel", "residual8/channel", "gelu+int8",
+                         "residual-e4m3+fp8"):
         kw = epilogue_kwargs(epilogue, ops, extra)
         check(fp8_linear_or_skip(ops, kw, cfg), F8.fp8_linear_reference(**ops, **kw), exact=False,
               rate=FP8_CODES_OFF)

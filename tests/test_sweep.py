@@ -37,14 +37,19 @@ SETTINGS = FeatureSettings(max_seq_length=96, doc_stride=32, max_query_length=16
 # ------------------------------------------------------------------------------------------------------ grid
 
 def test_default_grid_is_the_standard_grid():
+    from quant.policy import PrecisionPolicy
+
     grid = default_grid(half=True)
     assert grid[0] == GridRow("fp16", fp16=True, baseline=True)
     dense = [r for r in grid if r.int8 and not r.sparse]
     sparse = [r for r in grid if r.sparse]
     fp8 = [r for r in grid if r.fp8]
-    assert len(grid) == 51 and len(dense) == 24 and len(sparse) == 24 and [r.name for r in fp8] == ["fp8-max",
-                                                                                                       "fp8-mse"]
-    assert grid[25:27] == fp8 and [r.method for r in fp8] == ["max", "mse-fp8"]  # after the dense INT8 rows
+    assert len(grid) == 53 and len(dense) == 24 and len(sparse) == 24
+    assert [r.name for r in fp8] == ["fp8-max", "fp8-mse", "fp8-max-iln", "fp8-mse-iln"]
+    assert grid[25:29] == fp8 and [r.method for r in fp8] == ["max", "mse-fp8"] * 2  # after the dense INT8 rows
+    assert [r.options_tag for r in fp8] == ["plain", "plain", "iln", "iln"]
+    assert next(r for r in grid if r.name == "fp8-max-iln").policy(half=True) == PrecisionPolicy(fp8=True, fp16=True,
+                                                                                                 iln=True)
     assert {r.method_tag for r in dense} == {"entropy", "entropy-sm", "p99.9", "p99.99", "mse", "max"}
     assert {r.options_tag for r in dense} == {"plain", "iln", "imh", "iln-imh"}
     names = [r.name for r in dense]
@@ -72,19 +77,21 @@ def test_select_rows_keeps_the_baseline():
     grid = default_grid(half=True)
     rows = select_rows(grid, ["max", "percentile"], ["plain", "iln"])
     assert [r.name for r in rows if not r.sparse] == ["fp16", "int8-p99.9", "int8-p99.9-iln", "int8-p99.99",
-                                                      "int8-p99.99-iln", "int8-max", "int8-max-iln", "fp8-max"]
+                                                      "int8-p99.99-iln", "int8-max", "int8-max-iln", "fp8-max",
+                                                      "fp8-max-iln"]
     assert [r.name for r in select_rows(grid, ["entropy"], ["imh"]) if not r.sparse] == ["fp16", "int8-entropy-imh"]
-    # FP8 rows: selected by their method (mse: either grid's; mse-fp8: FP8's alone), plain as to options.
+    # FP8 rows: selected by their method (mse: either grid's; mse-fp8: FP8's alone) and options (plain or iln).
     assert [r.name for r in select_rows(grid, ["max"], ["plain"]) if not r.sparse] == ["fp16", "int8-max", "fp8-max"]
     assert [r.name for r in select_rows(grid, ["mse"], ["plain"]) if not r.sparse] == ["fp16", "int8-mse", "fp8-mse"]
-    assert [r.name for r in select_rows(grid, ["mse-fp8"])] == ["fp16", "fp8-mse"]
+    assert [r.name for r in select_rows(grid, ["mse-fp8"])] == ["fp16", "fp8-mse", "fp8-mse-iln"]
     assert "fp8-max" not in [r.name for r in select_rows(grid, ["max"], ["iln"])]
+    assert [r.name for r in select_rows(grid, ["max"], ["iln"]) if r.fp8] == ["fp8-max-iln"]
 
 
 @pytest.mark.parametrize("row, words", [
     (dict(name="a", int8=True), "needs a calibration method"),
     (dict(name="a", method="max"), "INT8 and FP8 rows only"),
-    (dict(name="a", iln=True), "INT8 rows only"),
+    (dict(name="a", iln=True), "iln applies to INT8 and FP8 rows only"),
     (dict(name="a", int8=True, method="minmax"), "unknown calibration method"),
     (dict(name="a", int8=True, method="max", percentile=99.0), "method percentile only"),
     (dict(name="a", int8=True, method="percentile", percentile=120), "percentile must be in"),

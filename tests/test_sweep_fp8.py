@@ -146,7 +146,6 @@ def test_fp8_rows_build_with_fp8_and_key_apart_from_int8():
 
 @pytest.mark.parametrize("row, words", [
     (dict(int8=True, fp8=True, method="max"), "grid row 'a': give int8 or fp8, not both"),
-    (dict(fp8=True, method="max", iln=True), "grid row 'a': iln is INT8-only"),
     (dict(fp8=True, method="max", imh=True), "grid row 'a': imh is INT8-only"),
     (dict(fp8=True, qat="out/qat"), "grid row 'a': qat is INT8-only"),
     (dict(fp8=True), "grid row 'a': an FP8 row needs a calibration method"),
@@ -179,9 +178,9 @@ def test_grid_file_fp8_rows(tmp_path):
 def test_cli_grid_file_with_an_invalid_fp8_row_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "grid.json").write_text(json.dumps([{"name": "fp16"}, {"name": "x", "fp8": True, "method": "max",
-                                                                       "iln": True}]))
+                                                                       "imh": True}]))
     assert_one_line_error_in_process(capsys, "sweep", "--device", "cpu", "--grid", "grid.json", "--report-dir",
-                                     tmp_path / "r", words="grid.json: grid row 'x': iln is INT8-only")
+                                     tmp_path / "r", words="grid.json: grid row 'x': imh is INT8-only")
 
 
 @pytest.mark.parametrize("gpu, skipped", [(("Tesla V100-SXM2-16GB", "7.0"), True), (("NVIDIA A100", "8.0"), True),
@@ -192,9 +191,9 @@ def test_fp8_rows_are_skipped_on_gpus_without_fp8(monkeypatch, gpu, skipped):
     monkeypatch.setattr("engines.build.this_gpu", lambda device=None: gpu)
     rows, lines = default_grid(half=True), []
     cuda = SimpleNamespace(device=torch.device("cuda"), say=lines.append)
-    assert _skip_fp8(cuda, rows) == (["fp8-max", "fp8-mse"] if skipped else [])
+    assert _skip_fp8(cuda, rows) == (["fp8-max", "fp8-mse", "fp8-max-iln", "fp8-mse-iln"] if skipped else [])
     if skipped:
-        assert lines == [f"2 FP8 rows skipped: FP8 GEMMs need FP8 tensor cores (compute capability 8.9 or later: "
+        assert lines == [f"4 FP8 rows skipped: FP8 GEMMs need FP8 tensor cores (compute capability 8.9 or later: "
                          f"Ada, Hopper); {gpu[0]} is {gpu[1]}"]
     assert _skip_fp8(SimpleNamespace(device=torch.device("cpu"), say=lines.append), rows) == []  # the reference
 
@@ -284,7 +283,7 @@ def test_sensitivity_fp8_from_an_int8_grid_cache_warns_once(tiny_files, max_cach
 def test_sensitivity_fp8_refuses_int8_options(tiny_files, max_cache, tmp_path, capsys):
     assert_one_line_error_in_process(capsys, "sensitivity", "--fp8", "-iln", "--model", tiny_files["model"],
                                      "--calib-cache", max_cache, "--device", "cpu", "--report-dir", tmp_path / "r",
-                                     words="-iln and -imh are INT8-only")
+                                     words="sensitivity --fp8 analyses plain FP8 builds")
 
 
 # ------------------------------------------------------------------------------------------------ eval comparison
