@@ -25,7 +25,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from plugins import attention, int8_linear as L, layernorm, quantize, varlen_attention  # noqa: E402
 
-FOUND = re.compile(r"(wgmma\.mma_async[.\w]*|mma\.sync[.\w]*|cvt\.rn\.satfinite\.e4m3x2\.f32|cp\.async\.bulk\.tensor)")
+FOUND = re.compile(r"(wgmma\.mma_async[.\w]*|mma\.sync[.\w]*|cvt\.rn\.satfinite\.e4m3x2\.f32|cvt\.rn\.f16x2\.e4m3x2"
+                   r"|cp\.async\.bulk\.tensor)")
 FADD = re.compile(r"\badd(?:\.rn)?\.f32\b")
 E4M3 = torch.float8_e4m3fn
 
@@ -47,16 +48,16 @@ def ptx(fn, args: dict, constants: dict, arch: int, warps: int = 4, stages: int 
 
 def gemm_flags(cfg: L.GemmConfig, out_format: str, arch: int, **kw) -> dict:
     flags = L._flags(cfg, kw.get("residual", False), kw.get("gelu", True), out_format, False, torch.device("cpu"),
-                     recip=30.0, fp8=True)
+                     res_codes=kw.get("res_codes", False), recip=30.0, fp8=True)
     for launch_only in ("num_warps", "num_stages", "enable_fp_fusion", "launch_pdl"):
         flags.pop(launch_only)
     return {**flags, "PDL": arch >= 90}
 
 
-def gemm_args(m=256, n=256, k=256, out_dtype=E4M3) -> dict:
+def gemm_args(m=256, n=256, k=256, out_dtype=E4M3, res_dtype=torch.float16) -> dict:
     f = torch.empty(n)
     return dict(a_ptr=torch.empty(m, k, dtype=E4M3), w_ptr=torch.empty(n, k, dtype=E4M3), w_scale_ptr=f, bias_ptr=f,
-                res_ptr=torch.empty(m, n, dtype=torch.float16), out_ptr=torch.empty(m, n, dtype=out_dtype), M=m, N=n,
+                res_ptr=torch.empty(m, n, dtype=res_dtype), out_ptr=torch.empty(m, n, dtype=out_dtype), M=m, N=n,
                 K=k, a_scale=1.0, out_recip=1.0, res_scale=1.0, stride_am=k, stride_wn=k, stride_rm=n, stride_om=n)
 
 
@@ -68,14 +69,19 @@ def gemms() -> dict[str, list[str]]:
                                           {**gemm_flags(cfg, "fp8_e4m3", arch), "EVEN_K": True, "PREFETCH": False},
                                           arch, cfg.num_warps, cfg.num_stages)
     tma = L.GemmConfig(64, 64, 64, loads="tma", tma_store=True)
-    args = gemm_args(out_dtype=torch.float16)
-    args.update(a_desc=TensorDescriptor.from_tensor(args["a_ptr"], [64, 64]),
-                w_desc=TensorDescriptor.from_tensor(args["w_ptr"], [64, 64]),
-                res_desc=TensorDescriptor.from_tensor(args["res_ptr"], [64, 64]),
-                out_desc=TensorDescriptor.from_tensor(args["out_ptr"], [64, 64]))
-    found["gemm-tma-sm90"] = ptx(L._quantized_linear_tma_kernel, args,
-                                 {**gemm_flags(tma, "fp", 90, residual=True, gelu=False), "PERSISTENT": False,
-                                  "FLOAT_IN": False}, 90)
+    for name, res_dtype in (("gemm-tma-sm90", torch.float16), ("gemm-tma-sm90-res-e4m3", E4M3)):
+        args = gemm_args(out_dtype=torch.float16, res_dtype=res_dtype)
+        args.update(a_desc=TensorDescriptor.from_tensor(args["a_ptr"], [64, 64]),
+                    w_desc=TensorDescriptor.from_tensor(args["w_ptr"], [64, 64]),
+                    res_desc=TensorDescriptor.from_tensor(args["res_ptr"], [64, 64]),
+                    out_desc=TensorDescriptor.from_tensor(args["out_ptr"], [64, 64]))
+        found[name] = ptx(L._quantized_linear_tma_kernel, args,
+                          {**gemm_flags(tma, "fp", 90, residual=True, gelu=False, res_codes=res_dtype == E4M3),
+                           "PERSISTENT": False, "FLOAT_IN": False}, 90)
+    # --fp8 -iln: the residual read as E4M3 codes (pointer loads), converted in hardware
+    found["gemm-ptr-sm90-res-e4m3"] = ptx(L.quantized_linear_kernel, gemm_args(res_dtype=E4M3),
+                                          {**gemm_flags(cfg, "fp8_e4m3", 90, residual=True, res_codes=True),
+                                           "EVEN_K": True, "PREFETCH": False}, 90, cfg.num_warps, cfg.num_stages)
     # GemmConfig.fast_accum: without the float32 add of every BLOCK_K step's wgmma sum (add.f32 per accumulator
     # register and step), the same E4M3 wgmma
     for fast in (False, True):
@@ -107,6 +113,11 @@ def others() -> dict[str, list[str]]:
         stride_x=1024, stride_y=1024, stride_q=1024), dict(
         QUANT=True, ROUND=False, PER_CHANNEL=False, ROWS=4, BLOCK_H=1024, PDL=True, STORE_Y=True, EVEN=True,
         FORMAT="fp8_e4m3"), 90)}
+    found["layernorm-codes-only-sm90"] = ptx(layernorm._layernorm_kernel, dict(  # --fp8 -iln: the codes alone
+        x_ptr=x, w_ptr=w, b_ptr=w, y_ptr=x, q_ptr=codes, R=64, H=1024, eps=1e-12, out_recip=1.0, out_scale=1.0,
+        stride_x=1024, stride_y=1024, stride_q=1024), dict(
+        QUANT=True, ROUND=False, PER_CHANNEL=False, ROWS=4, BLOCK_H=1024, PDL=True, STORE_Y=False, EVEN=True,
+        FORMAT="fp8_e4m3"), 90)
     qkv, ctx = torch.empty(256, 3 * 1024, dtype=torch.float16), torch.empty(256, 1024, dtype=E4M3)
     common = dict(out_recip=1.0, HEADS=16, qk_scale=0.18, stride_qkv=3 * 1024, stride_out=1024)
     flags = dict(OUT_FORMAT="fp8_e4m3", RECIP_PER_CHANNEL=False, D=64, BLOCK_M=64, BLOCK_N=64, PDL=True)

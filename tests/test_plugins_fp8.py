@@ -342,8 +342,15 @@ def test_kernels_compile_for_hopper_and_ada():
     assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in found["gemm-tma-sm90"]
     assert "cp.async.bulk.tensor" in found["gemm-tma-sm90"]
     assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in found["splitk-partial-sm90"]
-    for name in ("splitk-epilogue-sm90", "layernorm-sm90", "attention-sm90", "varlen-sm90", "quantize-sm90"):
+    for name in ("splitk-epilogue-sm90", "layernorm-sm90", "layernorm-codes-only-sm90", "attention-sm90",
+                 "varlen-sm90", "quantize-sm90"):
         assert cvt in found[name], name
+    # --fp8 -iln: the residual read as E4M3 codes, converted by the hardware, through pointers and through TMA
+    for name in ("gemm-ptr-sm90-res-e4m3", "gemm-tma-sm90-res-e4m3"):
+        assert "cvt.rn.f16x2.e4m3x2" in found[name] and "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in \
+            found[name], name
+    assert "cp.async.bulk.tensor" in found["gemm-tma-sm90-res-e4m3"]
+    assert "cvt.rn.f16x2.e4m3x2" not in found["gemm-tma-sm90"]
     # fast accumulation (GemmConfig.fast_accum) drops the float32 add of each K step's wgmma sum, nothing else
     adds = {mode: int(found[f"gemm-ptr-sm90-{mode}"][-1].split(": ")[1]) for mode in ("precise", "fast")}
     assert adds["fast"] + 32 <= adds["precise"], adds  # 64x64 tile, 4 warps: an add per accumulator (32 a thread)
