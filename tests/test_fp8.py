@@ -116,6 +116,15 @@ def test_fp8_engine_matches_fake_quant_reference(name):
     assert_matches_fake_quant(loaded, FP8_POLICIES[name], max_calibration(loaded))
 
 
+def test_fp8_iln_with_smoothed_sites_matches_fake_quant_reference():
+    """--fp8 -iln from a smoothed cache: the LayerNorms write per-channel E4M3 codes, which the residual epilogues
+    read back with their per-channel scales; still the fake-quant function."""
+    from tests.test_engines import smoothed_max_calibration
+
+    loaded = loaded_model(seed=3)
+    assert_matches_fake_quant(loaded, PrecisionPolicy(fp8=True, iln=True), smoothed_max_calibration(loaded))
+
+
 def test_fp8_codes_flow_between_ops():
     """LayerNorms, attention and FC1 write the next FP8 GEMM's codes: E4M3, never INT8."""
     loaded = loaded_model()
