@@ -7,8 +7,8 @@ set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_fp8.py tests/test_sweep_fp8.py > $OUT/fp8-tests.log 2>&1
 tail -3 $OUT/fp8-tests.log
-python3 cli.py sweep --methods max mse --options ${OPTIONS:-plain iln} --report-dir /tmp/fp8-sweep --no-progress 2>&1 | \
-  tail -18
+python3 cli.py sweep --methods max mse --options ${OPTIONS:-plain iln} --report-dir /tmp/fp8-sweep \
+  --no-progress 2>&1 | tail -18
 cp /tmp/fp8-sweep/report.md /tmp/fp8-sweep/pareto.png $OUT/ 2>/dev/null
 python3 cli.py calibrate --squad assets/squad/train-v1.1-calib-first-paragraphs.json.gz --model $M --calib-num 100 \
   --method mse-fp8 -o /tmp/c.mse-fp8.json --no-progress 2>&1 | head -1

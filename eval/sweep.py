@@ -124,9 +124,9 @@ DESCRIPTION = (
     "the workbench's answer: build the grid of INT8 builds and the FP16 baseline, evaluate and time each, and pick "
     "the fastest build within the F1 budget. The default grid: FP16; INT8 x {entropy, entropy --smooth 0.8, "
     "percentile 99.9, percentile 99.99, mse, max} x {plain, -iln, -imh, -iln -imh}; FP8 x {max, mse-fp8} x "
-    "{plain, -iln} (--fp8: skipped, with the reason, on a GPU below compute capability 8.9); INT8 x --sparse when the model's "
-    "GEMM weights are 2:4 sparse (built --sparse: 2:4 kernels where the build times them faster; skipped, with the "
-    "reason, on a dense model). "
+    "{plain, -iln} (--fp8: skipped, with the reason, on a GPU below compute capability 8.9); INT8 x --sparse when "
+    "the model's GEMM weights are 2:4 sparse (built --sparse: 2:4 kernels where the build times them faster; "
+    "skipped, with the reason, on a dense model). "
     "--qat DIR adds an INT8 row per `cli.py qat` folder: its trained weights and learned scales, built with the "
     "flags it was trained for, no calibration. "
     "Calibration caches, kernel timings and featurized questions are reused from the workbench cache. Resumable: "
@@ -433,8 +433,8 @@ def baseline_row(grid: Sequence[GridRow]) -> GridRow:
 def select_rows(grid: Sequence[GridRow], methods: Sequence[str] | None = None,
                 options: Sequence[str] | None = None) -> list[GridRow]:
     """INT8 and FP8 rows restricted to the given method tags (`percentile` = every percentile, `mse` = MSE on
-    either grid, mse-fp8 on FP8's alone, `qat` = the QAT rows) and option sets (an FP8 row is plain or iln); rows without
-    either (the baseline) always stay."""
+    either grid, mse-fp8 on FP8's alone, `qat` = the QAT rows) and option sets (an FP8 row is plain or iln); rows
+    without either (the baseline) always stay."""
     def method_ok(r: GridRow) -> bool:
         return methods is None or r.method_tag in methods or ("percentile" in methods and r.method == "percentile") \
             or ("mse" in methods and r.method_tag == "mse-fp8")

@@ -64,10 +64,10 @@ def fp8_linear(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: to
                config: GemmConfig | None = None) -> torch.Tensor:
     """fp8_linear_reference's function in one Triton kernel: a_q float8_e4m3fn [M, K] (per-tensor `a_scale`) times
     w_q float8_e4m3fn [N, K] (per-row `w_scale` float32 [N]), + float32 `bias` [N], [GELU], [+ residual: FP, or
-    codes (INT8, or E4M3: --fp8 -iln's residual stream) with their `residual_scale`], out as `out_format`'s codes (E4M3 or INT8) where `out_recip` (a
-    float32 number or a contiguous float32 [N]) is given, else `out_dtype`. `config` picks the tiles and loads
-    (plugins.int8_linear.GemmConfig; default_config when None). CUDA with compute capability 8.9 or later
-    (fp8_kernels_available), or Triton's interpreter."""
+    codes (INT8, or E4M3: --fp8 -iln's residual stream) with their `residual_scale`], out as `out_format`'s codes
+    (E4M3 or INT8) where `out_recip` (a float32 number or a contiguous float32 [N]) is given, else `out_dtype`.
+    `config` picks the tiles and loads (plugins.int8_linear.GemmConfig; default_config when None). CUDA with
+    compute capability 8.9 or later (fp8_kernels_available), or Triton's interpreter."""
     return quantized_linear(FP8_E4M3, a_q, w_q, a_scale, w_scale, bias, residual=residual,
                             residual_scale=residual_scale, gelu=gelu, out_recip=out_recip, out_format=out_format,
                             out_dtype=out_dtype, config=config)

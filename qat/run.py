@@ -152,8 +152,8 @@ EXAMPLES = """examples:
 
 def train_config_from_flags(flags) -> TrainConfig:
     """The TrainConfig of `cli.py qat` / `cli.py finetune` flags (output, epochs, max_steps, batch_size, lr,
-    distill and its alpha, temperature and hidden-state weight, device, seed, checkpoint_every, restart, no_progress; qat also
-    freeze_scales and scale_lr)."""
+    distill and its alpha, temperature and hidden-state weight, device, seed, checkpoint_every, restart,
+    no_progress; qat also freeze_scales and scale_lr)."""
     shaped = (flags.distill_alpha, flags.distill_temperature, flags.distill_hidden) != (
         TrainConfig.distill_alpha, TrainConfig.distill_temperature, TrainConfig.distill_hidden)
     if shaped and not flags.distill:
