@@ -284,10 +284,8 @@ class GridRow:
             return
         if int8_only:
             raise WorkbenchError(f"{where}: {int8_only[0]} applies to INT8 rows only (add \"int8\": true)")
-        if self.iln:
-            raise WorkbenchError(f"{where}: iln applies to INT8 and FP8 rows only (add \"int8\": true or \"fp8\": "
-                                 "true)")
-        extra = [f for f, on in (("method", self.method is not None), ("keep_fp16", bool(self.keep_fp16)),
+        extra = [f for f, on in (("iln", self.iln), ("method", self.method is not None),
+                                 ("keep_fp16", bool(self.keep_fp16)),
                                  ("sparse", self.sparse), ("percentile", self.percentile is not None),
                                  ("smooth", self.smooth is not None)) if on]
         if extra:
