@@ -1,0 +1,93 @@
+"""Where a training step's time goes (QAT, prune and finetune share qat.train's loop): the shared MiniLM pruned 2:4
+and fine-tuned with distillation, as `cli.py prune --distill` runs it, a few steps under torch.profiler.
+
+    python -m benchmarks.device_train_profile --model assets/minilm-l6-h384-squad11 --squad train.json --out p.md
+
+Prints the steps per second of each setting and, for the first, the CUDA kernels that took the most time and the
+share of the wall time the GPU was busy (a step that is mostly idle GPU is bound by the host, not by FLOPs).
+A measuring script for the device machine, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from common.files import atomic_write_text
+from model.checkpoint import load_model
+from qat.model import qat_model
+from qat.prune import keep_masks, prune_2to4
+from qat.run import training_features
+from qat.train import TrainConfig, train
+from quant.policy import PrecisionPolicy
+from quant.spec import QuantSpec
+
+SETTINGS = {  # name: TrainConfig fields
+    "distill + hidden": dict(distill=True, distill_alpha=1.0, distill_hidden=1.0),
+    "distill": dict(distill=True, distill_alpha=1.0),
+    "labels only": dict(),
+}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def steps(loaded, features, fields: dict, n: int, batch: int, profiler=None) -> float:
+    """Train a fresh pruned copy for `n` steps (after 3 untimed ones); returns steps per second."""
+    student = qat_model(loaded.model, PrecisionPolicy(), QuantSpec()).requires_grad_(True)  # train() froze the teacher
+    keep_masks(student, prune_2to4(student))
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(count: int) -> float:
+            cfg = TrainConfig(output_dir=tmp, max_steps=count, batch_size=batch, progress=False,
+                              checkpoint_every=10**9, resume=False, **fields)
+            sync()
+            start = time.perf_counter()
+            train(student, features, cfg, teacher=loaded.model if cfg.distill else None)
+            sync()
+            return time.perf_counter() - start
+        run(3)
+        if profiler is None:
+            return n / run(n)
+        with profiler:
+            seconds = run(n)
+        return n / seconds
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--squad", required=True)
+    ap.add_argument("--limit", type=int, default=1000, help="questions featurized (default 1000)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--out", default="train-profile.md")
+    args = ap.parse_args(argv)
+    loaded = load_model(args.model)
+    features = training_features(loaded, args.squad, args.limit, progress=False)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
+    lines = [f"GPU: {gpu}, torch {torch.__version__}; batch {args.batch}, "
+             f"{len(features)} windows of {features.input_ids.shape[1]} tokens", ""]
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    rates = []
+    for i, (name, fields) in enumerate(SETTINGS.items()):
+        rate = steps(loaded, features, fields, args.steps, args.batch, prof if i == 0 else None)
+        rates.append(rate)
+        lines.append(f"- {name}: {rate:.2f} steps/s = {rate * args.batch:.0f} windows/s")
+        print(lines[-1], flush=True)
+    events = prof.key_averages()
+    busy_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    wall_s = args.steps / rates[0]
+    lines += ["", f"GPU busy {busy_us / 1e3:.1f} ms of {wall_s * 1e3:.1f} ms wall over {args.steps} steps "
+              f"(profiled, first setting)", "", "```",
+              events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60), "```"]
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    print("\n".join(lines[-6:]))
+
+
+if __name__ == "__main__":
+    main()
