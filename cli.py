@@ -347,8 +347,9 @@ def _build_parser(p) -> None:
       "windows 16-wide buckets compute 95%% real tokens, 64-wide 84%%; the GEMM kernels are timed at fewer lengths "
       "than there are buckets, each running the kernels timed at a length at most 25%% longer)")
     a("--varlen", action="store_true", help="padding-free: eval, bench and infer pack the windows of a batch into "
-      "one token stream; each profile B x S is a budget of B*S tokens in at most B windows, and CUDA builds time "
-      "packed against bucketed (e.g. -b 64 -s 384 --buckets 64 --varlen)")
+      "one token stream; each profile B x S is a budget of B*S tokens in at most B windows, batches fill the largest "
+      "budget, and CUDA builds time packed against bucketed (e.g. -b 128 -s 384 -b 384 -s 128 --buckets 64 "
+      "--varlen: 49,152 tokens a batch in up to 384 windows)")
     a("--timing-cache", "-tcf", "--timing-cache-file", dest="timing_cache", metavar="FILE", help="CUDA kernel "
       "timings reused across builds (default: timing.json in the workbench cache)")
 

@@ -203,6 +203,15 @@ def pick_budget(header: EngineHeader, tokens: int, windows: int, longest: int,
     return min(fits, key=lambda p: (p.batch * p.seq_len, p.batch))
 
 
+def packing_budget(header: EngineHeader) -> tuple[int, int]:
+    """How the packed path fills its batches for an engine: (tokens, windows) of its largest token budget and the
+    most windows a profile of that budget holds. A profile of more, shorter rows beside the longest one (-b 384
+    -s 128 beside -b 128 -s 384: the same 49,152 tokens in up to 384 windows) lets batches of short windows fill
+    the budget, where a 128-window batch of SQuAD's mostly short windows would leave half of it padding."""
+    tokens = max(p.batch * p.seq_len for p in header.profiles)
+    return tokens, max(p.batch for p in header.profiles if p.batch * p.seq_len == tokens)
+
+
 def this_gpu(device: torch.device | str | int | None = None) -> tuple[str, str] | None:
     """(name, "major.minor") of the given (default: current) CUDA device; None without CUDA."""
     if not torch.cuda.is_available():

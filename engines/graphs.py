@@ -62,6 +62,7 @@ class GraphRunner:
         self.graphs: dict[tuple[Profile, bool], CapturedGraph] = {}  # (profile, dense)
         self.packed_graphs: dict[Profile, CapturedPacked] = {}
         self.runs_packed = engine.runs_packed  # run_logits runs such a runner packed
+        self.packing = engine.packing  # and fills each batch to this (tokens, windows)
         self.longest = max(p.seq_len for p in engine.header.profiles)  # the packed graphs' max_seqlen
         self.use_graphs = engine.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None

@@ -181,7 +181,7 @@ def _packed_pass(runner, ids, types, mask, batch: int):
     from model.packing import batches_of, packed_batch, scatter_logits
 
     dev = runner.engine.device
-    lengths, indices = batches_of(mask, batch)
+    lengths, indices = batches_of(mask, batch, runner.packing)
     packs = [packed_batch(ids, types, lengths, idx) for idx in indices]
     on_device = [([t.to(dev) for t in p.tensors], p.max_seqlen) for p in packs]
 

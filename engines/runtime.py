@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from calib.sparsity import is_2to4_sparse
 from common.errors import WorkbenchError
 from engines import backends
-from engines.engine_file import EngineHeader
+from engines.engine_file import EngineHeader, packing_budget
 from engines.tuning import LIBRARY, GemmProblem, agrees, attention_agrees, attention_key, kernel_key
 from model.config import BertConfig
 from quant.formats import INT8, QuantFormat
@@ -221,6 +221,11 @@ class Engine(torch.nn.Module):
         from engines.packed import runs_packed
 
         return runs_packed(self.header)
+
+    @property
+    def packing(self) -> tuple[int, int]:
+        """(tokens, windows) the packed path fills a batch with: engines.engine_file.packing_budget."""
+        return packing_budget(self.header)
 
     @property
     def _attention_format(self) -> str:

@@ -69,12 +69,14 @@ def batch_tokens(mask: np.ndarray, batch: int, pad_to: int | None = None, header
                                              for idx, seq in batches_by_length(mask, batch, pad_to=pad_to)))
 
 
-def packed_tokens(mask: np.ndarray, batch: int, budgets: list[int] | None = None) -> int:
-    """Tokens run_logits' packed batches hold: their real tokens, or on CUDA (`budgets`: the engine's token
-    budgets, batch x seq_len of each profile) the smallest budget holding each batch."""
+def packed_tokens(mask: np.ndarray, batch: int, budgets: list[int] | None = None,
+                  packing: tuple[int, int] | None = None) -> int:
+    """Tokens run_logits' packed batches hold (filled to `packing`, the engine's (tokens, windows), else by
+    `batch`): their real tokens, or on CUDA (`budgets`: the engine's token budgets, batch x seq_len of each
+    profile) the smallest budget holding each batch."""
     from model.packing import batches_of
 
-    lengths, packs = batches_of(mask, batch)
+    lengths, packs = batches_of(mask, batch, packing)
     held = [int(lengths[idx].sum()) for idx in packs]
     if budgets is None:
         return sum(held)
@@ -101,7 +103,8 @@ def offline_run(name: str, forward: Forward, features, device: torch.device, bat
     engine = getattr(forward, "engine", None)
     header = engine.header if engine is not None and device.type == "cuda" else None  # graphs: profile shapes
     if packed:
-        computed = packed_tokens(mask, batch, header and [p.batch * p.seq_len for p in header.profiles])
+        computed = packed_tokens(mask, batch, header and [p.batch * p.seq_len for p in header.profiles],
+                                 getattr(forward, "packing", None))
     else:
         computed = batch_tokens(mask, batch, pad_to, header)
     return OfflineRun(name, len(mask), int(mask.sum()), computed, seconds)

@@ -81,11 +81,14 @@ def pack_windows(lengths: np.ndarray, token_budget: int, max_windows: int) -> li
     return batches
 
 
-def batches_of(attention_mask: np.ndarray, batch_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The windows' lengths and the packed batches every path runs for a batch size: at most `batch_size` windows
-    and batch_size x S tokens a batch (S: the features' padded length), so a batch fits the profile B x S's budget."""
+def batches_of(attention_mask: np.ndarray, batch_size: int,
+               budget: tuple[int, int] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The windows' lengths and the packed batches every path runs: `budget` (tokens, windows) a batch, an
+    engine's (engines.engine_file.packing_budget); without one, at most `batch_size` windows and batch_size x S
+    tokens a batch (S: the features' padded length), so a batch fits the profile B x S's budget."""
     lengths = window_lengths(attention_mask)
-    return lengths, pack_windows(lengths, batch_size * attention_mask.shape[1], batch_size)
+    tokens, windows = budget or (batch_size * attention_mask.shape[1], batch_size)
+    return lengths, pack_windows(lengths, tokens, windows)
 
 
 def packed_batch(input_ids: np.ndarray, token_type_ids: np.ndarray, lengths: np.ndarray,

@@ -91,14 +91,15 @@ def run_logits(forward: Forward, features, device: torch.device, batch_size: int
 
 def _run_packed(forward, features, device: torch.device, batch_size: int, progress: bool, desc: str,
                 start: np.ndarray, end: np.ndarray) -> None:
-    """run_logits' packed path: windows packed longest first (at most `batch_size` of them and batch_size x S
-    tokens a batch), each batch's per-token logits scattered back to its windows' rows of start and end."""
+    """run_logits' packed path: windows packed longest first (filling the engine's largest token budget, or at
+    most `batch_size` of them and batch_size x S tokens a batch), each batch's per-token logits scattered back to
+    its windows' rows of start and end."""
     from model.packing import batches_of, longest_window, packed_batch, scatter_logits
 
     entry = getattr(forward, "packed", None) or getattr(forward, "forward_packed", None)
     if entry is None:
         raise WorkbenchError("this forward has no packed path (build the engine with --varlen)")
-    lengths, packs = batches_of(features.attention_mask, batch_size)
+    lengths, packs = batches_of(features.attention_mask, batch_size, getattr(forward, "packing", None))
     batches = [packed_batch(features.input_ids, features.token_type_ids, lengths, idx) for idx in packs]
     pipelined = getattr(forward, "pipelined", None)
     if pipelined is None:

@@ -16,13 +16,14 @@ import cli
 from common.errors import WorkbenchError
 from engines import backends
 from engines.build import build_engine, kernel_choices, load_runnable
-from engines.engine_file import EngineHeader, Profile, length_buckets, pick_budget, read_header, save_engine
+from engines.engine_file import (EngineHeader, Profile, length_buckets, packing_budget, pick_budget, read_header,
+                                 save_engine)
 from engines.graphs import GraphRunner
 from engines.packed import (PATH_KEY, budget_layout, runs_packed, varlen_attention_candidates,
                             varlen_attention_key)
 from engines.runtime import Engine
 from engines.tuning import LIBRARY, agrees
-from model.packing import (pack_padded, pack_windows, packed_batch, scatter_logits, window_lengths)
+from model.packing import batches_of, pack_padded, pack_windows, packed_batch, scatter_logits, window_lengths
 from model.runner import run_logits
 from quant.policy import PrecisionPolicy
 from tests.test_engines import CFG, loaded_model, max_calibration
@@ -270,6 +271,29 @@ def test_packed_bucketed_and_padded_logits_agree(name, policy):
     for p, b, d in zip(packed, bucketed, padded):
         assert np.isinf(p[~real]).all() and np.isfinite(p[real]).all()
         np.testing.assert_allclose(p[real], b[real], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(p[real], d[real], rtol=1e-4, atol=1e-4)
+
+
+def test_packed_batches_fill_the_largest_budget_with_its_most_windows():
+    """A profile of more, shorter rows beside the longest (16 x 16 beside 4 x 64: 256 tokens each) lets a packed
+    batch hold up to 16 short windows, not 4; the logits stay those of the padded path."""
+    assert packing_budget(types.SimpleNamespace(profiles=(Profile(1, 64), Profile(4, 64), Profile(16, 16)))) \
+        == (256, 16)
+    assert packing_budget(types.SimpleNamespace(profiles=(Profile(8, 16), Profile(2, 64)))) == (128, 8)
+    engine = varlen_engine(PrecisionPolicy(), profiles=(Profile(4, 64), Profile(16, 16)))
+    runner = GraphRunner(engine)
+    assert engine.packing == runner.packing == (256, 16)
+    feats = features(23, 64, seed=8, vocab=CFG.vocab_size)
+    _, packs = batches_of(feats.attention_mask, 4, runner.packing)
+    lengths = feats.attention_mask.sum(1)
+    assert max(len(b) for b in packs) > 4 and all(lengths[b].sum() <= 256 and len(b) <= 16 for b in packs)
+    assert len(packs) < len(batches_of(feats.attention_mask, 4)[1])
+    with torch.no_grad():
+        packed = run_logits(runner, feats, torch.device("cpu"), batch_size=4, progress=False)
+        padded = run_logits(runner, feats, torch.device("cpu"), batch_size=4, progress=False, pad_to=64)
+    real = feats.attention_mask.astype(bool)
+    for p, d in zip(packed, padded):
+        assert np.isinf(p[~real]).all()
         np.testing.assert_allclose(p[real], d[real], rtol=1e-4, atol=1e-4)
 
 
