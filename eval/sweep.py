@@ -220,7 +220,7 @@ class GridRow:
     imh: bool = False
     fc2_library_gemm: bool = False     # -g
     keep_fp16: tuple[str, ...] = ()    # --keep-fp16 GEMMs (mixed precision)
-    sparse: bool = False               # --sparse (2:4 sparse weights; not buildable yet)
+    sparse: bool = False               # --sparse: 2:4 kernels where the build times them faster
     method: str | None = None          # calibration method of an INT8 row
     percentile: float | None = None    # for method "percentile" (default 99.99)
     smooth: float | None = None        # calibrate --smooth ALPHA (None: off)
