@@ -24,7 +24,10 @@ frozen ranges), fine-tuning the plain copy (qat_model with a policy that quantiz
   ranges are kept above qat.fakequant.MIN_AMAX after every step.
 - bf16 autocast on CUDA (`bf16`); the fake quantization computes its codes in float32 whatever the autocast, but
   the GEMMs then see bf16-rounded values, so only FP32 training is bit-exact to the engine's function.
-- A tqdm bar with the loss (running mean over the last 50 steps) and examples/s.
+- A tqdm bar with the loss (running mean over the last 50 steps) and examples/s. The losses stay on the GPU and
+  are read every LOSS_READ_EVERY steps and before a checkpoint (read_losses), and batches go up through pinned
+  memory (to_device), so the host queues the next steps while the GPU runs; a non-finite loss stops the run at
+  that read, naming its step, before any checkpoint.
 - Checkpoints every `checkpoint_every` steps and at the end, in OUTPUT/checkpoints/step-NNNNNNN/: the model
   (model.safetensors, ranges included), the optimizer's tensors (optimizer.safetensors), the RNG states
   (rng.safetensors) and trainer_state.json (step, per-step losses, the optimizer's hyper-parameters, the
@@ -68,6 +71,7 @@ CHECKPOINT_FORMAT = "bert-int8-workbench/train-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest.json"
+LOSS_READ_EVERY = 25  # steps between reads of the losses from the GPU (read_losses)
 
 
 @dataclass
@@ -265,6 +269,7 @@ def train(model: BertQA, features: Features, cfg: TrainConfig, teacher: BertQA |
     examples, t0 = 0, time.perf_counter()
     recent: deque[float] = deque(losses[-50:], maxlen=50)
     order_epoch, order = -1, np.empty(0, dtype=np.int64)
+    pending: list[torch.Tensor] = []  # the losses of the steps since the last read, on the device
     with tqdm(total=total, initial=step, desc=desc, unit="step", disable=not cfg.progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
         while step < total:
@@ -272,31 +277,49 @@ def train(model: BertQA, features: Features, cfg: TrainConfig, teacher: BertQA |
             if epoch != order_epoch:
                 order_epoch, order = epoch, epoch_order(n, cfg.seed, epoch)
             idx = torch.from_numpy(order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size])
-            batch = {k: v[idx].to(device, non_blocking=True) for k, v in arrays.items()}
-            value = _step(model, teacher, batch, optimizer, scheduler, cfg, bf16)
+            batch = {k: to_device(v[idx], device) for k, v in arrays.items()}
+            pending.append(_step(model, teacher, batch, optimizer, scheduler, cfg, bf16))
             step += 1
-            if not math.isfinite(value):
-                raise WorkbenchError(f"the loss became {value} at step {step} (lower --lr?)")
-            losses.append(value)
-            recent.append(value)
             examples += len(idx)
-            rate = examples / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", ex_s=f"{rate:.1f}", refresh=False)
             bar.update(1)
-            if step % cfg.checkpoint_every == 0 or step == total:
+            checkpoint = step % cfg.checkpoint_every == 0 or step == total
+            if checkpoint or callback is not None or len(pending) >= LOSS_READ_EVERY:
+                read_losses(pending, step, losses, recent)
+                rate = examples / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", ex_s=f"{rate:.1f}", refresh=False)
+            if checkpoint:
                 last_ckpt = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, losses, fingerprint,
                                             cfg.keep_checkpoints)
             if callback is not None:
-                callback(step, value)
+                callback(step, losses[-1])
     seconds = time.perf_counter() - t0
     return TrainResult(step, total, losses, resumed_from, seconds, examples / seconds if examples else 0.0,
                        last_ckpt)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch onto `device`; to a GPU through pinned memory: a copy from pageable memory first waits for
+    the GPU to finish its queue, so the host could not queue the next step while the GPU runs this one."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def read_losses(pending: list[torch.Tensor], step: int, losses: list[float], recent: deque) -> None:
+    """Move the device losses of the steps up to `step` to the host lists (one wait for the GPU), refusing a
+    non-finite one with the step it came from. Reading each step's loss at once would make the host wait for the
+    GPU every step, where it could queue the next step's kernels while the GPU runs this one's."""
+    values = torch.stack(pending).tolist()
+    pending.clear()
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            raise WorkbenchError(f"the loss became {value} at step {step - len(values) + 1 + i} (lower --lr?)")
+    losses.extend(values)
+    recent.extend(values)
+
+
 def _step(model: BertQA, teacher: BertQA | None, batch: dict[str, torch.Tensor], optimizer, scheduler,
-          cfg: TrainConfig, bf16: bool) -> float:
+          cfg: TrainConfig, bf16: bool) -> torch.Tensor:
     """One optimizer step on `batch` (span loss, plus distillation against `teacher` with cfg.distill); the
-    learned ranges are kept positive after it. Returns the loss."""
+    learned ranges are kept positive after it. Returns the loss, on the device (read_losses reads it)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     hidden = cfg.distill_hidden > 0
     with autocast:
@@ -318,7 +341,7 @@ def _step(model: BertQA, teacher: BertQA | None, batch: dict[str, torch.Tensor],
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     clamp_scales_(model)
-    return float(loss.detach())
+    return loss.detach().float()
 
 
 # ---- checkpoints: safetensors + JSON ---------------------------------------------------------------------------

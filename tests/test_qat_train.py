@@ -2,6 +2,7 @@
 checkpoints resume bit for bit, and run_qat / run_finetune write model folders."""
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -187,6 +188,26 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     with pytest.raises(WorkbenchError, match="other settings.*lr"):
         train(third, feats, config(tmp_path, max_steps=7, batch_size=5, lr=1e-3, output_dir=str(tmp_path / "b")))
     assert not any(p.suffix == ".tmp" for p in ckpts.iterdir())
+
+
+def test_losses_read_in_batches_are_each_steps_and_a_non_finite_one_names_its_step(tmp_path, monkeypatch):
+    """The loop reads its losses from the device every LOSS_READ_EVERY steps (a callback reads every step): the
+    same values either way; a non-finite loss stops the run at the next read, naming the step it came from, before
+    the checkpoint that read precedes."""
+    feats = features_of(model_folder(tmp_path))
+    per_step = []
+    _, a = qat_student()
+    read_each_step = train(a, feats, config(tmp_path, output_dir=str(tmp_path / "a")),
+                           callback=lambda step, loss: per_step.append(loss))
+    _, b = qat_student()
+    batched = train(b, feats, config(tmp_path, output_dir=str(tmp_path / "b"), checkpoint_every=100))
+    assert batched.losses == read_each_step.losses == per_step and len(per_step) == 6
+    values = iter([1.0, 2.0, float("nan"), 4.0, 5.0, 6.0])
+    monkeypatch.setattr(importlib.import_module("qat.train"), "_step", lambda *args: torch.tensor(next(values)))
+    _, c = qat_student()
+    with pytest.raises(WorkbenchError, match="the loss became nan at step 3"):
+        train(c, feats, config(tmp_path, output_dir=str(tmp_path / "c"), checkpoint_every=100))
+    assert not (tmp_path / "c" / "checkpoints").exists()
 
 
 def test_checkpoints_hold_no_pickle(tmp_path):
