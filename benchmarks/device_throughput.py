@@ -9,10 +9,10 @@ INT8 scales from a max calibration on random tokens, benchmarks.bench_engines.ma
 `eval.throughput.offline_run` times it bucketed and padded to 384 over the same windows (several `--buckets` steps:
 a build and a bucketed row per step, in one run); HF eager FP16 (SDPA) runs
 the bucketed batches once per model. The windows are tokenized with the assets/ MiniLM's BERT uncased vocabulary.
-`--varlen` builds each variant --varlen (issue 20, item 2) with one more profile, 3 batch x 128 (the largest
-budget's tokens in up to 3x the windows: engines.engine_file.packing_budget), and adds its packed row: the windows
-packed to fill that budget, each batch in the smallest budget that holds it; the build's own path timing (packed
-or bucketed) is printed with its kernels.
+`--varlen` builds each variant --varlen (issue 20, item 2) with one more profile and its ladder, 3 batch x 128
+(the largest budget's tokens in up to 3x the windows: engines.engine_file.packing_budget), and adds its packed
+row: the windows packed to fill that budget, each batch in the smallest budget that holds it; the build's own path
+timing (packed or bucketed) is printed with its kernels.
 """
 from __future__ import annotations
 
@@ -67,9 +67,9 @@ def _variant_row(say, args, loaded, preset: str, name: str, step: int, features,
     --varlen the packed one) and its kernels; False where it cannot build."""
     device, policy = torch.device("cuda"), VARIANTS[name]
     calib = max_ranges(loaded, device) if policy.quantized else None
-    profiles = length_buckets([Profile(args.batch, 384)], step)
-    if args.varlen:  # the same tokens in up to 3x the windows: packed batches of short windows fill the budget
-        profiles.append(Profile(3 * args.batch, 128))
+    # --varlen: the same tokens in up to 3x the windows, so packed batches of short windows fill the budget
+    longest = [Profile(args.batch, 384)] + ([Profile(3 * args.batch, 128)] if args.varlen else [])
+    profiles = length_buckets(longest, step)
     label = f"{preset} {name}" + (f", buckets every {step}" if len(args.buckets) > 1 else "")
     try:
         header, tensors = build_engine(loaded, policy, profiles, calib, device, None, timing, varlen=args.varlen)
