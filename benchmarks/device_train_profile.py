@@ -10,13 +10,16 @@ A measuring script for the device machine, not a test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from common.files import atomic_write_text
+from model.bert import EncoderLayer
 from model.checkpoint import load_model
 from qat.model import qat_model
 from qat.prune import keep_masks, prune_2to4
@@ -28,9 +31,35 @@ from quant.spec import QuantSpec
 SETTINGS = {  # name: TrainConfig fields
     "distill + hidden": dict(distill=True, distill_alpha=1.0, distill_hidden=1.0),
     "distill + hidden, loss read every step": dict(distill=True, distill_alpha=1.0, distill_hidden=1.0),
+    "distill + hidden, fused attention (experiment)": dict(distill=True, distill_alpha=1.0, distill_hidden=1.0),
     "distill": dict(distill=True, distill_alpha=1.0),
     "labels only": dict(),
 }
+
+
+def _fused_attention_layer(self, x, mask_bias, tap, name):
+    """An experiment, not the model: EncoderLayer.forward with SDPA (one fused kernel, no probabilities tensor)
+    in place of the explicit FP32 softmax, for a model whose tap leaves the probabilities alone (prune, finetune,
+    QAT without -imh). Measures what the explicit attention costs a training step."""
+    b, s, h = x.shape
+    heads = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = (tap(f"{name}.{n}", t) for n, t in zip("qkv", heads))
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias == 0)
+    context = tap(f"{name}.context", context.transpose(1, 2).reshape(b, s, h))
+    x = tap(f"{name}.attn_ln_out", self.ln1(x + self.attn_out(context)))
+    ffn = tap(f"{name}.fc2_in", self.act(self.fc1(x)).to(x.dtype))
+    return tap(f"{name}.ffn_ln_out", self.ln2(x + self.fc2(ffn)))
+
+
+@contextlib.contextmanager
+def fused_attention(on: bool):
+    original = EncoderLayer.forward
+    if on:
+        EncoderLayer.forward = _fused_attention_layer
+    try:
+        yield
+    finally:
+        EncoderLayer.forward = original
 
 
 def sync() -> None:
@@ -78,8 +107,9 @@ def main(argv=None) -> None:
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     rates = []
     for i, (name, fields) in enumerate(SETTINGS.items()):
-        rate = steps(loaded, features, fields, args.steps, args.batch, prof if i == 0 else None,
-                     every_step="every step" in name)
+        with fused_attention("fused attention" in name):
+            rate = steps(loaded, features, fields, args.steps, args.batch, prof if i == 0 else None,
+                         every_step="every step" in name)
         rates.append(rate)
         lines.append(f"- {name}: {rate:.2f} steps/s = {rate * args.batch:.0f} windows/s")
         print(lines[-1], flush=True)
