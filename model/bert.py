@@ -30,6 +30,22 @@ def no_tap(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def leaves_alone(tap: Tap, site: str) -> bool:
+    """Whether `tap` passes `site` through unchanged and unobserved: no_tap, or a tap whose `passes(site)` says so
+    (qat.model.SiteTap, for the sites it does not round). Calibration's taps record every site: never."""
+    passes = getattr(tap, "passes", None)
+    return tap is no_tap or (passes is not None and bool(passes(site)))
+
+
+def fuses_attention(x: torch.Tensor, tap: Tap, probs_site: str) -> bool:
+    """Whether a layer runs its attention as one fused kernel (SDPA) instead of the explicit softmax: when training
+    on a GPU with probabilities that are neither rounded nor recorded. The same function; the fused kernel never
+    writes the batch x heads x S x S probabilities in FP32, which the explicit form writes and reads several times
+    a step, forward and backward. Everything else (evaluation, calibration, -imh QAT, the CPU) runs the explicit
+    form, the one the engines are checked against."""
+    return x.is_cuda and torch.is_grad_enabled() and leaves_alone(tap, probs_site)
+
+
 _GELU_K = 1.5957691216057308  # 2 * sqrt(2 / pi)
 
 
@@ -108,9 +124,13 @@ class EncoderLayer(nn.Module):
         b, s, h = x.shape
         heads = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3,B,N,S,D
         q, k, v = (tap(f"{name}.{n}", t) for n, t in zip("qkv", heads))
-        scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(self.head_dim)) + mask_bias
-        probs = tap(f"{name}.probs", scores.softmax(-1).to(v.dtype))  # softmax in FP32 whatever the precision
-        context = tap(f"{name}.context", (probs @ v).transpose(1, 2).reshape(b, s, h))
+        if fuses_attention(x, tap, f"{name}.probs"):
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias == 0)
+        else:
+            scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(self.head_dim)) + mask_bias
+            probs = tap(f"{name}.probs", scores.softmax(-1).to(v.dtype))  # softmax in FP32 whatever the precision
+            ctx = probs @ v
+        context = tap(f"{name}.context", ctx.transpose(1, 2).reshape(b, s, h))
         x = tap(f"{name}.attn_ln_out", self.ln1(x + self.attn_out(context)))
         ffn = tap(f"{name}.fc2_in", self.act(self.fc1(x)).to(x.dtype))
         return tap(f"{name}.ffn_ln_out", self.ln2(x + self.fc2(ffn)))

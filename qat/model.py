@@ -65,6 +65,10 @@ class SiteTap:
         q = self.quantizers.get(name)
         return x if q is None else q(x)
 
+    def passes(self, name: str) -> bool:
+        """Whether this tap leaves site `name` alone (model.bert.leaves_alone: the forward may then fuse it away)."""
+        return name not in self.quantizers
+
 
 class QATLinear(nn.Linear):
     """An INT8 GEMM: input through its site's quantizer, weight per output channel with a straight-through

@@ -24,6 +24,8 @@ frozen ranges), fine-tuning the plain copy (qat_model with a policy that quantiz
   ranges are kept above qat.fakequant.MIN_AMAX after every step.
 - bf16 autocast on CUDA (`bf16`); the fake quantization computes its codes in float32 whatever the autocast, but
   the GEMMs then see bf16-rounded values, so only FP32 training is bit-exact to the engine's function.
+  On CUDA, layers whose attention probabilities are not rounded (all but -imh) run their attention fused
+  (model.bert.fuses_attention: SDPA, the same function without the FP32 probabilities tensor).
 - A tqdm bar with the loss (running mean over the last 50 steps) and examples/s. The losses stay on the GPU and
   are read every LOSS_READ_EVERY steps and before a checkpoint (read_losses), and batches go up through pinned
   memory (to_device), so the host queues the next steps while the GPU runs; a non-finite loss stops the run at

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.bert import BertQA
+import model.bert as bert
+from model.bert import BertQA, leaves_alone, no_tap
 from qat.model import QATLinear, freeze_scales, learned_spec, qat_model, scale_parameters, smoothing_of
 from quant.fakequant import fake_quant_model
 from quant.policy import PrecisionPolicy, calibration_sites
@@ -120,3 +121,33 @@ def test_no_int8_is_the_plain_model():
         for g, w in zip(plain(*x), model(*x)):
             assert torch.equal(g, w)
     assert scale_parameters(plain) == []
+
+
+@pytest.mark.parametrize("name", ["fp32", "int8", "int8 -imh"])
+def test_fused_training_attention_is_the_explicit_function(name, monkeypatch):
+    """GPU training runs attention as SDPA where the probabilities are neither rounded nor recorded
+    (model.bert.fuses_attention); forced here on the CPU: the same logits and gradients as the explicit softmax,
+    with a padded row. Under -imh the probabilities are rounded, so the explicit form runs even when forced."""
+    model = tiny_model(6)
+    policy = POLICIES[name] if name != "fp32" else PrecisionPolicy()
+    spec = spec_for(model, policy) if policy.quantized else QuantSpec()
+    x = inputs(seed=13)
+    assert leaves_alone(no_tap, "layer0.probs") and not leaves_alone(lambda site, t: t, "layer0.probs")
+    qm = qat_model(model, policy, spec)
+    assert leaves_alone(qm.tap, "layer0.probs") == (not policy.imh) and leaves_alone(qm.tap, "layer0.ffn_ln_out") \
+        == (not policy.iln)
+    assert not bert.fuses_attention(x[0].float(), qm.tap, "layer0.probs")  # the CPU: never
+
+    def run(fused):
+        monkeypatch.setattr(bert, "fuses_attention", lambda t, tap, site: fused and leaves_alone(tap, site))
+        copy = qat_model(model, policy, spec).train()
+        start, end = copy(*x)
+        (start.logsumexp(-1).sum() + end[:, 5].sum()).backward()
+        return start, end, {k: p.grad for k, p in copy.named_parameters() if p.grad is not None}
+    explicit, fused = run(False), run(True)
+    real = x[2].bool()
+    for a, b in zip(explicit[:2], fused[:2]):
+        torch.testing.assert_close(a[real], b[real], rtol=1e-5, atol=1e-5)
+    assert explicit[2].keys() == fused[2].keys()
+    for k in explicit[2]:
+        torch.testing.assert_close(explicit[2][k], fused[2][k], rtol=1e-4, atol=1e-5)
