@@ -104,8 +104,8 @@ def main(argv=None) -> None:
     events = prof.key_averages()
     busy_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     wall_ms = args.steps / rate * 1e3
-    lines += ["", f"Under the profiler, the first setting: GPU busy {busy_us / 1e3:.1f} ms of {wall_ms:.1f} ms wall over "
-              f"{args.steps} steps", "", "```",
+    lines += ["", f"Under the profiler, the first setting: GPU busy {busy_us / 1e3:.1f} ms of {wall_ms:.1f} ms wall "
+              f"over {args.steps} steps", "", "```",
               events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60), "```"]
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines[-6:]))
