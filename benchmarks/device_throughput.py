@@ -31,6 +31,7 @@ from engines.engine_file import Profile, length_buckets, pick_profile
 from engines.graphs import GraphRunner
 from engines.runtime import Engine
 from engines.tuning import TimingCache
+from eval.benchmark import time_compute
 from eval.sweep import DEFAULT_MODEL
 from eval.throughput import hf_eager, offline_run, squad_features
 from model.checkpoint import load_model
@@ -47,15 +48,7 @@ def bucket_times(runner: GraphRunner, features, batch: int, replays: int = 10) -
     lines, total = [], 0.0
     for profile, count in sorted(runs.items(), key=lambda kv: kv[0].seq_len):
         graph = runner.capture(profile).graph
-        times = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        ms = statistics.median(times)
+        ms = statistics.median(time_compute(graph.replay, (), replays, 0, runner.engine.device))
         total += count * ms
         lines.append(f"    {profile}: {count} batches x {ms:.3f} ms = {count * ms:.1f} ms, "
                      f"{ms * 1e6 / (profile.batch * profile.seq_len):.0f} ns a computed token")
