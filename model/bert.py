@@ -14,8 +14,10 @@ names are the vocabulary of the precision policy (quant/policy.py):
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +39,28 @@ def leaves_alone(tap: Tap, site: str) -> bool:
     return tap is no_tap or (passes is not None and bool(passes(site)))
 
 
+_TRAINING = contextvars.ContextVar("training_step", default=False)
+
+
+@contextlib.contextmanager
+def training_step() -> Iterator[None]:
+    """The forward passes of a training step (qat.train: the student's and the teacher's) run inside this, so
+    their attention may run fused (fuses_attention); everything outside is evaluation, calibration or export."""
+    token = _TRAINING.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING.reset(token)
+
+
 def fuses_attention(x: torch.Tensor, tap: Tap, probs_site: str) -> bool:
-    """Whether a layer runs its attention as one fused kernel (SDPA) instead of the explicit softmax: when training
-    on a GPU with probabilities that are neither rounded nor recorded. The same function; the fused kernel never
-    writes the batch x heads x S x S probabilities in FP32, which the explicit form writes and reads several times
-    a step, forward and backward. Everything else (evaluation, calibration, -imh QAT, the CPU) runs the explicit
-    form, the one the engines are checked against."""
-    return x.is_cuda and torch.is_grad_enabled() and leaves_alone(tap, probs_site)
+    """Whether a layer runs its attention as one fused kernel (SDPA) instead of the explicit softmax: in a training
+    step (training_step) on a GPU, for probabilities that are neither rounded nor recorded. The same function; the
+    fused kernel never writes the batch x heads x S x S probabilities in FP32, which the explicit form writes and
+    reads several times a step, forward and backward (and the teacher's forward once). Everything else
+    (evaluation, calibration, -imh QAT, the CPU) runs the explicit form, the one the engines are checked
+    against."""
+    return x.is_cuda and _TRAINING.get() and leaves_alone(tap, probs_site)
 
 
 _GELU_K = 1.5957691216057308  # 2 * sqrt(2 / pi)

@@ -24,8 +24,9 @@ frozen ranges), fine-tuning the plain copy (qat_model with a policy that quantiz
   ranges are kept above qat.fakequant.MIN_AMAX after every step.
 - bf16 autocast on CUDA (`bf16`); the fake quantization computes its codes in float32 whatever the autocast, but
   the GEMMs then see bf16-rounded values, so only FP32 training is bit-exact to the engine's function.
-  On CUDA, layers whose attention probabilities are not rounded (all but -imh) run their attention fused
-  (model.bert.fuses_attention: SDPA, the same function without the FP32 probabilities tensor).
+  On CUDA, layers whose attention probabilities are not rounded (all but -imh) run their attention fused, the
+  teacher's too (model.bert.training_step, fuses_attention: SDPA, the same function without the FP32
+  probabilities tensor).
 - A tqdm bar with the loss (running mean over the last 50 steps) and examples/s. The losses stay on the GPU and
   are read every LOSS_READ_EVERY steps and before a checkpoint (read_losses), and batches go up through pinned
   memory (to_device), so the host queues the next steps while the GPU runs; a non-finite loss stops the run at
@@ -66,7 +67,7 @@ from tqdm import tqdm
 from common.errors import WorkbenchError
 from common.files import atomic_write_json, read_json
 from data.features import Features
-from model.bert import BertQA
+from model.bert import BertQA, training_step
 from qat.model import clamp_scales_, freeze_scales, scale_parameters
 
 CHECKPOINT_FORMAT = "bert-int8-workbench/train-checkpoint"
@@ -324,7 +325,7 @@ def _step(model: BertQA, teacher: BertQA | None, batch: dict[str, torch.Tensor],
     learned ranges are kept positive after it. Returns the loss, on the device (read_losses reads it)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     hidden = cfg.distill_hidden > 0
-    with autocast:
+    with autocast, training_step():
         x = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
         with layer_outputs(model, hidden) as student_h:
             start, end = model(*x)

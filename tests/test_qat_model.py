@@ -1,6 +1,8 @@
 """The QAT model computes the fake-quant reference's function exactly at init, and exposes its ranges as parameters."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -137,6 +139,12 @@ def test_fused_training_attention_is_the_explicit_function(name, monkeypatch):
     assert leaves_alone(qm.tap, "layer0.probs") == (not policy.imh) and leaves_alone(qm.tap, "layer0.ffn_ln_out") \
         == (not policy.iln)
     assert not bert.fuses_attention(x[0].float(), qm.tap, "layer0.probs")  # the CPU: never
+    gpu = types.SimpleNamespace(is_cuda=True)  # fuses_attention reads only the tensor's device
+    assert not bert.fuses_attention(gpu, no_tap, "layer0.probs")  # outside a training step: evaluation's form
+    with bert.training_step():
+        assert bert.fuses_attention(gpu, no_tap, "layer0.probs")
+        assert not bert.fuses_attention(gpu, lambda site, t: t, "layer0.probs")  # a tap that records the site
+    assert not bert.fuses_attention(gpu, no_tap, "layer0.probs")
 
     def run(fused):
         monkeypatch.setattr(bert, "fuses_attention", lambda t, tap, site: fused and leaves_alone(tap, site))

@@ -123,6 +123,23 @@ def test_distillation_and_finetune_train(tmp_path):
     assert dataset_loss(plain, feats) < before
 
 
+def test_the_teachers_forward_is_part_of_the_training_step(tmp_path, monkeypatch):
+    """Both forwards of a distillation step run inside model.bert.training_step, so on a GPU the teacher's
+    attention runs fused like the student's (fuses_attention is asked with the step's flag set, under no_grad for
+    the teacher); the dataset loss read afterwards runs outside it."""
+    import model.bert as bert
+    feats = features_of(model_folder(tmp_path))
+    teacher, student = qat_student()
+    asked = []
+    monkeypatch.setattr(bert, "fuses_attention", lambda x, tap, site: asked.append(
+        (bert._TRAINING.get(), torch.is_grad_enabled())) or False)
+    train(student, feats, config(tmp_path, max_steps=1, distill=True), teacher=teacher)
+    layers = CFG.num_layers
+    assert asked == [(True, True)] * layers + [(True, False)] * layers  # the student's layers, then the teacher's
+    dataset_loss(student, feats)
+    assert asked[-1] == (False, False)
+
+
 def test_distillation_flags_reach_the_config_and_alpha_one_ignores_the_labels(tmp_path):
     import cli
     from qat.run import train_config_from_flags
