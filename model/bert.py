@@ -153,6 +153,12 @@ class EncoderLayer(nn.Module):
         return tap(f"{name}.ffn_ln_out", self.ln2(x + self.fc2(ffn)))
 
 
+def attention_bias(attention_mask: torch.Tensor) -> torch.Tensor:
+    """What every layer adds to its attention scores [B, 1, 1, S]: padding keys get a large negative score; FP32
+    because the softmax runs in FP32."""
+    return (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+
 class BertQA(nn.Module):
     """BERT encoder plus the SQuAD span head; returns (start_logits, end_logits) in FP32."""
 
@@ -167,8 +173,7 @@ class BertQA(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.tap("embeddings.ln_out", self.embeddings(input_ids, token_type_ids))
-        # Padding keys get a large negative score; FP32 because the softmax runs in FP32.
-        mask_bias = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        mask_bias = attention_bias(attention_mask)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask_bias, self.tap, f"layer{i}")
         logits = self.qa(x).float()

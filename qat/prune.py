@@ -2,11 +2,11 @@
 
 The pattern is the one sparse tensor cores run (cuSPARSELt, TensorRT `--sparse`): in every row of a GEMM weight
 [out, in], each group of 4 consecutive input-dimension weights keeps at most 2 non-zeros (calib/sparsity.py checks
-it). Which 2 is decided by nvidia-modelopt's sparsity module (`modelopt.torch.sparsity.sparsify`): "magnitude"
-keeps the 2 largest |w| of each group; "sparsegpt" (SparseGPT, Frantar & Alistarh 2023) picks them from the
-activations of calibration batches and updates the kept weights to compensate. modelopt's model is then exported
-to plain weights with zeros, and only the encoder GEMMs named by the policy keep them: the QA head and the GEMMs
-in `exclude` get their original weights back.
+it). "magnitude" keeps the 2 largest |w| of each group (nvidia-modelopt's sparsity module,
+`modelopt.torch.sparsity.sparsify`, exported to plain weights with zeros); "sparsegpt" (SparseGPT, Frantar &
+Alistarh 2023; qat/sparsegpt.py, which says why it is ours) picks them from the activations of calibration
+batches and updates the kept weights to compensate. Only the encoder GEMMs named by the policy are pruned: the QA
+head and the GEMMs in `exclude` keep their weights.
 
 Fine-tuning keeps the masks fixed by zeroing the gradient of every pruned weight (`keep_masks`). Under AdamW a
 weight whose gradient is always 0 stays exactly 0: its moments stay 0, so its update is 0, and decoupled weight
@@ -25,10 +25,10 @@ import torch
 
 from common.errors import WorkbenchError
 from model.bert import BertQA
+from qat.sparsegpt import sparsegpt_2to4
 from quant.policy import GEMMS, check_gemm_names, names_gemm
 
 METHODS = ("magnitude", "sparsegpt")
-_MODELOPT_MODE = {"magnitude": "sparse_magnitude", "sparsegpt": "sparsegpt"}
 
 
 def pruned_gemms(num_layers: int, exclude: Sequence[str] = ()) -> list[str]:
@@ -42,28 +42,40 @@ def prune_2to4(model: BertQA, method: str = "magnitude", exclude: Sequence[str] 
                calibration: Iterable[tuple[torch.Tensor, ...]] | None = None) -> dict[str, torch.Tensor]:
     """Prune `model` in place to 2:4 along the input dimension of its encoder GEMMs (not those in `exclude`);
     returns each pruned weight's mask (True: kept). "sparsegpt" needs `calibration`: batches of (input_ids,
-    token_type_ids, attention_mask)."""
+    token_type_ids, attention_mask); it runs on the GPU where there is one."""
     if method not in METHODS:
         raise WorkbenchError(f"unknown pruning method {method!r} (one of {', '.join(METHODS)})")
     if method == "sparsegpt" and calibration is None:
         raise WorkbenchError("--method sparsegpt needs calibration questions (the training file's first ones)")
     names = pruned_gemms(model.config.num_layers, exclude)
+    if method == "sparsegpt":
+        device = next(model.parameters()).device
+        work = torch.device("cuda") if torch.cuda.is_available() else device
+        was_training = model.training
+        sparsegpt_2to4(model.to(work).eval(), names, [tuple(t.to(work) for t in b) for b in calibration])
+        model.to(device).train(was_training)
+    else:
+        _magnitude(model, names)
+    state = model.state_dict()
+    return {name: state[name] != 0 for name in names}
+
+
+def _magnitude(model: BertQA, names: list[str]) -> None:
+    """nvidia-modelopt's magnitude pruning, exported to plain weights with zeros; only the GEMMs in `names` keep
+    them (the QA head and the excluded GEMMs get their original weights back)."""
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    config = {"data_loader": list(calibration) if calibration is not None else None,
-              "collect_func": lambda batch: tuple(batch)}
     # modelopt warns that it skips the 2-wide QA head (restored below anyway), that its transformers version check
     # fails (we do not use its Hugging Face support) and about torch.jit deprecations inside it, and prints a line
-    # per module it searches ("Searching for sparse mask ..."): not the user's; our own line says what was pruned.
+    # per module it searches: not the user's; our own line says what was pruned.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         import modelopt.torch.sparsity as mts
 
-        sparse = mts.export(mts.sparsify(copy.deepcopy(model).eval(), _MODELOPT_MODE[method], config=config))
+        sparse = mts.export(mts.sparsify(copy.deepcopy(model).eval(), "sparse_magnitude",
+                                         config={"data_loader": None}))
     pruned = sparse.state_dict()
     with torch.no_grad():
-        state = {k: (pruned[k] if k in names else v) for k, v in original.items()}
-        model.load_state_dict(state)
-    return {name: model.state_dict()[name] != 0 for name in names}
+        model.load_state_dict({k: (pruned[k] if k in names else v) for k, v in original.items()})
 
 
 def keep_masks(model: BertQA, masks: dict[str, torch.Tensor]) -> list:

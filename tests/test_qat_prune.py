@@ -14,6 +14,7 @@ from qat import read_qat_scales, train
 from qat.model import qat_model
 from qat.prune import keep_masks, pruned_gemms, prune_2to4
 from qat.run import run_prune, run_qat
+from qat.sparsegpt import prune_weight
 from quant.policy import PrecisionPolicy
 from quant.spec import QuantSpec
 from tests.test_engines import CFG, inputs, loaded_model
@@ -49,12 +50,37 @@ def test_sparsegpt_prunes_to_2to4_from_calibration_batches():
     model = loaded_model().model
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [inputs(batch=4, seq=32, seed=s)[:3] for s in range(3)]
-    prune_2to4(model, "sparsegpt", calibration=batches)
+    masks = prune_2to4(model, "sparsegpt", calibration=batches)
     assert gemm_sparsity(model, CFG.num_layers).all_sparse
-    name = "layers.0.fc1.weight"  # SparseGPT also updates the weights it keeps
-    assert not torch.equal(model.state_dict()[name], magnitude_2to4(dense[name]))
+    after = model.state_dict()
+    for name in masks:  # SparseGPT updates the weights it keeps: kept positions differ from the dense weights
+        assert torch.equal(masks[name], after[name] != 0) and is_2to4_sparse(after[name])
+        assert not torch.allclose(after[name][masks[name]], dense[name][masks[name]]), name
+    assert torch.equal(after["qa.weight"], dense["qa.weight"])
     with pytest.raises(WorkbenchError, match="sparsegpt needs calibration"):
         prune_2to4(loaded_model().model, "sparsegpt")
+
+
+def test_sparsegpt_with_uncorrelated_inputs_is_magnitude_pruning():
+    """With H = c I (inputs uncorrelated, equal variance) no kept weight can make up for a pruned one, and the
+    error w^2 / [H^-1]_jj^2 ranks by |w|: SparseGPT is magnitude pruning."""
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(prune_weight(w, 3.0 * torch.eye(64), block=16), magnitude_2to4(w))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sparsegpt_reconstructs_the_gemm_better_than_its_own_mask_alone(seed):
+    """On correlated inputs X, the pruned weight's output error ||X (W - Q)^T|| is below magnitude pruning's and
+    below SparseGPT's own mask applied to the original weights (the mask alone is what modelopt's searcher keeps);
+    the block size does not change the result."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 48, generator=gen) @ torch.randn(48, 48, generator=gen)  # correlated columns
+    w = torch.randn(32, 48, generator=gen)
+    q = prune_weight(w, x.T @ x, damp=1e-4, block=48)
+    assert is_2to4_sparse(q)
+    error = lambda p: float((x @ (w - p).T).norm())
+    assert error(q) < 0.9 * error(w * (q != 0)) and error(q) < 0.9 * error(magnitude_2to4(w))
+    torch.testing.assert_close(prune_weight(w, x.T @ x, damp=1e-4, block=8), q, rtol=0, atol=1e-4)
 
 
 def test_bad_method_and_gemm_names_are_one_line_errors():
