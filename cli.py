@@ -271,10 +271,10 @@ def _train_parser(p, mode: str) -> None:
     _squad_flag(p, "SQuAD JSON to train on (train, not the evaluation set)", required=True)
     _model_flags(p, required=True, vocab=True)
     if mode == "prune":
-        a("--method", choices=("magnitude", "sparsegpt"), default="magnitude", help="which 2 of each 4 weights stay "
+        a("--method", choices=("magnitude", "sparsegpt"), default="sparsegpt", help="which 2 of each 4 weights stay "
           "(magnitude: the largest |w|, nvidia-modelopt's; sparsegpt: SparseGPT on the first 128 training windows, the "
           "kept weights updated to make up for the pruned ones, much closer to the dense model before fine-tuning; "
-          "default magnitude)")
+          "default sparsegpt)")
         a("--exclude", metavar="GEMMS", default="", help="GEMMs left dense, e.g. layer0.fc2 or fc2 (every layer's)")
     if qat:
         a("--calib-cache", required=True, metavar="FILE", help="this model's cache from `cli.py calibrate`: the "

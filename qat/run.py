@@ -74,7 +74,7 @@ def run_qat(model: str | Path, squad: str | Path, calib_cache: str | Path, polic
     return RunResult(folder, result, learned_spec(student))
 
 
-def run_prune(model: str | Path, squad: str | Path, config: TrainConfig, *, method: str = "magnitude",
+def run_prune(model: str | Path, squad: str | Path, config: TrainConfig, *, method: str = "sparsegpt",
               exclude: Sequence[str] = (), limit: int | None = None, settings: FeatureSettings = FeatureSettings(),
               trust_pickle: bool = False, callback: Callable[[int, float], None] | None = None,
               vocab_file: str | Path | None = None) -> RunResult:
