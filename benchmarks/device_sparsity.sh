@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU call behind BENCHMARKS.md's 2:4 sparsity section (issue 19): the shared MiniLM pruned 2:4 (prune's default
-# method, SparseGPT), before and after one epoch of fine-tuning with --distill (wall times), and 2:4 + INT8 (entropy --smooth), in one `eval`
-# table on the full dev set against the dense FP16 engine; then the sparse-versus-dense GEMM table on random-weight
-# BERT-large (benchmarks/device_sparse_speed.py; SPEED=0 leaves it out, for a call where the GPU is shared).
+# method, SparseGPT), before and after one epoch of fine-tuning with --distill (wall times), and 2:4 + INT8
+# (entropy --smooth), in one `eval` table on the full dev set against the dense FP16 engine; then the
+# sparse-versus-dense GEMM table on random-weight BERT-large (benchmarks/device_sparse_speed.py; SPEED=0 leaves it
+# out, for a call where the GPU is shared).
 # PRUNE_TIMEOUT (s, default 300) bounds each prune; EPOCHS (default 1) of fine-tuning; STAGES="finetuned" skips the
 # pruned-only engine; PRUNE_ARGS are added to every prune (e.g. "--method magnitude --lr 5e-5"), DISTILL_ARGS to the
 # fine-tuning one (e.g. "--distill-alpha 1"). Checkpoints every 500 steps: with RESUME=1 a later call on the same
