@@ -414,6 +414,7 @@ class SensitivityConfig:
     progress: bool = True
     trust_pickle: bool = False
     vocab_file: str | None = None               # -v: a vocab.txt instead of the model folder's tokenizer
+    sparse: bool = False                        # the model's GEMM weights are 2:4 (run_sensitivity finds out)
     say: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr, flush=True))
     report_dir: str | Path | None = None        # measured variants stored in REPORT_DIR/variants/ (None: not)
     distributed: Any = None                     # eval.distributed.Workers (--workers/--ray); None: this process
@@ -659,6 +660,7 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
     `write_report`)."""
     from calib.cache import load_cache
     from calib.calibrate import check_fits, load_calibration_model
+    from calib.sparsity import gemm_sparsity
     from data.squad import load_squad
     from eval.compare import describe_calibration
     from eval.measure import Questions
@@ -670,8 +672,12 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
     num_layers = loaded.config.num_layers
     layers = parse_layers(cfg.layers, num_layers)
     squad = load_squad(cfg.squad, limit=cfg.limit)
+    # A 2:4 model (`cli.py prune`): the analysis is of 2:4 + INT8, and the suggested build is --sparse. The
+    # variants are built dense: a --sparse build runs the same function (its 2:4 kernels, where the build times
+    # them faster, on the same weights), and the analysis measures accuracy only.
     cfg = replace(cfg, answer_settings=replace(cfg.answer_settings,
-                                               version_2_with_negative=squad.version.startswith("2")))
+                                               version_2_with_negative=squad.version.startswith("2")),
+                  sparse=gemm_sparsity(loaded.model, num_layers).all_sparse)
     floor = cfg.iln or cfg.imh
     variants = plan_variants(num_layers, layers, floor=floor, groups=cfg.groups, leave_one_out=cfg.leave_one_out,
                              fp8=cfg.fp8)
@@ -686,7 +692,8 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
     precision = "fp16" if cfg.half else "fp32"
     cfg.say(f"sensitivity: {len(variants)} builds of {loaded.source} ({num_layers} layers, layers "
             f"{_layers_text(layers)} analysed, GEMMs in {format_word(cfg.fp8)}) on {cfg.device.type} in {precision}"
-            f"{' with ' + ' '.join(f for f, on in (('-iln', cfg.iln), ('-imh', cfg.imh)) if on) if floor else ''}; "
+            f"{' with ' + ' '.join(f for f, on in (('-iln', cfg.iln), ('-imh', cfg.imh)) if on) if floor else ''}"
+            f"{', 2:4 GEMM weights' if cfg.sparse else ''}; "
             f"{len(squad.examples):,} questions ({len(features):,} features) of {squad.path}; "
             f"calibration {describe_calibration(calib)} from {cfg.calib_cache}")
     ev.prefetch(variants)
@@ -705,7 +712,7 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
         "calib_cache": str(cfg.calib_cache), "calibration": describe_calibration(calib), "calib_key": calib.key(),
         "squad": str(squad.path), "squad_digest": squad.digest, "limit": cfg.limit, "questions": len(squad.examples),
         "features": len(features), "device": cfg.device.type, "precision": precision, "iln": cfg.iln,
-        "imh": cfg.imh, "fp8": cfg.fp8, "batch": ev.batch, "max_seq_length": cfg.feature_settings.max_seq_length,
+        "imh": cfg.imh, "fp8": cfg.fp8, "sparse": cfg.sparse, "batch": ev.batch, "max_seq_length": cfg.feature_settings.max_seq_length,
         "feature_settings": asdict(cfg.feature_settings), "answer_settings": asdict(cfg.answer_settings),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -855,7 +862,8 @@ def _build_command(cfg: SensitivityConfig, keep: Sequence[str], num_layers: int,
     parts = ["python", "cli.py", "build", "--model", _quote(str(cfg.model))]
     parts += ["-v", _quote(str(cfg.vocab_file))] if cfg.vocab_file else []
     parts.append("--fp8" if cfg.fp8 else "--int8")
-    parts += [f for f, on in (("--fp16", cfg.half), ("-iln", cfg.iln), ("-imh", cfg.imh)) if on]
+    parts += [f for f, on in (("--fp16", cfg.half), ("-iln", cfg.iln), ("-imh", cfg.imh), ("--sparse", cfg.sparse))
+              if on]
     parts += ["--calib-cache", _quote(str(cfg.calib_cache))]
     if keep:
         parts += ["--keep-fp16", ",".join(compact_keep_list(keep, num_layers))]

@@ -498,3 +498,29 @@ def test_cli_with_a_vocab_file_tokenizes_with_it(tiny, tmp_path, capsys):
     assert result.settings["tokenizer_digest"] == load_wordpiece(tiny["model"], vocab_file=vocab).digest
     command = _build_command(tiny_config(tiny, vocab_file=str(vocab)), ["layer0.fc2"], 2, 8)
     assert command.startswith(f"python cli.py build --model {tiny['model']} -v {vocab} --int8 ")
+
+
+def test_a_2to4_model_is_analysed_as_such_and_its_suggestion_builds_sparse(tiny, tmp_path):
+    """On a model pruned 2:4 (`cli.py prune`) the analysis says so, records it, and the suggested build command
+    carries --sparse; on a dense model none of that."""
+    from model.checkpoint import load_model
+    from qat.folder import save_model_folder
+    from qat.prune import prune_2to4
+
+    from eval.sensitivity import _build_command
+
+    loaded = load_model(tiny["model"])
+    prune_2to4(loaded.model, "magnitude")
+    pruned = save_model_folder(tmp_path / "pruned", loaded.model, loaded.model_dir)
+    model, wordpiece = load_calibration_model(pruned)
+    calibrate(load_squad(tiny["root"] / "train.json"), model, wordpiece, CalibrationSpec("max", 6, features=SETTINGS),
+              device=torch.device("cpu"), batch_size=16, output=tmp_path / "c.json", feature_cache=False,
+              progress=False)
+    said = []
+    result = run_sensitivity(tiny_config(tiny, model=pruned, calib_cache=tmp_path / "c.json", layers="0",
+                                         groups=False, trim=0, refine=0, say=said.append))
+    assert result.settings["sparse"] is True and "2:4 GEMM weights" in said[0]
+    dense = tiny_config(tiny)
+    assert " --sparse" in _build_command(replace(dense, sparse=True), ["layer0.fc2"], 2, 8)
+    assert " --sparse" not in _build_command(dense, ["layer0.fc2"], 2, 8)
+    assert run_sensitivity(tiny_config(tiny, layers="0", groups=False, trim=0, refine=0)).settings["sparse"] is False
