@@ -4,8 +4,9 @@ and fine-tuned with distillation, as `cli.py prune --distill` runs it, a few ste
     python -m benchmarks.device_train_profile --model assets/minilm-l6-h384-squad11 --squad train.json --out p.md
 
 Prints the steps per second of each setting (the loop as it is; with the loss read every step and/or the explicit
-softmax, as it was before; with the teacher's attention explicit) and, for the first, profiled apart, the CUDA kernels that took the most time and the
-share of the wall time the GPU was busy (a step that is mostly idle GPU is bound by the host, not by FLOPs).
+softmax, as it was before; with the teacher's attention explicit) and, for the first, profiled apart, the CUDA
+kernels that took the most time, the share of the wall time the GPU was busy (a step that is mostly idle GPU is
+bound by the host, not by FLOPs) and where the device-to-host copies come from.
 A measuring script for the device machine, not a test.
 """
 from __future__ import annotations

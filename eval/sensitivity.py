@@ -712,7 +712,8 @@ def run_sensitivity(cfg: SensitivityConfig) -> SensitivityResult:
         "calib_cache": str(cfg.calib_cache), "calibration": describe_calibration(calib), "calib_key": calib.key(),
         "squad": str(squad.path), "squad_digest": squad.digest, "limit": cfg.limit, "questions": len(squad.examples),
         "features": len(features), "device": cfg.device.type, "precision": precision, "iln": cfg.iln,
-        "imh": cfg.imh, "fp8": cfg.fp8, "sparse": cfg.sparse, "batch": ev.batch, "max_seq_length": cfg.feature_settings.max_seq_length,
+        "imh": cfg.imh, "fp8": cfg.fp8, "sparse": cfg.sparse, "batch": ev.batch,
+        "max_seq_length": cfg.feature_settings.max_seq_length,
         "feature_settings": asdict(cfg.feature_settings), "answer_settings": asdict(cfg.answer_settings),
         "seconds": round(time.perf_counter() - t_start, 1),
     }

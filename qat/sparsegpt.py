@@ -20,6 +20,7 @@ from typing import Iterable
 import torch
 
 from model.bert import BertQA, attention_bias
+from quant.policy import GEMMS
 
 DAMP = 0.01      # added to H's diagonal, times its mean: the paper's default; keeps H^-1 defined for dead inputs
 BLOCK = 128      # input columns updated together (a multiple of 4; the result does not depend on it)
@@ -72,7 +73,7 @@ def sparsegpt_2to4(model: BertQA, names: Iterable[str],
     xs = [model.tap("embeddings.ln_out", model.embeddings(ids, types)) for ids, types, _ in batches]
     biases = [attention_bias(mask) for _, _, mask in batches]
     for i, layer in enumerate(model.layers):
-        gemms = {g: getattr(layer, g) for g in ("qkv", "attn_out", "fc1", "fc2") if f"layers.{i}.{g}.weight" in names}
+        gemms = {g: getattr(layer, g) for g in GEMMS if f"layers.{i}.{g}.weight" in names}
         hessians = {g: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for g, m in gemms.items()}
         real: list[torch.Tensor] = []
 
