@@ -35,7 +35,7 @@ from eval.benchmark import time_compute
 from eval.sweep import DEFAULT_MODEL
 from eval.throughput import hf_eager, offline_run, squad_features
 from model.checkpoint import load_model
-from model.runner import batches_by_length
+from model.runner import batches_by_length, run_logits
 
 
 def bucket_times(runner: GraphRunner, features, batch: int, replays: int = 10) -> list[str]:
@@ -53,6 +53,22 @@ def bucket_times(runner: GraphRunner, features, batch: int, replays: int = 10) -
         lines.append(f"    {profile}: {count} batches x {ms:.3f} ms = {count * ms:.1f} ms, "
                      f"{ms * 1e6 / (profile.batch * profile.seq_len):.0f} ns a computed token")
     return [f"  each bucket's graph alone x its batches: {total:.1f} ms of GPU time a pass", *lines]
+
+
+def kernel_table(runner: GraphRunner, features, device, batch: int, tokens: int, top: int = 14, **path) -> list[str]:
+    """One pass (bucketed, padded with pad_to=, or packed=True) under torch.profiler: the kernels that take its GPU
+    time, ms a pass and ns per computed token (`tokens`), so two paths of one build show where they differ."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run_logits(runner, features, device, batch_size=batch, progress=False, **path)
+        torch.cuda.synchronize(device)
+    events = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    whole = sum(e.device_time_total for e in events)
+    lines = [f"    kernels of one pass: {whole / 1e3:.1f} ms of GPU time, {whole * 1e3 / tokens:.0f} ns a computed "
+             "token"]
+    for e in events[:top]:
+        lines.append(f"      {e.device_time_total / 1e3:8.1f} ms {e.device_time_total * 1e3 / tokens:5.0f} ns/token "
+                     f"{e.count:6d} calls  {e.key[:100]}")
+    return lines
 
 
 def _variant_row(say, args, loaded, preset: str, name: str, step: int, features, timing, padded: bool) -> bool:
@@ -74,13 +90,21 @@ def _variant_row(say, args, loaded, preset: str, name: str, step: int, features,
     say(bucketed.row())
     for line in bucket_times(runner, features, args.batch):
         say(line)
+    paths = [(bucketed, {"packed": False})]
     if padded:
-        say(offline_run(f"{label}, padded to 384", runner, features, device, args.batch, passes=args.passes,
-                        pad_to=384).row(bucketed))
+        padded_run = offline_run(f"{label}, padded to 384", runner, features, device, args.batch,
+                                 passes=args.passes, pad_to=384)
+        say(padded_run.row(bucketed))
+        paths.append((padded_run, {"pad_to": 384, "packed": False}))
     if args.varlen:
         packed = offline_run(f"{label}, packed", runner, features, device, args.batch, passes=args.passes,
                              packed=True)
         say(packed.row(bucketed))
+        paths.append((packed, {"packed": True}))
+    for run, path in paths if args.profile else ():
+        say(f"  {run.name}:")
+        for line in kernel_table(runner, features, device, args.batch, run.computed_tokens, **path):
+            say(line)
     say("  kernels: " + "; ".join(kernel_choices(header)[-2 if args.varlen else -1:]))
     del runner, tensors
     torch.cuda.empty_cache()
@@ -98,6 +122,8 @@ def main(argv=None) -> None:
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--varlen", action="store_true", help="build --varlen and time the packed path too")
+    ap.add_argument("--profile", action="store_true",
+                    help="each path's pass once more under torch.profiler: its kernels, ms and ns per token")
     ap.add_argument("--out", default="throughput.md")
     args = ap.parse_args(argv)
     device, timing = torch.device("cuda"), TimingCache("/tmp/timing.json")

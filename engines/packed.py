@@ -50,13 +50,24 @@ def runs_packed(header: EngineHeader) -> bool:
     return header.varlen and header.kernels.get(PATH_KEY, PACKED) == PACKED
 
 
+GOLDEN = 0.6180339887498949  # the fractional parts of k * GOLDEN spread evenly over [0, 1) in any prefix
+
+
 def budget_layout(windows: int, tokens: int, max_seqlen: int, device: torch.device) -> torch.Tensor:
-    """cu_seqlens for `windows` windows in a stream of `tokens` rows, as even as they split and none longer than
-    max_seqlen, one of them of length 0 (a graph's unused windows) and any rows left over past the last (a
-    graph's tail): how the build times and checks packed attention at a token budget."""
-    used = max(windows - 1, 1)
-    each = min(max_seqlen, -(-tokens // used))
-    lengths = [min(each, max(0, tokens - i * each)) for i in range(used)] + [0] * (windows - used)
+    """cu_seqlens of the windows the build times and checks packed attention on at a token budget of `tokens`
+    rows and `windows` windows: lengths spread from max_seqlen down to a quarter of it, long and short mixed (the
+    path timing's spread, synthetic_windows), as many as the rows hold with at most windows - 1 of them, the last
+    cut to the rows left; then windows of length 0 (a graph's unused windows) and any rows left over (its tail).
+    Spread lengths, not equal ones: windows of exactly max_seqlen fill whole 128-row query blocks, which real
+    windows do not, and made the build pick tiles that waste a third of their rows on real ones."""
+    lo, lengths, left = max(1, max_seqlen // 4), [], tokens
+    for k in range(max(windows - 1, 1)):
+        if left <= 0:
+            break
+        n = min(max_seqlen - int((k * GOLDEN) % 1.0 * (max_seqlen - lo + 1)), left)
+        lengths.append(n)
+        left -= n
+    lengths += [0] * (windows - len(lengths))
     return torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device=device)
 
 
@@ -78,7 +89,8 @@ def varlen_attention_candidates(engine, windows: int, tokens: int, max_seqlen: i
         qkv = torch.randn(tokens, 3 * cfg.hidden_size, generator=gen, device=device).to(engine.dtype)
     layout = Packed(budget_layout(windows, tokens, max_seqlen, device), max_seqlen)
     problem = GemmProblem("varlen-attention", tokens, cfg.hidden_size, max_seqlen,
-                          "int8-codes" if engine.policy.imh else "float16", f"w{windows}->{engine.context_output()}")
+                          "int8-codes" if engine.policy.imh else "float16",
+                          f"w{windows}-spread->{engine.context_output()}")
     impls = backends.attention_candidates(windows, max_seqlen, engine._attention_format, engine.use_triton,
                                           varlen=True)
     covered = int(layout.cu_seqlens[-1])  # rows past the windows hold nothing to compare (kernels leave them)
@@ -91,10 +103,10 @@ def tune_packed(engine, cache: TimingCache, machine: str) -> dict[str, str]:
     header = engine.header
     longest = max(p.seq_len for p in header.profiles)
     chosen: dict[str, str] = {}
-    for p in sorted(set(header.profiles), key=lambda p: (p.batch * p.seq_len, p.batch)):
+    for p in sorted(set(header.profiles), key=lambda p: (p.batch * p.seq_len, -p.batch)):
         tokens = p.batch * p.seq_len
-        if varlen_attention_key(tokens) in chosen:  # (another profile of as many tokens, fewer windows: timed)
-            continue
+        if varlen_attention_key(tokens) in chosen:  # (another profile of as many tokens, more windows: timed,
+            continue                                # the one packed batches of short windows fill)
         found = varlen_attention_candidates(engine, p.batch, tokens, longest)
         if found is None:
             continue

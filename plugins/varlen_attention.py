@@ -19,7 +19,11 @@ query row beyond a window's last block is computed, and keys are walked up to th
 and the engine never reads them (a CUDA graph's token budget holds such rows at its tail).
 
 - fused_varlen_attention: FP16/BF16 Q, K, V; online softmax with exp2 and p rounded to FP16 before p.v, as the
-  padded fused kernel's masked path; pointer loads (a window's tiles start at any row, so no TMA tiles).
+  padded fused kernel's masked path. Tiles come by pointer loads, or (`+tma` configurations) through Hopper's TMA
+  from descriptors over the whole QKV output: a TMA box may start at any row, so a block that runs past its
+  window's end reads the next window's rows (or zeros past the tensor's end); those keys get score -inf, their V
+  rows are zeroed before p.v (so no value from another window, not even a NaN, reaches this one's context), and
+  those queries' rows are not stored.
 - fused_varlen_attention_int8 (-imh): the padded INT8 kernel's two passes, the same Triton function
   (plugins.attention.int8_context): integer q.k and p.v, probabilities normalized and then rounded with s_p.
 """
@@ -34,20 +38,16 @@ import triton.language as tl
 from plugins import common
 from plugins.attention import (LOG2E, MAX_INT8_LENGTH, AttentionConfig, AttentionScales, attention_int8_reference,
                                attention_reference, context_out, int8_context, int8_scales, store_context)
-from plugins.common import await_inputs, max_op, sum_op
+from plugins.common import await_inputs, max_op, sum_op, tma_ok
 from quant.formats import INT8, QuantFormat
 
-# Pointer loads only (TMA tiles would have to start at a window's first row). The padded kernels' block shapes:
-# which is fastest at packed BERT shapes is for the build's timing to say (engines/packed.py).
-CANDIDATE_CONFIGS: tuple[AttentionConfig, ...] = (
-    AttentionConfig(16, 64, 4, 2),
-    AttentionConfig(64, 64, 4, 2),
-    AttentionConfig(64, 128, 4, 2),
-    AttentionConfig(128, 64, 4, 3),
-    AttentionConfig(128, 64, 8, 3),
-)
-INT8_CANDIDATE_CONFIGS: tuple[AttentionConfig, ...] = tuple(
-    AttentionConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, int8=True) for c in CANDIDATE_CONFIGS)
+# The padded kernels' block shapes, by pointer loads and (FP16) through TMA: which is fastest at packed BERT
+# shapes is for the build's timing to say (engines/packed.py). Query blocks of 64 waste fewer rows past a window's
+# end than 128 (a window of 176 tokens computes 192 query rows, not 256), at a lower tensor-core rate per block.
+_SHAPES = ((16, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3))
+CANDIDATE_CONFIGS: tuple[AttentionConfig, ...] = tuple(AttentionConfig(*c) for c in _SHAPES) + tuple(
+    AttentionConfig(*c, tma=True) for c in _SHAPES if c[0] >= 64)
+INT8_CANDIDATE_CONFIGS: tuple[AttentionConfig, ...] = tuple(AttentionConfig(*c, int8=True) for c in _SHAPES)
 
 
 @triton.jit
@@ -63,8 +63,10 @@ def _window(cu_ptr, HEADS, BLOCK_M: tl.constexpr):
 @triton.jit
 def varlen_attention_kernel(qkv_ptr, cu_ptr, out_ptr, out_recip, HEADS, qk_scale, stride_qkv, stride_out,
                             OUT_FORMAT: tl.constexpr, RECIP_PER_CHANNEL: tl.constexpr, D: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, q_desc=None,
+                            kv_desc=None):
     # Row r of qkv holds [q | k | v], each HEADS * D wide, head h at columns h * D (as the padded kernel's).
+    # q_desc / kv_desc: TMA descriptors over qkv, boxes of BLOCK_M and BLOCK_N rows by D columns (module docstring).
     hidden = HEADS * D
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -73,7 +75,11 @@ def varlen_attention_kernel(qkv_ptr, cu_ptr, out_ptr, out_recip, HEADS, qk_scale
     m_ok = offs_m < length
     rows = (first + offs_m).to(tl.int64)
     if tl.program_id(0) * BLOCK_M < length:  # else a block past the window: nothing to compute
-        q = tl.load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        if q_desc is not None:
+            q = q_desc.load([first + tl.program_id(0) * BLOCK_M, h * D])
+        else:
+            q = tl.load(qkv_ptr + rows[:, None] * stride_qkv + h * D + offs_d[None, :], mask=m_ok[:, None],
+                        other=0.0)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
         acc = tl.full((BLOCK_M, D), 0.0, tl.float32)
@@ -81,15 +87,21 @@ def varlen_attention_kernel(qkv_ptr, cu_ptr, out_ptr, out_recip, HEADS, qk_scale
             keys = start + offs_n
             n_ok = keys < length
             key_rows = (first + keys).to(tl.int64)
-            k = tl.load(qkv_ptr + key_rows[None, :] * stride_qkv + hidden + h * D + offs_d[:, None],
-                        mask=n_ok[None, :], other=0.0)  # [D, BLOCK_N]
+            if kv_desc is not None:
+                k = kv_desc.load([first + start, hidden + h * D]).T  # [D, BLOCK_N]
+            else:
+                k = tl.load(qkv_ptr + key_rows[None, :] * stride_qkv + hidden + h * D + offs_d[:, None],
+                            mask=n_ok[None, :], other=0.0)  # [D, BLOCK_N]
             s = tl.where(n_ok[None, :], tl.dot(q, k, out_dtype=tl.float32) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.reduce(s, 1, max_op))  # finite: every block holds a key of the window
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.reduce(p, 1, sum_op)
-            v = tl.load(qkv_ptr + key_rows[:, None] * stride_qkv + 2 * hidden + h * D + offs_d[None, :],
-                        mask=n_ok[:, None], other=0.0)
+            if kv_desc is not None:  # rows past the window are another window's (or zeros): zeroed
+                v = tl.where(n_ok[:, None], kv_desc.load([first + start, 2 * hidden + h * D]), 0.0)
+            else:
+                v = tl.load(qkv_ptr + key_rows[:, None] * stride_qkv + 2 * hidden + h * D + offs_d[None, :],
+                            mask=n_ok[:, None], other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=tl.float32)
             m_i = m_new
         store_context(acc / l_i[:, None], out_ptr, out_recip, rows, h * D + offs_d, m_ok, stride_out, OUT_FORMAT,
@@ -209,9 +221,9 @@ def _check_int8(codes, cu_seqlens, max_seqlen: int, heads: int) -> tuple[int, in
 
 def _config(config: AttentionConfig | None, int8: bool) -> AttentionConfig:
     cfg = config or (INT8_CANDIDATE_CONFIGS if int8 else CANDIDATE_CONFIGS)[0]
-    if cfg.int8 != int8 or cfg.tma:
-        raise ValueError(f"varlen attention: {cfg.name} is not a {'INT8 ' if int8 else ''}pointer-load "
-                         "configuration of this kernel")
+    if cfg.int8 != int8:
+        raise ValueError(f"varlen attention: {cfg.name} is not an {'INT8' if int8 else 'FP16'} configuration of "
+                         "this kernel")
     return cfg
 
 
@@ -227,11 +239,17 @@ def fused_varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seql
         return out
     cfg = _config(config, int8=False)
     use_pdl = common.pdl(qkv.device)
+    descs = {}
+    if cfg.tma and tma_ok(qkv):  # else the pointer loads, the same math
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        descs = dict(q_desc=TensorDescriptor.from_tensor(qkv, [cfg.block_m, d]),
+                     kv_desc=TensorDescriptor.from_tensor(qkv, [cfg.block_n, d]))
     varlen_attention_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n * heads)](
         qkv, cu_seqlens, out, recip, heads, LOG2E / math.sqrt(d), qkv.stride(0), out.stride(0),
         OUT_FORMAT=common.kernel_format(out_recip, out_format), RECIP_PER_CHANNEL=per_channel, D=d,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PDL=use_pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        launch_pdl=use_pdl)
+        launch_pdl=use_pdl, **descs)
     return out
 
 

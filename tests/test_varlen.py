@@ -132,22 +132,25 @@ def test_bad_packed_inputs_say_what_is_wrong():
         V.varlen_attention_reference(qkv, torch.tensor([0, 5, 3], dtype=torch.int32), 8, 2)
     with pytest.raises(ValueError, match="exceed"):
         V.varlen_attention_int8_reference(qkv.to(torch.int8), cu, A.MAX_INT8_LENGTH + 1, 2, SCALES)
-    with pytest.raises(ValueError, match="pointer-load"):
-        V.fused_varlen_attention(qkv, cu, 8, 2, config=A.AttentionConfig(16, 16, tma=True))
+    with pytest.raises(ValueError, match="not an FP16 configuration"):
+        V.fused_varlen_attention(qkv, cu, 8, 2, config=A.AttentionConfig(16, 16, int8=True))
 
 
 # ------------------------------------------------------------------------------------------------ the kernels
 
 # The interpreter takes about a second a call here: small blocks, ragged windows (several key blocks, partial
 # ones), one empty window and a graph's tail rows; BERT's shapes run in the `cuda` tests.
-KERNEL_CASES = [(A.AttentionConfig(16, 16), 16), (A.AttentionConfig(32, 16), 32)]
+# TMA boxes run past their window's end into the next window's rows and past the tensor's end (zeros).
+KERNEL_CASES = [(A.AttentionConfig(16, 16), 16), (A.AttentionConfig(32, 16), 32),
+                (A.AttentionConfig(16, 16, tma=True), 16), (A.AttentionConfig(32, 16, tma=True), 32)]
 
 
-@pytest.mark.parametrize("config,d", KERNEL_CASES, ids=["16x16-d16", "32x16-d32"])
+@pytest.mark.parametrize("config,d", KERNEL_CASES, ids=["16x16-d16", "32x16-d32", "16x16-tma-d16", "32x16-tma-d32"])
 def test_fp16_kernel_matches_the_reference(config, d, poison):
     heads, lengths = 2, random_lengths(4, 40, 7 + d) + [0]
     qkv, cu = windows(lengths, heads, d, d, tail=5)
     total = sum(lengths)
+    qkv[total:] = float("nan")  # tail rows no window owns: blocks that read them (TMA boxes do) must not use them
     ref32 = V.varlen_attention_reference(qkv, cu, 40, heads, out_dtype=torch.float32)
     out = V.fused_varlen_attention(qkv, cu, 40, heads, config=config)
     assert out.dtype == torch.float16 and rel(out[:total], ref32[:total]) < 2e-3
@@ -226,10 +229,16 @@ def test_a_packed_batch_runs_in_the_smallest_token_budget():
         pick_budget(header, 100, 5, 30)                             # 5 windows: no budget takes more than 4
     with pytest.raises(WorkbenchError, match="fit no token budget"):
         pick_budget(header, 200, 2, 129)
-    cpu = torch.device("cpu")  # the build's attention layouts: one window empty, none past max_seqlen
-    assert budget_layout(4, 96, 64, cpu).tolist() == [0, 32, 64, 96, 96]
-    assert budget_layout(3, 100, 64, cpu).tolist() == [0, 50, 100, 100]
+    cpu = torch.device("cpu")  # the build's attention layouts: spread lengths, one window empty, none past max_seqlen
+    assert budget_layout(4, 96, 64, cpu).tolist() == [0, 64, 96, 96, 96]      # 64, then 34 cut to the 32 left
     assert budget_layout(2, 768, 384, cpu).tolist() == [0, 384, 384] and budget_layout(1, 8, 8, cpu).tolist() == [0, 8]
+    cu = budget_layout(384, 49152, 384, cpu)  # BERT's largest packed budget: full, lengths 96 to 384, mixed
+    lengths = (cu[1:] - cu[:-1]).numpy()
+    real = lengths[lengths > 0]
+    assert len(lengths) == 384 and int(cu[-1]) == 49152 and lengths[-1] == 0 and real.max() == 384
+    assert real[:-1].min() >= 96 and 200 < real.mean() < 280 and (np.diff(real[:-1]) > 0).any()
+    cu = budget_layout(128, 49152, 384, cpu)  # fewer windows than the rows hold: 127 of them, then the tail
+    assert (cu[1:-1] - cu[:-2]).min() >= 96 and cu[-1] == cu[-2] < 49152
 
 
 # ------------------------------------------------------------------------------------------------ engines
@@ -325,10 +334,11 @@ def test_build_time_candidates_agree_with_the_library(monkeypatch, poison):
     engine = varlen_engine(PrecisionPolicy(int8=True, fp16=True), seed=4)
     monkeypatch.setattr(engine, "use_triton", True)
     problem, candidates, calls = varlen_attention_candidates(engine, 3, 56, 24)
-    assert problem.gemm == "varlen-attention" and problem.epilogue == "w3->int8" and calls == 1
+    assert problem.gemm == "varlen-attention" and problem.epilogue == "w3-spread->int8" and calls == 1
     assert list(candidates)[0] == LIBRARY and f"{backends.VARLEN_ATTENTION}:16x64-w4-s2" in candidates
+    assert f"{backends.VARLEN_ATTENTION}:64x64-w4-s2+tma" in candidates
     ref = candidates[LIBRARY]()
-    assert ref.shape == (48, CFG.hidden_size)  # windows of 24 and 24 and an empty one; 8 tail rows left out
+    assert ref.shape == (37, CFG.hidden_size)  # windows of 24 and 13 and an empty one; 19 tail rows left out
     got = candidates[f"{backends.VARLEN_ATTENTION}:16x64-w4-s2"]()
     assert engine.attention_agreement()(got, ref)
     monkeypatch.setattr(engine, "use_triton", False)
