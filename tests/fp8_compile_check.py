@@ -126,7 +126,11 @@ def others() -> dict[str, list[str]]:
                                   dict(flags, HAS_BIAS=False, EVEN=True, q_desc=None, kv_desc=None), 90)
     found["varlen-sm90"] = ptx(varlen_attention.varlen_attention_kernel,
                                dict(qkv_ptr=qkv, cu_ptr=torch.empty(3, dtype=torch.int32), out_ptr=ctx, **common),
-                               flags, 90)
+                               dict(flags, q_desc=None, kv_desc=None), 90)
+    found["varlen-tma-sm90"] = ptx(varlen_attention.varlen_attention_kernel, dict(  # tiles through TMA boxes
+        qkv_ptr=qkv, cu_ptr=torch.empty(3, dtype=torch.int32), out_ptr=ctx, **common,
+        q_desc=TensorDescriptor.from_tensor(qkv, [64, 64]), kv_desc=TensorDescriptor.from_tensor(qkv, [64, 64])),
+        flags, 90)
     found["quantize-sm90"] = ptx(quantize._quantize_kernel, dict(
         x_ptr=x, q_ptr=codes, recip=1.0, R=64, C=1024, size1=1, size2=64, stride0=0, stride1=0, stride2=1024,
         stride_c=1), dict(ROWS=4, BLOCK_C=1024, PDL=True, FORMAT="fp8_e4m3"), 90)

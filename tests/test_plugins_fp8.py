@@ -343,8 +343,9 @@ def test_kernels_compile_for_hopper_and_ada():
     assert "cp.async.bulk.tensor" in found["gemm-tma-sm90"]
     assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in found["splitk-partial-sm90"]
     for name in ("splitk-epilogue-sm90", "layernorm-sm90", "layernorm-codes-only-sm90", "attention-sm90",
-                 "varlen-sm90", "quantize-sm90"):
+                 "varlen-sm90", "varlen-tma-sm90", "quantize-sm90"):
         assert cvt in found[name], name
+    assert "cp.async.bulk.tensor" in found["varlen-tma-sm90"] and "cp.async.bulk.tensor" not in found["varlen-sm90"]
     # --fp8 -iln: the residual read as E4M3 codes, converted by the hardware, through pointers and through TMA
     for name in ("gemm-ptr-sm90-res-e4m3", "gemm-tma-sm90-res-e4m3"):
         assert "cvt.rn.f16x2.e4m3x2" in found[name] and "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in \

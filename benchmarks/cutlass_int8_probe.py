@@ -1,0 +1,107 @@
+"""Issue 20's structural question on the GPU: is a Hopper-native INT8 GEMM (CUTLASS 3's warp-specialized TMA + wgmma
+kernels, benchmarks/cutlass_int8_probe.cu) faster than our Triton INT8 GEMM at BERT-large's shapes? A measuring
+script, not product code: both compute out = fp16(acc * scale[n] + bias[n]) on the same operands in one run, each
+checked against plugins.int8_linear.int8_linear_reference, timed by triton.testing.do_bench (median, L2 flushed).
+
+    python -m benchmarks.cutlass_int8_probe --lib cutlass_int8_probe.so --out probe.md
+
+Triton runs every TMA candidate of plugins.int8_linear (the build's choice is among them); the table gives each
+side's best, and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+
+import torch
+from triton.testing import do_bench
+
+from common.files import atomic_write_text
+from plugins.int8_linear import CANDIDATE_CONFIGS, int8_linear, int8_linear_reference
+
+SHAPES = {"qkv": (3072, 1024), "attn_out": (1024, 1024), "fc1": (4096, 1024), "fc2": (1024, 4096)}  # (N, K)
+
+
+def load(path: str):
+    lib = ctypes.CDLL(path)
+    lib.probe_variant_name.restype = ctypes.c_char_p
+    lib.probe_variant_name.argtypes = [ctypes.c_int]
+    lib.probe_gemm.restype = ctypes.c_int
+    lib.probe_gemm.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3 + [ctypes.c_void_p,
+                                                                                             ctypes.c_size_t,
+                                                                                             ctypes.c_void_p]
+    names, v = [], 0
+    while (name := lib.probe_variant_name(v)) is not None:
+        names.append(name.decode())
+        v += 1
+    return lib, names
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lib", required=True)
+    ap.add_argument("--rows", type=int, nargs="+", default=[49152])
+    ap.add_argument("--out", default="probe.md")
+    args = ap.parse_args(argv)
+    lib, variants = load(args.lib)
+    dev = torch.device("cuda")
+    workspace = torch.empty(64 << 20, dtype=torch.uint8, device=dev)
+    lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", "",
+             "| M | GEMM | Triton best (config) | µs | TOP/s | CUTLASS best (variant) | µs | TOP/s | "
+             "Triton / CUTLASS |", "| ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    detail = []
+    g = torch.Generator(device=dev).manual_seed(0)
+    for m in args.rows:
+        for gemm, (n, k) in SHAPES.items():
+            a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev, generator=g)
+            w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev, generator=g)
+            a_scale = 0.02
+            w_scale = torch.rand(n, device=dev, generator=g) * 1e-3 + 1e-4
+            bias = torch.randn(n, device=dev, generator=g)
+            want = int8_linear_reference(a, w, a_scale, w_scale, bias)
+            scale = (w_scale * torch.tensor(a_scale, dtype=torch.float32, device=dev)).contiguous()  # s[n]
+            ops = 2 * m * n * k
+            triton_times = {}
+            for cfg in CANDIDATE_CONFIGS:
+                if not cfg.tma or cfg.small_m:
+                    continue
+                try:
+                    got = int8_linear(a, w, a_scale, w_scale, bias, config=cfg)
+                    torch.cuda.synchronize()
+                except Exception as e:  # a tile that does not compile here
+                    detail.append(f"- {gemm} M={m} triton {cfg}: {type(e).__name__}")
+                    continue
+                err = (got.float() - want.float()).abs().max().item()
+                triton_times[str(cfg)] = (do_bench(lambda: int8_linear(a, w, a_scale, w_scale, bias, config=cfg),
+                                                   warmup=25, rep=200, return_mode="median"), err)
+            cutlass_times = {}
+            out = torch.empty(m, n, dtype=torch.float16, device=dev)
+            stream = torch.cuda.current_stream().cuda_stream
+
+            def call(v):
+                return lib.probe_gemm(v, a.data_ptr(), w.data_ptr(), scale.data_ptr(), bias.data_ptr(),
+                                      out.data_ptr(), m, n, k, workspace.data_ptr(), workspace.numel(), stream)
+            for v, name in enumerate(variants):
+                out.fill_(float("nan"))
+                rc = call(v)
+                torch.cuda.synchronize()
+                if rc:
+                    detail.append(f"- {gemm} M={m} cutlass {name}: status {rc}")
+                    continue
+                err = (out.float() - want.float()).abs().max().item()
+                cutlass_times[name] = (do_bench(lambda: call(v), warmup=25, rep=200, return_mode="median"), err)
+            for side, times in (("triton", triton_times), ("cutlass", cutlass_times)):
+                for name, (ms, err) in sorted(times.items(), key=lambda kv: kv[1][0]):
+                    detail.append(f"- {gemm} M={m} {side} {name}: {ms * 1e3:.1f} µs, {ops / ms / 1e9:.0f} TOP/s, "
+                                  f"max |out - reference| {err:.3g}")
+            if triton_times and cutlass_times:
+                (tn, (tms, _)), (cn, (cms, _)) = (min(t.items(), key=lambda kv: kv[1][0])
+                                                  for t in (triton_times, cutlass_times))
+                lines.append(f"| {m} | {gemm} | {tn} | {tms * 1e3:.1f} | {ops / tms / 1e9:.0f} | {cn} | "
+                             f"{cms * 1e3:.1f} | {ops / cms / 1e9:.0f} | {tms / cms:.2f}x |")
+            print("\n".join(lines[-1:] + detail[-12:]), flush=True)
+            atomic_write_text(args.out, "\n".join(lines + ["", "Every candidate:", ""] + detail) + "\n")
+
+
+if __name__ == "__main__":
+    main()
