@@ -86,12 +86,14 @@ def _variant_row(say, args, loaded, preset: str, name: str, step: int, features,
         say(f"{label}: not built: {e}")
         return False
     runner = GraphRunner(Engine(header, tensors, device).eval(), label)
-    bucketed = offline_run(f"{label}, bucketed", runner, features, device, args.batch, passes=args.passes)
-    say(bucketed.row())
-    for line in bucket_times(runner, features, args.batch):
-        say(line)
-    paths = [(bucketed, {"packed": False})]
-    if padded:
+    bucketed, paths = None, []
+    if not args.packed_only:
+        bucketed = offline_run(f"{label}, bucketed", runner, features, device, args.batch, passes=args.passes)
+        say(bucketed.row())
+        for line in bucket_times(runner, features, args.batch):
+            say(line)
+        paths.append((bucketed, {"packed": False}))
+    if padded and not args.packed_only:
         padded_run = offline_run(f"{label}, padded to 384", runner, features, device, args.batch,
                                  passes=args.passes, pad_to=384)
         say(padded_run.row(bucketed))
@@ -122,6 +124,8 @@ def main(argv=None) -> None:
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--varlen", action="store_true", help="build --varlen and time the packed path too")
+    ap.add_argument("--packed-only", action="store_true",
+                    help="with --varlen: the packed row alone (a shorter call; no bucketed or padded row)")
     ap.add_argument("--profile", action="store_true",
                     help="each path's pass once more under torch.profiler: its kernels, ms and ns per token")
     ap.add_argument("--out", default="throughput.md")
