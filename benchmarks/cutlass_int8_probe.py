@@ -5,8 +5,8 @@ checked against plugins.int8_linear.int8_linear_reference, timed by triton.testi
 
     python -m benchmarks.cutlass_int8_probe --lib cutlass_int8_probe.so --out probe.md
 
-Triton runs every TMA candidate of plugins.int8_linear (the build's choice is among them); the table gives each
-side's best, and the ratio.
+Triton runs the TMA candidates of plugins.int8_linear that BERT-large builds chose at 49,152 rows (`--triton`
+names them; `--triton all` takes every TMA candidate); the table gives each side's best, and the ratio.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from triton.testing import do_bench
 
 from common.files import atomic_write_text
+from engines.backends import triton_impl
 from plugins.int8_linear import CANDIDATE_CONFIGS, int8_linear, int8_linear_reference
 
 SHAPES = {"qkv": (3072, 1024), "attn_out": (1024, 1024), "fc1": (4096, 1024), "fc2": (1024, 4096)}  # (N, K)
@@ -41,6 +42,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lib", required=True)
     ap.add_argument("--rows", type=int, nargs="+", default=[49152])
+    ap.add_argument("--triton", nargs="+", default=["triton:128x128x128-g8-w4-s3+tma",
+                                                     "triton:256x128x128-g8-w8-s3+tma-persistent",
+                                                     "triton:128x256x128-g8-w8-s3+tma-persistent"])
     ap.add_argument("--out", default="probe.md")
     args = ap.parse_args(argv)
     lib, variants = load(args.lib)
@@ -63,7 +67,7 @@ def main(argv=None) -> None:
             ops = 2 * m * n * k
             triton_times = {}
             for cfg in CANDIDATE_CONFIGS:
-                if not cfg.tma or cfg.small_m:
+                if not cfg.tma or cfg.small_m or (args.triton != ["all"] and triton_impl(cfg) not in args.triton):
                     continue
                 try:
                     got = int8_linear(a, w, a_scale, w_scale, bias, config=cfg)
