@@ -1,9 +1,10 @@
 """Issue 20's structural question on the GPU: is a Hopper-native INT8 GEMM (CUTLASS 3's warp-specialized TMA + wgmma
 kernels, benchmarks/cutlass_int8_probe.cu) faster than our Triton INT8 GEMM at BERT-large's shapes? A measuring
-script, not product code: both compute out = fp16(acc * scale[n] + bias[n]) on the same operands in one run, each
-checked against plugins.int8_linear.int8_linear_reference, timed by triton.testing.do_bench (median, L2 flushed).
+script, not product code: both run the engine's epilogue of each GEMM (QKV: FP16 out; attention-out and FC2: + the
+-iln residual's INT8 codes, FP16 out; FC1: GELU, INT8 codes out) on the same operands in one run, each checked
+against plugins.int8_linear.int8_linear_reference, timed by triton.testing.do_bench (median, L2 flushed).
 
-    python -m benchmarks.cutlass_int8_probe --lib cutlass_int8_probe.so --out probe.md
+    python -m benchmarks.cutlass_int8_probe --lib .cprobe/cutlass_int8_probe.so --out probe.md
 
 Triton runs the TMA candidates of plugins.int8_linear that BERT-large builds chose at 49,152 rows (`--triton`
 names them; `--triton all` takes every TMA candidate); the table gives each side's best, and the ratio.
@@ -20,7 +21,9 @@ from common.files import atomic_write_text
 from engines.backends import triton_impl
 from plugins.int8_linear import CANDIDATE_CONFIGS, int8_linear, int8_linear_reference
 
-SHAPES = {"qkv": (3072, 1024), "attn_out": (1024, 1024), "fc1": (4096, 1024), "fc2": (1024, 4096)}  # (N, K)
+# (N, K, epilogue): 0 plain, 1 + residual codes, 2 GELU and codes out (the .cu file's namespace ep)
+SHAPES = {"qkv": (3072, 1024, 0), "attn_out": (1024, 1024, 1), "fc1": (4096, 1024, 2), "fc2": (1024, 4096, 1)}
+RECIP = 127 / 4.0  # FC1's output codes: GELU outputs up to 4
 
 
 def load(path: str):
@@ -28,9 +31,8 @@ def load(path: str):
     lib.probe_variant_name.restype = ctypes.c_char_p
     lib.probe_variant_name.argtypes = [ctypes.c_int]
     lib.probe_gemm.restype = ctypes.c_int
-    lib.probe_gemm.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3 + [ctypes.c_void_p,
-                                                                                             ctypes.c_size_t,
-                                                                                             ctypes.c_void_p]
+    lib.probe_gemm.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_void_p]
+                               + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
     names, v = [], 0
     while (name := lib.probe_variant_name(v)) is not None:
         names.append(name.decode())
@@ -56,48 +58,57 @@ def main(argv=None) -> None:
     detail = []
     g = torch.Generator(device=dev).manual_seed(0)
     for m in args.rows:
-        for gemm, (n, k) in SHAPES.items():
+        for gemm, (n, k, epilogue) in SHAPES.items():
             a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev, generator=g)
             w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev, generator=g)
             a_scale = 0.02
-            w_scale = torch.rand(n, device=dev, generator=g) * 1e-3 + 1e-4
+            w_scale = torch.rand(n, device=dev, generator=g) * 2e-4 * (1024 / k) ** 0.5 + 1e-4  # y of order 1
             bias = torch.randn(n, device=dev, generator=g)
-            want = int8_linear_reference(a, w, a_scale, w_scale, bias)
+            res = torch.randint(-127, 128, (m, n), dtype=torch.int8, device=dev, generator=g)
+            res_scale = (torch.rand(n, device=dev, generator=g) * 0.02).contiguous()
+            flags = [{}, dict(residual=res, residual_scale=res_scale), dict(gelu=True, out_recip=RECIP)][epilogue]
+            want = int8_linear_reference(a, w, a_scale, w_scale, bias, **flags)
             scale = (w_scale * torch.tensor(a_scale, dtype=torch.float32, device=dev)).contiguous()  # s[n]
             ops = 2 * m * n * k
+
+            def error(got):  # codes: the largest step; FP16: the largest difference relative to the largest value
+                if got.dtype == torch.int8:
+                    return (got.int() - want.int()).abs().max().item()
+                return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
             triton_times = {}
             for cfg in CANDIDATE_CONFIGS:
                 if not cfg.tma or cfg.small_m or (args.triton != ["all"] and triton_impl(cfg) not in args.triton):
                     continue
                 try:
-                    got = int8_linear(a, w, a_scale, w_scale, bias, config=cfg)
+                    got = int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **flags)
                     torch.cuda.synchronize()
                 except Exception as e:  # a tile that does not compile here
                     detail.append(f"- {gemm} M={m} triton {cfg}: {type(e).__name__}")
                     continue
-                err = (got.float() - want.float()).abs().max().item()
-                triton_times[str(cfg)] = (do_bench(lambda: int8_linear(a, w, a_scale, w_scale, bias, config=cfg),
-                                                   warmup=25, rep=200, return_mode="median"), err)
+                triton_times[triton_impl(cfg)] = (do_bench(lambda: int8_linear(a, w, a_scale, w_scale, bias,
+                                                                               config=cfg, **flags),
+                                                           warmup=25, rep=200, return_mode="median"), error(got))
             cutlass_times = {}
-            out = torch.empty(m, n, dtype=torch.float16, device=dev)
+            out = torch.empty(m, n, dtype=want.dtype, device=dev)
             stream = torch.cuda.current_stream().cuda_stream
 
             def call(v):
-                return lib.probe_gemm(v, a.data_ptr(), w.data_ptr(), scale.data_ptr(), bias.data_ptr(),
-                                      out.data_ptr(), m, n, k, workspace.data_ptr(), workspace.numel(), stream)
+                return lib.probe_gemm(epilogue, v, a.data_ptr(), w.data_ptr(), scale.data_ptr(), bias.data_ptr(),
+                                      res.data_ptr(), res_scale.data_ptr(), RECIP, out.data_ptr(), m, n, k,
+                                      workspace.data_ptr(), workspace.numel(), stream)
             for v, name in enumerate(variants):
-                out.fill_(float("nan"))
+                out.fill_(-1)
                 rc = call(v)
                 torch.cuda.synchronize()
                 if rc:
                     detail.append(f"- {gemm} M={m} cutlass {name}: status {rc}")
                     continue
-                err = (out.float() - want.float()).abs().max().item()
-                cutlass_times[name] = (do_bench(lambda: call(v), warmup=25, rep=200, return_mode="median"), err)
+                cutlass_times[name] = (do_bench(lambda: call(v), warmup=25, rep=200, return_mode="median"),
+                                       error(out))
             for side, times in (("triton", triton_times), ("cutlass", cutlass_times)):
                 for name, (ms, err) in sorted(times.items(), key=lambda kv: kv[1][0]):
                     detail.append(f"- {gemm} M={m} {side} {name}: {ms * 1e3:.1f} µs, {ops / ms / 1e9:.0f} TOP/s, "
-                                  f"max |out - reference| {err:.3g}")
+                                  f"against the reference: {err:.3g} (codes: largest step; FP16: relative)")
             if triton_times and cutlass_times:
                 (tn, (tms, _)), (cn, (cms, _)) = (min(t.items(), key=lambda kv: kv[1][0])
                                                   for t in (triton_times, cutlass_times))
