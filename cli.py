@@ -383,6 +383,8 @@ def _bench_parser(p) -> None:
     a("--passes", type=int, default=3, help="with --squad: timed passes over the windows (default 3)")
     a("--hf", action="store_true", help="with --squad: Hugging Face eager FP16 on the same batches, same run")
     a("--single-stream", type=int, default=0, metavar="N", help="with --squad: N windows one at a time: p50/p90/p99")
+    a("--profile", action="store_true", help="with --squad: where each path's time goes (its kernels on a GPU, "
+      "ms a pass and ns per computed token)")
 
 
 VERBS = {  # name: (one-line help, the module holding its examples (shown by --help), its flags, its command)

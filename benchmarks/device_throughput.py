@@ -33,9 +33,9 @@ from engines.runtime import Engine
 from engines.tuning import TimingCache
 from eval.benchmark import time_compute
 from eval.sweep import DEFAULT_MODEL
-from eval.throughput import hf_eager, offline_run, squad_features
+from eval.throughput import hf_eager, kernel_profile, offline_run, squad_features
 from model.checkpoint import load_model
-from model.runner import batches_by_length, run_logits
+from model.runner import batches_by_length
 
 
 def bucket_times(runner: GraphRunner, features, batch: int, replays: int = 10) -> list[str]:
@@ -53,22 +53,6 @@ def bucket_times(runner: GraphRunner, features, batch: int, replays: int = 10) -
         lines.append(f"    {profile}: {count} batches x {ms:.3f} ms = {count * ms:.1f} ms, "
                      f"{ms * 1e6 / (profile.batch * profile.seq_len):.0f} ns a computed token")
     return [f"  each bucket's graph alone x its batches: {total:.1f} ms of GPU time a pass", *lines]
-
-
-def kernel_table(runner: GraphRunner, features, device, batch: int, tokens: int, top: int = 14, **path) -> list[str]:
-    """One pass (bucketed, padded with pad_to=, or packed=True) under torch.profiler: the kernels that take its GPU
-    time, ms a pass and ns per computed token (`tokens`), so two paths of one build show where they differ."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run_logits(runner, features, device, batch_size=batch, progress=False, **path)
-        torch.cuda.synchronize(device)
-    events = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
-    whole = sum(e.device_time_total for e in events)
-    lines = [f"    kernels of one pass: {whole / 1e3:.1f} ms of GPU time, {whole * 1e3 / tokens:.0f} ns a computed "
-             "token"]
-    for e in events[:top]:
-        lines.append(f"      {e.device_time_total / 1e3:8.1f} ms {e.device_time_total * 1e3 / tokens:5.0f} ns/token "
-                     f"{e.count:6d} calls  {e.key[:100]}")
-    return lines
 
 
 def _variant_row(say, args, loaded, preset: str, name: str, step: int, features, timing, padded: bool) -> bool:
@@ -105,7 +89,7 @@ def _variant_row(say, args, loaded, preset: str, name: str, step: int, features,
         paths.append((packed, {"packed": True}))
     for run, path in paths if args.profile else ():
         say(f"  {run.name}:")
-        for line in kernel_table(runner, features, device, args.batch, run.computed_tokens, **path):
+        for line in kernel_profile(runner, features, device, args.batch, run.computed_tokens, top=14, **path):
             say(line)
     say("  kernels: " + "; ".join(kernel_choices(header)[-2 if args.varlen else -1:]))
     del runner, tensors

@@ -182,7 +182,9 @@ EXAMPLES = """examples:
   python cli.py bench -e engines/buckets.engine --squad dev-v1.1.json --hf --single-stream 1000
       # samples/s over every dev window (bucketed, padded to 384, packed, HF eager FP16) and per-window latency
   python cli.py build --model DIR --int8 --fp16 -b 64 -s 384 --buckets 64 --varlen --calib-cache calib.json \\
-      -o engines/packed.engine           # padding-free: bench, eval and infer run it packed"""
+      -o engines/packed.engine           # padding-free: bench, eval and infer run it packed
+  python cli.py bench -e engines/packed.engine --squad dev-v1.1.json --profile
+      # and where each path's time goes: its kernels, ms a pass and ns per computed token"""
 
 
 def check_counts(iterations: int, warmup: int) -> None:
@@ -214,6 +216,11 @@ def bench_from_flags(flags) -> None:
         for lines in bench_squad_from_flags(flags):
             print(lines, flush=True)
         return
+    squad_only = [name for name, given in (("--hf", flags.hf), ("--single-stream", flags.single_stream),
+                                           ("--profile", flags.profile)) if given]
+    if squad_only:
+        raise WorkbenchError(f"{', '.join(squad_only)}: only with --squad FILE (the offline benchmark over a SQuAD "
+                             "file's windows)")
     for lines in bench_engine_file(flags.engine, device=flags.device, batches=flags.batch_size,
                                    seq_lens=flags.seq_length, iterations=flags.iterations, warmup=flags.warmup,
                                    padded=flags.padded, fuse=flags.fuse, backend=flags.backend):

@@ -110,6 +110,31 @@ def offline_run(name: str, forward: Forward, features, device: torch.device, bat
     return OfflineRun(name, len(mask), int(mask.sum()), computed, seconds)
 
 
+def kernel_profile(forward: Forward, features, device: torch.device, batch: int, tokens: int, top: int = 12,
+                   **path) -> list[str]:
+    """Where one pass's time goes (`bench --squad --profile`): the pass run once more under torch.profiler, its
+    kernels on CUDA (its ops' own CPU time elsewhere) with ms a pass and ns per computed token (`tokens`: the
+    pass's OfflineRun.computed_tokens), the largest `top` first. `path` as run_logits takes it (pad_to=, packed=)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        run_logits(forward, features, device, batch_size=batch, progress=False, **path)
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def spent(e) -> float:  # microseconds
+        return e.device_time_total if cuda else e.self_cpu_time_total
+    events = sorted((e for e in prof.key_averages() if spent(e) > 0), key=lambda e: -spent(e))
+    whole = sum(spent(e) for e in events)
+    what = "kernels" if cuda else "ops (CPU time)"
+    lines = [f"    {what} of one pass: {whole / 1e3:.1f} ms, {whole * 1e3 / max(tokens, 1):.0f} ns a computed token"]
+    for e in events[:top]:
+        lines.append(f"      {spent(e) / 1e3:8.1f} ms {spent(e) * 1e3 / max(tokens, 1):6.0f} ns/token "
+                     f"{e.count:6d} calls  {e.key[:100]}")
+    return lines
+
+
 def single_stream(forward: Forward, features, device: torch.device, n: int, warmup: int = 10) -> dict[str, float]:
     """Per-window latency, one window per call in file order (trimmed to its length rounded up to 8; for an engine
     that runs packed, its real tokens alone through the packed path): the first `n` windows after `warmup`
@@ -190,9 +215,11 @@ def _tokenizer(engine_path, wordpiece, vocab_file: str | None, vocab_size: int):
 
 
 def bench_squad(path, squad: str | Path, *, device: str | None = None, passes: int = 3, hf: bool = False,
-                single: int = 0, vocab_file: str | None = None, limit: int | None = None) -> Iterator[str]:
+                single: int = 0, vocab_file: str | None = None, limit: int | None = None,
+                profile: bool = False) -> Iterator[str]:
     """`cli.py bench --squad`: the engine file's offline throughput over every window of `squad`, bucketed and
-    padded and packed (and HF eager with `hf`), then `single` windows one at a time; a line (or block) at a time."""
+    padded and packed (and HF eager with `hf`), with `profile` each path's kernel_profile, then `single` windows
+    one at a time; a line (or block) at a time."""
     from engines.build import load_runnable
     from engines.graphs import GraphRunner
     from model.runner import pick_device
@@ -220,6 +247,10 @@ def bench_squad(path, squad: str | Path, *, device: str | None = None, passes: i
     runs.append(offline_run("engine, packed" + ("" if header.varlen else " (not built --varlen)"), runner, features,
                             dev, batch, passes=passes, packed=True))
     yield runs[2].row(runs[0]) + f"  ({runs[2].samples_per_s / runs[1].samples_per_s:.2f}x padded)"
+    for run, path_args in zip(runs if profile else (), ({}, {"pad_to": longest}, {"packed": True})):
+        yield "\n".join([f"  {run.name}: where a pass's time goes"]
+                        + kernel_profile(runner, features, dev, batch, run.computed_tokens,
+                                         **{"packed": False, **path_args}))
     if hf:
         forward = hf_eager(engine.cfg, dev)
         if forward is None:
@@ -239,8 +270,8 @@ def bench_squad(path, squad: str | Path, *, device: str | None = None, passes: i
 
 def bench_squad_from_flags(flags) -> Iterator[str]:
     return bench_squad(flags.engine, flags.squad, device=flags.device, passes=flags.passes, hf=flags.hf,
-                       single=flags.single_stream, vocab_file=flags.vocab_file)
+                       single=flags.single_stream, vocab_file=flags.vocab_file, profile=flags.profile)
 
 
-__all__ = ["OfflineRun", "batch_tokens", "bench_squad", "bench_squad_from_flags", "hf_eager", "offline_run",
-           "packed_tokens", "single_stream", "squad_features"]
+__all__ = ["OfflineRun", "batch_tokens", "bench_squad", "bench_squad_from_flags", "hf_eager", "kernel_profile",
+           "offline_run", "packed_tokens", "single_stream", "squad_features"]
