@@ -59,7 +59,8 @@ def budget_layout(windows: int, tokens: int, max_seqlen: int, device: torch.devi
     path timing's spread, synthetic_windows), as many as the rows hold with at most windows - 1 of them, the last
     cut to the rows left; then windows of length 0 (a graph's unused windows) and any rows left over (its tail).
     Spread lengths, not equal ones: windows of exactly max_seqlen fill whole 128-row query blocks, which real
-    windows do not, and made the build pick tiles that waste a third of their rows on real ones."""
+    windows do not; timed on those, builds chose query blocks that waste about a third of their work on real
+    windows (BENCHMARKS.md, seventh session)."""
     lo, lengths, left = max(1, max_seqlen // 4), [], tokens
     for k in range(max(windows - 1, 1)):
         if left <= 0:

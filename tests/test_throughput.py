@@ -122,14 +122,14 @@ def test_cli_build_buckets_and_bench_squad(tmp_path, capsys):
                      "--device", "cpu", "--profile"]) == 0
     out = capsys.readouterr().out
     assert "engine, bucketed" in out and "engine, padded to 128" in out and "single stream, 3 windows" in out
-    assert cli.main(["bench", "-e", str(engine), "--device", "cpu", "--profile", "--hf"]) == 2  # no --squad
-    assert "--hf, --profile: only with --squad FILE" in capsys.readouterr().err
-    # --profile: each path's ops (CPU time here), ns per computed token, the padded pass computing the most tokens
+    # --profile: each path's ops (their CPU time here), ms a pass and ns per computed token
     blocks = re.findall(r"engine, (bucketed|padded to 128|packed[^:\n]*): where a pass's time goes\n"
                         r" +ops \(CPU time\) of one pass: ([\d.]+) ms, (\d+) ns a computed token\n"
                         r"((?: +[\d.]+ ms +\d+ ns/token +\d+ calls  \S.*\n)+)", out)
     assert [b[0].split(" (")[0] for b in blocks] == ["bucketed", "padded to 128", "packed"]
     assert all(float(ms) > 0 and int(ns) > 0 and "aten::" in ops for _, ms, ns, ops in blocks)
+    assert cli.main(["bench", "-e", str(engine), "--device", "cpu", "--profile", "--hf"]) == 2  # no --squad
+    assert "--hf, --profile: only with --squad FILE" in capsys.readouterr().err
     assert cli.main(["build", "--model", str(folder), "--buckets", "10", "-o", str(tmp_path / "x.engine"),
                      "--device", "cpu"]) == 2
     assert "multiple of 8" in capsys.readouterr().err
