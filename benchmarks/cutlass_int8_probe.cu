@@ -3,9 +3,13 @@
 // quantized epilogues (namespace ep), so the two are timed on equal terms: built with nvcc on any machine (no GPU
 // needed), then benchmarks/cutlass_int8_probe.py checks and times both in one run.
 //
-//   nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr -shared -Xcompiler -fPIC \
+//   nvcc -std=c++17 -O3 -DNDEBUG -arch=sm_90a --expt-relaxed-constexpr -shared -Xcompiler -fPIC \
 //        -I $CUTLASS/include -I $CUTLASS/tools/util/include \   (CUTLASS=<cutlass_library>/source, nvidia-cutlass)
-//        benchmarks/cutlass_int8_probe.cu -o cutlass_int8_probe.so
+//        benchmarks/cutlass_int8_probe.cu -o .cprobe/cutlass_int8_probe.so
+//
+// -DNDEBUG is not optional: CUTLASS's device asserts are function calls inside the main loop, and ptxas then
+// serializes every wgmma ("C7510 ... wgmma pipeline crossing function boundary"): a slow kernel, not CUTLASS's.
+// The build must print no C7510 line.
 #include <cuda_runtime.h>
 #include <cutlass/cutlass.h>
 #include <cute/tensor.hpp>
@@ -121,24 +125,31 @@ using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
 using Ping = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using PingEpi = cutlass::epilogue::TmaWarpSpecialized;
 
+// Tiles (M x N x K per CTA) and clusters (CTAs sharing each operand tile through TMA multicast).
 #define VARIANTS(E)                                                                         \
   Int8Gemm<E, Shape<_128, _128, _128>, Shape<_1, _1, _1>, Coop, CoopEpi>,                   \
   Int8Gemm<E, Shape<_128, _256, _128>, Shape<_1, _1, _1>, Coop, CoopEpi>,                   \
-  Int8Gemm<E, Shape<_64, _128, _128>, Shape<_1, _1, _1>, Ping, PingEpi>
-static const char* const NAMES[] = {"cooperative 128x128x128", "cooperative 128x256x128", "ping-pong 64x128x128"};
+  Int8Gemm<E, Shape<_64, _128, _128>, Shape<_1, _1, _1>, Ping, PingEpi>,                    \
+  Int8Gemm<E, Shape<_128, _256, _128>, Shape<_2, _1, _1>, Coop, CoopEpi>,                   \
+  Int8Gemm<E, Shape<_128, _128, _128>, Shape<_1, _2, _1>, Ping, PingEpi>
+static const char* const NAMES[] = {"cooperative 128x128x128", "cooperative 128x256x128", "ping-pong 64x128x128",
+                                    "cooperative 128x256x128, cluster 2x1", "ping-pong 128x128x128, cluster 1x2"};
+constexpr int VARIANT_COUNT = sizeof(NAMES) / sizeof(NAMES[0]);
 
-template <class V0, class V1, class V2, class... Args>
+template <class V0, class V1, class V2, class V3, class V4, class... Args>
 int dispatch(int v, Args... args) {
   switch (v) {
     case 0: return V0::run(args...);
     case 1: return V1::run(args...);
     case 2: return V2::run(args...);
+    case 3: return V3::run(args...);
+    case 4: return V4::run(args...);
     default: return 5;
   }
 }
 
 extern "C" {
-const char* probe_variant_name(int v) { return v >= 0 && v < 3 ? NAMES[v] : nullptr; }
+const char* probe_variant_name(int v) { return v >= 0 && v < VARIANT_COUNT ? NAMES[v] : nullptr; }
 
 // epilogue 0: plain (FP16 out), 1: residual codes (FP16 out), 2: GELU and int8 codes out (plugins/int8_linear.py).
 // 0 on success; 1 cannot implement, 2 workspace too small, 3 initialize failed, 4 launch failed, 5 no variant.
