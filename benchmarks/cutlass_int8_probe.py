@@ -19,6 +19,7 @@ from triton.testing import do_bench
 
 from common.files import atomic_write_text
 from engines.backends import triton_impl
+from engines.tuning import agrees
 from plugins.int8_linear import CANDIDATE_CONFIGS, int8_linear, int8_linear_reference
 
 # (N, K, epilogue): 0 plain, 1 + residual codes, 2 GELU and codes out (the .cu file's namespace ep)
@@ -71,10 +72,10 @@ def main(argv=None) -> None:
             scale = (w_scale * torch.tensor(a_scale, dtype=torch.float32, device=dev)).contiguous()  # s[n]
             ops = 2 * m * n * k
 
-            def error(got):  # codes: the largest step; FP16: the largest difference relative to the largest value
+            def error(got):  # (the build's agreement rule, the largest step of codes or FP16's relative error)
                 if got.dtype == torch.int8:
-                    return (got.int() - want.int()).abs().max().item()
-                return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                    return agrees(got, want), (got.int() - want.int()).abs().max().item()
+                return agrees(got, want), ((got.float() - want.float()).norm() / want.float().norm()).item()
             triton_times = {}
             for cfg in CANDIDATE_CONFIGS:
                 if not cfg.tma or cfg.small_m or (args.triton != ["all"] and triton_impl(cfg) not in args.triton):
@@ -106,9 +107,12 @@ def main(argv=None) -> None:
                 cutlass_times[name] = (do_bench(lambda: call(v), warmup=25, rep=200, return_mode="median"),
                                        error(out))
             for side, times in (("triton", triton_times), ("cutlass", cutlass_times)):
-                for name, (ms, err) in sorted(times.items(), key=lambda kv: kv[1][0]):
+                for name, (ms, (ok, err)) in sorted(times.items(), key=lambda kv: kv[1][0]):
                     detail.append(f"- {gemm} M={m} {side} {name}: {ms * 1e3:.1f} µs, {ops / ms / 1e9:.0f} TOP/s, "
-                                  f"against the reference: {err:.3g} (codes: largest step; FP16: relative)")
+                                  f"{'agrees' if ok else 'DISAGREES'} with the reference ({err:.3g}: codes' "
+                                  "largest step, or FP16's relative error)")
+                    if not ok:  # a wrong kernel is no candidate, however fast
+                        del times[name]
             if triton_times and cutlass_times:
                 (tn, (tms, _)), (cn, (cms, _)) = (min(t.items(), key=lambda kv: kv[1][0])
                                                   for t in (triton_times, cutlass_times))
