@@ -1,10 +1,11 @@
-"""Issue 20's structural question on the GPU: is a Hopper-native INT8 GEMM (CUTLASS 3's warp-specialized TMA + wgmma
-kernels, benchmarks/cutlass_int8_probe.cu) faster than our Triton INT8 GEMM at BERT-large's shapes? A measuring
-script, not product code: both run the engine's epilogue of each GEMM (QKV: FP16 out; attention-out and FC2: + the
--iln residual's INT8 codes, FP16 out; FC1: GELU, INT8 codes out) on the same operands in one run, each checked
-against plugins.int8_linear.int8_linear_reference, timed by triton.testing.do_bench (median, L2 flushed).
+"""Issue 20's GEMM question on the GPU: is CUTLASS 3's Hopper INT8 GEMM (the "cutlass" family, plugins/cutlass_int8)
+faster than our Triton INT8 GEMM at BERT-large's shapes? A measuring script: both families run the engine's epilogue
+of each GEMM (QKV: FP16 out; attention-out and FC2: + the -iln residual's INT8 codes, FP16 out; FC1: GELU, INT8
+codes out) on the same operands in one run, each checked against plugins.int8_linear.int8_linear_reference with the
+build's rule (engines.tuning.agrees), timed by triton.testing.do_bench (median, L2 flushed).
 
-    python -m benchmarks.cutlass_int8_probe --lib .cprobe/cutlass_int8_probe.so --out probe.md
+    python -m plugins.cutlass_int8 build --out lib.so      # once, where nvcc is (minutes)
+    python -m benchmarks.cutlass_int8_probe --lib lib.so --out probe.md
 
 Triton runs the TMA candidates of plugins.int8_linear that BERT-large builds chose at 49,152 rows (`--triton`
 names them; `--triton all` takes every TMA candidate); the table gives each side's best, and the ratio.
@@ -12,7 +13,7 @@ names them; `--triton all` takes every TMA candidate); the table gives each side
 from __future__ import annotations
 
 import argparse
-import ctypes
+import os
 
 import torch
 from triton.testing import do_bench
@@ -20,41 +21,30 @@ from triton.testing import do_bench
 from common.files import atomic_write_text
 from engines.backends import triton_impl
 from engines.tuning import agrees
+from plugins import cutlass_int8
 from plugins.int8_linear import CANDIDATE_CONFIGS, int8_linear, int8_linear_reference
 
-# (N, K, epilogue): 0 plain, 1 + residual codes, 2 GELU and codes out (the .cu file's namespace ep)
+# (N, K, epilogue): 0 plain, 1 + residual codes, 2 GELU and codes out
 SHAPES = {"qkv": (3072, 1024, 0), "attn_out": (1024, 1024, 1), "fc1": (4096, 1024, 2), "fc2": (1024, 4096, 1)}
 RECIP = 127 / 4.0  # FC1's output codes: GELU outputs up to 4
 
 
-def load(path: str):
-    lib = ctypes.CDLL(path)
-    lib.probe_variant_name.restype = ctypes.c_char_p
-    lib.probe_variant_name.argtypes = [ctypes.c_int]
-    lib.probe_gemm.restype = ctypes.c_int
-    lib.probe_gemm.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_void_p]
-                               + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
-    names, v = [], 0
-    while (name := lib.probe_variant_name(v)) is not None:
-        names.append(name.decode())
-        v += 1
-    return lib, names
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lib", required=True)
+    ap.add_argument("--lib", help=f"the CUTLASS library (default: ${cutlass_int8.LIBRARY_ENV} or the cache's)")
     ap.add_argument("--rows", type=int, nargs="+", default=[49152])
     ap.add_argument("--triton", nargs="+", default=["triton:128x128x128-g8-w4-s3+tma",
                                                      "triton:256x128x128-g8-w8-s3+tma-persistent",
                                                      "triton:128x256x128-g8-w8-s3+tma-persistent"])
     ap.add_argument("--out", default="probe.md")
     args = ap.parse_args(argv)
-    lib, variants = load(args.lib)
+    if args.lib:
+        os.environ[cutlass_int8.LIBRARY_ENV] = args.lib
+    if not cutlass_int8.available():
+        raise SystemExit(f"the CUTLASS family cannot run here: {cutlass_int8.unavailable_reason()}")
     dev = torch.device("cuda")
-    workspace = torch.empty(64 << 20, dtype=torch.uint8, device=dev)
     lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", "",
-             "| M | GEMM | Triton best (config) | µs | TOP/s | CUTLASS best (variant) | µs | TOP/s | "
+             "| M | GEMM | Triton best (config) | µs | TOP/s | CUTLASS best (config) | µs | TOP/s | "
              "Triton / CUTLASS |", "| ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     detail = []
     g = torch.Generator(device=dev).manual_seed(0)
@@ -69,43 +59,29 @@ def main(argv=None) -> None:
             res_scale = (torch.rand(n, device=dev, generator=g) * 0.02).contiguous()
             flags = [{}, dict(residual=res, residual_scale=res_scale), dict(gelu=True, out_recip=RECIP)][epilogue]
             want = int8_linear_reference(a, w, a_scale, w_scale, bias, **flags)
-            scale = (w_scale * torch.tensor(a_scale, dtype=torch.float32, device=dev)).contiguous()  # s[n]
             ops = 2 * m * n * k
 
             def error(got):  # (the build's agreement rule, the largest step of codes or FP16's relative error)
                 if got.dtype == torch.int8:
                     return agrees(got, want), (got.int() - want.int()).abs().max().item()
                 return agrees(got, want), ((got.float() - want.float()).norm() / want.float().norm()).item()
-            triton_times = {}
-            for cfg in CANDIDATE_CONFIGS:
-                if not cfg.tma or cfg.small_m or (args.triton != ["all"] and triton_impl(cfg) not in args.triton):
-                    continue
-                try:
-                    got = int8_linear(a, w, a_scale, w_scale, bias, config=cfg, **flags)
-                    torch.cuda.synchronize()
-                except Exception as e:  # a tile that does not compile here
-                    detail.append(f"- {gemm} M={m} triton {cfg}: {type(e).__name__}")
-                    continue
-                triton_times[triton_impl(cfg)] = (do_bench(lambda: int8_linear(a, w, a_scale, w_scale, bias,
-                                                                               config=cfg, **flags),
-                                                           warmup=25, rep=200, return_mode="median"), error(got))
-            cutlass_times = {}
-            out = torch.empty(m, n, dtype=want.dtype, device=dev)
-            stream = torch.cuda.current_stream().cuda_stream
 
-            def call(v):
-                return lib.probe_gemm(epilogue, v, a.data_ptr(), w.data_ptr(), scale.data_ptr(), bias.data_ptr(),
-                                      res.data_ptr(), res_scale.data_ptr(), RECIP, out.data_ptr(), m, n, k,
-                                      workspace.data_ptr(), workspace.numel(), stream)
-            for v, name in enumerate(variants):
-                out.fill_(-1)
-                rc = call(v)
-                torch.cuda.synchronize()
-                if rc:
-                    detail.append(f"- {gemm} M={m} cutlass {name}: status {rc}")
-                    continue
-                cutlass_times[name] = (do_bench(lambda: call(v), warmup=25, rep=200, return_mode="median"),
-                                       error(out))
+            def timed(side, name, run, times):
+                try:
+                    got = run()
+                    torch.cuda.synchronize()
+                except Exception as e:  # a tile that does not compile or launch here
+                    detail.append(f"- {gemm} M={m} {side} {name}: {type(e).__name__}: {str(e)[:200]}")
+                    return
+                times[name] = (do_bench(run, warmup=25, rep=200, return_mode="median"), error(got))
+            triton_times, cutlass_times = {}, {}
+            for cfg in CANDIDATE_CONFIGS:
+                if cfg.tma and not cfg.small_m and (args.triton == ["all"] or triton_impl(cfg) in args.triton):
+                    timed("triton", triton_impl(cfg), lambda cfg=cfg: int8_linear(a, w, a_scale, w_scale, bias,
+                                                                                  config=cfg, **flags), triton_times)
+            for name in cutlass_int8.CONFIGS:
+                timed("cutlass", name, lambda name=name: cutlass_int8.cutlass_int8_linear(name, a, w, a_scale, w_scale,
+                                                                                          bias, **flags), cutlass_times)
             for side, times in (("triton", triton_times), ("cutlass", cutlass_times)):
                 for name, (ms, (ok, err)) in sorted(times.items(), key=lambda kv: kv[1][0]):
                     detail.append(f"- {gemm} M={m} {side} {name}: {ms * 1e3:.1f} µs, {ops / ms / 1e9:.0f} TOP/s, "

@@ -12,6 +12,9 @@ compressed form, so it is offered and run only for GEMMs whose weight is 2:4 in 
 (the engine says which, `Gemm.sparse`); on a dense weight it would compute something else. The build times it
 against the dense families like any other candidate, so it runs only where it was measured faster.
 
+A family whose library is built on demand ("cutlass": plugins/cutlass_int8.py) says through `available` whether
+the library is there; until it is, builds time the other families, and an engine that chose it runs the reference.
+
 Attention families come in two layouts, in the same table: padded ([batch, S] with a key bias) and `varlen`
 (the windows packed back to back, cu_seqlens; plugins/varlen_attention.py), each with its own library family per
 format. A family name means one layout: "fused-attention" is padded, "varlen-attention" packed; the packed
@@ -161,6 +164,15 @@ def runnable(impl: str, format: str, gpu_kernels: bool, attention: bool = False,
     (`_usable`)."""
     found = _ATTENTIONS.get((split(impl)[0], format, varlen)) if attention else _GEMMS.get((split(impl)[0], format))
     return found is not None and _usable(found, gpu_kernels, sparse)
+
+
+def unavailable_families(impls: Sequence[str], formats: Sequence[str], gpu_kernels: bool) -> list[str]:
+    """The GEMM families of `formats` among `impls` whose kernels could run here (`gpu_kernels`) but whose library
+    is missing: an engine naming them runs the reference in their place, correct but slower (CUTLASS's, until it
+    is built)."""
+    found = {b.family for b in _GEMMS.values() if b.format in formats and b.gpu_kernels <= gpu_kernels
+             and b.available is not None and not b.sparse and not b.available()}
+    return sorted({split(impl)[0] for impl in impls} & found)
 
 
 def is_sparse(impl: str) -> bool:
@@ -356,6 +368,25 @@ def _cublaslt_fp8_available() -> bool:
     return scaled_mm_available()
 
 
+def _cutlass_configs(problem: GemmProblem) -> list[str]:
+    """CUTLASS's configurations where plugins/cutlass_int8.cu has a kernel for the problem's epilogue and shape."""
+    from plugins.cutlass_int8 import CONFIGS, supports
+
+    return list(CONFIGS) if problem.dtype == "int8" and supports(problem.epilogue, problem.n, problem.k) else []
+
+
+def _int8_cutlass(config, a, w, a_scale, w_scale, bias, *, gelu_tanh=True, **kw):
+    from plugins.cutlass_int8 import cutlass_int8_linear
+
+    return cutlass_int8_linear(config, a, w, a_scale, w_scale, bias, **kw)
+
+
+def _cutlass_available() -> bool:
+    from plugins.cutlass_int8 import available
+
+    return available()
+
+
 def _sdpa(config, qkv, batch, heads, key_bias, *, scales=None, out_recip=None, out_dtype=torch.float16,
           gpu_kernels=False, out_format=INT8):
     """PyTorch's fused SDPA, then (where the next GEMM is quantized) the context's codes in one pass on CUDA."""
@@ -524,6 +555,9 @@ TORCH_VARLEN = "torch-varlen"
 
 register_gemm(GemmBackend(LIBRARY, "int8", _reference_only, _int8_library))
 register_gemm(GemmBackend(TRITON, "int8", _triton_configs, _int8_triton, gpu_kernels=True))
+CUTLASS = "cutlass"  # built on demand (plugins/cutlass_int8.py): unavailable until then
+register_gemm(GemmBackend(CUTLASS, "int8", _cutlass_configs, _int8_cutlass, gpu_kernels=True,
+                          available=_cutlass_available))
 register_gemm(GemmBackend(LIBRARY, "fp", _reference_only, _fp_library))
 CUSPARSELT = "cusparselt"
 for _format, _run in (("int8", _int8_cusparselt), ("fp", _fp_cusparselt)):

@@ -11,6 +11,10 @@ reference, and the reference to quant.quantizer, so the INT8 math still lives in
 - attention:   softmax(QK^T)V from the QKV GEMM's output -> the context in the next GEMM's layout, FP or codes
 - varlen_attention: the same for windows packed back to back (cu_seqlens), no padding (build --varlen)
 
+Beside them, wrappers of CUDA libraries with the same functions: sparse_linear (cuSPARSELt's 2:4 GEMM),
+fp8_linear's cuBLASLt path, and cutlass_int8 (CUTLASS's Hopper INT8 GEMM with these epilogues, CUDA C++ that
+`python -m plugins.cutlass_int8 build` compiles once per machine).
+
 On Hopper and later GPUs every kernel launches with programmatic dependent launch and waits for the kernel before
 it (plugins.common.await_inputs) before touching a tensor: batch-1 forwards are chains of short kernels, and PDL
 took 14% off BERT-large INT8 at 1 x 128 (BENCHMARKS.md). The math and the memory order stay those of stream order.

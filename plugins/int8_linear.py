@@ -504,7 +504,9 @@ _NAMES = {INT8.name: "int8_linear", FP8_E4M3.name: "fp8_linear"}  # the wrappers
 CODE_DTYPES = (INT8.dtype, FP8_E4M3.dtype)  # a residual of these dtypes is codes, read with its residual_scale
 
 
-def _check(fmt: QuantFormat, a_q, w_q, w_scale, bias, residual, residual_scale, out_dtype):
+def check_arguments(fmt: QuantFormat, a_q, w_q, w_scale, bias, residual, residual_scale, out_dtype):
+    """Raise ValueError unless the operands suit the quantized GEMM of `fmt` (any family's: the shapes, dtypes and
+    layouts int8_linear documents)."""
     name = _NAMES[fmt.name]
     if a_q.dtype != fmt.dtype or w_q.dtype != fmt.dtype or a_q.dim() != 2 or w_q.dim() != 2:
         raise ValueError(f"{name}: a_q and w_q must be 2-D {fmt.dtype}, got {a_q.dtype} {tuple(a_q.shape)} and "
@@ -530,10 +532,10 @@ def _check(fmt: QuantFormat, a_q, w_q, w_scale, bias, residual, residual_scale, 
     devices = {t.device for t in (a_q, w_q, w_scale, bias) + ((residual,) if residual is not None else ())}
     if len(devices) != 1:
         raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
-    _check_vector(name, "residual_scale", residual_scale, n, a_q.device)
+    check_vector(name, "residual_scale", residual_scale, n, a_q.device)
 
 
-def _check_vector(name: str, what: str, v, n: int, device: torch.device) -> None:
+def check_vector(name: str, what: str, v, n: int, device: torch.device) -> None:
     """A per-channel scale or reciprocal (a tensor; a number or None needs no check) must be float32 [n]."""
     if isinstance(v, torch.Tensor) and (v.shape != (n,) or v.dtype != torch.float32 or not v.is_contiguous()
                                         or v.device != device):
@@ -568,8 +570,8 @@ def quantized_linear(in_format: QuantFormat, a_q: torch.Tensor, w_q: torch.Tenso
     """The one launch path of the quantized GEMM kernels: int8_linear's function for `in_format`'s codes (INT8:
     int32 sums; FP8 E4M3, plugins.fp8_linear.fp8_linear: float32 sums), the output's codes in `out_format`
     where `out_recip` is given. Picks the kernel variant the configuration names (pointer, TMA, split K)."""
-    _check(in_format, a_q, w_q, w_scale, bias, residual, residual_scale, out_dtype)
-    _check_vector(_NAMES[in_format.name], "out_recip", out_recip, w_q.shape[0], a_q.device)
+    check_arguments(in_format, a_q, w_q, w_scale, bias, residual, residual_scale, out_dtype)
+    check_vector(_NAMES[in_format.name], "out_recip", out_recip, w_q.shape[0], a_q.device)
     m, k = a_q.shape
     n = w_q.shape[0]
     out_kind = common.kernel_format(out_recip, out_format)
