@@ -74,8 +74,21 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
         build_seconds=0.0, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=loaded.source,
         calibration=calib.describe() if calib is not None and policy.quantized else "", varlen=varlen)
     if device.type == "cuda":
+        if policy.int8:
+            _cutlass_hint()
         header = replace(header, kernels={**header.kernels, **_tune(header, tensors, device, timing_cache)})
     return replace(header, build_seconds=time.perf_counter() - t0), tensors
+
+
+def _cutlass_hint() -> None:
+    """Say once per process where this GPU could time CUTLASS's INT8 GEMMs but their library is not built: the
+    build still works, with the other families only."""
+    from plugins.cutlass_int8 import build_hint
+
+    hint = build_hint()
+    if hint and not getattr(_cutlass_hint, "said", False):
+        _cutlass_hint.said = True
+        log.warning("%s", hint)
 
 
 def check_fp8_device(policy: PrecisionPolicy, device: torch.device) -> None:

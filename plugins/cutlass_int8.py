@@ -5,8 +5,10 @@ CUTLASS's warp-specialized TMA + wgmma kernels, the whole quantized epilogue fus
 (plugins/cutlass_int8.cu says why this is our own CUDA source on top of the library). The build times these
 kernels beside the Triton tiles and keeps, GEMM by GEMM, whichever is faster and agrees with the reference.
 
-The kernels are compiled once per machine, not at import: nvcc and CUTLASS's headers (the `nvidia-cutlass`
-package, or a CUTLASS checkout named by $CUTLASS_DIR) are needed to build, not to run.
+The kernels are compiled once per machine, not at import: nvcc and CUTLASS's headers are needed to build, not to
+run. The headers come from the `nvidia-cutlass` package (`pip install --no-deps nvidia-cutlass==4.2.0.0`: only its
+headers are used, so not its code generator's requirements; not in requirements.txt for that reason) or from a
+CUTLASS checkout named by $CUTLASS_DIR.
 
     python -m plugins.cutlass_int8 build              # -> the cache folder, found there by every later run
     WORKBENCH_CUTLASS_LIB=/path/lib.so cli.py build ...  # a library built elsewhere (same source)
@@ -90,8 +92,8 @@ def cutlass_headers() -> Path:
     else:
         spec = importlib.util.find_spec("cutlass_library")
         if spec is None or spec.origin is None:
-            raise WorkbenchError("building the CUTLASS GEMMs needs CUTLASS's headers: pip install nvidia-cutlass, or "
-                                 f"set {CUTLASS_ENV} to a CUTLASS checkout")
+            raise WorkbenchError("building the CUTLASS GEMMs needs CUTLASS's headers: pip install --no-deps "
+                                 f"nvidia-cutlass==4.2.0.0, or set {CUTLASS_ENV} to a CUTLASS checkout")
         root = Path(spec.origin).parent / "source"
     if not (root / "include" / "cutlass" / "cutlass.h").is_file():
         raise WorkbenchError(f"{root}: no include/cutlass/cutlass.h there (expected a CUTLASS source tree)")
@@ -192,6 +194,16 @@ def unavailable_reason() -> str:
 
 def available() -> bool:
     return not unavailable_reason()
+
+
+def build_hint() -> str | None:
+    """One line for a build on a GPU the kernels suit (compute capability 9.0) where their library is not built
+    or not loadable; None elsewhere."""
+    if _gpu_reason() or available():
+        return None
+    return (f"CUTLASS's INT8 GEMMs cannot be timed for this build ({_library()[1]}); it times the other kernel "
+            "families. `python -m plugins.cutlass_int8 build` compiles them once for this machine (nvcc and the "
+            "nvidia-cutlass package; minutes), after which builds time them beside Triton's")
 
 
 # ------------------------------------------------------------------------------------------------ running

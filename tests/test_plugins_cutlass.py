@@ -83,6 +83,19 @@ def test_an_engine_that_chose_cutlass_where_it_is_not_built_is_told_so():
     assert _why_unavailable("cutlass") == C.unavailable_reason()
 
 
+def test_a_build_on_a_gpu_the_kernels_suit_says_once_how_to_build_them(monkeypatch, caplog):
+    assert C.build_hint() is None or torch.cuda.is_available()  # no GPU: nothing to say
+    monkeypatch.setattr(C, "_gpu_reason", lambda: "")             # as on an H100 or H200 without the library
+    hint = C.build_hint()
+    assert "is not built" in hint and "python -m plugins.cutlass_int8 build" in hint
+    from engines import build
+    monkeypatch.setattr(build._cutlass_hint, "said", False, raising=False)
+    with caplog.at_level("WARNING", logger="engines.build"):
+        build._cutlass_hint()
+        build._cutlass_hint()
+    assert [r.getMessage() for r in caplog.records] == [hint]
+
+
 def test_the_library_name_follows_the_source_and_the_environment_can_name_another(monkeypatch, tmp_path):
     assert C.library_path().name == f"cutlass_int8-{C.source_hash()}.so"
     assert "is not built (python -m plugins.cutlass_int8 build)" in C._library()[1]
