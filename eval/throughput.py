@@ -19,6 +19,7 @@ so their token ids only need the real lengths.
 from __future__ import annotations
 
 import functools
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -131,8 +132,22 @@ def kernel_profile(forward: Forward, features, device: torch.device, batch: int,
     lines = [f"    {what} of one pass: {whole / 1e3:.1f} ms, {whole * 1e3 / max(tokens, 1):.0f} ns a computed token"]
     for e in events[:top]:
         lines.append(f"      {spent(e) / 1e3:8.1f} ms {spent(e) * 1e3 / max(tokens, 1):6.0f} ns/token "
-                     f"{e.count:6d} calls  {e.key[:100]}")
+                     f"{e.count:6d} calls  {kernel_label(e.key)[:100]}")
     return lines
+
+
+def kernel_label(name: str) -> str:
+    """A kernel's name as a profile line shows it. CUTLASS's mangled template names differ only past their first
+    hundred characters, so our CUTLASS GEMMs (plugins/cutlass_int8.cu) read as their schedule, wgmma shape, TMA
+    multicast (a cluster) and epilogue instead."""
+    if not name.startswith("_ZN7cutlass13device_kernel"):
+        return name
+    mma = re.search(r"MMA_(\d+x\d+x\d+)_S32S8S8", name)
+    epilogue = re.search(r"2wb(\d+)", name)  # a length-prefixed identifier: 2wb5Plain
+    return " ".join(filter(None, [
+        "cutlass GEMM", next((s.lower() for s in ("Pingpong", "Cooperative") if s in name), None),
+        mma and f"wgmma {mma.group(1)}", "multicast" if "TMA_LOAD_MULTICAST" in name else None,
+        epilogue and f"epilogue {name[epilogue.end():epilogue.end() + int(epilogue.group(1))]}"]))
 
 
 def single_stream(forward: Forward, features, device: torch.device, n: int, warmup: int = 10) -> dict[str, float]:

@@ -17,7 +17,7 @@ from data.tokenizer import load_wordpiece
 from engines.build import build_engine, load_runnable
 from engines.engine_file import Profile, length_buckets, pick_profile, save_engine
 from engines.graphs import GraphRunner
-from eval.throughput import batch_tokens, offline_run
+from eval.throughput import batch_tokens, kernel_label, offline_run
 from model.checkpoint import load_model
 from model.runner import batches_by_length, run_logits
 from quant.policy import PrecisionPolicy
@@ -134,3 +134,27 @@ def test_cli_build_buckets_and_bench_squad(tmp_path, capsys):
                      "--device", "cpu"]) == 2
     assert "multiple of 8" in capsys.readouterr().err
     assert not (tmp_path / "x.engine").exists()
+
+
+# The first 1,100 characters of a kernel name from plugins/cutlass_int8.cu's library, as torch.profiler reports it
+CUTLASS_KERNEL = (
+    "_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalIN4cute5tupleIJiiiiEEENS1_10collective13Col"
+    "lectiveMmaINS1_34MainloopSm90TmaGmmaWarpSpecializedILi6ENS5_IJNS4_1CILi1EEENSA_ILi2EEESB_EEENS1_32Ke"
+    "rnelTmaWarpSpecializedPingpongEEENS5_IJNSA_ILi128EEESG_SG_EEEaNS5_IJlSB_lEEEaSI_NS4_8TiledMMAINS4_8M"
+    "MA_AtomIJNS4_4SM904GMMA27MMA_64x128x32_S32S8S8_SS_TNEEEENS4_6LayoutINS5_IJSB_SB_SB_EEENS5_IJNSA_ILi0"
+    "EEESR_SR_EEEEENS5_IJNS4_10UnderscoreESU_SU_EEEEENS4_23SM90_TMA_LOAD_MULTICASTENS4_14ComposedLayoutIN"
+    "S4_7SwizzleILi3ELi4ELi3EEENS4_18smem_ptr_flag_bitsILi8EEENSP_INS5_IJNSA_ILi8EEESG_EEENS5_IJSG_SB_EEE"
+    "EEEEvNS4_8identityENS4_13SM90_TMA_LOADES17_vS18_EENS_8epilogue10collective18CollectiveEpilogueINS1B_"
+    "22Sm90TmaWarpSpecializedILi4ELi2ELi32ELb0ELb1EEEJSH_NS5_IJNSA_ILi64EEES1G_EEEvSI_aSI_NS1B_6fusion15S"
+    "m90TreeVisitorINS1I_11Sm90ComputeIN2wb9GeluCodesEafLNS_15FloatRoundStyleE2EvEEJNS1I_12Sm90AccFetchEN"
+    "S1I_16Sm90RowBroadcastILi0ESH_ffNS5_IJSR_SB_SR_EEELi4ELb1EEENS1I_19Sm90ScalarBroadcastIfSS_Li1ENS_10"
+    "multipliesEEES1S_S1S_EEES19_NSY_INSZ_ILi2ELi4ELi3EEES12_NSP_INS5_IJS13_S1G_EEENS5_IJS1G_SB_EEEEEEENS")
+
+
+def test_a_profile_line_names_a_cutlass_gemm_by_its_schedule_tiles_and_epilogue():
+    """Mangled CUTLASS names agree in their first 100 characters, where profile lines cut them."""
+    assert kernel_label(CUTLASS_KERNEL) == "cutlass GEMM pingpong wgmma 64x128x32 multicast epilogue GeluCodes"
+    plain = CUTLASS_KERNEL.replace("Pingpong", "Cooperative").replace("2wb9GeluCodes", "2wb5Plain")
+    assert kernel_label(plain.replace("TMA_LOAD_MULTICAST", "TMA_LOAD")) == \
+        "cutlass GEMM cooperative wgmma 64x128x32 epilogue Plain"
+    assert kernel_label("attention_kernel") == "attention_kernel"
