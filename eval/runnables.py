@@ -31,7 +31,9 @@ EXAMPLES = """examples:
   python cli.py build --model DIR --int8 --fp16 -b 64 -s 384 --buckets 64 --calib-cache calib.json \\
       -o engines/buckets.engine   # + 64x64, 64x128, ..., 64x320: length-sorted batches run in the smallest
   python cli.py build --model DIR --int8 --fp16 -b 64 -s 384 --buckets 64 --varlen --calib-cache calib.json \\
-      -o engines/packed.engine    # padding-free: windows packed into token budgets 64 x 64 ... 64 x 384"""
+      -o engines/packed.engine    # padding-free: windows packed into token budgets 64 x 64 ... 64 x 384
+  python -m plugins.cutlass_int8 build   # once per H100/H200 machine (nvcc, nvidia-cutlass headers): INT8 builds
+      # then time CUTLASS's Hopper GEMMs beside the Triton kernels"""
 CPU_FP16 = ("FP16 on the CPU is emulated and several times slower than FP32 (about 7 questions/s for the MiniLM): "
             "use --precision fp32 (or bf16) on the CPU")
 
