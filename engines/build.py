@@ -384,6 +384,9 @@ def _versions() -> dict[str, str]:
     versions = {"workbench": common.version.__version__, "torch": torch.__version__}
     if torch.version.cuda:
         versions["cuda"] = torch.version.cuda
+    from plugins import cutlass_int8
+    if cutlass_int8.available():  # its kernels were candidates: which source built them
+        versions["cutlass_int8"] = cutlass_int8.source_hash()
     return versions
 
 

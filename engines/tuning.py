@@ -45,16 +45,19 @@ class GemmProblem:
 
 
 def machine_key() -> str:
-    """GPU, compute capability, the versions whose kernels we time, how we time, and whether kernels launch
-    with programmatic dependent launch (plugins.common.pdl): a timing holds only for all of them."""
+    """GPU, compute capability, the versions whose kernels we time (the CUTLASS library's source where it is
+    built: a rebuilt library times anew), how we time, and whether kernels launch with programmatic dependent
+    launch (plugins.common.pdl): a timing holds only for all of them."""
     import triton
 
+    from plugins import cutlass_int8
     from plugins.common import pdl
 
     major, minor = torch.cuda.get_device_capability()
     launch = " pdl" if pdl(torch.device("cuda", torch.cuda.current_device())) else ""
+    cutlass = f" cutlass {cutlass_int8.source_hash()}" if cutlass_int8.available() else ""
     return (f"{torch.cuda.get_device_name()} sm{major}{minor} torch {torch.__version__} "
-            f"triton {triton.__version__} {TIMING_METHOD}{launch}")
+            f"triton {triton.__version__}{cutlass} {TIMING_METHOD}{launch}")
 
 
 def kernel_key(gemm: str, m: int) -> str:
