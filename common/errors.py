@@ -23,3 +23,14 @@ def warnings_to_stderr(*loggers: str) -> None:
     for logger in map(logging.getLogger, loggers):
         if not any(isinstance(h, _StderrWarnings) for h in logger.handlers):
             logger.addHandler(_StderrWarnings(logging.WARNING))
+
+
+def exit_status(work) -> int:
+    """Run `work()` for a `python -m` entry point: 0, or a WorkbenchError as one `error: ...` line and 2 (as
+    cli.py does for its verbs)."""
+    try:
+        work()
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -8,7 +8,11 @@
 //
 // One translation unit per epilogue (-DWB_EPILOGUE=0..5) so the build compiles them in parallel, and one with
 // -DWB_DISPATCH for the C API below. Built with -DNDEBUG: CUTLASS's device asserts are calls inside the main loop,
-// and ptxas then serializes every wgmma (warning C7510), which would make a slow kernel of a fast one.
+// and ptxas then serializes every wgmma (warning C7510), which would make a slow kernel of a fast one. Built with
+// -DCUTLASS_ENABLE_GDC_FOR_SM90: launched with programmatic dependent launch (WbGemmArgs.pdl), a kernel's load
+// warps wait for the kernel before it to finish before reading global memory (its stores come after its loads),
+// and it lets the next kernel launch at its last tile, which waits in turn (plugins/common.py await_inputs): the
+// memory order of plain stream order, without the launch gap between kernels.
 #include <cuda_runtime.h>
 #include <cstddef>
 #include <cstdint>
@@ -33,6 +37,7 @@ struct WbGemmArgs {
   float vec_default;
   int m, n, k;
   int sm_count;
+  int pdl;  // launch with programmatic dependent launch (plugins.common.pdl), as our Triton kernels do
 };
 
 // Status codes (plugins/cutlass_int8.py STATUS): 0 done; 1 CUTLASS cannot implement this problem; 2 workspace too
@@ -186,7 +191,7 @@ struct Kernel {
     if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
     if (Gemm::get_workspace_size(args) > g.workspace_bytes) return 2;
     if (gemm.initialize(args, g.workspace, g.stream) != cutlass::Status::kSuccess) return 3;
-    return gemm.run(g.stream) == cutlass::Status::kSuccess ? 0 : 4;
+    return gemm.run(g.stream, nullptr, g.pdl != 0) == cutlass::Status::kSuccess ? 0 : 4;
   }
 };
 

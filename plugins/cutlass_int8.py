@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import WorkbenchError
+from common.errors import WorkbenchError, exit_status
 from common.files import cache_root
 from plugins import common
 from plugins.int8_linear import check_arguments, check_vector
@@ -68,7 +68,8 @@ class GemmArgs(ctypes.Structure):
                 ("bias", ctypes.c_void_p), ("res", ctypes.c_void_p), ("vec", ctypes.c_void_p),
                 ("out", ctypes.c_void_p), ("workspace", ctypes.c_void_p), ("stream", ctypes.c_void_p),
                 ("workspace_bytes", ctypes.c_size_t), ("a_scale", ctypes.c_float), ("vec_default", ctypes.c_float),
-                ("m", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int), ("sm_count", ctypes.c_int)]
+                ("m", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int), ("sm_count", ctypes.c_int),
+                ("pdl", ctypes.c_int)]
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -111,9 +112,10 @@ def nvcc() -> str:
 def compile_commands(compiler: str, headers: Path, folder: Path) -> tuple[list[list[str]], list[str]]:
     """One nvcc command per translation unit (each epilogue, then the C API) writing objects into `folder`, and
     the command that links them into `folder`/lib.so. For sm_90a (wgmma and setmaxnreg need its 'a' target),
-    with -DNDEBUG (the .cu file says why it is not optional)."""
-    flags = ["-std=c++17", "-O3", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
-             "-Xcompiler", "-fPIC", "-I", str(headers / "include"), "-I", str(headers / "tools" / "util" / "include")]
+    with -DNDEBUG and programmatic dependent launch compiled in (the .cu file says why)."""
+    flags = ["-std=c++17", "-O3", "-DNDEBUG", "-DCUTLASS_ENABLE_GDC_FOR_SM90", "-gencode=arch=compute_90a,code=sm_90a",
+             "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-I", str(headers / "include"),
+             "-I", str(headers / "tools" / "util" / "include")]
     units = [f"-DWB_EPILOGUE={e}" for e in range(len(EPILOGUES))] + ["-DWB_DISPATCH"]
     objects = [str(folder / f"unit{i}.o") for i in range(len(units))]
     compiles = [[compiler, *flags, unit, "-c", str(SOURCE), "-o", obj] for unit, obj in zip(units, objects)]
@@ -262,7 +264,8 @@ def cutlass_int8_linear(config: str, a_q: torch.Tensor, w_q: torch.Tensor, a_sca
     args = GemmArgs(*(t.data_ptr() for t in tensors), res.data_ptr() if res is not None else None,
                     vec_t.data_ptr() if vec_t is not None else None, out.data_ptr(), None,
                     torch.cuda.current_stream(a_q.device).cuda_stream, 0, float(a_scale),
-                    float(vec) if vec is not None and vec_t is None else 1.0, m, n, k, _sm_count(a_q.device.index))
+                    float(vec) if vec is not None and vec_t is None else 1.0, m, n, k, _sm_count(a_q.device.index),
+                    int(common.pdl(a_q.device)))
     e, c = EPILOGUES.index(epilogue), CONFIGS.index(config)
     need = ctypes.c_size_t(0)
     status = lib.wb_cutlass_gemm(e, c, ctypes.byref(args), ctypes.byref(need))
@@ -286,15 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--jobs", type=int, help="translation units compiled at once (default: one per CPU)")
     sub.add_parser("status", help="whether the family can run here, and why not")
     args = ap.parse_args(argv)
-    try:
-        if args.command == "build":
-            build(args.out, args.jobs)
-        else:
-            why = unavailable_reason()
-            print(f"cutlass: {'available' if not why else 'unavailable: ' + why} ({library_path()})")
-    except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "build":
+        return exit_status(lambda: build(args.out, args.jobs))
+    why = unavailable_reason()
+    print(f"cutlass: {'available' if not why else 'unavailable: ' + why} ({library_path()})")
     return 0
 
 

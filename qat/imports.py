@@ -1058,9 +1058,8 @@ def write_qat_folder(imported: ImportedScales, folder: str | Path, model: BertQA
 
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
-    import sys
 
-    from common.errors import warnings_to_stderr
+    from common.errors import exit_status, warnings_to_stderr
     from model.checkpoint import load_model
 
     p = argparse.ArgumentParser(prog="python -m qat.imports", description="Read a QAT result made elsewhere "
@@ -1073,19 +1072,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-o", "--output", help="write a QAT folder (weights + quant_spec.json) here")
     args = p.parse_args(argv)
     warnings_to_stderr("qat")
-    try:
+
+    def work() -> None:
         loaded = load_model(args.model)
         imported = read_external_scales(args.file, loaded.config, strict=args.strict,
                                         ignore_unmodelled=args.ignore_unmodelled)
         print(imported.summary())
         if args.output:
-            source = loaded.model_dir
-            out = write_qat_folder(imported, args.output, loaded.model, source)
+            out = write_qat_folder(imported, args.output, loaded.model, loaded.model_dir)
             print(f"wrote {out} (build it with `cli.py build --model {out} --int8 ...`)")
-    except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(work)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,20 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def replayed(run, a: torch.Tensor, seed: int) -> torch.Tensor:
+    """run() warmed up, captured in a CUDA graph, and replayed after new INT8 codes were written into its input
+    `a` in place: the graph's output, which must be the function of the new input."""
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    a.copy_(torch.randint(-127, 128, a.shape, dtype=torch.int8, generator=gen(seed)).to(a.device))
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double().cpu(), ref.double().cpu()
     assert torch.isfinite(out).all(), "non-finite (unwritten?) output elements"

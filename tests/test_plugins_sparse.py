@@ -20,7 +20,7 @@ from plugins import sparse_linear as S
 from quant.policy import PrecisionPolicy
 from tests.test_backends import pruned_model
 from tests.test_engines import inputs, max_calibration
-from tests.test_plugins_common import assert_codes_close, gen, rel
+from tests.test_plugins_common import assert_codes_close, gen, rel, replayed
 from tests.test_plugins_int8_linear import EPILOGUES, kwargs_for, problem
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -225,17 +225,7 @@ def test_cuda_sparse_linear_replays_in_a_cuda_graph():
     from plugins.int8_linear import int8_linear_reference
 
     a, w, a_scale, w_scale, bias, kw = sparse_problem(128, 1536, 384, 5, "gelu+int8")
-    def run():
-        return S.sparse_linear(a, S.compressed(w), a_scale, w_scale, bias, config="alg0", **kw)
-
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    a.copy_(torch.randint(-127, 128, a.shape, dtype=torch.int8, generator=gen(6)).cuda())
-    graph.replay()
-    torch.cuda.synchronize()
+    out = replayed(lambda: S.sparse_linear(a, S.compressed(w), a_scale, w_scale, bias, config="alg0", **kw), a, 6)
     assert torch.equal(out, int8_linear_reference(a, w, a_scale, w_scale, bias, **kw))
     fresh = w.clone()
     with pytest.raises(RuntimeError, match="inside a CUDA graph capture"):
