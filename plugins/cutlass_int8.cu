@@ -210,6 +210,8 @@ int with_config(int config, F f) {
     case 2: return f(Kernel<E, Shape<_64, _128, _128>, Shape<_1, _1, _1>, Ping, PingEpi>{});
     case 3: return f(Kernel<E, Shape<_128, _256, _128>, Shape<_2, _1, _1>, Coop, CoopEpi>{});
     case 4: return f(Kernel<E, Shape<_128, _128, _128>, Shape<_1, _2, _1>, Ping, PingEpi>{});
+    case 5: return f(Kernel<E, Shape<_128, _128, _128>, Shape<_2, _1, _1>, Ping, PingEpi>{});
+    case 6: return f(Kernel<E, Shape<_256, _128, _128>, Shape<_1, _2, _1>, Coop, CoopEpi>{});
     default: return -5;
   }
 }
@@ -238,7 +240,8 @@ extern "C" {
 WB_EPILOGUES(WB_DECLARE)
 
 static const char* const CONFIG_NAMES[] = {"coop-128x128x128", "coop-128x256x128", "ping-64x128x128",
-                                           "coop-128x256x128-c2x1", "ping-128x128x128-c1x2"};
+                                           "coop-128x256x128-c2x1", "ping-128x128x128-c1x2",
+                                           "ping-128x128x128-c2x1", "coop-256x128x128-c1x2"};
 
 int wb_cutlass_args_size() { return static_cast<int>(sizeof(WbGemmArgs)); }
 const char* wb_cutlass_config_name(int config) {

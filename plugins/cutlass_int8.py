@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from common.errors import WorkbenchError, exit_status
-from common.files import cache_root
+from common.files import cache_root, check_writable_dir
 from plugins import common
 from plugins.int8_linear import check_arguments, check_vector
 from quant.formats import INT8
@@ -52,7 +52,7 @@ CUTLASS_ENV = "CUTLASS_DIR"             # a CUTLASS source tree (include/, tools
 # consumer warp groups on one tile; ping-pong: each on its own tile, one's epilogue under the other's GEMM), tile
 # M x N x K, and a thread-block cluster that shares operand tiles through TMA multicast.
 CONFIGS = ("coop-128x128x128", "coop-128x256x128", "ping-64x128x128", "coop-128x256x128-c2x1",
-           "ping-128x128x128-c1x2")
+           "ping-128x128x128-c1x2", "ping-128x128x128-c2x1", "coop-256x128x128-c1x2")
 # Its epilogues (wb::Epilogue0..5), as engines.tuning.GemmProblem.epilogue names them.
 EPILOGUES = ("bias->float16", "bias+residual8->float16", "bias+residual->float16", "bias+gelu->float16",
              "bias->int8", "bias+gelu->int8")
@@ -102,8 +102,10 @@ def cutlass_headers() -> Path:
 
 
 def nvcc() -> str:
-    found = shutil.which("nvcc") or next((str(p) for p in (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
-                                                            / "bin" / "nvcc",) if p.is_file()), None)
+    found = shutil.which("nvcc")
+    if found is None:
+        candidate = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+        found = str(candidate) if candidate.is_file() else None
     if found is None:
         raise WorkbenchError("building the CUTLASS GEMMs needs CUDA's compiler: nvcc is not on PATH (or set CUDA_HOME)")
     return found
@@ -129,7 +131,7 @@ def build(out: Path | None = None, jobs: int | None = None, log=print) -> Path:
     warning that ptxas serialized the wgmma pipeline (C7510) fails the build: it would be a slow kernel."""
     out = Path(out) if out else library_path()
     compiler, headers = nvcc(), cutlass_headers()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(out.parent, "library's folder")
     with tempfile.TemporaryDirectory(prefix="cutlass-build-", dir=out.parent) as tmp:
         compiles, link = compile_commands(compiler, headers, Path(tmp))
         log(f"compiling {len(compiles)} units of {SOURCE.name} with {compiler} and {headers} "
@@ -138,14 +140,20 @@ def build(out: Path | None = None, jobs: int | None = None, log=print) -> Path:
         def run(cmd: list[str]) -> str:
             done = subprocess.run(cmd, capture_output=True, text=True)
             text = done.stdout + done.stderr
-            if done.returncode != 0:
-                raise WorkbenchError(f"{SOURCE}: nvcc failed ({' '.join(cmd[-4:])}): {text.strip()[-2000:]}")
+            if done.returncode != 0:  # its error lines, on one line
+                errors = [line.strip() for line in text.splitlines() if "error" in line.lower()] or \
+                    text.strip().splitlines()[-3:]
+                step = cmd[cmd.index("-c") - 1] if "-c" in cmd else "linking"
+                raise WorkbenchError(f"{SOURCE}: nvcc failed ({step}): {' | '.join(errors[:3])[:600]}")
             if "C7510" in text:
                 raise WorkbenchError(f"{SOURCE}: ptxas serialized the wgmma pipeline (C7510); built without -DNDEBUG?")
             return text
-        with ThreadPoolExecutor(max_workers=jobs or min(len(compiles), os.cpu_count() or 1)) as pool:
+        pool = ThreadPoolExecutor(max_workers=jobs or min(len(compiles), os.cpu_count() or 1))
+        try:
             for i, _ in enumerate(pool.map(run, compiles), 1):
                 log(f"  unit {i}/{len(compiles)} compiled")
+        finally:  # after a failure, units not yet started are not compiled for nothing
+            pool.shutdown(wait=True, cancel_futures=True)
         run(link)
         os.replace(Path(tmp) / "lib.so", out)
     _load.cache_clear()

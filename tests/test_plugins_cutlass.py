@@ -160,16 +160,24 @@ def test_build_compiles_every_unit_for_sm90a_with_ndebug_and_links_one_library(f
     assert lines[-1] == f"wrote {out}" and list(out.parent.iterdir()) == [out]  # the temporary folder is gone
 
 
-@pytest.mark.parametrize("env,message", [({"FAKE_NVCC_FAILS": "1"}, "nvcc failed"),
+@pytest.mark.parametrize("env,message", [({"FAKE_NVCC_FAILS": "1"}, r"nvcc failed \(-DWB_EPILOGUE=\d\)"),
                                          ({"FAKE_NVCC_SAYS": "ptxas warning : (C7510) Potential Performance Loss"},
                                           "serialized the wgmma pipeline")])
 def test_a_failed_build_says_why_in_one_line_and_leaves_nothing(fake_toolchain, monkeypatch, env, message):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     out = fake_toolchain / "lib" / "cutlass.so"
-    with pytest.raises(WorkbenchError, match=message):
+    with pytest.raises(WorkbenchError, match=message) as e:
         C.build(out, log=lambda line: None)
+    assert "\n" not in str(e.value)
     assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_build_checks_its_output_folder_before_compiling(fake_toolchain):
+    blocker = fake_toolchain / "a-file"
+    blocker.write_text("")
+    with pytest.raises(WorkbenchError, match="is a file, expected a folder"):
+        C.build(blocker / "cutlass.so", log=lambda line: pytest.fail("compiled before checking the output"))
 
 
 def test_build_without_nvcc_or_headers_is_a_one_line_error_exit_2(monkeypatch, tmp_path, capsys):
