@@ -8,6 +8,7 @@ budgets, and on CUDA the build times the packed path against the bucketed one (e
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 import time
@@ -80,14 +81,14 @@ def build_engine(loaded: LoadedModel, policy: PrecisionPolicy, profiles: Sequenc
     return replace(header, build_seconds=time.perf_counter() - t0), tensors
 
 
+@functools.lru_cache(maxsize=1)
 def _cutlass_hint() -> None:
     """Say once per process where this GPU could time CUTLASS's INT8 GEMMs but their library is not built: the
     build still works, with the other families only."""
     from plugins.cutlass_int8 import build_hint
 
     hint = build_hint()
-    if hint and not getattr(_cutlass_hint, "said", False):
-        _cutlass_hint.said = True
+    if hint:
         log.warning("%s", hint)
 
 
@@ -385,7 +386,7 @@ def _versions() -> dict[str, str]:
     if torch.version.cuda:
         versions["cuda"] = torch.version.cuda
     from plugins import cutlass_int8
-    if cutlass_int8.available():  # its kernels were candidates: which source built them
+    if cutlass_int8.available():  # present at build (INT8 GEMMs time its kernels): which source built it
         versions["cutlass_int8"] = cutlass_int8.source_hash()
     return versions
 
