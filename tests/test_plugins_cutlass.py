@@ -26,7 +26,6 @@ from tests.test_plugins_int8_linear import EPILOGUES, check, kwargs_for, problem
 SUPPORTED = {"fp16": "bias->float16", "gelu": "bias+gelu->float16", "residual": "bias+residual->float16",
              "residual8": "bias+residual8->float16", "int8": "bias->int8", "gelu+int8": "bias+gelu->int8",
              "gelu+int8/channel": "bias+gelu->int8"}
-UNSUPPORTED = sorted(set(EPILOGUES) - set(SUPPORTED))
 
 
 def call_kwargs(epilogue, device="cpu", m=8, n=64, k=96):
