@@ -75,6 +75,7 @@ class GemmBackend:
     gpu_kernels: bool = False
     sparse: bool = False                                # runs 2:4 weights only (module docstring)
     available: Callable[[], bool] | None = None         # a capability check (a library this torch may lack)
+    why_unavailable: Callable[[], str] | None = None    # why `available` says no, in words (for a warning)
 
     def impls(self, problem: GemmProblem) -> list[str]:
         return [implementation(self.family, c) for c in self.configs(problem)]
@@ -166,13 +167,14 @@ def runnable(impl: str, format: str, gpu_kernels: bool, attention: bool = False,
     return found is not None and _usable(found, gpu_kernels, sparse)
 
 
-def unavailable_families(impls: Sequence[str], formats: Sequence[str], gpu_kernels: bool) -> list[str]:
+def unavailable_families(impls: Sequence[str], formats: Sequence[str], gpu_kernels: bool) -> dict[str, str]:
     """The GEMM families of `formats` among `impls` whose kernels could run here (`gpu_kernels`) but whose library
-    is missing: an engine naming them runs the reference in their place, correct but slower (CUTLASS's, until it
-    is built)."""
-    found = {b.family for b in _GEMMS.values() if b.format in formats and b.gpu_kernels <= gpu_kernels
-             and b.available is not None and not b.sparse and not b.available()}
-    return sorted({split(impl)[0] for impl in impls} & found)
+    is missing, each with why: an engine naming them runs the reference in their place, correct but slower
+    (CUTLASS's, until it is built)."""
+    named = {split(impl)[0] for impl in impls}
+    return {b.family: b.why_unavailable() if b.why_unavailable else f"{b.family}: not available on this machine"
+            for b in _GEMMS.values() if b.family in named and b.format in formats and b.gpu_kernels <= gpu_kernels
+            and b.available is not None and not b.sparse and not b.available()}
 
 
 def is_sparse(impl: str) -> bool:
@@ -387,6 +389,12 @@ def _cutlass_available() -> bool:
     return available()
 
 
+def _cutlass_unavailable_reason() -> str:
+    from plugins.cutlass_int8 import unavailable_reason
+
+    return unavailable_reason()
+
+
 def _sdpa(config, qkv, batch, heads, key_bias, *, scales=None, out_recip=None, out_dtype=torch.float16,
           gpu_kernels=False, out_format=INT8):
     """PyTorch's fused SDPA, then (where the next GEMM is quantized) the context's codes in one pass on CUDA."""
@@ -557,7 +565,7 @@ register_gemm(GemmBackend(LIBRARY, "int8", _reference_only, _int8_library))
 register_gemm(GemmBackend(TRITON, "int8", _triton_configs, _int8_triton, gpu_kernels=True))
 CUTLASS = "cutlass"  # built on demand (plugins/cutlass_int8.py): unavailable until then
 register_gemm(GemmBackend(CUTLASS, "int8", _cutlass_configs, _int8_cutlass, gpu_kernels=True,
-                          available=_cutlass_available))
+                          available=_cutlass_available, why_unavailable=_cutlass_unavailable_reason))
 register_gemm(GemmBackend(LIBRARY, "fp", _reference_only, _fp_library))
 CUSPARSELT = "cusparselt"
 for _format, _run in (("int8", _int8_cusparselt), ("fp", _fp_cusparselt)):

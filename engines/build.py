@@ -27,7 +27,7 @@ from quant.spec import QuantSpec
 from common.errors import WorkbenchError
 from data.tokenizer import WordPiece, wordpiece_from_str
 from engines.engine_file import EngineHeader, Profile, load_engine, this_gpu
-from engines.backends import CUTLASS, SMALL_M_ROWS, is_sparse, unavailable_families
+from engines.backends import SMALL_M_ROWS, is_sparse, unavailable_families
 from engines.packed import PATH_TIMES_KEY, runs_packed, varlen_attention_key
 from engines.runtime import Engine, engine_tensors, gemm_kernel_key
 from engines.tuning import LIBRARY, TimingCache, attention_key, choose, machine_key, timed_rows
@@ -401,12 +401,5 @@ def load_runnable(path, device: torch.device) -> tuple[Engine, WordPiece | None]
                                    engine.use_triton)
     if missing:
         log.warning("%s: its build chose %s kernels, which cannot run here (%s); those GEMMs run the reference "
-                    "instead, slower", path, ", ".join(missing), "; ".join(_why_unavailable(f) for f in missing))
+                    "instead, slower", path, ", ".join(missing), "; ".join(missing.values()))
     return engine, wordpiece
-
-
-def _why_unavailable(family: str) -> str:
-    if family == CUTLASS:
-        from plugins.cutlass_int8 import unavailable_reason
-        return unavailable_reason()
-    return f"{family}: not available on this machine"

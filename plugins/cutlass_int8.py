@@ -246,6 +246,20 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+_WORKSPACE: dict[tuple, tuple[int, int]] = {}
+
+
+def _workspace_bytes(lib: ctypes.CDLL, epilogue: int, config: int, args: GemmArgs) -> tuple[int, int]:
+    """(status, bytes) of the workspace a kernel needs for a problem shape: asked of the library once per shape,
+    not before every launch (it depends on the shape and the GPU's multiprocessors, not on the operands)."""
+    key = (id(lib), epilogue, config, args.m, args.n, args.k, args.sm_count)
+    if key not in _WORKSPACE:
+        need = ctypes.c_size_t(0)
+        status = lib.wb_cutlass_gemm(epilogue, config, ctypes.byref(args), ctypes.byref(need))
+        _WORKSPACE[key] = (status, need.value)
+    return _WORKSPACE[key]
+
+
 def cutlass_int8_linear(config: str, a_q: torch.Tensor, w_q: torch.Tensor, a_scale: float, w_scale: torch.Tensor,
                         bias: torch.Tensor, *, residual: torch.Tensor | None = None,
                         residual_scale: float | torch.Tensor | None = None, gelu: bool = False,
@@ -275,11 +289,10 @@ def cutlass_int8_linear(config: str, a_q: torch.Tensor, w_q: torch.Tensor, a_sca
                     float(vec) if vec is not None and vec_t is None else 1.0, m, n, k, _sm_count(a_q.device.index),
                     int(common.pdl(a_q.device)))
     e, c = EPILOGUES.index(epilogue), CONFIGS.index(config)
-    need = ctypes.c_size_t(0)
-    status = lib.wb_cutlass_gemm(e, c, ctypes.byref(args), ctypes.byref(need))
-    if status == 0 and need.value:
-        workspace = torch.empty(need.value, dtype=torch.uint8, device=a_q.device)
-        args.workspace, args.workspace_bytes = workspace.data_ptr(), need.value
+    status, need = _workspace_bytes(lib, e, c, args)
+    if status == 0 and need:
+        workspace = torch.empty(need, dtype=torch.uint8, device=a_q.device)
+        args.workspace, args.workspace_bytes = workspace.data_ptr(), need
     if status == 0:
         status = lib.wb_cutlass_gemm(e, c, ctypes.byref(args), None)
     if status:
