@@ -1,6 +1,6 @@
 """Ray for the GPU machines, in pieces small enough to travel (issue 24: `sweep --workers N` on the device).
 
-    python3 -m benchmarks.ray_pieces [--python 3.12] [--piece-mb 13.5] [--out .raypieces]
+    python3 -m benchmarks.ray_pieces [--python 3.12] [--piece-mb 15] [--out .raypieces]
 
 The device image has no Ray, and a call's working tree may hold 64 MiB, of which the tracked tree (the vendored
 MiniLM) takes about 49 MB: Ray's wheel (79 MB for 2.60, cp312) cannot travel in one call. This downloads the wheel
@@ -43,16 +43,17 @@ def download(names: list[str], python: str, folder: Path) -> list[Path]:
 
 
 def site_zip(wheels: list[Path], out: Path) -> tuple[int, int]:
-    """One zip of the wheels' contents as a site-packages tree, LEFT_OUT left out: (files kept, files left out)."""
+    """One zip of the wheels' contents as a site-packages tree, LEFT_OUT left out: (files kept, files left out).
+    LZMA, not deflate: two pieces then hold what took three (about a minute to compress here)."""
     kept = dropped = 0
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as site:
+    with zipfile.ZipFile(out, "w") as site:
         for wheel in wheels:
             with zipfile.ZipFile(wheel) as w:
                 for info in w.infolist():
                     if info.filename.startswith(LEFT_OUT):
                         dropped += 1
                         continue
-                    site.writestr(info, w.read(info.filename))
+                    site.writestr(info, w.read(info.filename), compress_type=zipfile.ZIP_LZMA)
                     kept += 1
     return kept, dropped
 
@@ -85,7 +86,7 @@ def extract(zip_path: str | Path, site: str | Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--python", default="3.12", help="the device image's Python (default 3.12)")
-    ap.add_argument("--piece-mb", type=float, default=13.5, help="largest piece, MB (default 13.5: three pieces)")
+    ap.add_argument("--piece-mb", type=float, default=15.0, help="largest piece, MB (default 15: two pieces)")
     ap.add_argument("--out", default=".raypieces")
     ap.add_argument("--site", help="also unzip the tree here (to try it on this machine)")
     args = ap.parse_args(argv)

@@ -3,27 +3,28 @@
 Ray is imported here only, and this module only under those flags: without them the verbs run in one process as
 before (`device_and_workers` returns None and imports nothing).
 
-Each row (sweep) or variant (sensitivity) is one Ray task. On CUDA a task holds a whole GPU (`num_gpus=1`), so a
-row is built, evaluated and timed with no other row on its GPU; on the CPU a task holds one CPU. At most N tasks
-run at once (`--workers N`; without it one per GPU, or CPU, of the cluster). Every node must see the same paths (a
-shared filesystem): the model, the SQuAD files, the report folder and the workbench cache, which is how work is
-shared rather than redone. Before any row runs the driver featurizes the evaluation questions into the feature
-cache and has each calibration the rows need made once, by one task, into the calibration cache; on CUDA the first
-row of each kind (precision, INT8 or not, sparse) runs before the others of its kind, so its kernel timings are in
-the timing cache (`engines.tuning.TimingCache` merges concurrent saves) before they build. On the CPU a worker
-process loads the inputs once and keeps them for the tasks it runs next; on CUDA every task is a fresh process
-(Ray's rule for GPU tasks: the GPU it is given is the one torch sees, and all its memory goes back when the row
-ends), which loads them from those caches, a few seconds a row.
+Each row (sweep) or variant (sensitivity) is one Ray task, run by one of at most N long-lived workers (Ray actors;
+`--workers N`, without it one per GPU, or CPU, of the cluster). On CUDA a worker holds a whole GPU for its life
+(`num_gpus=1`) and runs one task at a time, so a row is built, evaluated and timed with no other row on its GPU; on
+the CPU a worker holds one CPU. Why actors and not plain tasks: Ray gives every GPU task a fresh process (so the GPU
+it is given is the one torch sees), and starting it, importing torch, setting up CUDA and loading the inputs again
+cost more per row than a small model's whole row. A worker process loads the inputs once, keeps them for the tasks
+it runs next, and returns its cached GPU memory after each. Every node must see the same paths (a shared
+filesystem): the model, the SQuAD files, the report folder and the workbench cache, which is how work is shared
+rather than redone. Before any row runs the driver featurizes the evaluation questions into the feature cache and
+has each calibration the rows need made once, by one task, into the calibration cache; on CUDA the first row of
+each kind (precision, INT8 or not, sparse) runs before the others of its kind, so its kernel timings are in the
+timing cache (`engines.tuning.TimingCache` merges concurrent saves) before they build.
 
 Who stores a row: the driver, with the sweep's own `store_row` (atomic), as each result arrives. One writer per
 file; the driver alone computes the keys a rerun compares (with the device that worker reports, so a row is never
 stored under another GPU's key); and a worker that dies mid-row has written nothing but its engine and
-predictions, which the next attempt checks before reusing. Ray ends a driver's tasks with it, so a killed driver
+predictions, which the next attempt checks before reusing. Ray ends a driver's workers with it, so a killed driver
 loses only the rows in flight; finished rows are on disk and a rerun reuses them, as it does in one process.
 
-Failures: a task that raises, or whose worker dies, is submitted once more; when that fails too the row is
-reported as failed (the table lists the rows that finished, the report names the failed ones and why) and a rerun
-tries it again. A failed sensitivity variant ends the analysis with one line (its numbers cannot be left out of
+Failures: a task that raises, or whose worker dies (a new worker takes the dead one's place), is submitted once
+more; when that fails too the row is reported as failed (the table lists the rows that finished, the report names
+the failed ones and why) and a rerun tries it again. A failed sensitivity variant ends the analysis with one line (its numbers cannot be left out of
 the suggestion); the measured variants are stored in REPORT_DIR/variants/ and a rerun measures only the rest.
 
 Timing: on CUDA each row is timed on its own GPU and records which (host, GPU index and uuid: `timed_on` in its
@@ -256,12 +257,79 @@ def _failures_asked() -> dict[str, tuple[str, int]]:
 
 @dataclass
 class Task:
-    """One unit of work: `submit(fail)` starts an attempt and returns its ObjectRef (`fail`: the test hook's
-    word for this attempt, or None); a task with `after` waits until that task has finished."""
+    """One unit of work: `fn(*args, fail)` in a worker (`fn`: one of this module's task functions; `fail`: the test
+    hook's word for this attempt, or None); a task with `after` waits until that task has finished."""
 
     name: str
-    submit: Callable[[str | None], Any]
+    fn: Callable[..., Any]
+    args: tuple = ()
     after: str | None = None
+
+
+class _Worker:
+    """A long-lived Ray worker process (an actor; the module doc says why): runs this module's task functions, one
+    at a time, and after each empties torch's cache of the GPU memory the task's engine used, so that between
+    tasks a worker holds on its GPU only what the next task's CUDA context needs."""
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        finally:
+            _release_gpu_memory()
+
+
+def _release_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class _Pool:
+    """The workers of one Ray session and device kind, made as runs ask for them and kept between runs of this
+    driver (a sweep's calibrations then rows; sensitivity's variants then its suggestion's builds)."""
+
+    gpu: bool
+    workers: list = field(default_factory=list)
+
+    def take(self, n: int) -> list:
+        """The first `n` workers, started where fewer exist."""
+        while len(self.workers) < n:
+            self.workers.append(self._start())
+        return self.workers[:n]
+
+    def replace(self, dead: Any) -> Any:
+        """A new worker in place of `dead` (ended for good, should it linger)."""
+        ray = import_ray()
+        try:
+            ray.kill(dead, no_restart=True)
+        except (ray.exceptions.RayError, ValueError):
+            pass
+        fresh = self._start()
+        self.workers[self.workers.index(dead)] = fresh
+        return fresh
+
+    def _start(self) -> Any:
+        opts = dict(num_gpus=1 if self.gpu else 0, num_cpus=1, max_restarts=0, max_task_retries=0)
+        return import_ray().remote(**opts)(_Worker).remote()
+
+
+_POOLS: dict[tuple[str, bool], _Pool] = {}
+
+
+def _pool(device: torch.device) -> _Pool:
+    """This driver's workers for `device` in the current Ray session (a new session, new workers)."""
+    ctx = import_ray().get_runtime_context()
+    session, gpu = f"{ctx.get_session_name()}/{ctx.get_job_id()}", device.type == "cuda"
+    if any(s != session for s, _ in _POOLS):  # an earlier session's workers ended with it
+        _POOLS.clear()
+    if (session, gpu) not in _POOLS:
+        _POOLS[session, gpu] = _Pool(gpu)
+    return _POOLS[session, gpu]
 
 
 @dataclass
@@ -302,61 +370,53 @@ class _Board:
         return "  workers: " + "; ".join(parts) + (f"; {waiting} waiting" if waiting else "")
 
 
-def run_tasks(tasks: Sequence[Task], limit: int, on_result: Callable[[str, Any], str], say: Callable[[str], None],
-              marks: Path | None = None, what: str = "row") -> dict[str, str]:
-    """Run `tasks`, at most `limit` at once, in order (a task waits for its `after`). Each result goes to
-    `on_result(name, value)` as it arrives (it stores it and returns the progress line). A task that fails is
-    submitted once more; the failures of second attempts are returned (name -> why)."""
+def run_tasks(tasks: Sequence[Task], device: torch.device, limit: int, on_result: Callable[[str, Any], str],
+              say: Callable[[str], None], marks: Path | None = None, what: str = "row") -> dict[str, str]:
+    """Run `tasks` on at most `limit` workers for `device`, one task per worker at a time, in order (a task waits
+    for its `after`). Each result goes to `on_result(name, value)` as it arrives (it stores it and returns the
+    progress line). A task that fails is submitted once more (a dead worker replaced first); the failures of
+    second attempts are returned (name -> why)."""
     ray = import_ray()
     asked = _failures_asked()
-    board, total = _Board(marks), len(tasks)
-    waiting, pending = list(tasks), {}                # ObjectRef -> (task, attempt)
+    pool = _pool(device)
+    board, total, idle = _Board(marks), len(tasks), list(pool.take(limit))
+    waiting, pending = list(tasks), {}                # ObjectRef -> (task, attempt, worker)
     finished: set[str] = set()
     failures: dict[str, str] = {}
 
     def start(task: Task, attempt: int) -> None:
         how, times = asked.get(task.name, (None, 0))
-        pending[task.submit(how if attempt <= times else None)] = (task, attempt)
+        worker = idle.pop(0)
+        pending[worker.call.remote(task.fn, *task.args, how if attempt <= times else None)] = (task, attempt, worker)
 
     while waiting or pending:
-        while len(pending) < limit and (ready := [t for t in waiting if t.after in (None, *finished)]):
+        while idle and (ready := [t for t in waiting if t.after in (None, *finished)]):
             waiting.remove(ready[0])
             start(ready[0], 1)
         if not pending:  # what is left waits for a task that never ran (cannot happen with `after` in `tasks`)
             raise RuntimeError(f"tasks {[t.name for t in waiting]} wait for tasks not given")
         [ref], _ = ray.wait(list(pending), num_returns=1)
-        task, attempt = pending.pop(ref)
+        task, attempt, worker = pending.pop(ref)
         try:
             value = ray.get(ref)
         except ray.exceptions.RayError as e:
-            worker, why = board.worker_of(task.name) or "a worker", _reason(e)
-            board.finished(task.name, worker, ok=False)
+            who, why = board.worker_of(task.name) or "a worker", _reason(e)
+            board.finished(task.name, who, ok=False)
+            idle.append(worker if isinstance(e, ray.exceptions.RayTaskError) else pool.replace(worker))
             if attempt == 1:
-                say(f"{what} {task.name} failed on {worker} ({why}): trying it once more")
+                say(f"{what} {task.name} failed on {who} ({why}): trying it once more")
                 start(task, 2)
                 continue
             failures[task.name] = why
             finished.add(task.name)
-            say(f"[{len(finished)}/{total}] {what} {task.name} FAILED again on {worker} ({why})")
+            say(f"[{len(finished)}/{total}] {what} {task.name} FAILED again on {who} ({why})")
         else:
+            idle.append(worker)
             board.finished(task.name, getattr(getattr(value, "worker", None), "label", None), ok=True)
             finished.add(task.name)
             say(f"[{len(finished)}/{total}] {on_result(task.name, value)}")
-        say(board.line([t.name for t, _ in pending.values()], len(waiting)))
+        say(board.line([t.name for t, _, _ in pending.values()], len(waiting)))
     return failures
-
-
-_REMOTES: dict[tuple[str, bool], Any] = {}
-
-
-def _remote(fn: Callable, device: torch.device):
-    """`fn` as a Ray task holding one GPU (CUDA) or one CPU; retries are run_tasks' (so they can be said). On CUDA
-    Ray starts a fresh worker process per task (its default for GPU tasks): the GPU it was given is the one torch
-    sees, and all its memory goes back when the row ends."""
-    gpu = device.type == "cuda"
-    if (fn.__name__, gpu) not in _REMOTES:  # num_gpus given here, not in .options(): Ray's max_calls=1 follows it
-        _REMOTES[fn.__name__, gpu] = import_ray().remote(num_gpus=1 if gpu else 0, num_cpus=1, max_retries=0)(fn)
-    return _REMOTES[fn.__name__, gpu]
 
 
 def _new_job(cfg: Any, report_dir: str | Path | None) -> _Job:
@@ -381,7 +441,8 @@ def probe(job: _Job) -> WorkerInfo:
     """One worker's device, as the rows will see it: the keys a rerun compares are made with it."""
     ray = import_ray()
     try:
-        return ray.get(_remote(_probe_task, job.cfg.device).remote(job))
+        [worker] = _pool(job.cfg.device).take(1)
+        return ray.get(worker.call.remote(_probe_task, job))
     except ray.exceptions.RayError as e:
         raise WorkbenchError(f"the Ray workers cannot start ({_reason(e)})") from None
 
@@ -561,7 +622,8 @@ def distributed_sweep(cfg) -> Any:
         inp.questions.featurized()  # into the feature cache, which every worker reads
     failed = _calibrate_first(run, job, limit, calibrations)
     tasks = _row_tasks(run, job, failed)
-    failed.update(run_tasks(tasks, limit, run.row_done, cfg.say, Path(job.marks) if job.marks else None))
+    failed.update(run_tasks(tasks, cfg.device, limit, run.row_done, cfg.say,
+                            Path(job.marks) if job.marks else None))
     return _finish_sweep(run, calibrations, failed, t_sweep)
 
 
@@ -576,11 +638,10 @@ def _calibrate_first(run: _SweepRun, job: _Job, limit: int, calibrations) -> dic
             needed.setdefault(p.ckey, []).append(p.row.name)
     if not needed:
         return {}
-    remote = _remote(_sweep_task, run.cfg.device)
-    tasks = [Task(f"calibration:{names[0]}", lambda fail, n=names[0]: remote.remote(job, n, "calibrate", None, fail))
+    tasks = [Task(f"calibration:{names[0]}", _sweep_task, (job, names[0], "calibrate", None))
              for names in needed.values()]
     run.cfg.say(f"{len(tasks)} calibration(s) first, one task each")
-    lost = run_tasks(tasks, limit, lambda name, out: f"{name} on {out.worker.label}: {out.line}", run.cfg.say,
+    lost = run_tasks(tasks, run.cfg.device, limit, lambda name, out: f"{name} on {out.worker.label}: {out.line}", run.cfg.say,
                      Path(job.marks) if job.marks else None, what="task")
     return {row: f"its calibration failed ({lost[f'calibration:{names[0]}']})" for names in needed.values()
             if f"calibration:{names[0]}" in lost for row in names}
@@ -588,7 +649,7 @@ def _calibrate_first(run: _SweepRun, job: _Job, limit: int, calibrations) -> dic
 
 def _row_tasks(run: _SweepRun, job: _Job, failed: Mapping[str, str]) -> list[Task]:
     """The rows to measure (and on CUDA those to time again), in grid order; on CUDA each kind's first goes first."""
-    remote, cpu = _remote(_sweep_task, run.cfg.device), run.cfg.device.type == "cpu"
+    cpu = run.cfg.device.type == "cpu"
     leaders: dict[tuple, str] = {}
     tasks = []
     for name, p in run.plans.items():
@@ -596,7 +657,7 @@ def _row_tasks(run: _SweepRun, job: _Job, failed: Mapping[str, str]) -> list[Tas
             continue
         mode = "measure" if p.result is None else "retime"
         leader = None if cpu else leaders.setdefault(_kind(p.policy), name)
-        tasks.append(Task(name, lambda fail, n=name, m=mode, r=p.result: remote.remote(job, n, m, r, fail),
+        tasks.append(Task(name, _sweep_task, (job, name, mode, p.result),
                           after=None if leader == name else leader))
     return tasks
 
@@ -620,8 +681,8 @@ def _finish_sweep(run: _SweepRun, calibrations, failed: dict[str, str], t_sweep:
     if cfg.device.type == "cpu":
         check, retimed = _time_here(run, rows, calibrations)
     elif run.computed or run.timed:
-        check = ("timing check: not run: the rows were timed on several GPUs at once, each alone on its GPU (the "
-                 "check watches one machine over a run)")
+        check = ("timing check: not run: Ray workers timed the rows, each row alone on its GPU (the check times "
+                 "rows again in one process to see drift over a run; one-process sweeps run it)")
     if check:
         cfg.say(check)
     extra = {"workers": f"{cfg.distributed.limit(cfg.device)} Ray worker(s)"
@@ -740,9 +801,9 @@ class RemoteBuilds:
     def run(self, variants: Sequence[Any], on_measured: Callable[[Any, Any], None], quiet: bool = False) -> None:
         """Measure `variants` (one task each); `on_measured(variant, measurement)` as each arrives (it stores
         it). Variants that fail twice end the analysis in one line."""
-        cfg, remote = self.cfg, _remote(_variant_task, self.cfg.device)
+        cfg = self.cfg
         by_name = {v.name: v for v in variants}
-        tasks = [Task(v.name, lambda fail, v=v: remote.remote(self.job, v, fail)) for v in variants]
+        tasks = [Task(v.name, _variant_task, (self.job, v)) for v in variants]
 
         def done(name: str, out: VariantOut) -> str:
             self.ready[name] = m = out.measurement
@@ -751,7 +812,7 @@ class RemoteBuilds:
 
         if tasks and not quiet:
             cfg.say(f"{len(tasks)} builds on {self.limit} Ray worker(s)")
-        failed = run_tasks(tasks, self.limit, done, (lambda line: None) if quiet else cfg.say,
+        failed = run_tasks(tasks, cfg.device, self.limit, done, (lambda line: None) if quiet else cfg.say,
                            Path(self.job.marks) if self.job.marks else None, what="variant")
         if failed:
             raise WorkbenchError(

@@ -13,12 +13,13 @@ import torch
 from data.answers import AnswerSettings
 from eval.sweep import GridRow, SweepConfig, final_lines, run_sweep
 from tests.conftest import ROOT
+from tests.ray_task import report_pid
 from tests.test_calib_calibrate import make_tiny_model, write_squad
 from tests.test_sweep import SETTINGS, assert_one_line_error_in_process
 
 ray = pytest.importorskip("ray", reason="--workers/--ray need Ray (requirements.txt)")
 
-from eval.distributed import FAIL_ENV, Workers, connect, mixed_models  # noqa: E402  (after the skip)
+from eval.distributed import FAIL_ENV, Task, Workers, connect, mixed_models, run_tasks  # noqa: E402  (after the skip)
 
 GRID = [GridRow("fp32", fp16=False), GridRow("int8-max", int8=True, method="max"),
         GridRow("int8-max-iln", int8=True, method="max", iln=True)]
@@ -136,6 +137,21 @@ def test_sensitivity_on_workers_matches_and_resumes(tiny, tmp_path, cluster):
     assert numbers(again) == numbers(spread)
     assert "  only:layer1.fc2: EM" in "\n".join(lines) and "finished earlier, reused" in "\n".join(lines)
     assert not any("Ray worker" in line for line in lines)
+
+
+def test_workers_are_long_lived_and_a_dead_one_is_replaced(cluster, monkeypatch):
+    """Tasks run on `limit` worker processes that outlive them (a GPU row does not start a process); t2's worker
+    dies mid-task, a new worker takes its place and t2 is retried there or on the other."""
+    monkeypatch.setenv(FAIL_ENV, "t2:exit:1")
+    pids: dict[str, int] = {}
+    lines: list[str] = []
+    tasks = [Task(f"t{i}", report_pid, (f"t{i}",), after=f"t{i - 1}" if i in (2, 3) else None) for i in range(8)]
+    failed = run_tasks(tasks, torch.device("cpu"), 2, lambda name, pid: pids.setdefault(name, pid) and name,
+                       lines.append, what="task")
+    assert failed == {} and sorted(pids) == [f"t{i}" for i in range(8)]
+    assert any(line.startswith("task t2 failed on ") and "trying it once more" in line for line in lines)
+    before, after = {pids["t0"], pids["t1"]}, {pids[f"t{i}"] for i in range(2, 8)}
+    assert len(before) <= 2 and len(after) <= 2 and len(before | after) <= 3
 
 
 @pytest.mark.cuda
