@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU call for issue 5's figures: the default sweep twice (the second reuses every cache); with SENSITIVITY=1 also
 # the sensitivity analysis of the vendored MiniLM on the full dev set (SWEEP=0 skips the sweep). SWEEP_ARGS narrow
-# the grid; WORKERS=N runs the same sweep again on N Ray workers, every row measured anew (issue 24; Ray from
-# benchmarks/device_ray_pieces.sh in /tmp/site). Logs and reports (not engines) go to $OUT as they are written, so
-# a run cut short still returns what it finished.
+# the grid; WORKERS=N (issue 24; Ray from benchmarks/device_ray_pieces.sh in /tmp/site) then times the same sweep
+# twice more, every row measured anew (--force) with the caches as the first run left them: in one process, then
+# on N Ray workers, so the two wall times compare like with like. Logs and reports (not engines) go to $OUT as they
+# are written, so a run cut short still returns what it finished.
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
 if [ "${CUDA_TESTS:-0}" = 1 ]; then
@@ -18,6 +19,9 @@ if [ "${SWEEP:-1}" = 1 ]; then
   echo "sweep rerun wall: $(( $(date +%s) - start )) s" | tee -a $OUT/sweep-rerun.log
 fi
 if [ -n "${WORKERS:-}" ]; then
+  start=$(date +%s); python3 cli.py sweep ${SWEEP_ARGS:-} --force --report-dir /tmp/sweep-one --no-progress \
+    > $OUT/sweep-one.log 2>&1
+  echo "sweep --force wall (one process): $(( $(date +%s) - start )) s" | tee -a $OUT/sweep-one.log
   start=$(date +%s)
   PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} python3 cli.py sweep ${SWEEP_ARGS:-} --workers $WORKERS --force \
     --report-dir /tmp/sweep-workers --no-progress > $OUT/sweep-workers.log 2>&1

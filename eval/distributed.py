@@ -24,8 +24,9 @@ loses only the rows in flight; finished rows are on disk and a rerun reuses them
 
 Failures: a task that raises, or whose worker dies (a new worker takes the dead one's place), is submitted once
 more; when that fails too the row is reported as failed (the table lists the rows that finished, the report names
-the failed ones and why) and a rerun tries it again. A failed sensitivity variant ends the analysis with one line (its numbers cannot be left out of
-the suggestion); the measured variants are stored in REPORT_DIR/variants/ and a rerun measures only the rest.
+the failed ones and why) and a rerun tries it again. A failed sensitivity variant ends the analysis with one line
+(its numbers cannot be left out of the suggestion); the measured variants are stored in REPORT_DIR/variants/ and a
+rerun measures only the rest.
 
 Timing: on CUDA each row is timed on its own GPU and records which (host, GPU index and uuid: `timed_on` in its
 row file); a report whose rows were timed on different GPU models says so in a warning. The end-of-sweep drift
@@ -103,7 +104,22 @@ def connect(workers: Workers, *, num_cpus: int | None = None, num_gpus: int | No
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = f"--ray {workers.address}" if workers.address else "--workers"
             raise WorkbenchError(f"{where}: cannot start or join Ray ({_first_line(e)})") from None
+        _stop_on_sigterm()
     return ray.cluster_resources()
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's time limit, `kill`) ends the run as Ctrl-C does: the rows in flight are lost, the
+    finished ones stay stored, and the sweep says how to resume. Set after ray.init, in place of the handler Ray
+    gives its driver, which prints a native stack trace and a page of log lines."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def device_and_workers(flags) -> tuple[torch.device, Workers | None]:
@@ -257,8 +273,9 @@ def _failures_asked() -> dict[str, tuple[str, int]]:
 
 @dataclass
 class Task:
-    """One unit of work: `fn(*args, fail)` in a worker (`fn`: one of this module's task functions; `fail`: the test
-    hook's word for this attempt, or None); a task with `after` waits until that task has finished."""
+    """One unit of work: `fn(*args, fail)` in a worker (`fn`: a module-level function, which the worker imports by
+    name; `fail`: the test hook's word for this attempt, or None); a task with `after` waits until that task has
+    finished."""
 
     name: str
     fn: Callable[..., Any]
@@ -267,9 +284,9 @@ class Task:
 
 
 class _Worker:
-    """A long-lived Ray worker process (an actor; the module doc says why): runs this module's task functions, one
-    at a time, and after each empties torch's cache of the GPU memory the task's engine used, so that between
-    tasks a worker holds on its GPU only what the next task's CUDA context needs."""
+    """A long-lived Ray worker process (an actor; the module doc says why): runs tasks one at a time, and after
+    each empties torch's cache of the GPU memory the task's engine used, so that a worker does not hold, between
+    tasks, memory that no tensor uses."""
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -641,8 +658,8 @@ def _calibrate_first(run: _SweepRun, job: _Job, limit: int, calibrations) -> dic
     tasks = [Task(f"calibration:{names[0]}", _sweep_task, (job, names[0], "calibrate", None))
              for names in needed.values()]
     run.cfg.say(f"{len(tasks)} calibration(s) first, one task each")
-    lost = run_tasks(tasks, run.cfg.device, limit, lambda name, out: f"{name} on {out.worker.label}: {out.line}", run.cfg.say,
-                     Path(job.marks) if job.marks else None, what="task")
+    lost = run_tasks(tasks, run.cfg.device, limit, lambda name, out: f"{name} on {out.worker.label}: {out.line}",
+                     run.cfg.say, Path(job.marks) if job.marks else None, what="task")
     return {row: f"its calibration failed ({lost[f'calibration:{names[0]}']})" for names in needed.values()
             if f"calibration:{names[0]}" in lost for row in names}
 

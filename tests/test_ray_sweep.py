@@ -4,8 +4,10 @@ a rerun that computes only what is missing, and no Ray import without the flags.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -202,3 +204,26 @@ def test_no_ray_import_without_the_flags(tiny, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "ray imported: False" in proc.stdout and "build to ship: fp32" in proc.stdout
+
+
+def test_sigterm_ends_a_distributed_sweep_as_ctrl_c_does(tiny, tmp_path):
+    """SIGTERM to the driver while a task runs: one line and the resume hint, exit 130, no native stack trace."""
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": "fp32", "fp16": False}] + [
+        {"name": f"int8-{m}", "int8": True, "method": m} for m in ("max", "mse", "entropy")]))
+    report = tmp_path / "r"
+    args = [sys.executable, "cli.py", "sweep", "--device", "cpu", "--workers", "2", "--model", str(tiny["model"]),
+            "--calib-squad", str(tiny["train"]), "--eval-squad", str(tiny["dev"]), "--grid", str(grid),
+            "--report-dir", str(report), "-b", "4", "-s", "96", "--max-seq-length", "96", "--doc-stride", "32",
+            "--max-query-length", "16", "--calib-num", "6", "--bench-iterations", "1", "--bench-warmup", "0",
+            "--no-progress"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list((report / ".workers").glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the sweep ended before a task was seen running"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted" and "rerun the same command to resume" in out + err
+    assert "SIGTERM received" not in out + err and "Traceback" not in err
