@@ -1,6 +1,7 @@
 """`sweep` and `sensitivity` with --workers/--ray (eval/distributed.py) on a local Ray with two CPU workers: the same
 accuracy as one process, rows stored as they finish, a killed worker and a failing row retried once then reported,
-a rerun that computes only what is missing, and no Ray import without the flags. Skipped where Ray is missing."""
+a rerun that computes only what is missing, workers that outlive their tasks (a dead one replaced), SIGTERM handled
+as Ctrl-C, and no Ray import without the flags. Skipped where Ray is missing."""
 from __future__ import annotations
 
 import json
@@ -158,7 +159,8 @@ def test_workers_are_long_lived_and_a_dead_one_is_replaced(cluster, monkeypatch)
 
 @pytest.mark.cuda
 def test_gpu_rows_hold_a_gpu_and_record_it(tiny, tmp_path, cluster):
-    """On CUDA each row is a task holding one GPU, timed there; its row file names the GPU (index, uuid, model)."""
+    """On CUDA each row runs on a worker holding one GPU, timed there; its row file names the GPU (index, uuid,
+    model)."""
     cuda = dict(device=torch.device("cuda"), half=True, grid=[GridRow("fp16", fp16=True), GRID[1]])
     lines: list[str] = []
     spread = run_sweep(config(tiny, tmp_path / "ray", lines, workers=1, **cuda))
