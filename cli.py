@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings_to_stderr("calib", "data", "engines", "eval", "qat")
+    warnings_to_stderr()
     try:
         if "doc_stride" in args and args.doc_stride is None:  # 128, or what fits the window (a warning says which)
             args.doc_stride = __import__("data.features", fromlist=["default_stride"]).default_stride(args)

@@ -18,9 +18,13 @@ class _StderrWarnings(logging.Handler):
         print(f"warning: {record.getMessage()}", file=sys.stderr)
 
 
+# the workbench's packages that log warnings: the CLI shows theirs, and so does each Ray worker of a sweep
+WORKBENCH_LOGGERS = ("calib", "data", "engines", "eval", "qat")
+
+
 def warnings_to_stderr(*loggers: str) -> None:
-    """Show the WARNING records of these loggers (calib, data, engines, qat, ...) on stderr, once each."""
-    for logger in map(logging.getLogger, loggers):
+    """Show the WARNING records of these loggers (default: WORKBENCH_LOGGERS) on stderr, once each."""
+    for logger in map(logging.getLogger, loggers or WORKBENCH_LOGGERS):
         if not any(isinstance(h, _StderrWarnings) for h in logger.handlers):
             logger.addHandler(_StderrWarnings(logging.WARNING))
 

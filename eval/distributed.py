@@ -96,6 +96,8 @@ def connect(workers: Workers, *, num_cpus: int | None = None, num_gpus: int | No
     if not ray.is_initialized():
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         common = dict(runtime_env={"env_vars": {"PYTHONPATH": path}}, logging_level=logging.ERROR)
+        if not sys.stdout.isatty():  # a log file: the workers' lines without Ray's colour codes
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         try:
             if workers.address:
                 ray.init(address=workers.address, **common)
@@ -286,7 +288,13 @@ class Task:
 class _Worker:
     """A long-lived Ray worker process (an actor; the module doc says why): runs tasks one at a time, and after
     each empties torch's cache of the GPU memory the task's engine used, so that a worker does not hold, between
-    tasks, memory that no tensor uses."""
+    tasks, memory that no tensor uses. Its warnings read as the CLI's (`warning: ...`; Ray shows them on the
+    driver, prefixed with the worker's pid)."""
+
+    def __init__(self) -> None:
+        from common.errors import warnings_to_stderr
+
+        warnings_to_stderr()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:

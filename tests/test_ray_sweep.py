@@ -1,10 +1,11 @@
 """`sweep` and `sensitivity` with --workers/--ray (eval/distributed.py) on a local Ray with two CPU workers: the same
 accuracy as one process, rows stored as they finish, a killed worker and a failing row retried once then reported,
-a rerun that computes only what is missing, workers that outlive their tasks (a dead one replaced), SIGTERM handled
-as Ctrl-C, and no Ray import without the flags. Skipped where Ray is missing."""
+a rerun that computes only what is missing, workers that outlive their tasks (a dead one replaced) and show warnings
+as the CLI does, SIGTERM handled as Ctrl-C, and no Ray import without the flags. Skipped where Ray is missing."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 from data.answers import AnswerSettings
 from eval.sweep import GridRow, SweepConfig, final_lines, run_sweep
 from tests.conftest import ROOT
-from tests.ray_task import report_pid
+from tests.ray_task import report_pid, warning_handlers
 from tests.test_calib_calibrate import make_tiny_model, write_squad
 from tests.test_sweep import SETTINGS, assert_one_line_error_in_process
 
@@ -155,6 +156,17 @@ def test_workers_are_long_lived_and_a_dead_one_is_replaced(cluster, monkeypatch)
     assert any(line.startswith("task t2 failed on ") and "trying it once more" in line for line in lines)
     before, after = {pids["t0"], pids["t1"]}, {pids[f"t{i}"] for i in range(2, 8)}
     assert len(before) <= 2 and len(after) <= 2 and len(before | after) <= 3
+
+
+def test_workers_show_warnings_as_the_cli_does(cluster):
+    """A worker's warnings (say, a kernel library not built) read `warning: ...` as in one process, and in a log
+    file without Ray's colour codes around its pid prefix."""
+    seen: dict[str, list[str]] = {}
+    failed = run_tasks([Task("w", warning_handlers, ("w",))], torch.device("cpu"), 1,
+                       lambda name, handlers: seen.setdefault(name, handlers) and name, lambda line: None)
+    assert failed == {} and "_StderrWarnings" in seen["w"]
+    if not sys.stdout.isatty():  # pytest's capture: as a log file is
+        assert os.environ.get("RAY_COLOR_PREFIX") == "0"
 
 
 @pytest.mark.cuda
