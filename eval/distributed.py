@@ -304,11 +304,11 @@ class _Worker:
 
 
 def _release_gpu_memory() -> None:
-    import gc
-
+    """The rows already drop their engines and release (eval.measure.release); this covers the tasks that do not
+    (a calibration, a task that raised). No gc.collect: it would walk every object the worker keeps (the featurized
+    questions) after each row, and a raised task's frames are still referenced by its exception here."""
     import torch
 
-    gc.collect()
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
